@@ -1,0 +1,249 @@
+"""Fréchet distance (FID) and k-NN precision/recall on features of a small classifier.
+
+FID (Heusel et al. 2017, "GANs trained by a two time-scale update rule converge to a
+local Nash equilibrium") fits a Gaussian to the features of real and of generated images
+and measures the Fréchet (2-Wasserstein) distance between the two Gaussians:
+
+    FID = ||mu_r - mu_g||^2 + Tr(S_r) + Tr(S_g) - 2 Tr( (S_r S_g)^(1/2) )
+
+The matrix square root is scipy.linalg.sqrtm, made robust as in pytorch-fid: if the
+product is singular or the root is not finite, eps * I is added to both covariances and
+the root is taken again; tiny imaginary parts (numerical noise) are dropped, large ones
+raise.
+
+Precision and recall (Kynkäänniemi et al. 2019, "Improved precision and recall metric
+for assessing generative models") approximate each manifold by the union of hyperspheres
+around its samples, the radius of a sample being the distance to its k-th nearest
+neighbour in the same set. Precision = fraction of generated samples inside the real
+manifold (fidelity); recall = fraction of real samples inside the generated manifold
+(diversity).
+
+Features: InceptionV3 weights cannot be assumed, so `FeatureNet` is a small CNN trained
+as a classifier on the data set itself (stage `featnet` in train.py) and its penultimate
+features are used. These FIDs are therefore comparable only with each other (same
+feature network, same data set), NOT with published ImageNet/Inception FIDs.
+
+Usage:
+    net = FeatureNet(FeatureNetConfig())          # trained by train.py, stage featnet
+    f_real, _ = extract(net, real_images)          # (N, D), images in [-1, 1], (N, 1, 32, 32)
+    mu_r, sigma_r = statistics(f_real)
+    f_fake, _ = extract(net, fake_images)
+    fid = fid_from_features(f_fake, mu_r, sigma_r); p, r = precision_recall(f_real, f_fake, k=3)
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# scipy >= 1.16 deprecates sqrtm(..., disp=False) and signals trouble with a LinAlgWarning.
+_SCIPY_NEW_SQRTM = tuple(int(p) for p in scipy.__version__.split(".")[:2]) >= (1, 16)
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+def _sqrtm(A: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Matrix square root of A, silently; also returns True if A looked singular / the root is not finite."""
+    if _SCIPY_NEW_SQRTM:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+            X = scipy.linalg.sqrtm(A)
+        singular = any("singular" in str(w.message).lower() for w in caught)
+    else:
+        X, _ = scipy.linalg.sqrtm(A, disp=False)
+        singular = False
+    return X, singular or not np.isfinite(X).all()
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrtm(S1 S2)) between N(mu1, S1) and N(mu2, S2)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.ndim != 1 or mu1.shape != mu2.shape:
+        raise ValueError(f"means must be vectors of the same length, got {mu1.shape} and {mu2.shape}")
+    D = mu1.shape[0]
+    if sigma1.shape != (D, D) or sigma2.shape != (D, D):
+        raise ValueError(f"covariances must be ({D}, {D}), got {sigma1.shape} and {sigma2.shape}")
+
+    diff = mu1 - mu2                                                  # (D,)
+    covmean, bad = _sqrtm(sigma1 @ sigma2)                            # (D, D)
+    if bad:  # singular product: regularise both covariances, as pytorch-fid does
+        offset = np.eye(D) * eps
+        covmean, _ = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if not np.isfinite(covmean).all():
+        raise ValueError("sqrtm(S1 S2) is not finite even after adding eps * I")
+    if np.iscomplexobj(covmean):
+        max_imag = np.max(np.abs(np.diagonal(covmean).imag))
+        if max_imag > 1e-3:
+            raise ValueError(f"sqrtm(S1 S2) has a large imaginary component {max_imag:.3g}")
+        covmean = covmean.real
+
+    fid = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)
+    return float(fid)
+
+
+# ----------------------------------------------------------------------------- feature network
+
+@dataclass
+class FeatureNetConfig:
+    in_ch: int = 1          # image channels
+    num_classes: int = 10   # classifier outputs
+    width: int = 32         # channels of the first stage; stages use width, 2 width, 4 width
+    feat_dim: int = 128     # D, the penultimate (FID) feature size
+    img_size: int = 32      # input resolution, divisible by 8 (three 2x poolings)
+
+
+class FeatureNet(nn.Module):
+    """Small VGG-style CNN classifier; its penultimate activations are the FID features.
+
+    3 stages of [conv3x3-BN-ReLU] x 2 + maxpool 2 (widths w, 2w, 4w), global average pool,
+    Linear(4w, D) + ReLU = features, dropout 0.3 (training only), Linear(D, K) = logits.
+    Expects images in [-1, 1], (B, in_ch, img_size, img_size).
+    """
+
+    def __init__(self, cfg: FeatureNetConfig):
+        super().__init__()
+        if cfg.img_size % 8 != 0:
+            raise ValueError(f"img_size must be divisible by 8, got {cfg.img_size}")
+        self.cfg = cfg
+        layers, c_in = [], cfg.in_ch
+        for c_out in (cfg.width, 2 * cfg.width, 4 * cfg.width):
+            for _ in range(2):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                c_in = c_out
+            layers.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*layers)
+        self.fc_feat = nn.Linear(c_in, cfg.feat_dim)
+        self.dropout = nn.Dropout(0.3)
+        self.fc_out = nn.Linear(cfg.feat_dim, cfg.num_classes)
+
+    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, K), features (B, D)) in one pass."""
+        h = self.body(x)                                  # (B, 4w, H/8, W/8)
+        h = h.mean(dim=(2, 3))                            # (B, 4w)
+        feats = F.relu(self.fc_feat(h))                   # (B, D)
+        logits = self.fc_out(self.dropout(feats))         # (B, K)
+        return logits, feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, K)."""
+        return self.forward_both(x)[0]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, D)."""
+        return self.forward_both(x)[1]
+
+
+@torch.no_grad()
+def extract(net: nn.Module, images: torch.Tensor, batch_size: int = 500,
+            device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) and logits (N, K) of `images` (N, C, H, W), both float32 on CPU.
+
+    Runs `net.forward_both` in eval mode, batch by batch on `device` (default: the net's),
+    and restores the net's previous train/eval mode.
+    """
+    if device is None:
+        device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    try:
+        feats, logits = [], []
+        for i in range(0, images.shape[0], batch_size):
+            x = images[i:i + batch_size].to(device, torch.float32, non_blocking=True)  # (b, C, H, W)
+            l, f = net.forward_both(x)                                                  # (b, K), (b, D)
+            feats.append(f.float().cpu())
+            logits.append(l.float().cpu())
+    finally:
+        net.train(was_training)
+    return torch.cat(feats), torch.cat(logits)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def statistics(feats: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D), float64 numpy, of features (N, D)."""
+    if isinstance(feats, torch.Tensor):
+        feats = feats.detach().cpu().double().numpy()
+    feats = np.asarray(feats, np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"features must be (N, D) with N >= 2, got {feats.shape}")
+    mu = feats.mean(axis=0)                   # (D,)
+    sigma = np.cov(feats, rowvar=False)       # (D, D)
+    return mu, np.atleast_2d(sigma)
+
+
+def fid_from_features(feats_fake: torch.Tensor | np.ndarray, mu_real: np.ndarray, sigma_real: np.ndarray) -> float:
+    """FID of generated features (N, D) against precomputed real statistics."""
+    mu_fake, sigma_fake = statistics(feats_fake)
+    return frechet_distance(mu_fake, sigma_fake, mu_real, sigma_real)
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+def _knn_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+    """Distance (N,) from each row of x (N, D) to its k-th nearest other row."""
+    radii = []
+    for i in range(0, x.shape[0], batch_size):
+        d = torch.cdist(x[i:i + batch_size], x)                     # (b, N)
+        radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # index 0 is the point itself
+    return torch.cat(radii)
+
+
+def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int) -> float:
+    """Fraction of points (M, D) inside at least one hypersphere (centres (N, D), radii (N,))."""
+    inside = 0
+    for i in range(0, points.shape[0], batch_size):
+        d = torch.cdist(points[i:i + batch_size], centres)          # (b, N)
+        inside += (d <= radii[None, :]).any(dim=1).sum().item()
+    return inside / points.shape[0]
+
+
+@torch.no_grad()
+def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 3,
+                     batch_size: int = 1000) -> tuple[float, float]:
+    """k-NN precision and recall (Kynkäänniemi et al. 2019) of fake (M, D) against real (N, D) features."""
+    real = torch.as_tensor(real_feats).float()                      # (N, D)
+    fake = torch.as_tensor(fake_feats).float().to(real.device)      # (M, D)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be (N, D) and (M, D), got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if not 1 <= k < min(real.shape[0], fake.shape[0]):
+        raise ValueError(f"need 1 <= k < number of samples in each set, got k={k}")
+    centre = real.mean(dim=0, keepdim=True)                         # distances are shift-invariant;
+    real, fake = real - centre, fake - centre                       # centring improves float32 cdist
+    r_real = _knn_radii(real, k, batch_size)                        # (N,)
+    r_fake = _knn_radii(fake, k, batch_size)                        # (M,)
+    precision = _coverage(fake, real, r_real, batch_size)
+    recall = _coverage(real, fake, r_fake, batch_size)
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------- self-check
+
+if __name__ == "__main__":
+    rng = np.random.default_rng(0)
+    D, N = 8, 20000
+    mu1, mu2 = rng.normal(size=D), rng.normal(size=D)
+    s1, s2 = rng.uniform(0.5, 2.0, D), rng.uniform(0.5, 2.0, D)     # diagonal variances
+    exact = float(np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2))
+    closed = frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    x1 = mu1 + rng.normal(size=(N, D)) * np.sqrt(s1)
+    x2 = mu2 + rng.normal(size=(N, D)) * np.sqrt(s2)
+    sampled = frechet_distance(*statistics(x1), *statistics(x2))
+    print(f"FID closed form {exact:.4f}  from exact moments {closed:.4f}  from {N} samples {sampled:.4f}")
+    assert math.isclose(closed, exact, rel_tol=1e-8) and abs(sampled - exact) < 0.05 * exact + 0.05
+
+    p, r = precision_recall(torch.from_numpy(x1[:2000]), torch.from_numpy(x1[:2000]))
+    print(f"precision/recall of a set against itself: {p:.3f} / {r:.3f}")
+    assert p == 1.0 and r == 1.0
+
+    net = FeatureNet(FeatureNetConfig())
+    f, l = extract(net, torch.rand(4, 1, 32, 32) * 2 - 1)
+    print(f"FeatureNet: {sum(q.numel() for q in net.parameters())} params, features {tuple(f.shape)}, logits {tuple(l.shape)}")
+    print("ok")

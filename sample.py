@@ -1,0 +1,314 @@
+"""Generate image grids, evaluate schedules side by side, and benchmark decoding.
+
+    python sample.py --run-dir runs/small                     # grids: samples_<row>_T8.png
+    python sample.py --run-dir runs/small --sweep-w           # pick w_0 of AdaNAT's heuristic (train-set FID)
+    python sample.py --run-dir runs/small --eval              # the table: eval.json + eval.md
+    python sample.py --run-dir runs/small --eval --samples 2000
+    python sample.py --run-dir runs/small --bench             # generate vs bare forwards, images/s
+
+Evaluation protocol (DESIGN.md "Evaluation"): every schedule row generates `--samples`
+images with balanced labels on the same EMA generator, for 3 sampling seeds; each image is
+decoded by the tokenizer and embedded by the feature network trained in stage `featnet`;
+FID, precision and recall (k = 3) are computed against the 10 000 real *test* images, and
+conditional accuracy is the feature network's accuracy at recognising the requested class.
+Two reference rows give the scale: the tokenizer's reconstructions of the test images (the
+floor no schedule can beat) and 10 000 real training images (the metric's own noise).
+Anything *chosen* (w_0 here) is chosen by FID against training-set statistics, so the test
+set stays held out. Results are cached per (row, T, seed, samples) in eval_cache.json, so
+an interrupted evaluation resumes.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import fid
+import nat
+import train
+
+EVAL_SEEDS = (1, 2, 3)       # sampling seeds of the final table; the w_0 sweep uses seed 0
+W0_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
+
+
+class Pipeline:
+    """The trained models of a run folder, and generation through them."""
+
+    def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int = 500):
+        self.run_dir, self.device, self.bf16, self.batch = run_dir, device, bf16, batch
+        with open(os.path.join(run_dir, "config.json")) as f:
+            self.config = json.load(f)
+        self.vq = train.load_vq(run_dir, device)
+        self.net = train.load_nat(run_dir, device, ema=True)
+        self.cfg: nat.NATConfig = self.net.cfg
+        self.featnet = train.load_featnet(run_dir, device)
+
+    def logits_fn(self, tokens: torch.Tensor, labels: torch.Tensor):
+        with train.autocast(self.device, self.bf16):
+            return self.net(tokens, labels)
+
+    def tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int,
+               progress: bool = False) -> torch.Tensor:
+        """Generate tokens (n, N) for labels (n,) with the heuristic schedule (tau2_0, w_0)."""
+        g = torch.Generator(self.device).manual_seed(seed)
+        sched = nat.heuristic_schedule(T, tau2_0=tau2_0, w_0=w_0)
+        null = self.cfg.null_label if w_0 != 0 else None      # no guidance: skip the null-class forward
+        out = []
+        for i in tqdm(range(0, len(labels), self.batch), desc=f"T={T} w0={w_0}", leave=False, disable=not progress):
+            y = labels[i:i + self.batch].to(self.device)
+            out.append(nat.generate(self.logits_fn, y, T, sched, self.cfg.mask_id, self.cfg.num_tokens, null, g).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Decode tokens (n, N) to float images (n, C, H, W) in [-1, 1] on the CPU."""
+        return torch.cat([self.vq.detokenize(tokens[i:i + self.batch].to(self.device)).float().cpu()
+                          for i in range(0, len(tokens), self.batch)])
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n) % num_classes
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 3) -> None:
+    """images (n, C, H, W) in [-1, 1] -> a PNG with `nrow` images per row."""
+    x = data.to_uint8(images)                                           # (n, C, H, W)
+    n, C, H, W = x.shape
+    rows = (n + nrow - 1) // nrow
+    canvas = torch.full((C, rows * (H + 2) + 2, nrow * (W + 2) + 2), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[:, 2 + r * (H + 2):2 + r * (H + 2) + H, 2 + col * (W + 2):2 + col * (W + 2) + W] = x[i]
+    arr = canvas.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if C == 1 else arr)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+class Reference:
+    """Feature-network features of real images: the 10 000 test images and 10 000 training images.
+
+    Cached in <run_dir>/fid_ref.pt, keyed by the feature network checkpoint's step and accuracy."""
+
+    def __init__(self, pipe: Pipeline):
+        path = os.path.join(pipe.run_dir, "fid_ref.pt")
+        ck = torch.load(os.path.join(pipe.run_dir, "featnet.pt"), map_location="cpu", weights_only=True)
+        key = f"{ck['step']}-{ck.get('metrics', {}).get('test_acc')}"
+        cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
+        if cached is not None and cached.get("key") == key:
+            self.__dict__.update({k: v for k, v in cached.items() if k != "key"})
+            return
+        c = pipe.config
+        x_test, y_test, _ = data.load_dataset(c["data"], "test", c["img_size"], c["channels"], c["seed"])
+        x_train, y_train, _ = data.load_dataset(c["data"], "train", c["img_size"], c["channels"], c["seed"])
+        pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]
+        self.test_images = x_test                                          # uint8, for the reconstruction row
+        self.test_labels = y_test
+        self.test_feats, _ = fid.extract(pipe.featnet, data.to_float(x_test))
+        self.train_feats, train_logits = fid.extract(pipe.featnet, data.to_float(x_train[pick]))
+        self.train_acc = (train_logits.argmax(1) == y_train[pick]).float().mean().item()
+        self.test_mu, self.test_sigma = fid.statistics(self.test_feats)
+        self.train_mu, self.train_sigma = fid.statistics(self.train_feats)
+        train.save_ckpt(path, {"key": key, **{k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
+                                             for k, v in self.__dict__.items()}})
+        self.test_mu, self.test_sigma, self.train_mu, self.train_sigma = (
+            np.asarray(v) for v in (self.test_mu, self.test_sigma, self.train_mu, self.train_sigma))
+
+
+def metrics(pipe: Pipeline, ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """FID / precision / recall against the test images, and conditional accuracy."""
+    feats, logits = fid.extract(pipe.featnet, images, device=pipe.device)
+    P, R = fid.precision_recall(ref.test_feats, feats, k=3)
+    return {"fid": fid.fid_from_features(feats, np.asarray(ref.test_mu), np.asarray(ref.test_sigma)),
+            "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def sweep_w(pipe: Pipeline, ref: Reference, samples: int, T: int = 8) -> dict:
+    """Pick w_0 of AdaNAT's heuristic (tau2_0 = 1, w = w_0 t/T) by FID against *training* statistics."""
+    labels = balanced_labels(samples, pipe.cfg.num_classes)
+    results = {}
+    bar = tqdm(W0_GRID, desc=f"w_0 sweep (T={T}, {samples} samples)")
+    for w_0 in bar:
+        feats, _ = fid.extract(pipe.featnet, pipe.images(pipe.tokens(labels, T, 1.0, w_0, seed=0)), device=pipe.device)
+        results[w_0] = fid.fid_from_features(feats, np.asarray(ref.train_mu), np.asarray(ref.train_sigma))
+        bar.set_postfix(fid=f"{results[w_0]:.2f}")
+    best = min(results, key=results.get)
+    out = {"T": T, "samples": samples, "tau2_0": 1.0, "train_fid": {str(k): v for k, v in results.items()}, "w_0": best}
+    with open(os.path.join(pipe.run_dir, "sweep_w.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"w_0 sweep (FID vs training set, T={T}): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()) + f" -> w_0 = {best}")
+    return out
+
+
+def get_w0(pipe: Pipeline, ref: Reference, samples: int) -> float:
+    path = os.path.join(pipe.run_dir, "sweep_w.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["w_0"]
+    return sweep_w(pipe, ref, samples)["w_0"]
+
+
+def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int) -> None:
+    """The evaluation table (eval.json, eval.md), resuming from eval_cache.json."""
+    ref = Reference(pipe)
+    w_0 = get_w0(pipe, ref, sweep_samples)
+    rows = {"MaskGIT (cos m, tau2_0=4.5, no CFG)": (4.5, 0.0), f"AdaNAT heuristic (tau2_0=1, w_0={w_0:g})": (1.0, w_0)}
+    cache_path = os.path.join(pipe.run_dir, "eval_cache.json")
+    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+    n = min(samples, len(ref.test_feats))
+    labels = balanced_labels(samples, pipe.cfg.num_classes)
+
+    # reference rows: real training images, and tokenizer reconstructions of the test images
+    refs = {}
+    key = f"ref|train|{n}"
+    if key not in cache:
+        P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3)
+        cache[key] = {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
+                      "precision": P, "recall": R, "cond_acc": ref.train_acc}
+    refs["real training images vs test"] = cache[key]
+    key = f"ref|recon|{n}"
+    if key not in cache:
+        x = data.to_float(ref.test_images[:n])
+        recon = pipe.images(torch.cat([pipe.vq.tokenize(x[i:i + 500].to(pipe.device)).cpu() for i in range(0, n, 500)]))
+        cache[key] = metrics(pipe, ref, recon, ref.test_labels[:n])
+    refs["tokenizer reconstructions of test vs test (floor)"] = cache[key]
+
+    table = []
+    jobs = [(name, T, s) for name in rows for T in steps for s in EVAL_SEEDS]
+    bar = tqdm(jobs, desc="eval")
+    for name, T, s in bar:
+        key = f"{name}|T{T}|seed{s}|{samples}"
+        if key not in cache:
+            tau2_0, w = rows[name]
+            t0 = time.time()
+            tok = pipe.tokens(labels, T, tau2_0, w, seed=s)
+            secs = time.time() - t0
+            cache[key] = {**metrics(pipe, ref, pipe.images(tok), labels), "images_per_s": samples / secs}
+            with open(cache_path, "w") as f:
+                json.dump(cache, f, indent=1)
+        bar.set_postfix(row=name[:12], T=T, fid=f"{cache[key]['fid']:.2f}")
+    with open(cache_path, "w") as f:
+        json.dump(cache, f, indent=1)
+    for name in rows:
+        for T in steps:
+            runs = [cache[f"{name}|T{T}|seed{s}|{samples}"] for s in EVAL_SEEDS]
+            row = {"schedule": name, "T": T, "samples": samples, "seeds": list(EVAL_SEEDS)}
+            for k in ("fid", "precision", "recall", "cond_acc", "images_per_s"):
+                v = np.array([r[k] for r in runs])
+                row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            table.append(row)
+    out = {"rows": table, "reference": refs, "w_0": w_0, "device": str(pipe.device),
+           "nat_params": sum(p.numel() for p in pipe.net.parameters())}
+    with open(os.path.join(pipe.run_dir, "eval.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    md = [f"Samples: {samples} per row, seeds {list(EVAL_SEEDS)}, FID/precision/recall against the {n} test images "
+          f"(feature network of this run). Device: {pipe.device}.", "",
+          "| schedule | T | FID | precision | recall | cond. acc. | images/s |", "|---|---|---|---|---|---|---|"]
+    for name, r in refs.items():
+        md.append(f"| {name} | – | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} | – |")
+    for r in table:
+        md.append(f"| {r['schedule']} | {r['T']} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | {r['precision']:.3f} | "
+                  f"{r['recall']:.3f} | {r['cond_acc']:.3f} | {r['images_per_s']:.0f} |")
+    with open(os.path.join(pipe.run_dir, "eval.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def grids(pipe: Pipeline, T: int, per_class: int = 10) -> None:
+    """One PNG per heuristic: a row per class."""
+    K = pipe.cfg.num_classes
+    labels = torch.arange(K).repeat_interleave(per_class)
+    w0_path = os.path.join(pipe.run_dir, "sweep_w.json")
+    w_0 = json.load(open(w0_path))["w_0"] if os.path.exists(w0_path) else 2.0
+    for name, (tau2_0, w) in {"maskgit": (4.5, 0.0), "adanat": (1.0, w_0)}.items():
+        path = os.path.join(pipe.run_dir, f"samples_{name}_T{T}.png")
+        save_grid(pipe.images(pipe.tokens(labels, T, tau2_0, w, seed=0)), path, nrow=per_class)
+        print("wrote", path)
+
+
+def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> None:
+    """images/s of `generate` (AdaNAT heuristic, with CFG) vs the same T bare forwards of 2B rows."""
+    w_0 = 2.0
+    labels = balanced_labels(batch, pipe.cfg.num_classes).to(pipe.device)
+    sched = nat.heuristic_schedule(T, tau2_0=1.0, w_0=w_0)
+    g = torch.Generator(pipe.device).manual_seed(0)
+    tokens = torch.randint(0, pipe.cfg.vocab_size, (2 * batch, pipe.cfg.num_tokens), device=pipe.device)
+    y2 = torch.cat([labels, torch.full_like(labels, pipe.cfg.null_label)])
+
+    def sync():
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run_generate():
+        nat.generate(pipe.logits_fn, labels, T, sched, pipe.cfg.mask_id, pipe.cfg.num_tokens, pipe.cfg.null_label, g)
+
+    @torch.no_grad()
+    def run_forwards():
+        for _ in range(T):
+            pipe.logits_fn(tokens, y2)
+
+    res = {}
+    for name, fn in (("generate", run_generate), ("bare forwards", run_forwards)):
+        fn()
+        sync()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.time()
+            fn()
+            sync()
+            best = min(best, time.time() - t0)
+        res[name] = batch / best
+    overhead = res["bare forwards"] / res["generate"] - 1
+    print(f"bench ({pipe.device}, batch {batch}, T={T}, CFG): generate {res['generate']:.1f} images/s, "
+          f"bare forwards {res['bare forwards']:.1f} images/s, decoding overhead {100 * overhead:.1f}%")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", default="runs/small")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--eval", action="store_true", help="the evaluation table")
+    p.add_argument("--sweep-w", action="store_true", help="(re)run the w_0 sweep of AdaNAT's heuristic")
+    p.add_argument("--bench", action="store_true", help="images/s of generate vs bare forwards")
+    p.add_argument("--samples", type=int, default=10000, help="samples per row and seed")
+    p.add_argument("--sweep-samples", type=int, default=2000, help="samples per w_0 candidate")
+    p.add_argument("--steps", default="4,8,16", help="comma-separated T values for --eval")
+    p.add_argument("--grid-steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None, help="generation batch (bench default: 256 CPU, 1024 GPU)")
+    p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
+    args = p.parse_args(argv)
+    try:
+        if args.samples <= 0 or args.sweep_samples <= 0:
+            raise train.UserError("--samples and --sweep-samples must be positive")
+        try:
+            steps = [int(s) for s in args.steps.split(",")]
+        except ValueError:
+            raise train.UserError(f"--steps {args.steps!r}: expected comma-separated integers like 4,8,16") from None
+        if any(T <= 0 for T in steps) or args.grid_steps <= 0:
+            raise train.UserError("step counts must be positive")
+        if not os.path.isdir(args.run_dir) or not os.path.exists(os.path.join(args.run_dir, "config.json")):
+            raise train.UserError(f"{args.run_dir} is not a run folder (no config.json): train first with "
+                                  f"python train.py --run-dir {args.run_dir}")
+        device = train.pick_device(args.device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch or 500)
+        if args.bench:
+            bench(pipe, args.batch or (1024 if device.type == "cuda" else 256))
+        if args.sweep_w:
+            sweep_w(pipe, Reference(pipe), args.sweep_samples)
+        if args.eval:
+            evaluate(pipe, args.samples, steps, args.sweep_samples)
+        if not (args.bench or args.eval or args.sweep_w):
+            grids(pipe, args.grid_steps)
+    except (train.UserError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,536 @@
+"""Train the pipeline, stage by stage: vq -> featnet -> nat.
+
+    python train.py                                  # the `small` preset, all stages, CPU or GPU
+    python train.py --preset base                    # the single-GPU scale
+    python train.py --stage nat --run-dir runs/small # one stage; resumes what is there
+
+Stages (each writes one checkpoint `<stage>.pt` into the run folder):
+  vq       the VQ tokenizer (vqgan.py): 32x32 image -> 8x8 = 64 tokens.
+  featnet  a small classifier whose penultimate features define FID here (fid.py).
+  nat      the class-conditional masked-token transformer (nat.py) on the tokenised
+           training set, with an EMA of its weights that sample.py generates with.
+
+A run folder holds config.json, log.jsonl (one JSON object per logged step), and the
+checkpoints. Re-running the same command resumes: finished stages are skipped, an
+interrupted stage continues from its last checkpoint (written every `ckpt_every_s`
+seconds, at the end, and on Ctrl-C). Checkpoints are dicts of plain types and tensors,
+`torch.load(path, weights_only=True)` loads them, and each carries its model's config so
+that sample.py rebuilds every model from the files alone.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import fid
+import nat
+import vqgan
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Presets (below) override the defaults by name."""
+
+    preset: str = "small"
+    data: str | None = None          # None: Fashion-MNIST (./data, Debian package, download); a folder; "synthetic"
+    img_size: int = 32
+    channels: int = 1
+    seed: int = 0
+    bf16: bool = True                # bf16 autocast for the transformer on CUDA (ignored on CPU)
+    ckpt_every_s: float = 300.0      # seconds between checkpoints inside a stage
+    log_every: int = 50              # steps between log.jsonl records
+    # --- vq: the tokenizer
+    vq_steps: int = 2500
+    vq_batch: int = 128
+    vq_lr: float = 1e-3
+    vq_ch: int = 32
+    vq_ch_mult: tuple = (1, 2)
+    vq_n_res: int = 1
+    codebook_size: int = 256
+    code_dim: int = 32
+    vq_restart_every: int = 100      # dead-code restart period (steps); off in the last 20% of training
+    gan_weight: float = 0.0          # hinge patch-GAN generator weight (0: off)
+    gan_start: int = 0               # steps of plain reconstruction before the GAN starts
+    # --- featnet: the FID feature network
+    feat_steps: int = 1500
+    feat_batch: int = 128
+    feat_lr: float = 2e-3
+    feat_width: int = 32
+    feat_dim: int = 128
+    # --- nat: the generator
+    nat_steps: int = 2000
+    nat_batch: int = 256
+    nat_lr: float = 1e-3
+    nat_warmup: int = 100
+    nat_wd: float = 0.05
+    nat_dim: int = 128
+    nat_depth: int = 4
+    nat_heads: int = 4
+    nat_dropout: float = 0.0
+    mask_dist: str = "cosine"        # training p(r): "cosine" (MaskGIT) or "beta" (AutoNAT)
+    mask_alpha: float = 1.0
+    mask_beta: float = 1.0
+    ema_decay: float = 0.995         # EMA of the NAT weights used for sampling
+
+
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU, synthetic data: for CI and the end-to-end test
+    "test": dict(data="synthetic", vq_steps=30, vq_batch=32, vq_ch=8, codebook_size=32, code_dim=8,
+                 vq_restart_every=10, feat_steps=30, feat_batch=32, feat_width=8, feat_dim=16,
+                 nat_steps=30, nat_batch=32, nat_dim=32, nat_depth=1, nat_heads=2, nat_warmup=5,
+                 log_every=10, ema_decay=0.9),
+    # the default: fits in ~40 minutes on 2 CPU cores
+    "small": dict(),
+    # one GPU, a few minutes to an hour
+    "base": dict(vq_steps=8000, vq_ch=64, codebook_size=512, gan_weight=0.1, gan_start=4000,
+                 feat_steps=4000, feat_width=48, nat_steps=30000, nat_batch=512, nat_lr=6e-4,
+                 nat_warmup=1000, nat_dim=384, nat_depth=8, nat_heads=6, nat_dropout=0.1, ema_decay=0.9995),
+}
+STAGES = ["vq", "featnet", "nat"]
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name}: {e}") from None
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA (TF32 is set in main); a no-op on CPU."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def save_ckpt(path: str, obj: dict) -> None:
+    """Atomic write: a temp file in the same folder, then os.replace."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_ckpt(path: str, expect_config: dict | None = None) -> dict:
+    """Load a checkpoint with weights_only=True; clear errors for corrupt or mismatched files."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run the stage that makes it (python train.py --run-dir {os.path.dirname(path)})") from None
+    except Exception as e:  # truncated zip, pickle error, ...
+        raise UserError(f"{path} is corrupt or not a checkpoint ({type(e).__name__}); delete it to retrain that stage") from None
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise UserError(f"{path} is not a checkpoint of this project (no 'model'/'config'); delete it to retrain that stage")
+    if expect_config is not None and ck["config"] != expect_config:
+        diff = sorted(k for k in set(ck["config"]) | set(expect_config) if ck["config"].get(k) != expect_config.get(k))
+        raise UserError(f"{path} was trained with another config (differs in {', '.join(diff)}); "
+                        f"use the run folder's own flags, another --run-dir, or delete the file to retrain")
+    return ck
+
+
+def to_plain(cfg) -> dict:
+    """A dataclass as a dict of plain types (tuples become lists, as in JSON)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def vq_config(c: TrainConfig) -> vqgan.VQConfig:
+    return vqgan.VQConfig(in_ch=c.channels, img_size=c.img_size, ch=c.vq_ch, ch_mult=tuple(c.vq_ch_mult),
+                          n_res=c.vq_n_res, codebook_size=c.codebook_size, code_dim=c.code_dim,
+                          gan_weight=c.gan_weight, gan_start=c.gan_start)
+
+
+def feat_config(c: TrainConfig, num_classes: int) -> fid.FeatureNetConfig:
+    return fid.FeatureNetConfig(in_ch=c.channels, num_classes=num_classes, width=c.feat_width,
+                                feat_dim=c.feat_dim, img_size=c.img_size)
+
+
+def nat_config(c: TrainConfig, num_classes: int, num_tokens: int) -> nat.NATConfig:
+    return nat.NATConfig(vocab_size=c.codebook_size, num_tokens=num_tokens, num_classes=num_classes,
+                         dim=c.nat_dim, depth=c.nat_depth, heads=c.nat_heads, dropout=c.nat_dropout,
+                         mask_dist=c.mask_dist, alpha=c.mask_alpha, beta=c.mask_beta)
+
+
+def load_vq(run_dir: str, device: torch.device) -> vqgan.VQModel:
+    ck = load_ckpt(os.path.join(run_dir, "vq.pt"))
+    cfg = ck["config"]
+    model = vqgan.VQModel(vqgan.VQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])}))
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval()
+
+
+def load_featnet(run_dir: str, device: torch.device) -> fid.FeatureNet:
+    ck = load_ckpt(os.path.join(run_dir, "featnet.pt"))
+    model = fid.FeatureNet(fid.FeatureNetConfig(**ck["config"]))
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval()
+
+
+def load_nat(run_dir: str, device: torch.device, ema: bool = True) -> nat.NAT:
+    ck = load_ckpt(os.path.join(run_dir, "nat.pt"))
+    model = nat.NAT(nat.NATConfig(**ck["config"]))
+    model.load_state_dict(ck["ema"] if ema else ck["model"])
+    return model.to(device).eval()
+
+
+class Logger:
+    """Appends one JSON object per record to <run_dir>/log.jsonl."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, "log.jsonl")
+
+    def __call__(self, **record) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 1), **record}) + "\n")
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip, per sample. x (B, C, H, W)."""
+    flip = torch.rand(x.shape[0], generator=g, device="cpu").to(x.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def train_loop(name: str, ck_path: str, state: dict, step_fn, total: int, c: TrainConfig, log: Logger) -> dict:
+    """The loop shared by all stages: tqdm, log.jsonl, periodic/Ctrl-C checkpoints, resume.
+
+    state: the checkpoint dict (with "step"); step_fn(step) -> dict of floats updates the
+    models in place; `state_fn` is not needed because the dict holds live state_dict views
+    refreshed by `state["refresh"]()` before every save.
+    """
+    refresh = state.pop("refresh")
+    step0 = state["step"]
+    last_save = time.time()
+    t0 = time.time()
+    bar = tqdm(range(step0, total), initial=step0, total=total, desc=name, dynamic_ncols=True)
+    try:
+        for step in bar:
+            metrics = step_fn(step)
+            state["step"] = step + 1
+            if step % c.log_every == 0 or step + 1 == total:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+                log(stage=name, step=step + 1, **{k: round(float(v), 6) for k, v in metrics.items()})
+            if time.time() - last_save > c.ckpt_every_s:
+                save_ckpt(ck_path, refresh(state))
+                last_save = time.time()
+    except KeyboardInterrupt:
+        bar.close()
+        save_ckpt(ck_path, refresh(state))
+        print(f"\ninterrupted: {name} saved at step {state['step']} in {ck_path}; re-run the same command to resume")
+        sys.exit(130)
+    bar.close()
+    state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - t0
+    return refresh(state)
+
+
+def resume(ck_path: str, model_cfg: dict, modules: dict) -> dict:
+    """Load a stage checkpoint into `modules` (name -> module/optimizer) if one exists."""
+    if not os.path.exists(ck_path):
+        return {"step": 0}
+    ck = load_ckpt(ck_path, expect_config=model_cfg)
+    for k, m in modules.items():
+        m.load_state_dict(ck[k])
+    if "rng" in ck:
+        torch.set_rng_state(ck["rng"])
+    print(f"resuming {os.path.basename(ck_path)} from step {ck['step']}")
+    return ck
+
+
+# ----------------------------------------------------------------------------- stages
+
+def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+    """Train the VQ tokenizer: L = |x - G(z_q)| + (x - G(z_q))^2 + L_vq (+ hinge GAN)."""
+    x_train, _, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
+    x_test, _, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
+    cfg = vq_config(c)
+    model = vqgan.VQModel(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=c.vq_lr, betas=(0.5, 0.9))
+    disc = vqgan.PatchDiscriminator(c.channels, cfg.disc_ch).to(device) if c.gan_weight > 0 else None
+    opt_d = torch.optim.Adam(disc.parameters(), lr=c.vq_lr, betas=(0.5, 0.9)) if disc else None
+    modules = {"model": model, "optim": opt, **({"disc": disc, "optim_d": opt_d} if disc else {})}
+    path = os.path.join(run_dir, "vq.pt")
+    state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
+    g = torch.Generator().manual_seed(c.seed + 1 + state["step"])
+    it = data.batches(x_train, y=torch.zeros(len(x_train), dtype=torch.long), batch_size=c.vq_batch, generator=g, infinite=True)
+
+    def step_fn(step: int) -> dict:
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, c.vq_steps, c.vq_lr, 100)
+        x = augment(data.to_float(next(it)[0]).to(device), g)          # (B, C, H, W)
+        x_rec, codes, vq_loss, z_e = model(x)
+        rec = (x_rec - x).abs().mean() + F.mse_loss(x_rec, x)
+        loss = rec + vq_loss
+        out = {"loss": loss.item(), "mse": F.mse_loss(x_rec, x).item()}
+        if disc is not None and step >= c.gan_start:
+            g_loss = vqgan.hinge_g_loss(disc(x_rec))
+            loss = loss + c.gan_weight * g_loss
+            out["g_loss"] = g_loss.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if disc is not None and step >= c.gan_start:
+            d_loss = vqgan.hinge_d_loss(disc(x), disc(x_rec.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            out["d_loss"] = d_loss.item()
+        if (step + 1) % c.vq_restart_every == 0 and step < 0.8 * c.vq_steps:
+            out["restarted"] = model.vq.restart_dead_codes(z_e.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim))
+        return out
+
+    def refresh(s: dict) -> dict:
+        s.update({k: m.state_dict() for k, m in modules.items()}, rng=torch.get_rng_state())
+        return s
+
+    state["refresh"] = refresh
+    state = train_loop("vq", path, state, step_fn, c.vq_steps, c, log)
+    # report on the held-out test set: reconstruction MSE, codebook usage, perplexity
+    model.eval()
+    codes, mse = [], 0.0
+    with torch.no_grad():
+        for i in range(0, len(x_test), 500):
+            x = data.to_float(x_test[i:i + 500]).to(device)
+            x_rec, k, _, _ = model(x)
+            mse += F.mse_loss(x_rec.clamp(-1, 1), x, reduction="sum").item()
+            codes.append(k.cpu())
+    stats = vqgan.codebook_stats(torch.cat(codes), cfg.codebook_size)
+    state["metrics"] = {"test_mse": mse / x_test.numel(), **{f"test_{k}": float(v) for k, v in stats.items()}}
+    state["done"] = True
+    save_ckpt(path, state)
+    log(stage="vq", final=True, **state["metrics"])
+    print("vq:", json.dumps({k: round(v, 4) for k, v in state["metrics"].items()}))
+
+
+def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+    """Train the FID feature network as a classifier (flip + shift augmentation)."""
+    x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
+    x_test, y_test, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
+    cfg = feat_config(c, num_classes)
+    model = fid.FeatureNet(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=c.feat_lr)
+    modules = {"model": model, "optim": opt}
+    path = os.path.join(run_dir, "featnet.pt")
+    state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
+    g = torch.Generator().manual_seed(c.seed + 2 + state["step"])
+    it = data.batches(x_train, y_train, c.feat_batch, g, infinite=True)
+
+    def step_fn(step: int) -> dict:
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, c.feat_steps, c.feat_lr, 50)
+        xb, yb = next(it)
+        x = augment(data.to_float(xb).to(device), g)
+        dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()       # random shift by up to 2 pixels
+        x = torch.roll(x, (dx, dy), dims=(2, 3))
+        model.train()
+        logits = model(x)
+        loss = F.cross_entropy(logits, yb.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item(), "acc": (logits.argmax(1).cpu() == yb).float().mean().item()}
+
+    def refresh(s: dict) -> dict:
+        s.update({k: m.state_dict() for k, m in modules.items()}, rng=torch.get_rng_state())
+        return s
+
+    state["refresh"] = refresh
+    state = train_loop("featnet", path, state, step_fn, c.feat_steps, c, log)
+    _, logits = fid.extract(model, data.to_float(x_test), device=device)
+    acc = (logits.argmax(1) == y_test).float().mean().item()
+    state["metrics"] = {"test_acc": acc}
+    state["done"] = True
+    save_ckpt(path, state)
+    log(stage="featnet", final=True, test_acc=acc)
+    print(f"featnet: test accuracy {acc:.4f}")
+
+
+@torch.no_grad()
+def tokenize_dataset(vq: vqgan.VQModel, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(M, N) tokens of the images and of their mirror images (flip augmentation, M = 2 len(x))."""
+    out = []
+    for i in tqdm(range(0, len(x), 1000), desc="tokenize", leave=False):
+        xb = data.to_float(x[i:i + 1000]).to(device)
+        out += [vq.tokenize(xb).cpu(), vq.tokenize(xb.flip(-1)).cpu()]
+    return torch.cat(out)
+
+
+def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+    """Train the NAT on tokens with the masked-token loss; keep an EMA of the weights."""
+    x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
+    vq = load_vq(run_dir, device)
+    tokens = tokenize_dataset(vq, x_train, device)                           # (2 M, N)
+    labels = torch.cat([torch.cat([y_train[i:i + 1000], y_train[i:i + 1000]]) for i in range(0, len(y_train), 1000)])
+    cfg = nat_config(c, num_classes, tokens.shape[1])
+    model = nat.NAT(cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "emb" not in n else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.nat_wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=c.nat_lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    modules = {"model": model, "ema": ema, "optim": opt}
+    path = os.path.join(run_dir, "nat.pt")
+    state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
+    g = torch.Generator().manual_seed(c.seed + 3 + state["step"])
+    it = data.batches(tokens, labels, c.nat_batch, g, infinite=True)
+
+    def step_fn(step: int) -> dict:
+        lr = lr_at(step, c.nat_steps, c.nat_lr, c.nat_warmup)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        v, y = next(it)
+        model.train()
+        with autocast(device, c.bf16):
+            loss = nat.masked_token_loss(model, v.to(device), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        d = min(c.ema_decay, (1 + step) / (10 + step))                     # EMA warm-up
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - d)
+        return {"loss": loss.item(), "lr": lr, "grad_norm": gn.item()}
+
+    def refresh(s: dict) -> dict:
+        s.update({k: m.state_dict() for k, m in modules.items()}, rng=torch.get_rng_state())
+        return s
+
+    state["refresh"] = refresh
+    state = train_loop("nat", path, state, step_fn, c.nat_steps, c, log)
+    state["done"] = True
+    save_ckpt(path, state)
+    print(f"nat: done, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+
+STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_value(field_type, text: str):
+    """Parse a --set value by the config field's type."""
+    if field_type is bool or field_type == "bool":
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected true/false, got {text!r}")
+    if field_type in (int, "int"):
+        return int(text)
+    if field_type in (float, "float"):
+        return float(text)
+    if field_type in (tuple, "tuple"):
+        return tuple(int(v) for v in text.split(","))
+    return None if text.lower() == "none" else text
+
+
+def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """Preset + flags, checked against the run folder's config.json when it exists."""
+    run_dir = args.run_dir
+    saved = None
+    if run_dir and os.path.exists(os.path.join(run_dir, "config.json")):
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = json.load(f)
+    preset = args.preset or (saved["preset"] if saved else "small")
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    c = TrainConfig(**{**PRESETS[preset], "preset": preset})
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if key not in fields or key == "preset":
+            raise UserError(f"--set {item}: unknown config key {key!r}; keys: {', '.join(k for k in fields if k != 'preset')}")
+        try:
+            setattr(c, key, parse_value(fields[key], value))
+        except ValueError as e:
+            raise UserError(f"--set {item}: {e}") from None
+    if args.data is not None:
+        c.data = args.data
+    if args.seed is not None:
+        c.seed = args.seed
+    if args.steps is not None:
+        if args.steps <= 0:
+            raise UserError(f"--steps {args.steps}: must be a positive number of training steps")
+        for s in (STAGES if args.stage == "all" else [args.stage]):
+            setattr(c, f"{'feat' if s == 'featnet' else s}_steps", args.steps)
+    for name in ("vq_steps", "feat_steps", "nat_steps", "vq_batch", "feat_batch", "nat_batch"):
+        if getattr(c, name) <= 0:
+            raise UserError(f"{name} = {getattr(c, name)}: must be positive")
+    if c.mask_dist not in ("cosine", "beta"):
+        raise UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
+    run_dir = run_dir or os.path.join("runs", preset)
+    if saved is not None:
+        now = to_plain(c)
+        diff = sorted(k for k in now if k not in ("ckpt_every_s", "log_every") and saved.get(k) != now[k])
+        if diff:
+            raise UserError(f"{run_dir} was made with another config (differs in {', '.join(diff)}); "
+                            f"use another --run-dir, or the same flags as before")
+    return c, run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: the run folder's, else small)")
+    p.add_argument("--stage", default="all", help=f"all or one of {', '.join(STAGES)}")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/<preset>)")
+    p.add_argument("--data", default=None, help="Fashion-MNIST idx folder, a folder of class subfolders, or 'synthetic'")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="training steps of the selected stage(s)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any TrainConfig field, e.g. --set nat_lr=5e-4")
+    args = p.parse_args(argv)
+    try:
+        if args.stage != "all" and args.stage not in STAGES:
+            raise UserError(f"unknown stage {args.stage!r}: choose all or one of {', '.join(STAGES)}")
+        c, run_dir = build_config(args)
+        device = pick_device(args.device)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(to_plain(c), f, indent=1)
+        torch.manual_seed(c.seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        log = Logger(run_dir)
+        print(f"run folder {run_dir} | preset {c.preset} | device {device}")
+        for s in (STAGES if args.stage == "all" else [args.stage]):
+            path = os.path.join(run_dir, f"{s}.pt")
+            if os.path.exists(path) and load_ckpt(path).get("done"):
+                print(f"{s}: done ({path}), skipped")
+                continue
+            t0 = time.time()
+            STAGE_FNS[s](c, run_dir, device, log)
+            log(stage=s, wall_seconds=round(time.time() - t0, 1))
+    except (UserError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

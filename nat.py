@@ -154,7 +154,8 @@ def masked_token_loss(net: nn.Module, tokens: torch.Tensor, labels: torch.Tensor
 def gumbel(shape: torch.Size, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
     """Standard Gumbel noise -log(-log U)."""
     u = torch.rand(shape, device=device, generator=generator)
-    return -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+    e = -torch.log(u.clamp_min(1e-20))                # Exp(1), > 0
+    return -torch.log(e.clamp_min(1e-20))
 
 
 def decode_step(tokens: torch.Tensor, logits_c: torch.Tensor, logits_u: Optional[torch.Tensor],

@@ -1,0 +1,119 @@
+"""End to end through the real command line: train.py --preset test, then sample.py; bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("run") / "test")
+    r = run("train.py", "--preset", "test", "--run-dir", d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def test_train_writes_everything(run_dir):
+    for f in ("config.json", "log.jsonl", "vq.pt", "featnet.pt", "nat.pt"):
+        assert os.path.exists(os.path.join(run_dir, f)), f
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    assert {r["stage"] for r in records} == {"vq", "featnet", "nat"}
+    for stage in ("vq", "featnet", "nat"):
+        ck = torch.load(os.path.join(run_dir, f"{stage}.pt"), weights_only=True)   # plain types + tensors
+        assert ck["done"] and ck["step"] > 0 and isinstance(ck["config"], dict)
+    vq = torch.load(os.path.join(run_dir, "vq.pt"), weights_only=True)["metrics"]
+    assert set(vq) == {"test_mse", "test_usage", "test_perplexity"}
+
+
+def test_rerun_skips_finished_stages(run_dir):
+    before = os.path.getmtime(os.path.join(run_dir, "nat.pt"))
+    r = run("train.py", "--run-dir", run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "nat: done" in r.stdout and "skipped" in r.stdout
+    assert os.path.getmtime(os.path.join(run_dir, "nat.pt")) == before
+
+
+def test_resume_continues_an_interrupted_stage(run_dir, tmp_path):
+    """A checkpoint with done=False at step k: re-running continues from k to the end."""
+    d = tmp_path / "resume"
+    d.mkdir()
+    for f in ("config.json", "vq.pt", "featnet.pt"):
+        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    ck = torch.load(os.path.join(run_dir, "nat.pt"), weights_only=True)
+    ck.update(done=False, step=20)
+    torch.save(ck, d / "nat.pt")
+    r = run("train.py", "--run-dir", str(d))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming nat.pt from step 20" in r.stdout
+    steps = [json.loads(line)["step"] for line in open(d / "log.jsonl") if '"nat"' in line and '"step"' in line]
+    assert min(steps) > 20 and max(steps) == 30
+
+
+def test_sample_grid_eval_bench(run_dir):
+    r = run("sample.py", "--run-dir", run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.exists(os.path.join(run_dir, "samples_adanat_T8.png"))
+    r = run("sample.py", "--run-dir", run_dir, "--eval", "--samples", "60", "--sweep-samples", "30", "--steps", "2,4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.load(open(os.path.join(run_dir, "eval.json")))
+    assert len(ev["rows"]) == 4 and all(r["fid"] >= 0 for r in ev["rows"])
+    assert os.path.exists(os.path.join(run_dir, "eval.md")) and os.path.exists(os.path.join(run_dir, "sweep_w.json"))
+    r = run("sample.py", "--run-dir", run_dir, "--bench", "--batch", "16")
+    assert r.returncode == 0 and "decoding overhead" in r.stdout, r.stderr[-2000:]
+
+
+def _fails(r, text):
+    assert r.returncode != 0
+    assert text in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_input_one_line_errors(run_dir, tmp_path):
+    _fails(run("train.py", "--preset", "nope", "--run-dir", str(tmp_path / "a")), "unknown preset")
+    _fails(run("train.py", "--stage", "nope", "--run-dir", str(tmp_path / "a")), "unknown stage")
+    _fails(run("train.py", "--preset", "test", "--steps", "0", "--run-dir", str(tmp_path / "a")), "--steps 0")
+    _fails(run("train.py", "--preset", "test", "--data", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "b")),
+           "missing")
+    _fails(run("sample.py", "--run-dir", str(tmp_path / "nothing")), "not a run folder")
+    # another config in the same run folder
+    _fails(run("train.py", "--preset", "test", "--set", "nat_dim=64", "--run-dir", run_dir), "another config")
+
+
+def test_corrupt_and_mismatched_checkpoints(run_dir, tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt"):
+        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    good = (d / "nat.pt").read_bytes()
+    (d / "nat.pt").write_bytes(good[: len(good) // 2])                 # truncated
+    _fails(run("sample.py", "--run-dir", str(d)), "corrupt")
+    _fails(run("train.py", "--run-dir", str(d)), "corrupt")
+    assert (d / "nat.pt").read_bytes() == good[: len(good) // 2]       # nothing overwritten
+    ck = torch.load(os.path.join(run_dir, "nat.pt"), weights_only=True)
+    ck["config"]["dim"] = 999
+    ck["done"] = False
+    torch.save(ck, d / "nat.pt")
+    _fails(run("train.py", "--run-dir", str(d)), "another config")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = str(tmp_path / "x.pt")
+    obj = {"model": {"w": torch.randn(3)}, "config": {"a": 1, "b": [1, 2]}, "step": 7}
+    train.save_ckpt(path, obj)
+    back = train.load_ckpt(path, expect_config={"a": 1, "b": [1, 2]})
+    assert torch.equal(back["model"]["w"], obj["model"]["w"]) and back["step"] == 7
+    assert not os.path.exists(path + ".tmp")
+    with pytest.raises(train.UserError, match="another config"):
+        train.load_ckpt(path, expect_config={"a": 2, "b": [1, 2]})

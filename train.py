@@ -51,10 +51,10 @@ class TrainConfig:
     ckpt_every_s: float = 300.0      # seconds between checkpoints inside a stage
     log_every: int = 50              # steps between log.jsonl records
     # --- vq: the tokenizer
-    vq_steps: int = 2500
+    vq_steps: int = 2000
     vq_batch: int = 128
     vq_lr: float = 1e-3
-    vq_ch: int = 32
+    vq_ch: int = 24
     vq_ch_mult: tuple = (1, 2)
     vq_n_res: int = 1
     codebook_size: int = 256

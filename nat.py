@@ -112,8 +112,9 @@ class NAT(nn.Module):
         x = torch.cat([self.cls_emb(labels)[:, None], self.tok_emb(tokens)], dim=1) + self.pos_emb  # (B, N+1, C)
         for blk in self.blocks:
             x = blk(x)
-        h = self.norm(x[:, 1:])                                    # (B, N, C)
-        return self.head(h).float(), h.float()                     # (B, N, K), (B, N, C)
+        h = self.norm(x[:, 1:]).float()                            # (B, N, C)
+        with torch.autocast(h.device.type, enabled=False):         # fp32 logits: guidance amplifies rounding
+            return self.head(h), h                                 # (B, N, K), (B, N, C)
 
 
 # ----------------------------------------------------------------------------- training
@@ -151,7 +152,7 @@ def masked_token_loss(net: nn.Module, tokens: torch.Tensor, labels: torch.Tensor
 
 # ----------------------------------------------------------------------------- decoding
 
-def gumbel(shape: torch.Size, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+def gumbel(shape: tuple, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
     """Standard Gumbel noise -log(-log U)."""
     u = torch.rand(shape, device=device, generator=generator)
     e = -torch.log(u.clamp_min(1e-20))                # Exp(1), > 0
@@ -170,24 +171,34 @@ def decode_step(tokens: torch.Tensor, logits_c: torch.Tensor, logits_u: Optional
     tokens decoded earlier never change.
     """
     B, N = tokens.shape
-    l = logits_c.float()                                                     # (B, N, K)
-    if logits_u is not None:
-        l = l + w.view(B, 1, 1) * (l - logits_u.float())
+    K = logits_c.shape[-1]
+    # One uniform per position for the categorical draw and one Gumbel per position for the
+    # re-masking, drawn for all (B, N) whatever is masked: a sample's random numbers do not
+    # depend on the other samples or on earlier actions (common random numbers).
+    u = torch.rand(B, N, device=tokens.device, generator=generator)
+    g = gumbel((B, N), tokens.device, generator)
     is_masked = tokens == mask_id                                            # (B, N)
-    # Sample from softmax(l / tau1) by Gumbel-max: argmax(l / tau1 + g) = argmax(l + tau1 g),
-    # which stays exact (plain argmax) at tau1 = 0.
-    g = gumbel(l.shape, l.device, generator)
-    v_hat = torch.argmax(l + tau1.view(B, 1, 1) * g, dim=-1)                 # (B, N)
-    logp = torch.log_softmax(l, dim=-1).gather(-1, v_hat[..., None])[..., 0]  # (B, N), untempered
-    c = torch.where(is_masked, logp, torch.full_like(logp, math.inf))
-    c = c + tau2.view(B, 1) * gumbel(c.shape, c.device, generator)           # +inf stays +inf
+    b, n = is_masked.nonzero(as_tuple=True)                                  # the M masked positions
+    l = logits_c[b, n].float()                                               # (M, K), only where needed
+    if logits_u is not None:
+        l = l + w[b, None] * (l - logits_u[b, n].float())                    # guided logits
+    # Sample v ~ softmax(l / tau1) by inverting the CDF at u; tau1 = 0 is the argmax.
+    t1 = tau1.float()[b]                                                     # (M,)
+    cdf = torch.softmax(l / t1.clamp_min(1e-6)[:, None], dim=-1).cumsum(-1)  # (M, K)
+    v = (cdf < u[b, n, None]).sum(-1).clamp_max(K - 1)
+    v = torch.where(t1 > 0, v, l.argmax(-1))                                 # (M,)
+    logp = l.gather(-1, v[:, None])[:, 0] - torch.logsumexp(l, dim=-1)      # (M,), untempered
+    v_hat = tokens.clone()
+    v_hat[b, n] = v                                                          # (B, N)
+    c = torch.full((B, N), math.inf, device=tokens.device)                   # +inf: decoded earlier
+    c[b, n] = logp
+    c = c + tau2.view(B, 1) * g                                              # +inf stays +inf
     n_masked = is_masked.sum(dim=1)                                          # (B,)
-    n_keep_masked = torch.floor(N * m.float() + 1e-6).long()
+    n_keep_masked = torch.floor(N * m.float() + 1e-6).long()                # 1e-6: float32 cos(pi/3) < 0.5
     n_keep_masked = torch.minimum(n_keep_masked.clamp_min(0), (n_masked - 1).clamp_min(0))
     rank = c.argsort(dim=1).argsort(dim=1)                                   # 0 = least confident
     remask = rank < n_keep_masked[:, None]                                   # (B, N)
-    new = torch.where(is_masked, v_hat, tokens)
-    return new.masked_fill(remask, mask_id)
+    return v_hat.masked_fill(remask, mask_id)
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -69,7 +69,7 @@ class TrainConfig:
     feat_width: int = 32
     feat_dim: int = 128
     # --- nat: the generator
-    nat_steps: int = 2000
+    nat_steps: int = 1800
     nat_batch: int = 256
     nat_lr: float = 1e-3
     nat_warmup: int = 100

@@ -18,7 +18,6 @@ set stays held out. Results are cached per (row, T, seed, samples) in eval_cache
 an interrupted evaluation resumes.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,6 +34,9 @@ import train
 
 EVAL_SEEDS = (1, 2, 3)       # sampling seeds of the final table; the w_0 sweep uses seed 0
 W0_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
+# The hand-written schedules (nat.heuristic_table): MaskGIT's, and AdaNAT's whose w_0 is swept.
+MASKGIT = dict(tau2_0=4.5, w_0=0.0)
+ADANAT_TAU2_0 = 1.0
 
 
 class Pipeline:
@@ -42,18 +44,24 @@ class Pipeline:
 
     def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int = 500):
         self.run_dir, self.device, self.bf16, self.batch = run_dir, device, bf16, batch
-        with open(os.path.join(run_dir, "config.json")) as f:
-            self.config = json.load(f)
-        self.vq = train.load_vq(run_dir, device)
-        self.net = train.load_nat(run_dir, device, ema=True)
+        self.config = train.read_json(os.path.join(run_dir, "config.json"))
+        if not isinstance(self.config, dict):
+            raise train.UserError(f"{run_dir}/config.json is unreadable: re-run python train.py --run-dir {run_dir}")
+        self.vq = train.build_model(run_dir, "vq", device)
+        self.net = train.build_model(run_dir, "nat", device, weights="ema")
         self.cfg: nat.NATConfig = self.net.cfg
-        self.featnet = train.load_featnet(run_dir, device)
+        self.featnet = train.build_model(run_dir, "featnet", device)
+        if (self.cfg.vocab_size, self.cfg.num_tokens) != (self.vq.cfg.codebook_size, self.vq.num_tokens):
+            raise train.UserError(f"{run_dir}: nat.pt expects {self.cfg.vocab_size} codes x {self.cfg.num_tokens} tokens but "
+                                  f"vq.pt makes {self.vq.cfg.codebook_size} x {self.vq.num_tokens}; retrain the nat stage")
+        # identifies weights + numerics: cached results are reused only for the same fingerprint
+        self.fingerprint = f"{train.fingerprint(run_dir)}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
 
     def logits_fn(self, tokens: torch.Tensor, labels: torch.Tensor):
         with train.autocast(self.device, self.bf16):
             return self.net(tokens, labels)
 
-    def tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int,
+    def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int,
                progress: bool = False) -> torch.Tensor:
         """Generate tokens (n, N) for labels (n,) with the heuristic schedule (tau2_0, w_0)."""
         g = torch.Generator(self.device).manual_seed(seed)
@@ -66,7 +74,7 @@ class Pipeline:
         return torch.cat(out)
 
     @torch.no_grad()
-    def images(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Decode tokens (n, N) to float images (n, C, H, W) in [-1, 1] on the CPU."""
         return torch.cat([self.vq.detokenize(tokens[i:i + self.batch].to(self.device)).float().cpu()
                           for i in range(0, len(tokens), self.batch)])
@@ -90,77 +98,80 @@ def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 3) -> Non
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
-class Reference:
+class RealFeatures:
     """Feature-network features of real images: the 10 000 test images and 10 000 training images.
 
-    Cached in <run_dir>/fid_ref.pt, keyed by the feature network checkpoint's step and accuracy."""
+    Cached in <run_dir>/fid_ref.pt, keyed by the feature network's fingerprint."""
 
     def __init__(self, pipe: Pipeline):
         path = os.path.join(pipe.run_dir, "fid_ref.pt")
-        ck = torch.load(os.path.join(pipe.run_dir, "featnet.pt"), map_location="cpu", weights_only=True)
-        key = f"{ck['step']}-{ck.get('metrics', {}).get('test_acc')}"
-        cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
-        if cached is not None and cached.get("key") == key:
-            self.__dict__.update({k: v for k, v in cached.items() if k != "key"})
-            return
-        c = pipe.config
-        x_test, y_test, _ = data.load_dataset(c["data"], "test", c["img_size"], c["channels"], c["seed"])
-        x_train, y_train, _ = data.load_dataset(c["data"], "train", c["img_size"], c["channels"], c["seed"])
-        pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]
-        self.test_images = x_test                                          # uint8, for the reconstruction row
-        self.test_labels = y_test
-        self.test_feats, _ = fid.extract(pipe.featnet, data.to_float(x_test))
-        self.train_feats, train_logits = fid.extract(pipe.featnet, data.to_float(x_train[pick]))
-        self.train_acc = (train_logits.argmax(1) == y_train[pick]).float().mean().item()
+        key = train.fingerprint(pipe.run_dir, ("featnet",))
+        try:
+            cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
+        except Exception:
+            cached = None                                                  # unreadable cache: recompute
+        if cached is None or cached.get("key") != key:
+            c = pipe.config
+            x_test, y_test, _ = data.load_dataset(c["data"], "test", c["img_size"], c["channels"], c["seed"])
+            x_train, y_train, _ = data.load_dataset(c["data"], "train", c["img_size"], c["channels"], c["seed"])
+            pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]
+            test_feats, _ = fid.extract(pipe.featnet, data.to_float(x_test), device=pipe.device)
+            train_feats, train_logits = fid.extract(pipe.featnet, data.to_float(x_train[pick]), device=pipe.device)
+            cached = {"key": key, "test_images": x_test, "test_labels": y_test, "test_feats": test_feats,
+                      "train_feats": train_feats, "train_correct": train_logits.argmax(1) == y_train[pick]}
+            train.save_ckpt(path, cached)
+        self.test_images, self.test_labels = cached["test_images"], cached["test_labels"]   # uint8, long
+        self.test_feats, self.train_feats = cached["test_feats"], cached["train_feats"]     # (N, D)
+        self.train_correct = cached["train_correct"]                                        # (N,) bool
         self.test_mu, self.test_sigma = fid.statistics(self.test_feats)
         self.train_mu, self.train_sigma = fid.statistics(self.train_feats)
-        train.save_ckpt(path, {"key": key, **{k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
-                                             for k, v in self.__dict__.items()}})
-        self.test_mu, self.test_sigma, self.train_mu, self.train_sigma = (
-            np.asarray(v) for v in (self.test_mu, self.test_sigma, self.train_mu, self.train_sigma))
 
 
-def metrics(pipe: Pipeline, ref: Reference, images: torch.Tensor, labels: torch.Tensor) -> dict:
+def metrics(pipe: Pipeline, ref: RealFeatures, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """FID / precision / recall against the test images, and conditional accuracy."""
     feats, logits = fid.extract(pipe.featnet, images, device=pipe.device)
     P, R = fid.precision_recall(ref.test_feats, feats, k=3)
-    return {"fid": fid.fid_from_features(feats, np.asarray(ref.test_mu), np.asarray(ref.test_sigma)),
+    return {"fid": fid.fid_from_features(feats, ref.test_mu, ref.test_sigma),
             "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
 
 
-def sweep_w(pipe: Pipeline, ref: Reference, samples: int, T: int = 8) -> dict:
+def sweep_w(pipe: Pipeline, ref: RealFeatures, samples: int, T: int = 8) -> dict:
     """Pick w_0 of AdaNAT's heuristic (tau2_0 = 1, w = w_0 t/T) by FID against *training* statistics."""
     labels = balanced_labels(samples, pipe.cfg.num_classes)
     results = {}
     bar = tqdm(W0_GRID, desc=f"w_0 sweep (T={T}, {samples} samples)")
     for w_0 in bar:
-        feats, _ = fid.extract(pipe.featnet, pipe.images(pipe.tokens(labels, T, 1.0, w_0, seed=0)), device=pipe.device)
-        results[w_0] = fid.fid_from_features(feats, np.asarray(ref.train_mu), np.asarray(ref.train_sigma))
+        images = pipe.decode(pipe.generate_tokens(labels, T, ADANAT_TAU2_0, w_0, seed=0))
+        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
+        results[w_0] = fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
         bar.set_postfix(fid=f"{results[w_0]:.2f}")
     best = min(results, key=results.get)
-    out = {"T": T, "samples": samples, "tau2_0": 1.0, "train_fid": {str(k): v for k, v in results.items()}, "w_0": best}
-    with open(os.path.join(pipe.run_dir, "sweep_w.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    out = {"fingerprint": pipe.fingerprint, "T": T, "samples": samples, "tau2_0": ADANAT_TAU2_0,
+           "train_fid": {str(k): v for k, v in results.items()}, "w_0": best}
+    train.write_json(os.path.join(pipe.run_dir, "sweep_w.json"), out)
     print(f"w_0 sweep (FID vs training set, T={T}): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()) + f" -> w_0 = {best}")
     return out
 
 
-def get_w0(pipe: Pipeline, ref: Reference, samples: int) -> float:
-    path = os.path.join(pipe.run_dir, "sweep_w.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)["w_0"]
+def get_w0(pipe: Pipeline, ref: RealFeatures, samples: int) -> float:
+    """The swept w_0 of this run's weights, sweeping first when there is none (or it is stale)."""
+    saved = train.read_json(os.path.join(pipe.run_dir, "sweep_w.json"), {})
+    if saved.get("fingerprint") == pipe.fingerprint and saved.get("samples") == samples:
+        return saved["w_0"]
     return sweep_w(pipe, ref, samples)["w_0"]
 
 
 def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int) -> None:
     """The evaluation table (eval.json, eval.md), resuming from eval_cache.json."""
-    ref = Reference(pipe)
+    ref = RealFeatures(pipe)
     w_0 = get_w0(pipe, ref, sweep_samples)
-    rows = {"MaskGIT (cos m, tau2_0=4.5, no CFG)": (4.5, 0.0), f"AdaNAT heuristic (tau2_0=1, w_0={w_0:g})": (1.0, w_0)}
+    rows = {"MaskGIT (cos m, tau2_0=4.5, no CFG)": MASKGIT,
+            f"AdaNAT heuristic (tau2_0=1, w_0={w_0:g})": dict(tau2_0=ADANAT_TAU2_0, w_0=w_0)}
     cache_path = os.path.join(pipe.run_dir, "eval_cache.json")
-    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
-    n = min(samples, len(ref.test_feats))
+    cache = train.read_json(cache_path, {})
+    if cache.get("fingerprint") != pipe.fingerprint:
+        cache = {"fingerprint": pipe.fingerprint}                      # other weights or device: start over
+    n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = balanced_labels(samples, pipe.cfg.num_classes)
 
     # reference rows: real training images, and tokenizer reconstructions of the test images
@@ -169,31 +180,29 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     if key not in cache:
         P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3)
         cache[key] = {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
-                      "precision": P, "recall": R, "cond_acc": ref.train_acc}
+                      "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
     refs["real training images vs test"] = cache[key]
     key = f"ref|recon|{n}"
     if key not in cache:
         x = data.to_float(ref.test_images[:n])
-        recon = pipe.images(torch.cat([pipe.vq.tokenize(x[i:i + 500].to(pipe.device)).cpu() for i in range(0, n, 500)]))
+        recon = pipe.decode(torch.cat([pipe.vq.tokenize(x[i:i + 500].to(pipe.device)).cpu() for i in range(0, n, 500)]))
         cache[key] = metrics(pipe, ref, recon, ref.test_labels[:n])
     refs["tokenizer reconstructions of test vs test (floor)"] = cache[key]
+    train.write_json(cache_path, cache)
 
-    table = []
     jobs = [(name, T, s) for name in rows for T in steps for s in EVAL_SEEDS]
     bar = tqdm(jobs, desc="eval")
     for name, T, s in bar:
         key = f"{name}|T{T}|seed{s}|{samples}"
         if key not in cache:
-            tau2_0, w = rows[name]
             t0 = time.time()
-            tok = pipe.tokens(labels, T, tau2_0, w, seed=s)
+            tok = pipe.generate_tokens(labels, T, rows[name]["tau2_0"], rows[name]["w_0"], seed=s)
             secs = time.time() - t0
-            cache[key] = {**metrics(pipe, ref, pipe.images(tok), labels), "images_per_s": samples / secs}
-            with open(cache_path, "w") as f:
-                json.dump(cache, f, indent=1)
-        bar.set_postfix(row=name[:12], T=T, fid=f"{cache[key]['fid']:.2f}")
-    with open(cache_path, "w") as f:
-        json.dump(cache, f, indent=1)
+            cache[key] = {**metrics(pipe, ref, pipe.decode(tok), labels), "images_per_s": samples / secs}
+            train.write_json(cache_path, cache)
+        bar.set_postfix(T=T, fid=f"{cache[key]['fid']:.2f}")
+
+    table = []
     for name in rows:
         for T in steps:
             runs = [cache[f"{name}|T{T}|seed{s}|{samples}"] for s in EVAL_SEEDS]
@@ -202,12 +211,11 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
                 v = np.array([r[k] for r in runs])
                 row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
             table.append(row)
-    out = {"rows": table, "reference": refs, "w_0": w_0, "device": str(pipe.device),
-           "nat_params": sum(p.numel() for p in pipe.net.parameters())}
-    with open(os.path.join(pipe.run_dir, "eval.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    md = [f"Samples: {samples} per row, seeds {list(EVAL_SEEDS)}, FID/precision/recall against the {n} test images "
-          f"(feature network of this run). Device: {pipe.device}.", "",
+    train.write_json(os.path.join(pipe.run_dir, "eval.json"),
+                     {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint,
+                      "device": str(pipe.device), "nat_params": sum(p.numel() for p in pipe.net.parameters())})
+    md = [f"{samples} samples per row and seed, seeds {list(EVAL_SEEDS)}; FID, precision and recall against the "
+          f"{n} test images in this run's feature space; images/s on {pipe.device} (generation only).", "",
           "| schedule | T | FID | precision | recall | cond. acc. | images/s |", "|---|---|---|---|---|---|---|"]
     for name, r in refs.items():
         md.append(f"| {name} | – | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} | – |")
@@ -220,29 +228,26 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
 
 
 def grids(pipe: Pipeline, T: int, per_class: int = 10) -> None:
-    """One PNG per heuristic: a row per class."""
+    """One PNG per heuristic, a row per class: samples_maskgit_T{T}.png, samples_adanat_T{T}.png.
+
+    AdaNAT's w_0 comes from the sweep when it has run (sample.py --sweep-w), else 2."""
     K = pipe.cfg.num_classes
     labels = torch.arange(K).repeat_interleave(per_class)
-    w0_path = os.path.join(pipe.run_dir, "sweep_w.json")
-    w_0 = json.load(open(w0_path))["w_0"] if os.path.exists(w0_path) else 2.0
-    for name, (tau2_0, w) in {"maskgit": (4.5, 0.0), "adanat": (1.0, w_0)}.items():
+    saved = train.read_json(os.path.join(pipe.run_dir, "sweep_w.json"), {})
+    w_0 = saved["w_0"] if saved.get("fingerprint") == pipe.fingerprint else 2.0
+    for name, h in {"maskgit": MASKGIT, "adanat": dict(tau2_0=ADANAT_TAU2_0, w_0=w_0)}.items():
         path = os.path.join(pipe.run_dir, f"samples_{name}_T{T}.png")
-        save_grid(pipe.images(pipe.tokens(labels, T, tau2_0, w, seed=0)), path, nrow=per_class)
+        save_grid(pipe.decode(pipe.generate_tokens(labels, T, h["tau2_0"], h["w_0"], seed=0)), path, nrow=per_class)
         print("wrote", path)
 
 
-def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> None:
-    """images/s of `generate` (AdaNAT heuristic, with CFG) vs the same T bare forwards of 2B rows."""
-    w_0 = 2.0
+def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
+    """images/s of `generate` (AdaNAT's heuristic, w_0 = 2, with CFG) vs the same T bare forwards of 2B rows."""
     labels = balanced_labels(batch, pipe.cfg.num_classes).to(pipe.device)
-    sched = nat.heuristic_schedule(T, tau2_0=1.0, w_0=w_0)
+    sched = nat.heuristic_schedule(T, tau2_0=ADANAT_TAU2_0, w_0=2.0)
     g = torch.Generator(pipe.device).manual_seed(0)
     tokens = torch.randint(0, pipe.cfg.vocab_size, (2 * batch, pipe.cfg.num_tokens), device=pipe.device)
     y2 = torch.cat([labels, torch.full_like(labels, pipe.cfg.null_label)])
-
-    def sync():
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize()
 
     def run_generate():
         nat.generate(pipe.logits_fn, labels, T, sched, pipe.cfg.mask_id, pipe.cfg.num_tokens, pipe.cfg.null_label, g)
@@ -254,18 +259,20 @@ def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> None:
 
     res = {}
     for name, fn in (("generate", run_generate), ("bare forwards", run_forwards)):
-        fn()
-        sync()
-        best = float("inf")
-        for _ in range(repeats):
+        times = []
+        for _ in range(repeats + 1):                                   # the first run warms up
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize()
             t0 = time.time()
             fn()
-            sync()
-            best = min(best, time.time() - t0)
-        res[name] = batch / best
-    overhead = res["bare forwards"] / res["generate"] - 1
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.time() - t0)
+        res[name] = batch / min(times[1:])
+    res["overhead"] = res["bare forwards"] / res["generate"] - 1
     print(f"bench ({pipe.device}, batch {batch}, T={T}, CFG): generate {res['generate']:.1f} images/s, "
-          f"bare forwards {res['bare forwards']:.1f} images/s, decoding overhead {100 * overhead:.1f}%")
+          f"bare forwards {res['bare forwards']:.1f} images/s, decoding overhead {100 * res['overhead']:.1f}%")
+    return res
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,21 +284,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bench", action="store_true", help="images/s of generate vs bare forwards")
     p.add_argument("--samples", type=int, default=10000, help="samples per row and seed")
     p.add_argument("--sweep-samples", type=int, default=2000, help="samples per w_0 candidate")
-    p.add_argument("--steps", default="4,8,16", help="comma-separated T values for --eval")
-    p.add_argument("--grid-steps", type=int, default=8)
-    p.add_argument("--batch", type=int, default=None, help="generation batch (bench default: 256 CPU, 1024 GPU)")
+    p.add_argument("--decode-steps", default="4,8,16", help="comma-separated T values for --eval")
+    p.add_argument("--grid-steps", type=int, default=8, help="T of the grids")
+    p.add_argument("--batch", type=int, default=None, help="generation batch (default 500; bench: 256 CPU, 1024 GPU)")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
     args = p.parse_args(argv)
     try:
-        if args.samples <= 0 or args.sweep_samples <= 0:
-            raise train.UserError("--samples and --sweep-samples must be positive")
+        if args.samples < 10 or args.sweep_samples < 10:
+            raise train.UserError("--samples and --sweep-samples must be at least 10 (k-NN precision/recall needs k < n)")
+        if args.batch is not None and args.batch <= 0:
+            raise train.UserError(f"--batch {args.batch}: must be positive")
         try:
-            steps = [int(s) for s in args.steps.split(",")]
+            steps = [int(s) for s in args.decode_steps.split(",")]
         except ValueError:
-            raise train.UserError(f"--steps {args.steps!r}: expected comma-separated integers like 4,8,16") from None
+            raise train.UserError(f"--decode-steps {args.decode_steps!r}: expected integers like 4,8,16") from None
         if any(T <= 0 for T in steps) or args.grid_steps <= 0:
-            raise train.UserError("step counts must be positive")
-        if not os.path.isdir(args.run_dir) or not os.path.exists(os.path.join(args.run_dir, "config.json")):
+            raise train.UserError("decoding step counts must be positive")
+        if not os.path.exists(os.path.join(args.run_dir, "config.json")):
             raise train.UserError(f"{args.run_dir} is not a run folder (no config.json): train first with "
                                   f"python train.py --run-dir {args.run_dir}")
         device = train.pick_device(args.device)
@@ -300,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.bench:
             bench(pipe, args.batch or (1024 if device.type == "cuda" else 256))
         if args.sweep_w:
-            sweep_w(pipe, Reference(pipe), args.sweep_samples)
+            sweep_w(pipe, RealFeatures(pipe), args.sweep_samples)
         if args.eval:
             evaluate(pipe, args.samples, steps, args.sweep_samples)
         if not (args.bench or args.eval or args.sweep_w):
@@ -308,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     except (train.UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished evaluation rows are kept in eval_cache.json", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

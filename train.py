@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -164,32 +164,59 @@ def feat_config(c: TrainConfig, num_classes: int) -> fid.FeatureNetConfig:
                                 feat_dim=c.feat_dim, img_size=c.img_size)
 
 
-def nat_config(c: TrainConfig, num_classes: int, num_tokens: int) -> nat.NATConfig:
-    return nat.NATConfig(vocab_size=c.codebook_size, num_tokens=num_tokens, num_classes=num_classes,
+def nat_config(c: TrainConfig, num_classes: int, num_tokens: int, vocab_size: int) -> nat.NATConfig:
+    return nat.NATConfig(vocab_size=vocab_size, num_tokens=num_tokens, num_classes=num_classes,
                          dim=c.nat_dim, depth=c.nat_depth, heads=c.nat_heads, dropout=c.nat_dropout,
                          mask_dist=c.mask_dist, alpha=c.mask_alpha, beta=c.mask_beta)
 
 
-def load_vq(run_dir: str, device: torch.device) -> vqgan.VQModel:
-    ck = load_ckpt(os.path.join(run_dir, "vq.pt"))
+def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "model") -> torch.nn.Module:
+    """Rebuild a finished stage's model from its checkpoint alone (config + weights), in eval mode.
+
+    stage: "vq", "featnet" or "nat"; weights: "model" or "ema" (the NAT's EMA weights)."""
+    path = os.path.join(run_dir, f"{stage}.pt")
+    ck = load_ckpt(path)
+    if not ck.get("done"):
+        raise UserError(f"{path} is unfinished (step {ck.get('step')}): finish it with python train.py --run-dir {run_dir}")
     cfg = ck["config"]
-    model = vqgan.VQModel(vqgan.VQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])}))
-    model.load_state_dict(ck["model"])
+    try:
+        if stage == "vq":
+            model = vqgan.VQModel(vqgan.VQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])}))
+        elif stage == "featnet":
+            model = fid.FeatureNet(fid.FeatureNetConfig(**cfg))
+        else:
+            model = nat.NAT(nat.NATConfig(**cfg))
+        model.load_state_dict(ck[weights])
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise UserError(f"{path} does not match this code's {stage} model ({type(e).__name__}: {str(e)[:120]}); "
+                        f"delete it to retrain that stage") from None
     return model.to(device).eval()
 
 
-def load_featnet(run_dir: str, device: torch.device) -> fid.FeatureNet:
-    ck = load_ckpt(os.path.join(run_dir, "featnet.pt"))
-    model = fid.FeatureNet(fid.FeatureNetConfig(**ck["config"]))
-    model.load_state_dict(ck["model"])
-    return model.to(device).eval()
+def fingerprint(run_dir: str, stages: tuple = ("vq", "featnet", "nat")) -> str:
+    """Identifies the trained models of a run folder (step and training time of each checkpoint),
+    so that cached evaluation results are never reused for other weights."""
+    parts = []
+    for s in stages:
+        ck = load_ckpt(os.path.join(run_dir, f"{s}.pt"))
+        parts.append(f"{s}:{ck.get('step')}:{round(ck.get('train_seconds', 0.0), 1)}")
+    return "|".join(parts)
 
 
-def load_nat(run_dir: str, device: torch.device, ema: bool = True) -> nat.NAT:
-    ck = load_ckpt(os.path.join(run_dir, "nat.pt"))
-    model = nat.NAT(nat.NATConfig(**ck["config"]))
-    model.load_state_dict(ck["ema"] if ema else ck["model"])
-    return model.to(device).eval()
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write (temp file + os.replace): an interrupt never leaves a truncated file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path: str, default=None):
+    """JSON from path, or `default` when the file is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
 
 
 class Logger:
@@ -383,10 +410,10 @@ def tokenize_dataset(vq: vqgan.VQModel, x: torch.Tensor, device: torch.device) -
 def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
     """Train the NAT on tokens with the masked-token loss; keep an EMA of the weights."""
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    vq = load_vq(run_dir, device)
+    vq = build_model(run_dir, "vq", device)
     tokens = tokenize_dataset(vq, x_train, device)                           # (2 M, N)
     labels = torch.cat([torch.cat([y_train[i:i + 1000], y_train[i:i + 1000]]) for i in range(0, len(y_train), 1000)])
-    cfg = nat_config(c, num_classes, tokens.shape[1])
+    cfg = nat_config(c, num_classes, tokens.shape[1], vq.cfg.codebook_size)
     model = nat.NAT(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay, no_decay = [], []

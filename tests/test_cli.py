@@ -65,7 +65,7 @@ def test_sample_grid_eval_bench(run_dir):
     r = run("sample.py", "--run-dir", run_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.exists(os.path.join(run_dir, "samples_adanat_T8.png"))
-    r = run("sample.py", "--run-dir", run_dir, "--eval", "--samples", "60", "--sweep-samples", "30", "--steps", "2,4")
+    r = run("sample.py", "--run-dir", run_dir, "--eval", "--samples", "60", "--sweep-samples", "30", "--decode-steps", "2,4")
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.load(open(os.path.join(run_dir, "eval.json")))
     assert len(ev["rows"]) == 4 and all(r["fid"] >= 0 for r in ev["rows"])

@@ -66,12 +66,11 @@ IDX_MAGIC = {1: 0x0801, 3: 0x0803}  # ndim -> magic number of an unsigned-byte i
 def _options(reason: str = "") -> str:
     """The one message that lists every way to provide Fashion-MNIST."""
     files = ", ".join(FASHION_MD5)
-    msg = ("Fashion-MNIST not found. Provide it in one of these ways:\n"
-           f"  --data DIR    a folder with the four idx files ({files})\n"
-           "  ./data        put the four files there\n"
-           "  apt-get install dataset-fashion-mnist   (installs them in /usr/share/datasets/fashion-mnist)\n"
-           f"  network access, to download them from {FASHION_URL} into ./data")
-    return msg + (f"\n({reason})" if reason else "")
+    msg = (f"Fashion-MNIST not found{f' ({reason})' if reason else ''}. Provide it in one of these ways: "
+           f"--data DIR with the four idx files ({files}); put them in ./data; "
+           "apt-get install dataset-fashion-mnist (puts them in /usr/share/datasets/fashion-mnist); "
+           f"or allow network access to download them from {FASHION_URL} into ./data")
+    return msg
 
 
 def _find_file(folder: Path, name: str) -> Path | None:
@@ -289,7 +288,7 @@ def load_dataset(data: str | None, split: str, size: int = 32, channels: int = 1
         return _adapt(x, size, channels), y, 10
     path = Path(data)
     if not path.exists():
-        raise DataError(f"--data {data}: no such file or folder.")
+        raise DataError(_options(f"--data {data}: no such file or folder"))
     if not path.is_dir() or not any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir()):
         raise DataError(f"--data {data}: expected a folder holding the Fashion-MNIST idx files "
                         f"({', '.join(FASHION_MD5)}) or one subfolder of images per class.")

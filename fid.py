@@ -54,7 +54,7 @@ def _sqrtm(A: np.ndarray) -> tuple[np.ndarray, bool]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
             X = scipy.linalg.sqrtm(A)
-        singular = any("singular" in str(w.message).lower() for w in caught)
+        singular = any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught)  # singular or ill-conditioned
     else:
         X, _ = scipy.linalg.sqrtm(A, disp=False)
         singular = False

@@ -59,6 +59,7 @@ class TrainConfig:
     vq_n_res: int = 1
     codebook_size: int = 256
     code_dim: int = 32
+    vq_warmup: int = 100
     vq_restart_every: int = 100      # dead-code restart period (steps); off in the last 20% of training
     gan_weight: float = 0.0          # hinge patch-GAN generator weight (0: off)
     gan_start: int = 0               # steps of plain reconstruction before the GAN starts
@@ -66,6 +67,7 @@ class TrainConfig:
     feat_steps: int = 1500
     feat_batch: int = 128
     feat_lr: float = 2e-3
+    feat_warmup: int = 50
     feat_width: int = 32
     feat_dim: int = 128
     # --- nat: the generator
@@ -86,7 +88,7 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     # seconds on a CPU, synthetic data: for CI and the end-to-end test
-    "test": dict(data="synthetic", vq_steps=30, vq_batch=32, vq_ch=8, codebook_size=32, code_dim=8,
+    "test": dict(data="synthetic", vq_steps=30, vq_warmup=5, feat_warmup=5, vq_batch=32, vq_ch=8, codebook_size=32, code_dim=8,
                  vq_restart_every=10, feat_steps=30, feat_batch=32, feat_width=8, feat_dim=16,
                  nat_steps=30, nat_batch=32, nat_dim=32, nat_depth=1, nat_heads=2, nat_warmup=5,
                  log_every=10, ema_decay=0.9),
@@ -111,6 +113,8 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
+    if name.startswith("cuda:") and name[5:].isdigit() and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     try:
         return torch.device(name)
     except RuntimeError as e:
@@ -244,18 +248,20 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def train_loop(name: str, ck_path: str, state: dict, step_fn, total: int, c: TrainConfig, log: Logger) -> dict:
-    """The loop shared by all stages: tqdm, log.jsonl, periodic/Ctrl-C checkpoints, resume.
+def train_loop(name: str, ck_path: str, state: dict, modules: dict, step_fn, total: int, c: TrainConfig,
+               log: Logger) -> dict:
+    """The loop every stage shares: tqdm bar, log.jsonl, checkpoints (periodic, final, on Ctrl-C).
 
-    state: the checkpoint dict (with "step"); step_fn(step) -> dict of floats updates the
-    models in place; `state_fn` is not needed because the dict holds live state_dict views
-    refreshed by `state["refresh"]()` before every save.
+    state: the checkpoint dict, state["step"] = steps done (the loop resumes there);
+    modules: name -> module or optimizer, saved as state[name] = its state_dict();
+    step_fn(step) -> dict of floats trains one step in place.
     """
-    refresh = state.pop("refresh")
-    step0 = state["step"]
-    last_save = time.time()
-    t0 = time.time()
-    bar = tqdm(range(step0, total), initial=step0, total=total, desc=name, dynamic_ncols=True)
+    def snapshot() -> dict:
+        state.update({k: m.state_dict() for k, m in modules.items()}, rng=torch.get_rng_state())
+        return state
+
+    last_save, t0 = time.time(), time.time()
+    bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc=name, dynamic_ncols=True)
     try:
         for step in bar:
             metrics = step_fn(step)
@@ -264,16 +270,18 @@ def train_loop(name: str, ck_path: str, state: dict, step_fn, total: int, c: Tra
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
                 log(stage=name, step=step + 1, **{k: round(float(v), 6) for k, v in metrics.items()})
             if time.time() - last_save > c.ckpt_every_s:
-                save_ckpt(ck_path, refresh(state))
+                save_ckpt(ck_path, snapshot())
                 last_save = time.time()
     except KeyboardInterrupt:
         bar.close()
-        save_ckpt(ck_path, refresh(state))
+        state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - t0
+        save_ckpt(ck_path, snapshot())
         print(f"\ninterrupted: {name} saved at step {state['step']} in {ck_path}; re-run the same command to resume")
         sys.exit(130)
     bar.close()
     state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - t0
-    return refresh(state)
+    save_ckpt(ck_path, snapshot())                     # trained weights are safe before the final evaluation
+    return state
 
 
 def resume(ck_path: str, model_cfg: dict, modules: dict) -> dict:
@@ -308,7 +316,7 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
 
     def step_fn(step: int) -> dict:
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, c.vq_steps, c.vq_lr, 100)
+            grp["lr"] = lr_at(step, c.vq_steps, c.vq_lr, c.vq_warmup)
         x = augment(data.to_float(next(it)[0]).to(device), g)          # (B, C, H, W)
         x_rec, codes, vq_loss, z_e = model(x)
         rec = (x_rec - x).abs().mean() + F.mse_loss(x_rec, x)
@@ -331,12 +339,7 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
             out["restarted"] = model.vq.restart_dead_codes(z_e.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim))
         return out
 
-    def refresh(s: dict) -> dict:
-        s.update({k: m.state_dict() for k, m in modules.items()}, rng=torch.get_rng_state())
-        return s
-
-    state["refresh"] = refresh
-    state = train_loop("vq", path, state, step_fn, c.vq_steps, c, log)
+    state = train_loop("vq", path, state, modules, step_fn, c.vq_steps, c, log)
     # report on the held-out test set: reconstruction MSE, codebook usage, perplexity
     model.eval()
     codes, mse = [], 0.0
@@ -369,7 +372,7 @@ def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: Logge
 
     def step_fn(step: int) -> dict:
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, c.feat_steps, c.feat_lr, 50)
+            grp["lr"] = lr_at(step, c.feat_steps, c.feat_lr, c.feat_warmup)
         xb, yb = next(it)
         x = augment(data.to_float(xb).to(device), g)
         dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()       # random shift by up to 2 pixels
@@ -382,12 +385,7 @@ def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: Logge
         opt.step()
         return {"loss": loss.item(), "acc": (logits.argmax(1).cpu() == yb).float().mean().item()}
 
-    def refresh(s: dict) -> dict:
-        s.update({k: m.state_dict() for k, m in modules.items()}, rng=torch.get_rng_state())
-        return s
-
-    state["refresh"] = refresh
-    state = train_loop("featnet", path, state, step_fn, c.feat_steps, c, log)
+    state = train_loop("featnet", path, state, modules, step_fn, c.feat_steps, c, log)
     _, logits = fid.extract(model, data.to_float(x_test), device=device)
     acc = (logits.argmax(1) == y_test).float().mean().item()
     state["metrics"] = {"test_acc": acc}
@@ -398,21 +396,21 @@ def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: Logge
 
 
 @torch.no_grad()
-def tokenize_dataset(vq: vqgan.VQModel, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(M, N) tokens of the images and of their mirror images (flip augmentation, M = 2 len(x))."""
-    out = []
+def tokenize_dataset(vq: vqgan.VQModel, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """Tokens (2M, N) of the M images and of their mirror images (flip augmentation), labels (2M,)."""
+    out = {False: [], True: []}
     for i in tqdm(range(0, len(x), 1000), desc="tokenize", leave=False):
         xb = data.to_float(x[i:i + 1000]).to(device)
-        out += [vq.tokenize(xb).cpu(), vq.tokenize(xb.flip(-1)).cpu()]
-    return torch.cat(out)
+        for flip in (False, True):
+            out[flip].append(vq.tokenize(xb.flip(-1) if flip else xb).cpu())
+    return torch.cat(out[False] + out[True]), y.repeat(2)
 
 
 def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
     """Train the NAT on tokens with the masked-token loss; keep an EMA of the weights."""
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
     vq = build_model(run_dir, "vq", device)
-    tokens = tokenize_dataset(vq, x_train, device)                           # (2 M, N)
-    labels = torch.cat([torch.cat([y_train[i:i + 1000], y_train[i:i + 1000]]) for i in range(0, len(y_train), 1000)])
+    tokens, labels = tokenize_dataset(vq, x_train, y_train, device)         # (2M, N), (2M,)
     cfg = nat_config(c, num_classes, tokens.shape[1], vq.cfg.codebook_size)
     model = nat.NAT(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -445,12 +443,7 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -
                 pe.lerp_(p, 1 - d)
         return {"loss": loss.item(), "lr": lr, "grad_norm": gn.item()}
 
-    def refresh(s: dict) -> dict:
-        s.update({k: m.state_dict() for k, m in modules.items()}, rng=torch.get_rng_state())
-        return s
-
-    state["refresh"] = refresh
-    state = train_loop("nat", path, state, step_fn, c.nat_steps, c, log)
+    state = train_loop("nat", path, state, modules, step_fn, c.nat_steps, c, log)
     state["done"] = True
     save_ckpt(path, state)
     print(f"nat: done, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -479,17 +472,24 @@ def parse_value(field_type, text: str):
 
 
 def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
-    """Preset + flags, checked against the run folder's config.json when it exists."""
-    run_dir = args.run_dir
-    saved = None
-    if run_dir and os.path.exists(os.path.join(run_dir, "config.json")):
-        with open(os.path.join(run_dir, "config.json")) as f:
-            saved = json.load(f)
-    preset = args.preset or (saved["preset"] if saved else "small")
+    """The run folder's config.json (else the preset), with the flags applied on top.
+
+    Once a stage has written a checkpoint, the config may no longer change: a run folder is
+    one experiment. Before that (e.g. after a wrong --data) anything may be fixed."""
+    run_dir = args.run_dir or os.path.join("runs", args.preset or "small")
+    config_path = os.path.join(run_dir, "config.json")
+    saved = read_json(config_path) if os.path.exists(config_path) else None
+    if os.path.exists(config_path) and not isinstance(saved, dict):
+        raise UserError(f"{config_path} is unreadable; delete it (and the run folder's checkpoints) to start over")
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    preset = args.preset or (saved or {}).get("preset", "small")
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    c = TrainConfig(**{**PRESETS[preset], "preset": preset})
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    if saved is not None and saved.get("preset") == preset:
+        c = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+        c.vq_ch_mult = tuple(c.vq_ch_mult)
+    else:
+        c = TrainConfig(**{**PRESETS[preset], "preset": preset})
     for item in args.set or []:
         key, _, value = item.partition("=")
         if key not in fields or key == "preset":
@@ -512,12 +512,12 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
             raise UserError(f"{name} = {getattr(c, name)}: must be positive")
     if c.mask_dist not in ("cosine", "beta"):
         raise UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
-    run_dir = run_dir or os.path.join("runs", preset)
-    if saved is not None:
+    trained = [s for s in STAGES if os.path.exists(os.path.join(run_dir, f"{s}.pt"))]
+    if saved is not None and trained:
         now = to_plain(c)
         diff = sorted(k for k in now if k not in ("ckpt_every_s", "log_every") and saved.get(k) != now[k])
         if diff:
-            raise UserError(f"{run_dir} was made with another config (differs in {', '.join(diff)}); "
+            raise UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "
                             f"use another --run-dir, or the same flags as before")
     return c, run_dir
 
@@ -539,8 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         c, run_dir = build_config(args)
         device = pick_device(args.device)
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(to_plain(c), f, indent=1)
+        write_json(os.path.join(run_dir, "config.json"), to_plain(c))
         torch.manual_seed(c.seed)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -84,8 +84,8 @@ def test_bad_input_one_line_errors(run_dir, tmp_path):
     _fails(run("train.py", "--preset", "nope", "--run-dir", str(tmp_path / "a")), "unknown preset")
     _fails(run("train.py", "--stage", "nope", "--run-dir", str(tmp_path / "a")), "unknown stage")
     _fails(run("train.py", "--preset", "test", "--steps", "0", "--run-dir", str(tmp_path / "a")), "--steps 0")
-    _fails(run("train.py", "--preset", "test", "--data", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "b")),
-           "missing")
+    _fails(run("train.py", "--preset", "test", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "b")),
+           "no such file or folder")
     _fails(run("sample.py", "--run-dir", str(tmp_path / "nothing")), "not a run folder")
     # another config in the same run folder
     _fails(run("train.py", "--preset", "test", "--set", "nat_dim=64", "--run-dir", run_dir), "another config")

@@ -33,7 +33,7 @@ import nat
 import train
 
 EVAL_SEEDS = (1, 2, 3)       # sampling seeds of the final table; the w_0 sweep uses seed 0
-W0_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
+W0_GRID = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
 # The hand-written schedules (nat.heuristic_table): MaskGIT's, and AdaNAT's whose w_0 is swept.
 MASKGIT = dict(tau2_0=4.5, w_0=0.0)
 ADANAT_TAU2_0 = 1.0
@@ -146,7 +146,9 @@ def sweep_w(pipe: Pipeline, ref: RealFeatures, samples: int, T: int = 8) -> dict
         results[w_0] = fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
         bar.set_postfix(fid=f"{results[w_0]:.2f}")
     best = min(results, key=results.get)
-    out = {"fingerprint": pipe.fingerprint, "T": T, "samples": samples, "tau2_0": ADANAT_TAU2_0,
+    if best == max(W0_GRID):
+        print(f"warning: the best w_0 is the largest of the grid {W0_GRID}; extend W0_GRID in sample.py")
+    out = {"fingerprint": pipe.fingerprint, "T": T, "samples": samples, "grid": list(W0_GRID), "tau2_0": ADANAT_TAU2_0,
            "train_fid": {str(k): v for k, v in results.items()}, "w_0": best}
     train.write_json(os.path.join(pipe.run_dir, "sweep_w.json"), out)
     print(f"w_0 sweep (FID vs training set, T={T}): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()) + f" -> w_0 = {best}")
@@ -156,7 +158,7 @@ def sweep_w(pipe: Pipeline, ref: RealFeatures, samples: int, T: int = 8) -> dict
 def get_w0(pipe: Pipeline, ref: RealFeatures, samples: int) -> float:
     """The swept w_0 of this run's weights, sweeping first when there is none (or it is stale)."""
     saved = train.read_json(os.path.join(pipe.run_dir, "sweep_w.json"), {})
-    if saved.get("fingerprint") == pipe.fingerprint and saved.get("samples") == samples:
+    if (saved.get("fingerprint"), saved.get("samples"), saved.get("grid")) == (pipe.fingerprint, samples, list(W0_GRID)):
         return saved["w_0"]
     return sweep_w(pipe, ref, samples)["w_0"]
 

@@ -249,8 +249,8 @@ Schedule = Callable[[int, NATState], tuple[torch.Tensor, torch.Tensor, torch.Ten
 def table_schedule(table: torch.Tensor) -> Schedule:
     """A static schedule from a (T, 4) table of [m, tau1, tau2, w], shared by all samples."""
     def schedule(t: int, state: NATState):
-        B = state.tokens.shape[0]
-        return tuple(table[t, j].to(state.tokens.device).float().expand(B) for j in range(4))
+        row = table[t].to(state.tokens.device, torch.float32)               # (4,), one copy per step
+        return tuple(row[j].expand(state.tokens.shape[0]) for j in range(4))
     return schedule
 
 

@@ -61,17 +61,21 @@ class Pipeline:
         with train.autocast(self.device, self.bf16):
             return self.net(tokens, labels)
 
-    def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int,
-               progress: bool = False) -> torch.Tensor:
-        """Generate tokens (n, N) for labels (n,) with the heuristic schedule (tau2_0, w_0)."""
+    def generate(self, labels: torch.Tensor, T: int, schedule: nat.Schedule, seed: int, guided: bool = True,
+                 progress: bool = False) -> torch.Tensor:
+        """Generate tokens (n, N) for labels (n,) in batches, with any schedule (a heuristic
+        table, a policy); guided=False skips the null-class forward (the schedule's w is ignored)."""
         g = torch.Generator(self.device).manual_seed(seed)
-        sched = nat.heuristic_schedule(T, tau2_0=tau2_0, w_0=w_0)
-        null = self.cfg.null_label if w_0 != 0 else None      # no guidance: skip the null-class forward
+        null = self.cfg.null_label if guided else None
         out = []
-        for i in tqdm(range(0, len(labels), self.batch), desc=f"T={T} w0={w_0}", leave=False, disable=not progress):
+        for i in tqdm(range(0, len(labels), self.batch), desc=f"T={T}", leave=False, disable=not progress):
             y = labels[i:i + self.batch].to(self.device)
-            out.append(nat.generate(self.logits_fn, y, T, sched, self.cfg.mask_id, self.cfg.num_tokens, null, g).cpu())
+            out.append(nat.generate(self.logits_fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g).cpu())
         return torch.cat(out)
+
+    def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int) -> torch.Tensor:
+        """Generate tokens (n, N) for labels (n,) with the heuristic schedule (tau2_0, w_0)."""
+        return self.generate(labels, T, nat.heuristic_schedule(T, tau2_0=tau2_0, w_0=w_0), seed, guided=w_0 != 0)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -96,6 +100,62 @@ def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 3) -> Non
     arr = canvas.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0] if C == 1 else arr)
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def plot_panels(path: str, panels: list[dict], title: str = "", size: tuple = (300, 200)) -> None:
+    """Line plots drawn with Pillow, one panel each, side by side.
+
+    panel = {"title": str, "series": [{"x": [...], "y": [...], "color": (r, g, b),
+             "dashed": bool, "band": (lo list, hi list) or None, "label": str}]}"""
+    from PIL import ImageDraw
+    W, H = size
+    ml, mr, mt, mb = 46, 10, 22, 22                                       # margins: left, right, top, bottom
+    img = Image.new("RGB", (W * len(panels), H + (18 if title else 0)), "white")
+    d = ImageDraw.Draw(img)
+    if title:
+        d.text((6, 2), title, fill="black")
+    for p_i, panel in enumerate(panels):
+        ox, oy = p_i * W, 18 if title else 0
+        xs = [x for s in panel["series"] for x in s["x"]]
+        ys = [y for s in panel["series"] for y in s["y"] if y == y]
+        ys += [v for s in panel["series"] if s.get("band") for part in s["band"] for v in part]
+        if not xs or not ys:
+            continue
+        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        y0, y1 = min(ys), max(ys)
+        pad = (y1 - y0) * 0.05 or abs(y0) * 0.05 or 1.0
+        y0, y1 = y0 - pad, y1 + pad
+        px = lambda x: ox + ml + (x - x0) / (x1 - x0) * (W - ml - mr)
+        py = lambda y: oy + mt + (y1 - y) / (y1 - y0) * (H - mt - mb)
+        d.rectangle([ox + ml, oy + mt, ox + W - mr, oy + H - mb], outline=(160, 160, 160))
+        d.text((ox + ml, oy + 6), panel["title"], fill="black")
+        d.text((ox + 2, oy + mt - 4), f"{y1:.3g}", fill=(90, 90, 90))
+        d.text((ox + 2, oy + H - mb - 8), f"{y0:.3g}", fill=(90, 90, 90))
+        d.text((ox + ml, oy + H - mb + 4), f"{x0:g}", fill=(90, 90, 90))
+        d.text((ox + W - mr - 24, oy + H - mb + 4), f"{x1:g}", fill=(90, 90, 90))
+        for s in panel["series"]:
+            if s.get("band"):
+                lo, hi = s["band"]
+                poly = [(px(x), py(v)) for x, v in zip(s["x"], hi)] + [(px(x), py(v)) for x, v in reversed(list(zip(s["x"], lo)))]
+                d.polygon(poly, fill=tuple(int(255 - (255 - c) * 0.25) for c in s["color"]))
+            pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if y == y]
+            for k, (a, b) in enumerate(zip(pts, pts[1:])):
+                if not s.get("dashed") or k % 2 == 0:
+                    d.line([a, b], fill=s["color"], width=2)
+            if len(pts) == 1 or s.get("dashed"):
+                for x, y in pts:
+                    d.ellipse([x - 2, y - 2, x + 2, y + 2], outline=s["color"])
+    img.save(path)
+
+
+def plot_training(history: list[dict], path: str, name: str) -> None:
+    """The policy stage's curve: reward, D accuracy, training-set FID and approx_kl per iteration."""
+    panels = []
+    for key, color in (("reward", (200, 60, 30)), ("d_acc", (30, 90, 200)), ("train_fid", (20, 140, 60)),
+                       ("approx_kl", (120, 60, 160))):
+        pts = [(r["iter"], r[key]) for r in history if key in r]
+        panels.append({"title": key, "series": [{"x": [p[0] for p in pts], "y": [p[1] for p in pts], "color": color}]})
+    plot_panels(path, panels, title=f"{name}: per PPO iteration (train_fid vs training-set statistics)")
 
 
 class RealFeatures:

@@ -35,6 +35,9 @@ from tqdm import tqdm
 import data
 import fid
 import nat
+import policy
+import ppo
+import reward
 import vqgan
 
 
@@ -84,6 +87,31 @@ class TrainConfig:
     mask_alpha: float = 1.0
     mask_beta: float = 1.0
     ema_decay: float = 0.995         # EMA of the NAT weights used for sampling
+    # --- policy / static / smooth: generation policies trained by PPO (keys pi_*; each policy
+    # checkpoint carries its own copy, so these may change after the generator is trained)
+    pi_T: tuple = (4, 8)             # decoding step counts to train a policy for (one checkpoint each)
+    pi_iters: int = 50               # PPO iterations per policy (each: rollouts, PPO epochs, D steps)
+    pi_batch: int = 256              # trajectories per iteration
+    pi_lr: float = 1e-4              # Adam lr of the adaptive policy and its critic (AdaNAT: 1e-5 at 4096 traj.)
+    pi_static_lr: float = 3e-3       # Adam lr of the static table and its per-step values
+    pi_epochs: int = 5               # PPO epochs per iteration (K)
+    pi_minibatches: int = 4          # minibatches per epoch
+    pi_target_kl: float = 0.03       # stop the epochs of an iteration once approx_kl passes this
+    pi_clip: float = 0.2
+    pi_vf_coef: float = 0.5
+    pi_ent_coef: float = 0.01
+    pi_sigma0: float = 0.6           # exploration std in pre-activation space, linearly annealed ...
+    pi_sigma1: float = 0.3           # ... to this at the last iteration
+    pi_beta_ema: float = 0.5         # action smoothing of the `smooth` stage (AdaGen Eq. 12)
+    pi_width: int = 128              # adaptive policy: features -> width, conv, -> hidden
+    pi_hidden: int = 256
+    pi_d_lr: float = 1e-4            # discriminator: Adam(lr, betas (0.5, 0.999))
+    pi_d_steps: int = 4              # D steps per iteration, on the iteration's own rollouts
+    pi_d_warmup: int = 5             # first iterations train D only (the reward must mean something)
+    pi_d_real: str = "recon"         # reals for D: "recon" (tokenizer reconstructions) or "raw" images
+    pi_fid_every: int = 10           # iterations between FID checks (training-set statistics; best kept)
+    pi_fid_samples: int = 1000       # samples per FID check
+    pi_sweep_samples: int = 2000     # samples per w_0 candidate of the heuristic the residual starts from
 
 
 PRESETS: dict[str, dict] = {
@@ -91,7 +119,8 @@ PRESETS: dict[str, dict] = {
     "test": dict(data="synthetic", vq_steps=30, vq_warmup=5, feat_warmup=5, vq_batch=32, vq_ch=8, codebook_size=32, code_dim=8,
                  vq_restart_every=10, feat_steps=30, feat_batch=32, feat_width=8, feat_dim=16,
                  nat_steps=30, nat_batch=32, nat_dim=32, nat_depth=1, nat_heads=2, nat_warmup=5,
-                 log_every=10, ema_decay=0.9),
+                 log_every=10, ema_decay=0.9, pi_T=(4,), pi_iters=4, pi_batch=16, pi_width=16, pi_hidden=16,
+                 pi_d_warmup=1, pi_d_steps=1, pi_fid_every=2, pi_fid_samples=40, pi_sweep_samples=20),
     # the default: fits in ~40 minutes on 2 CPU cores
     "small": dict(),
     # one GPU, a few minutes to an hour
@@ -99,7 +128,7 @@ PRESETS: dict[str, dict] = {
                  feat_steps=4000, feat_width=48, nat_steps=30000, nat_batch=512, nat_lr=6e-4,
                  nat_warmup=1000, nat_dim=384, nat_depth=8, nat_heads=6, nat_dropout=0.1, ema_decay=0.9995),
 }
-STAGES = ["vq", "featnet", "nat"]
+STAGES = ["vq", "featnet", "nat", "policy", "static", "smooth"]
 
 
 class UserError(Exception):
@@ -449,7 +478,181 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -
     print(f"nat: done, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 
-STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat}
+# ----------------------------------------------------------------------------- policies (AdaNAT)
+
+def policy_config(c: TrainConfig, kind: str, T: int, h: torch.Tensor, C: int, N: int) -> dict:
+    """What a policy checkpoint needs to be rebuilt and resumed: the kind, T, the heuristic
+    table its residual starts from, the network sizes and the training hyper-parameters."""
+    return {"kind": kind, "T": T, "heuristic": h.tolist(), "C": C, "N": N,
+            "beta_ema": c.pi_beta_ema if kind == "smooth" else 0.0,
+            **{k: v for k, v in to_plain(c).items() if k.startswith("pi_") and k not in ("pi_T", "pi_beta_ema")}}
+
+
+def build_policy(cfg: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(policy, critic) for a policy_config: adaptive network pair, or the static table pair."""
+    if cfg["kind"] == "static":
+        return policy.StaticPolicy(cfg["T"]), policy.StaticPolicy(cfg["T"], out_dim=1)
+    make = lambda out: policy.AdaptivePolicy(cfg["T"], cfg["C"], cfg["N"], cfg["pi_width"], hidden=cfg["pi_hidden"], out_dim=out)
+    return make(len(policy.ACTIONS)), make(1)
+
+
+def load_policy(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The policy of a finished policy checkpoint (its best-by-training-FID weights) and its config."""
+    ck = load_ckpt(path)
+    if not ck.get("done"):
+        raise UserError(f"{path} is unfinished (iteration {ck.get('step')}): finish it with python train.py")
+    try:
+        pi, _ = build_policy(ck["config"])
+        pi.load_state_dict(ck["best"])
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise UserError(f"{path} does not match this code's policy ({type(e).__name__}: {str(e)[:120]}); "
+                        f"delete it to retrain that stage") from None
+    return pi.to(device).eval(), ck["config"]
+
+
+def vq_backbone(vq: vqgan.VQModel):
+    """The frozen VQ encoder as the discriminator's backbone: x -> [the feature map at the end of
+    every resolution level, z_e], and their channel counts. Not the FID feature network."""
+    layers = list(vq.encoder.net)
+    per_level = 1 + vq.cfg.n_res
+    taps = [(i + 1) * per_level - 1 for i in range(len(vq.cfg.ch_mult))] + [len(layers) - 1]
+    channels = [vq.cfg.ch * m for m in vq.cfg.ch_mult] + [vq.cfg.code_dim]
+
+    @torch.no_grad()
+    def backbone(x: torch.Tensor) -> list[torch.Tensor]:
+        feats, h = [], x
+        for i, layer in enumerate(layers):
+            h = layer(h)
+            if i in taps:
+                feats.append(h)
+        return feats
+    return backbone, channels
+
+
+def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, kind: str, T: int) -> None:
+    """AdaNAT's Algorithm 1 for one T: rollouts -> PPO update -> discriminator update, repeated.
+
+    kind: "policy" (adaptive), "static" (the learnable table) or "smooth" (adaptive with EMA
+    action smoothing beta_ema = pi_beta_ema). The policy starts as a zero residual on AdaNAT's
+    heuristic (tau2_0 = 1, w_0 from the training-FID sweep). Every pi_fid_every iterations the
+    mean policy's FID against *training* statistics is measured; the best weights are kept."""
+    import sample                                   # the sampling pipeline (sample.py imports train)
+    pipe = sample.Pipeline(run_dir, device, c.bf16)
+    ref = sample.RealFeatures(pipe)
+    w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
+    cfg_nat = pipe.cfg
+    h = nat.heuristic_table(T, sample.ADANAT_TAU2_0, w_0)                   # (T, 4)
+    h_pre = policy.inverse_activation(h).to(device)
+    pcfg = policy_config(c, kind, T, h, cfg_nat.dim, cfg_nat.num_tokens)
+    pi, V = (m.to(device) for m in build_policy(pcfg))
+    backbone, channels = vq_backbone(pipe.vq)
+    D = reward.ProjectedDiscriminator(channels, cfg_nat.num_classes).to(device)
+    lr = c.pi_static_lr if kind == "static" else c.pi_lr
+    params = list(pi.parameters()) + list(V.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    d_opt = torch.optim.Adam(D.parameters(), lr=c.pi_d_lr, betas=(0.5, 0.999))
+    modules = {"model": pi, "critic": V, "disc": D, "optim": opt, "d_optim": d_opt}
+    name = f"{kind}_T{T}"
+    path = os.path.join(run_dir, f"{name}.pt")
+    state = {"history": [], "best": None, "best_fid": None, **resume(path, pcfg, modules), "config": pcfg, "done": False}
+    beta_ema = pcfg["beta_ema"]
+
+    # reals for D: 10 000 training images (their tokenizer reconstructions by default) and 1 000 held out
+    x_train, y_train, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
+    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(c.seed + 5))[:11000]
+    x_real, y_real = data.to_float(x_train[pick]), y_train[pick]
+    if c.pi_d_real == "recon":
+        x_real = pipe.decode(torch.cat([pipe.vq.tokenize(x_real[i:i + 500].to(device)).cpu()
+                                        for i in range(0, len(x_real), 500)]))
+    n_hold = min(1000, len(x_real) // 10)
+    x_hold, y_hold = x_real[:n_hold].to(device), y_real[:n_hold].to(device)
+    x_real, y_real = x_real[n_hold:], y_real[n_hold:]
+
+    fid_labels = sample.balanced_labels(c.pi_fid_samples, cfg_nat.num_classes)
+
+    def train_fid() -> float:
+        """FID of the mean policy (seed 0, fixed labels) against training-set statistics."""
+        tok = pipe.generate(fid_labels, T, policy.PolicySchedule(pi, h_pre, beta_ema=beta_ema), seed=0)
+        feats, _ = fid.extract(pipe.featnet, pipe.decode(tok), device=device)
+        return fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
+
+    if state["best"] is None:                                   # iteration 0: the heuristic itself
+        state["best_fid"] = train_fid()
+        state["best"] = copy.deepcopy(pi.state_dict())
+        state["history"].append({"iter": 0, "train_fid": state["best_fid"]})
+        print(f"{name}: heuristic start (w_0 = {w_0:g}), training-set FID {state['best_fid']:.2f}")
+
+    def step_fn(it: int) -> dict:
+        sigma = c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
+        g = torch.Generator(device).manual_seed(c.seed * 100003 + it)          # seeded per iteration: resumable
+        g_cpu = torch.Generator().manual_seed(c.seed * 100003 + it)
+        labels = torch.randint(0, cfg_nat.num_classes, (c.pi_batch,), device=device, generator=g)
+        gen = lambda y, sched: nat.generate(pipe.logits_fn, y, T, sched, cfg_nat.mask_id, cfg_nat.num_tokens,
+                                            cfg_nat.null_label, g)
+        pi.eval(), V.eval()
+        ro = policy.rollout(pi, V, gen, labels, h_pre, sigma, beta_ema, g)
+        with torch.no_grad():
+            fake = pipe.vq.detokenize(ro.tokens)                             # (B, C, H, W)
+            R = reward.reward(D(backbone(fake), labels))                     # (B,)
+            d_acc = reward.accuracy(D(backbone(x_hold), y_hold), D(backbone(fake), labels))
+        out = {"reward": R.mean().item(), "d_acc": d_acc, "sigma": sigma}
+        if it >= c.pi_d_warmup:                                              # PPO (Eq. 10-11)
+            ret = ppo.normalise(R).repeat(T)                                 # (T*B,) step-major
+            adv = ret - ro.value
+            ent = policy.gaussian_entropy(sigma)
+            pi.train(), V.train()
+
+            def evaluate(idx):
+                mu = pi(ro.features[idx], ro.t[idx])
+                return (policy.gaussian_logp(ro.o[idx], mu, sigma), V(ro.features[idx], ro.t[idx]),
+                        torch.full_like(ret[idx], ent))
+            stats = ppo.ppo_update(evaluate, ro.logp, adv, ret, opt, params, c.pi_epochs, c.pi_minibatches,
+                                   c.pi_target_kl, c.pi_clip, c.pi_vf_coef, c.pi_ent_coef, generator=g_cpu)
+            stats["explained_var"] = ppo.explained_variance(ro.value, ret)
+            out.update({k: float(v) for k, v in stats.items()})
+        for k in range(c.pi_d_steps):                                       # D on this rollout's own samples
+            i = torch.randint(0, len(x_real), (c.pi_batch,), generator=g_cpu)
+            xr, yr = x_real[i].to(device), y_real[i].to(device)
+            loss = reward.d_loss(D(backbone(reward.diff_augment(xr, g)), yr),
+                                 D(backbone(reward.diff_augment(fake, g)), labels))
+            d_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            d_opt.step()
+        out["d_loss"] = loss.item()
+        for j, a in enumerate(policy.ACTIONS):                               # per-sample spread of each action
+            out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
+        record = {"iter": it + 1, **out}
+        if (it + 1) % c.pi_fid_every == 0 or it + 1 == c.pi_iters:
+            pi.eval()
+            record["train_fid"] = out["train_fid"] = train_fid()
+            if record["train_fid"] < state["best_fid"]:
+                state["best_fid"], state["best"] = record["train_fid"], copy.deepcopy(pi.state_dict())
+        state["history"].append(record)
+        return out
+
+    state = train_loop(name, path, state, modules, step_fn, c.pi_iters, dataclasses.replace(c, log_every=1), log)
+    state["done"] = True
+    save_ckpt(path, state)
+    sample.plot_training(state["history"], os.path.join(run_dir, f"{name}_curve.png"), name)
+    print(f"{name}: done, best training-set FID {state['best_fid']:.2f} "
+          f"(heuristic {state['history'][0]['train_fid']:.2f}); curve in {name}_curve.png")
+
+
+def stage_policies(kind: str):
+    """The stage function for one policy kind: a policy per T in pi_T, finished ones skipped."""
+    def stage(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+        for T in c.pi_T:
+            path = os.path.join(run_dir, f"{kind}_T{T}.pt")
+            if os.path.exists(path) and load_ckpt(path).get("done"):
+                print(f"{kind}_T{T}: done ({path}), skipped")
+                continue
+            train_policy(c, run_dir, device, log, kind, T)
+    return stage
+
+
+STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat,
+             "policy": stage_policies("policy"), "static": stage_policies("static"), "smooth": stage_policies("smooth")}
+POLICY_STAGES = ("policy", "static", "smooth")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -485,9 +688,9 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     preset = args.preset or (saved or {}).get("preset", "small")
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    if saved is not None and saved.get("preset") == preset:
-        c = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-        c.vq_ch_mult = tuple(c.vq_ch_mult)
+    if saved is not None and saved.get("preset") == preset:       # keys missing from an older config: the preset's
+        c = TrainConfig(**{**PRESETS[preset], **{k: v for k, v in saved.items() if k in fields}})
+        c.vq_ch_mult, c.pi_T = tuple(c.vq_ch_mult), tuple(c.pi_T)
     else:
         c = TrainConfig(**{**PRESETS[preset], "preset": preset})
     for item in args.set or []:
@@ -506,16 +709,25 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         if args.steps <= 0:
             raise UserError(f"--steps {args.steps}: must be a positive number of training steps")
         for s in (STAGES if args.stage == "all" else [args.stage]):
-            setattr(c, f"{'feat' if s == 'featnet' else s}_steps", args.steps)
-    for name in ("vq_steps", "feat_steps", "nat_steps", "vq_batch", "feat_batch", "nat_batch"):
+            setattr(c, "pi_iters" if s in POLICY_STAGES else f"{'feat' if s == 'featnet' else s}_steps", args.steps)
+    for name in ("vq_steps", "feat_steps", "nat_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
+                 "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches"):
         if getattr(c, name) <= 0:
             raise UserError(f"{name} = {getattr(c, name)}: must be positive")
     if c.mask_dist not in ("cosine", "beta"):
         raise UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
+    if c.pi_d_real not in ("recon", "raw"):
+        raise UserError(f"pi_d_real {c.pi_d_real!r}: use recon or raw")
+    if not c.pi_T or any(T < 2 for T in c.pi_T):
+        raise UserError(f"pi_T {c.pi_T}: decoding step counts of at least 2, e.g. --set pi_T=4,8")
+    if not (c.pi_sigma0 > 0 and c.pi_sigma1 > 0 and 0 <= c.pi_beta_ema < 1):
+        raise UserError("pi_sigma0 and pi_sigma1 must be positive and pi_beta_ema in [0, 1)")
     trained = [s for s in STAGES if os.path.exists(os.path.join(run_dir, f"{s}.pt"))]
     if saved is not None and trained:
         now = to_plain(c)
-        diff = sorted(k for k in now if k not in ("ckpt_every_s", "log_every") and saved.get(k) != now[k])
+        # pi_* keys are free: each policy checkpoint carries (and on resume checks) its own copy
+        diff = sorted(k for k in now if k in saved and not k.startswith("pi_")
+                      and k not in ("ckpt_every_s", "log_every") and saved[k] != now[k])
         if diff:
             raise UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "
                             f"use another --run-dir, or the same flags as before")
@@ -547,7 +759,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"run folder {run_dir} | preset {c.preset} | device {device}")
         for s in (STAGES if args.stage == "all" else [args.stage]):
             path = os.path.join(run_dir, f"{s}.pt")
-            if os.path.exists(path) and load_ckpt(path).get("done"):
+            if s not in POLICY_STAGES and os.path.exists(path) and load_ckpt(path).get("done"):
                 print(f"{s}: done ({path}), skipped")
                 continue
             t0 = time.time()

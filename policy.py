@@ -1,0 +1,208 @@
+"""Generation policies for the NAT MDP (AdaNAT §3.2-3.3, Eq. 9; AdaGen §III-C, §III-E Eq. 12).
+
+The MDP: state s_t = (t, v^(t)) observed through the frozen generator's final-LayerNorm
+features f_theta(v^(t)) (B, N, C); action a_t = step t's four knobs [m, tau1, tau2, w]
+(the columns of nat.heuristic_table); reward only at the end (a discriminator's score of
+the finished image, reward.py); deterministic generator, stochastic agent
+pi_phi(a_t | s_t) = N(eta_phi(s_t), sigma^2 I) in pre-activation space, the mean at test time.
+
+Heuristic residual (AdaGen App. B): the network eta_phi outputs o_t, added to the
+pre-activation of the hand-written schedule h_t, then squashed by each knob's activation
+
+    a_t = act(h_pre_t + r_t),   h_pre_t = act^{-1}(heuristic_t),   act = [sigmoid, softplus x 3]
+
+so a network whose (zero-initialised) output layer still outputs 0 reproduces the heuristic.
+EMA action smoothing (AdaGen Eq. 12) filters the residual causally,
+r_t = beta_ema r_{t-1} + (1 - beta_ema) o_t (r_0 = o_0), which is the same as smoothing
+the executed pre-activations with the heuristic pre-compensated: o = 0 still gives the
+heuristic exactly, and beta_ema = 0 is the unsmoothed policy.
+
+Usage (policy.py imports torch only; the generator arrives as a callable):
+    pi, V = AdaptivePolicy(T, C, N), AdaptivePolicy(T, C, N, out_dim=1)   # or StaticPolicy(T)
+    h_pre = inverse_activation(nat.heuristic_table(T, 1.0, 5.0))          # (T, 4)
+    gen = lambda labels, schedule: nat.generate(logits_fn, labels, T, schedule, mask_id, N, null, g)
+    ro = rollout(pi, V, gen, labels, h_pre, sigma=0.6)                     # ro.tokens -> reward
+    tokens = gen(labels, PolicySchedule(pi, h_pre))                        # evaluation: the mean action
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIONS = ("m", "tau1", "tau2", "w")     # column order of nat.heuristic_table and of every (.., 4) tensor
+EPS = 1e-3                               # heuristics are clamped into (EPS, 1-EPS) / [EPS, inf) before inversion
+
+
+def activation(pre: torch.Tensor) -> torch.Tensor:
+    """(..., 4) pre-activations -> actions: m = sigmoid, tau1 = tau2 = w = softplus."""
+    return torch.cat([torch.sigmoid(pre[..., :1]), F.softplus(pre[..., 1:])], dim=-1)
+
+
+def inverse_activation(a: torch.Tensor) -> torch.Tensor:
+    """(..., 4) actions -> pre-activations. m is clamped to [EPS, 1-EPS] and the others to
+    >= EPS first, because a heuristic reaches m = 0 and tau2 = w = 0 (the inverse would be -inf)."""
+    a = a.float()
+    m = a[..., :1].clamp(EPS, 1 - EPS)
+    rest = a[..., 1:].clamp_min(EPS)
+    return torch.cat([torch.log(m) - torch.log1p(-m), rest + torch.log(-torch.expm1(-rest))], dim=-1)
+
+
+def gaussian_logp(a: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log N(a; mu, sigma^2 I) summed over the last dim: (B, D), (B, D) -> (B,)."""
+    D = a.shape[-1]
+    return -((a - mu) ** 2).sum(-1) / (2 * sigma ** 2) - D * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+
+
+def gaussian_entropy(sigma: float, D: int = len(ACTIONS)) -> float:
+    """Entropy of N(mu, sigma^2 I_D): D (1/2 + 1/2 log 2 pi + log sigma)."""
+    return D * (0.5 + 0.5 * math.log(2 * math.pi) + math.log(sigma))
+
+
+# ----------------------------------------------------------------------------- networks
+
+class AdaLN(nn.Module):
+    """LayerNorm whose shift and scale come from the step embedding (zero-initialised: starts as plain LN)."""
+
+    def __init__(self, dim: int, emb: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mod = nn.Linear(emb, 2 * dim)
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.mod(e).chunk(2, dim=-1)                 # (B, dim) each
+        if x.dim() == 3:
+            shift, scale = shift[:, None], scale[:, None]
+        return self.norm(x) * (1 + scale) + shift
+
+
+class AdaptivePolicy(nn.Module):
+    """eta_phi(s_t): features (B, N, C) and step t (B,) -> (B, out_dim) (AdaNAT App. A, scaled down).
+
+    Linear C -> width, AdaLN(t), as the sqrt(N) x sqrt(N) grid: depthwise 3x3 stride-2 conv,
+    GELU, pointwise conv to `conv_out` channels, flatten, Linear -> hidden, AdaLN(t), GELU,
+    zero-initialised Linear -> out_dim. out_dim = 4 is the policy (residuals o_t), out_dim = 1
+    the critic V(s_t) (same trunk, separate weights).
+    """
+
+    def __init__(self, T: int, C: int, N: int, width: int = 128, conv_out: int = 32, hidden: int = 256,
+                 out_dim: int = len(ACTIONS)):
+        super().__init__()
+        self.side = int(round(math.sqrt(N)))
+        if self.side ** 2 != N:
+            raise ValueError(f"AdaptivePolicy needs a square token grid, got N = {N}")
+        self.T, self.out_dim = T, out_dim
+        self.t_emb = nn.Sequential(nn.Embedding(T, width), nn.SiLU())
+        self.inp = nn.Linear(C, width)
+        self.ada1 = AdaLN(width, width)
+        self.dw = nn.Conv2d(width, width, 3, stride=2, padding=1, groups=width)
+        self.pw = nn.Conv2d(width, conv_out, 1)
+        side2 = (self.side + 1) // 2
+        self.fc = nn.Linear(conv_out * side2 * side2, hidden)
+        self.ada2 = AdaLN(hidden, width)
+        self.out = nn.Linear(hidden, out_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        B, N, C = features.shape
+        e = self.t_emb(t)                                               # (B, width)
+        x = self.ada1(self.inp(features.float()), e)                    # (B, N, width)
+        x = x.transpose(1, 2).reshape(B, -1, self.side, self.side)      # (B, width, s, s)
+        x = self.pw(F.gelu(self.dw(x))).flatten(1)                      # (B, conv_out * s/2 * s/2)
+        x = F.gelu(self.ada2(self.fc(x), e))                            # (B, hidden)
+        out = self.out(x)                                               # (B, out_dim)
+        return out[:, 0] if self.out_dim == 1 else out
+
+
+class StaticPolicy(nn.Module):
+    """The learnable, non-adaptive ablation: a (T, out_dim) table, the state ignored.
+
+    out_dim = 4: residuals o_t (zeros: the heuristic); out_dim = 1: a per-step value V_t."""
+
+    def __init__(self, T: int, out_dim: int = len(ACTIONS)):
+        super().__init__()
+        self.T, self.out_dim = T, out_dim
+        self.table = nn.Parameter(torch.zeros(T, out_dim))
+
+    def forward(self, features: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.table[t]                                             # (B, out_dim)
+        return out[:, 0] if self.out_dim == 1 else out
+
+
+# ----------------------------------------------------------------------------- acting
+
+class PolicySchedule:
+    """A nat.generate schedule driven by a policy: schedule(t, state) -> (m, tau1, tau2, w), each (B,).
+
+    sigma > 0 samples o_t ~ N(eta(s_t), sigma^2) (training rollouts), sigma = 0 takes the mean.
+    With `record` a list, each step appends (features, t, o, logp) for PPO. Resets its EMA at t = 0.
+    """
+
+    def __init__(self, policy: nn.Module, h_pre: torch.Tensor, sigma: float = 0.0, beta_ema: float = 0.0,
+                 generator: Optional[torch.Generator] = None, record: Optional[list] = None):
+        self.policy, self.h_pre, self.sigma, self.beta_ema = policy, h_pre, sigma, beta_ema
+        self.generator, self.record = generator, record
+        self.r: Optional[torch.Tensor] = None                          # (B, 4) smoothed residual r_{t-1}
+        self.executed: list[torch.Tensor] = []                          # (B, 4) actions per step, for plots
+
+    @torch.no_grad()
+    def __call__(self, t: int, state) -> tuple[torch.Tensor, ...]:
+        feats = state.features                                          # (B, N, C)
+        B = feats.shape[0]
+        tt = torch.full((B,), t, dtype=torch.long, device=feats.device)
+        mu = self.policy(feats, tt)                                     # (B, 4)
+        o = mu
+        if self.sigma > 0:
+            o = mu + self.sigma * torch.randn(mu.shape, device=mu.device, generator=self.generator)
+        if self.record is not None:
+            self.record.append((feats, tt, o, gaussian_logp(o, mu, self.sigma) if self.sigma > 0 else None))
+        if t == 0:
+            self.r, self.executed = o, []
+        else:
+            self.r = self.beta_ema * self.r + (1 - self.beta_ema) * o
+        a = activation(self.h_pre[t].to(o.device) + self.r)             # (B, 4)
+        self.executed.append(a)
+        return tuple(a[:, j] for j in range(len(ACTIONS)))
+
+
+@dataclass
+class Rollout:
+    """One batch of B trajectories of T steps (transitions flattened step-major: index t * B + b)."""
+    features: torch.Tensor    # (T*B, N, C) observations f(v^(t))
+    t: torch.Tensor           # (T*B,) step index
+    o: torch.Tensor           # (T*B, 4) sampled raw actions (pre-activation residuals)
+    logp: torch.Tensor        # (T*B,) log pi_old(o | s)
+    value: torch.Tensor       # (T*B,) V_old(s)
+    actions: torch.Tensor     # (T, B, 4) executed actions [m, tau1, tau2, w]
+    tokens: torch.Tensor      # (B, N) the finished token maps
+
+
+@torch.no_grad()
+def rollout(policy: nn.Module, critic: nn.Module, generate_fn: Callable, labels: torch.Tensor,
+            h_pre: torch.Tensor, sigma: float, beta_ema: float = 0.0,
+            generator: Optional[torch.Generator] = None) -> Rollout:
+    """Generate with the stochastic policy and keep what PPO needs.
+
+    generate_fn(labels (B,), schedule) -> tokens (B, N) runs the frozen generator (e.g.
+    nat.generate partially applied); the schedule sees each step's features."""
+    record: list = []
+    sched = PolicySchedule(policy, h_pre, sigma, beta_ema, generator, record)
+    tokens = generate_fn(labels, sched)
+    feats, t, o, logp = (torch.cat(x) for x in zip(*record))
+    return Rollout(features=feats, t=t, o=o, logp=logp, value=critic(feats, t), actions=torch.stack(sched.executed),
+                   tokens=tokens)
+
+
+if __name__ == "__main__":
+    T, N, C, B = 4, 64, 16, 3
+    h = torch.tensor([[0.9, 1.0, 0.8, 0.1], [0.6, 1.0, 0.5, 1.0], [0.3, 1.0, 0.2, 2.0], [0.1, 1.0, 0.1, 3.0]])
+    s = PolicySchedule(AdaptivePolicy(T, C, N), inverse_activation(h), beta_ema=0.5)
+    state = type("State", (), {"features": torch.randn(B, N, C)})()
+    got = torch.stack([torch.stack(s(t, state), 1) for t in range(T)])     # (T, B, 4)
+    assert torch.allclose(got, h[:, None].expand(T, B, 4), atol=1e-5), got
+    print("untrained policy reproduces the heuristic:", got[:, 0].tolist())

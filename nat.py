@@ -161,22 +161,23 @@ def gumbel(shape: tuple, device: torch.device, generator: Optional[torch.Generat
 
 def decode_step(tokens: torch.Tensor, logits_c: torch.Tensor, logits_u: Optional[torch.Tensor],
                 m: torch.Tensor, tau1: torch.Tensor, tau2: torch.Tensor, w: torch.Tensor,
-                mask_id: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                mask_id: int, generator: Optional[torch.Generator] = None, group: int = 1) -> torch.Tensor:
     """One parallel-decoding step (AdaNAT Eq. 1-4) with per-sample actions.
 
     tokens (B,N) long with mask_id at masked positions; logits_c, logits_u (B,N,K) or
     logits_u None (no guidance); m, tau1, tau2, w (B,). Returns the new tokens (B,N):
     floor(N m_b) positions stay masked (at most masked_b - 1, so each step decodes at
     least one token), the rest of the masked positions get their sampled token, and
-    tokens decoded earlier never change.
+    tokens decoded earlier never change. group = G > 1: consecutive blocks of G rows share
+    their random numbers (policy training compares actions on the same generation luck).
     """
     B, N = tokens.shape
     K = logits_c.shape[-1]
     # One uniform per position for the categorical draw and one Gumbel per position for the
     # re-masking, drawn for all (B, N) whatever is masked: a sample's random numbers do not
     # depend on the other samples or on earlier actions (common random numbers).
-    u = torch.rand(B, N, device=tokens.device, generator=generator)
-    g = gumbel((B, N), tokens.device, generator)
+    u = torch.rand(B // group, N, device=tokens.device, generator=generator).repeat_interleave(group, 0)
+    g = gumbel((B // group, N), tokens.device, generator).repeat_interleave(group, 0)
     is_masked = tokens == mask_id                                            # (B, N)
     b, n = is_masked.nonzero(as_tuple=True)                                  # the M masked positions
     l = logits_c[b, n].float()                                               # (M, K), only where needed
@@ -194,7 +195,7 @@ def decode_step(tokens: torch.Tensor, logits_c: torch.Tensor, logits_u: Optional
     c[b, n] = logp
     c = c + tau2.view(B, 1) * g                                              # +inf stays +inf
     n_masked = is_masked.sum(dim=1)                                          # (B,)
-    n_keep_masked = torch.floor(N * m.float() + 1e-6).long()                # 1e-6: float32 cos(pi/3) < 0.5
+    n_keep_masked = torch.floor(N * m.float() + 1e-4).long()                # 1e-4: float32 round-off, e.g. cos(pi/3) < 0.5
     n_keep_masked = torch.minimum(n_keep_masked.clamp_min(0), (n_masked - 1).clamp_min(0))
     rank = c.argsort(dim=1).argsort(dim=1)                                   # 0 = least confident
     remask = rank < n_keep_masked[:, None]                                   # (B, N)
@@ -261,12 +262,13 @@ def heuristic_schedule(T: int, tau2_0: float = 4.5, w_0: float = 0.0, tau1: floa
 @torch.no_grad()
 def generate(logits_fn: Callable, labels: torch.Tensor, T: int, schedule: Schedule, mask_id: int,
              num_tokens: int, null_label: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, group: int = 1) -> torch.Tensor:
     """Run T parallel-decoding steps from the all-[MASK] map; returns tokens (B, N).
 
     logits_fn(tokens (B',N), labels (B',)) -> (logits (B',N,K), features (B',N,C)).
     With null_label given, each step costs one batched forward of [cond; null] (2B rows)
     and the schedule's w is applied; with null_label None there is no guidance (w ignored).
+    group: see decode_step (B must be a multiple of it).
     """
     B = labels.shape[0]
     tokens = torch.full((B, num_tokens), mask_id, dtype=torch.long, device=labels.device)
@@ -280,7 +282,7 @@ def generate(logits_fn: Callable, labels: torch.Tensor, T: int, schedule: Schedu
         m, tau1, tau2, w = schedule(t, NATState(t, tokens, feats, labels))
         if t == T - 1:
             m = torch.zeros_like(m)                                          # the last step decodes everything
-        tokens = decode_step(tokens, logits_c, logits_u, m, tau1, tau2, w, mask_id, generator)
+        tokens = decode_step(tokens, logits_c, logits_u, m, tau1, tau2, w, mask_id, generator, group)
     return tokens
 
 

@@ -148,7 +148,8 @@ class PolicySchedule:
         self.policy, self.h_pre, self.sigma, self.beta_ema = policy, h_pre, sigma, beta_ema
         self.generator, self.record = generator, record
         self.r: Optional[torch.Tensor] = None                          # (B, 4) smoothed residual r_{t-1}
-        self.executed: list[torch.Tensor] = []                          # (B, 4) actions per step, for plots
+        self.executed: list[torch.Tensor] = []                          # (B, 4) actions per step of this batch
+        self.finished: list[torch.Tensor] = []                          # (T, B, 4) of earlier batches
 
     @torch.no_grad()
     def __call__(self, t: int, state) -> tuple[torch.Tensor, ...]:
@@ -162,12 +163,19 @@ class PolicySchedule:
         if self.record is not None:
             self.record.append((feats, tt, o, gaussian_logp(o, mu, self.sigma) if self.sigma > 0 else None))
         if t == 0:
+            if self.executed:
+                self.finished.append(torch.stack(self.executed).cpu())
             self.r, self.executed = o, []
         else:
             self.r = self.beta_ema * self.r + (1 - self.beta_ema) * o
         a = activation(self.h_pre[t].to(o.device) + self.r)             # (B, 4)
         self.executed.append(a)
         return tuple(a[:, j] for j in range(len(ACTIONS)))
+
+
+    def actions(self) -> torch.Tensor:
+        """(T, n, 4) executed actions of every sample generated so far (for plots and spreads)."""
+        return torch.cat(self.finished + [torch.stack(self.executed).cpu()], dim=1)
 
 
 @dataclass

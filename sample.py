@@ -30,6 +30,7 @@ from tqdm import tqdm
 import data
 import fid
 import nat
+import policy
 import train
 
 EVAL_SEEDS = (1, 2, 3)       # sampling seeds of the final table; the w_0 sweep uses seed 0
@@ -223,12 +224,44 @@ def get_w0(pipe: Pipeline, ref: RealFeatures, samples: int) -> float:
     return sweep_w(pipe, ref, samples)["w_0"]
 
 
+POLICY_ROWS = {"static": "learned static (PPO, no state)", "policy": "adaptive policy (PPO)",
+               "smooth": "adaptive + smoothing (PPO, beta_ema={beta_ema:g})"}
+
+
+def policy_schedule(pipe: Pipeline, kind: str, T: int) -> tuple | None:
+    """(make_schedule, config, fingerprint) of the trained `kind` policy for T, or None if there is none."""
+    path = os.path.join(pipe.run_dir, f"{kind}_T{T}.pt")
+    if not os.path.exists(path):
+        return None
+    pi, cfg = train.load_policy(path, pipe.device)
+    h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
+    make = lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"])
+    return make, cfg, train.fingerprint(pipe.run_dir, (f"{kind}_T{T}",))
+
+
+def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int]) -> dict:
+    """name -> {T: (make_schedule, guided, key)}: the heuristics, and every trained policy for these T."""
+    rows = {"MaskGIT (cos m, tau2_0=4.5, no CFG)":
+            {T: (lambda T=T: nat.heuristic_schedule(T, **MASKGIT), False, "") for T in steps},
+            f"AdaNAT heuristic (tau2_0=1, w_0={w_0:g})":
+            {T: (lambda T=T: nat.heuristic_schedule(T, ADANAT_TAU2_0, w_0), True, "") for T in steps}}
+    for kind, label in POLICY_ROWS.items():
+        for T in steps:
+            found = policy_schedule(pipe, kind, T)
+            if found is None:
+                continue
+            make, cfg, fp = found
+            if abs(cfg["heuristic"][-1][3] - w_0 * (T - 1) / T) > 1e-4:      # w_T-1 of the start schedule
+                print(f"warning: {kind}_T{T}.pt started from w_0 other than {w_0:g} (the sweep changed since)")
+            rows.setdefault(label.format(beta_ema=cfg["beta_ema"]), {})[T] = (make, True, f"|{fp}")
+    return rows
+
+
 def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int) -> None:
     """The evaluation table (eval.json, eval.md), resuming from eval_cache.json."""
     ref = RealFeatures(pipe)
     w_0 = get_w0(pipe, ref, sweep_samples)
-    rows = {"MaskGIT (cos m, tau2_0=4.5, no CFG)": MASKGIT,
-            f"AdaNAT heuristic (tau2_0=1, w_0={w_0:g})": dict(tau2_0=ADANAT_TAU2_0, w_0=w_0)}
+    rows = schedule_rows(pipe, w_0, steps)
     cache_path = os.path.join(pipe.run_dir, "eval_cache.json")
     cache = train.read_json(cache_path, {})
     if cache.get("fingerprint") != pipe.fingerprint:
@@ -252,27 +285,36 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     refs["tokenizer reconstructions of test vs test (floor)"] = cache[key]
     train.write_json(cache_path, cache)
 
-    jobs = [(name, T, s) for name in rows for T in steps for s in EVAL_SEEDS]
+    jobs = [(name, T, s) for name in rows for T in rows[name] for s in EVAL_SEEDS]
     bar = tqdm(jobs, desc="eval")
     for name, T, s in bar:
-        key = f"{name}|T{T}|seed{s}|{samples}"
+        make, guided, suffix = rows[name][T]
+        key = f"{name}|T{T}|seed{s}|{samples}{suffix}"
         if key not in cache:
+            sched = make()
             t0 = time.time()
-            tok = pipe.generate_tokens(labels, T, rows[name]["tau2_0"], rows[name]["w_0"], seed=s)
+            tok = pipe.generate(labels, T, sched, seed=s, guided=guided)
             secs = time.time() - t0
             cache[key] = {**metrics(pipe, ref, pipe.decode(tok), labels), "images_per_s": samples / secs}
+            if isinstance(sched, policy.PolicySchedule):             # the per-sample spread of every action
+                a = sched.actions()                                   # (T, n, 4)
+                cache[key].update(actions_mean=a.mean(1).tolist(), actions_sd=a.std(1).tolist())
             train.write_json(cache_path, cache)
         bar.set_postfix(T=T, fid=f"{cache[key]['fid']:.2f}")
 
     table = []
     for name in rows:
-        for T in steps:
-            runs = [cache[f"{name}|T{T}|seed{s}|{samples}"] for s in EVAL_SEEDS]
+        for T, (_, _, suffix) in rows[name].items():
+            runs = [cache[f"{name}|T{T}|seed{s}|{samples}{suffix}"] for s in EVAL_SEEDS]
             row = {"schedule": name, "T": T, "samples": samples, "seeds": list(EVAL_SEEDS)}
             for k in ("fid", "precision", "recall", "cond_acc", "images_per_s"):
                 v = np.array([r[k] for r in runs])
                 row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            if "actions_sd" in runs[0]:
+                row["actions"] = list(policy.ACTIONS)
+                row["actions_mean_per_step"], row["actions_sd_per_step"] = runs[0]["actions_mean"], runs[0]["actions_sd"]
             table.append(row)
+    table.sort(key=lambda r: r["T"])
     train.write_json(os.path.join(pipe.run_dir, "eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint,
                       "device": str(pipe.device), "nat_params": sum(p.numel() for p in pipe.net.parameters())})
@@ -303,6 +345,42 @@ def grids(pipe: Pipeline, T: int, per_class: int = 10) -> None:
         print("wrote", path)
 
 
+def plot_policy(pipe: Pipeline, T: int, samples: int = 1000, per_class: int = 6) -> None:
+    """policy_actions_T{T}.png: the adaptive policy's actions per step (mean and +-1 sd over
+    samples, one panel per action; AdaNAT's heuristic dashed), and heuristic_vs_adaptive_T{T}.png:
+    each class's samples from the heuristic (left) and the adaptive policy (right), same seed."""
+    found = policy_schedule(pipe, "policy", T)
+    if found is None:
+        raise train.UserError(f"{pipe.run_dir}/policy_T{T}.pt not found: train it with python train.py --stage policy "
+                              f"--run-dir {pipe.run_dir} --set pi_T={T}")
+    make, cfg, _ = found
+    h = policy.activation(policy.inverse_activation(torch.tensor(cfg["heuristic"])))   # (T, 4), as executed
+    sched = make()
+    pipe.generate(balanced_labels(samples, pipe.cfg.num_classes), T, sched, seed=0)
+    a = sched.actions()                                                            # (T, n, 4)
+    mean, sd, steps = a.mean(1), a.std(1), list(range(T))
+    panels = [{"title": name, "series": [
+        {"x": steps, "y": mean[:, j].tolist(), "color": (200, 60, 30),
+         "band": ((mean[:, j] - sd[:, j]).tolist(), (mean[:, j] + sd[:, j]).tolist())},
+        {"x": steps, "y": h[:, j].tolist(), "color": (60, 60, 60), "dashed": True}]}
+        for j, name in enumerate(policy.ACTIONS)]
+    path = os.path.join(pipe.run_dir, f"policy_actions_T{T}.png")
+    plot_panels(path, panels, title=f"adaptive policy, T={T}: mean +- sd over {samples} samples per step "
+                                    f"(x: step t); dashed: the heuristic it started from")
+    print("wrote", path)
+    K = pipe.cfg.num_classes
+    labels = torch.arange(K).repeat_interleave(per_class)
+    w_0 = cfg["heuristic"][-1][3] * T / (T - 1)
+    left = pipe.decode(pipe.generate_tokens(labels, T, ADANAT_TAU2_0, w_0, seed=0)).view(K, per_class, -1)
+    right = pipe.decode(pipe.generate(labels, T, make(), seed=0)).view(K, per_class, -1)
+    C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
+    gap = torch.ones(K, 1, C * S * S)                                               # a white column between
+    both = torch.cat([left, gap, right], dim=1).view(-1, C, S, S)
+    path = os.path.join(pipe.run_dir, f"heuristic_vs_adaptive_T{T}.png")
+    save_grid(both, path, nrow=2 * per_class + 1)
+    print("wrote", path, f"(left: heuristic tau2_0=1, w_0={w_0:g}; right: adaptive policy; one class per row)")
+
+
 def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
     """images/s of `generate` (AdaNAT's heuristic, w_0 = 2, with CFG) vs the same T bare forwards of 2B rows."""
     labels = balanced_labels(batch, pipe.cfg.num_classes).to(pipe.device)
@@ -319,8 +397,14 @@ def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
         for _ in range(T):
             pipe.logits_fn(tokens, y2)
 
+    fns = [("generate", run_generate), ("bare forwards", run_forwards)]
+    found = policy_schedule(pipe, "policy", T)
+    if found is not None:                                               # the adaptive policy as the schedule
+        make_policy = found[0]
+        fns.append(("generate + policy", lambda: nat.generate(pipe.logits_fn, labels, T, make_policy(), pipe.cfg.mask_id,
+                                                              pipe.cfg.num_tokens, pipe.cfg.null_label, g)))
     res = {}
-    for name, fn in (("generate", run_generate), ("bare forwards", run_forwards)):
+    for name, fn in fns:
         times = []
         for _ in range(repeats + 1):                                   # the first run warms up
             if pipe.device.type == "cuda":
@@ -334,6 +418,10 @@ def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
     res["overhead"] = res["bare forwards"] / res["generate"] - 1
     print(f"bench ({pipe.device}, batch {batch}, T={T}, CFG): generate {res['generate']:.1f} images/s, "
           f"bare forwards {res['bare forwards']:.1f} images/s, decoding overhead {100 * res['overhead']:.1f}%")
+    if "generate + policy" in res:
+        res["policy_overhead"] = res["generate"] / res["generate + policy"] - 1
+        print(f"  with the adaptive policy (policy_T{T}.pt): {res['generate + policy']:.1f} images/s, "
+              f"policy cost {100 * res['policy_overhead']:.1f}% of generation")
     return res
 
 
@@ -344,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval", action="store_true", help="the evaluation table")
     p.add_argument("--sweep-w", action="store_true", help="(re)run the w_0 sweep of AdaNAT's heuristic")
     p.add_argument("--bench", action="store_true", help="images/s of generate vs bare forwards")
+    p.add_argument("--plot", action="store_true", help="the adaptive policy's actions per step, and heuristic vs adaptive grids")
     p.add_argument("--samples", type=int, default=10000, help="samples per row and seed")
     p.add_argument("--sweep-samples", type=int, default=2000, help="samples per w_0 candidate")
     p.add_argument("--decode-steps", default="4,8,16", help="comma-separated T values for --eval")
@@ -374,7 +463,11 @@ def main(argv: list[str] | None = None) -> None:
             sweep_w(pipe, RealFeatures(pipe), args.sweep_samples)
         if args.eval:
             evaluate(pipe, args.samples, steps, args.sweep_samples)
-        if not (args.bench or args.eval or args.sweep_w):
+        if args.plot:
+            for T in steps:
+                if os.path.exists(os.path.join(args.run_dir, f"policy_T{T}.pt")):
+                    plot_policy(pipe, T)
+        if not (args.bench or args.eval or args.sweep_w or args.plot):
             grids(pipe, args.grid_steps)
     except (train.UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

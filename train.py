@@ -73,6 +73,10 @@ class TrainConfig:
     feat_warmup: int = 50
     feat_width: int = 32
     feat_dim: int = 128
+    # --- backbone: a second classifier, the frozen backbone of the policy's discriminator
+    bb_steps: int = 400
+    bb_width: int = 16
+    bb_dim: int = 64
     # --- nat: the generator
     nat_steps: int = 1800
     nat_batch: int = 256
@@ -92,6 +96,8 @@ class TrainConfig:
     pi_T: tuple = (4, 8)             # decoding step counts to train a policy for (one checkpoint each)
     pi_iters: int = 50               # PPO iterations per policy (each: rollouts, PPO epochs, D steps)
     pi_batch: int = 256              # trajectories per iteration
+    pi_group: int = 1                # G > 1: groups of G trajectories share label and generation randomness and
+                                     # differ only in exploration; advantage = reward - group mean (GRPO-style)
     pi_lr: float = 1e-4              # Adam lr of the adaptive policy and its critic (AdaNAT: 1e-5 at 4096 traj.)
     pi_static_lr: float = 3e-3       # Adam lr of the static table and its per-step values
     pi_epochs: int = 5               # PPO epochs per iteration (K)
@@ -105,9 +111,10 @@ class TrainConfig:
     pi_beta_ema: float = 0.5         # action smoothing of the `smooth` stage (AdaGen Eq. 12)
     pi_width: int = 128              # adaptive policy: features -> width, conv, -> hidden
     pi_hidden: int = 256
-    pi_d_lr: float = 1e-4            # discriminator: Adam(lr, betas (0.5, 0.999))
+    pi_d_lr: float = 1e-3            # discriminator: Adam(lr, betas (0.5, 0.999)) (AdaNAT: 1e-4 over 1000 iterations)
     pi_d_steps: int = 4              # D steps per iteration, on the iteration's own rollouts
-    pi_d_warmup: int = 5             # first iterations train D only (the reward must mean something)
+    pi_d_warmup: int = 5             # first iterations train D only (the reward must mean something) ...
+    pi_d_warmup_steps: int = 20      # ... with this many D steps each
     pi_d_real: str = "recon"         # reals for D: "recon" (tokenizer reconstructions) or "raw" images
     pi_fid_every: int = 10           # iterations between FID checks (training-set statistics; best kept)
     pi_fid_samples: int = 1000       # samples per FID check
@@ -117,10 +124,10 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     # seconds on a CPU, synthetic data: for CI and the end-to-end test
     "test": dict(data="synthetic", vq_steps=30, vq_warmup=5, feat_warmup=5, vq_batch=32, vq_ch=8, codebook_size=32, code_dim=8,
-                 vq_restart_every=10, feat_steps=30, feat_batch=32, feat_width=8, feat_dim=16,
+                 vq_restart_every=10, feat_steps=30, feat_batch=32, feat_width=8, feat_dim=16, bb_steps=20, bb_width=4, bb_dim=8,
                  nat_steps=30, nat_batch=32, nat_dim=32, nat_depth=1, nat_heads=2, nat_warmup=5,
                  log_every=10, ema_decay=0.9, pi_T=(4,), pi_iters=4, pi_batch=16, pi_width=16, pi_hidden=16,
-                 pi_d_warmup=1, pi_d_steps=1, pi_fid_every=2, pi_fid_samples=40, pi_sweep_samples=20),
+                 pi_d_warmup=1, pi_d_steps=1, pi_d_warmup_steps=2, pi_fid_every=2, pi_fid_samples=40, pi_sweep_samples=20),
     # the default: fits in ~40 minutes on 2 CPU cores
     "small": dict(),
     # one GPU, a few minutes to an hour
@@ -128,7 +135,7 @@ PRESETS: dict[str, dict] = {
                  feat_steps=4000, feat_width=48, nat_steps=30000, nat_batch=512, nat_lr=6e-4,
                  nat_warmup=1000, nat_dim=384, nat_depth=8, nat_heads=6, nat_dropout=0.1, ema_decay=0.9995),
 }
-STAGES = ["vq", "featnet", "nat", "policy", "static", "smooth"]
+STAGES = ["vq", "featnet", "nat", "backbone", "policy", "static", "smooth"]
 
 
 class UserError(Exception):
@@ -215,7 +222,7 @@ def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "
     try:
         if stage == "vq":
             model = vqgan.VQModel(vqgan.VQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])}))
-        elif stage == "featnet":
+        elif stage in ("featnet", "backbone"):
             model = fid.FeatureNet(fid.FeatureNetConfig(**cfg))
         else:
             model = nat.NAT(nat.NATConfig(**cfg))
@@ -388,20 +395,33 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
 
 def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
     """Train the FID feature network as a classifier (flip + shift augmentation)."""
+    train_classifier(c, run_dir, device, log, "featnet", dict(width=c.feat_width, feat_dim=c.feat_dim), c.feat_steps, 2)
+
+
+def stage_backbone(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+    """A second classifier (other width and seed, shorter training): the frozen backbone the
+    policy's discriminator reads (reward.py). The FID network itself must not be the reward."""
+    train_classifier(c, run_dir, device, log, "backbone", dict(width=c.bb_width, feat_dim=c.bb_dim), c.bb_steps, 7)
+
+
+def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, name: str, sizes: dict,
+                     steps: int, seed_offset: int) -> None:
+    """Train a fid.FeatureNet classifier of the given sizes into <name>.pt (Adam, flip + shift)."""
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
     x_test, y_test, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
-    cfg = feat_config(c, num_classes)
+    cfg = fid.FeatureNetConfig(in_ch=c.channels, num_classes=num_classes, img_size=c.img_size, **sizes)
+    torch.manual_seed(c.seed + seed_offset)
     model = fid.FeatureNet(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=c.feat_lr)
     modules = {"model": model, "optim": opt}
-    path = os.path.join(run_dir, "featnet.pt")
+    path = os.path.join(run_dir, f"{name}.pt")
     state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 2 + state["step"])
+    g = torch.Generator().manual_seed(c.seed + seed_offset + state["step"])
     it = data.batches(x_train, y_train, c.feat_batch, g, infinite=True)
 
     def step_fn(step: int) -> dict:
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, c.feat_steps, c.feat_lr, c.feat_warmup)
+            grp["lr"] = lr_at(step, steps, c.feat_lr, c.feat_warmup)
         xb, yb = next(it)
         x = augment(data.to_float(xb).to(device), g)
         dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()       # random shift by up to 2 pixels
@@ -414,14 +434,14 @@ def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: Logge
         opt.step()
         return {"loss": loss.item(), "acc": (logits.argmax(1).cpu() == yb).float().mean().item()}
 
-    state = train_loop("featnet", path, state, modules, step_fn, c.feat_steps, c, log)
+    state = train_loop(name, path, state, modules, step_fn, steps, c, log)
     _, logits = fid.extract(model, data.to_float(x_test), device=device)
     acc = (logits.argmax(1) == y_test).float().mean().item()
     state["metrics"] = {"test_acc": acc}
     state["done"] = True
     save_ckpt(path, state)
-    log(stage="featnet", final=True, test_acc=acc)
-    print(f"featnet: test accuracy {acc:.4f}")
+    log(stage=name, final=True, test_acc=acc)
+    print(f"{name}: test accuracy {acc:.4f}")
 
 
 @torch.no_grad()
@@ -510,13 +530,13 @@ def load_policy(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]
     return pi.to(device).eval(), ck["config"]
 
 
-def vq_backbone(vq: vqgan.VQModel):
-    """The frozen VQ encoder as the discriminator's backbone: x -> [the feature map at the end of
-    every resolution level, z_e], and their channel counts. Not the FID feature network."""
-    layers = list(vq.encoder.net)
-    per_level = 1 + vq.cfg.n_res
-    taps = [(i + 1) * per_level - 1 for i in range(len(vq.cfg.ch_mult))] + [len(layers) - 1]
-    channels = [vq.cfg.ch * m for m in vq.cfg.ch_mult] + [vq.cfg.code_dim]
+def classifier_backbone(net: fid.FeatureNet):
+    """A frozen classifier as the discriminator's backbone: x -> its feature map after each of
+    the three pooling stages, (B, w, S/2, S/2), (B, 2w, S/4, S/4), (B, 4w, S/8, S/8), and their
+    channel counts. (The frozen VQ encoder was tried first: D reached only ~55% held-out accuracy.)"""
+    layers = list(net.body)
+    taps = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.MaxPool2d)]
+    w = net.cfg.width
 
     @torch.no_grad()
     def backbone(x: torch.Tensor) -> list[torch.Tensor]:
@@ -526,7 +546,7 @@ def vq_backbone(vq: vqgan.VQModel):
             if i in taps:
                 feats.append(h)
         return feats
-    return backbone, channels
+    return backbone, [w, 2 * w, 4 * w]
 
 
 def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, kind: str, T: int) -> None:
@@ -545,7 +565,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     h_pre = policy.inverse_activation(h).to(device)
     pcfg = policy_config(c, kind, T, h, cfg_nat.dim, cfg_nat.num_tokens)
     pi, V = (m.to(device) for m in build_policy(pcfg))
-    backbone, channels = vq_backbone(pipe.vq)
+    backbone, channels = classifier_backbone(build_model(run_dir, "backbone", device))
     D = reward.ProjectedDiscriminator(channels, cfg_nat.num_classes).to(device)
     lr = c.pi_static_lr if kind == "static" else c.pi_lr
     params = list(pi.parameters()) + list(V.parameters())
@@ -586,9 +606,10 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         sigma = c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
         g = torch.Generator(device).manual_seed(c.seed * 100003 + it)          # seeded per iteration: resumable
         g_cpu = torch.Generator().manual_seed(c.seed * 100003 + it)
-        labels = torch.randint(0, cfg_nat.num_classes, (c.pi_batch,), device=device, generator=g)
+        G = c.pi_group
+        labels = torch.randint(0, cfg_nat.num_classes, (c.pi_batch // G,), device=device, generator=g).repeat_interleave(G)
         gen = lambda y, sched: nat.generate(pipe.logits_fn, y, T, sched, cfg_nat.mask_id, cfg_nat.num_tokens,
-                                            cfg_nat.null_label, g)
+                                            cfg_nat.null_label, g, group=G)
         pi.eval(), V.eval()
         ro = policy.rollout(pi, V, gen, labels, h_pre, sigma, beta_ema, g)
         with torch.no_grad():
@@ -598,7 +619,11 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         out = {"reward": R.mean().item(), "d_acc": d_acc, "sigma": sigma}
         if it >= c.pi_d_warmup:                                              # PPO (Eq. 10-11)
             ret = ppo.normalise(R).repeat(T)                                 # (T*B,) step-major
-            adv = ret - ro.value
+            if G == 1:
+                adv = ret - ro.value                                         # AdaNAT: R_hat - V_old
+            else:                                                            # the group's mean as the baseline
+                A = (R.view(-1, G) - R.view(-1, G).mean(1, keepdim=True)).flatten()
+                adv = (A / (A.std() + 1e-8)).repeat(T)
             ent = policy.gaussian_entropy(sigma)
             pi.train(), V.train()
 
@@ -610,7 +635,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
                                    c.pi_target_kl, c.pi_clip, c.pi_vf_coef, c.pi_ent_coef, generator=g_cpu)
             stats["explained_var"] = ppo.explained_variance(ro.value, ret)
             out.update({k: float(v) for k, v in stats.items()})
-        for k in range(c.pi_d_steps):                                       # D on this rollout's own samples
+        for k in range(c.pi_d_steps if it >= c.pi_d_warmup else c.pi_d_warmup_steps):   # D on this rollout's samples
             i = torch.randint(0, len(x_real), (c.pi_batch,), generator=g_cpu)
             xr, yr = x_real[i].to(device), y_real[i].to(device)
             loss = reward.d_loss(D(backbone(reward.diff_augment(xr, g)), yr),
@@ -650,7 +675,7 @@ def stage_policies(kind: str):
     return stage
 
 
-STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat,
+STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbone": stage_backbone,
              "policy": stage_policies("policy"), "static": stage_policies("static"), "smooth": stage_policies("smooth")}
 POLICY_STAGES = ("policy", "static", "smooth")
 
@@ -709,13 +734,16 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         if args.steps <= 0:
             raise UserError(f"--steps {args.steps}: must be a positive number of training steps")
         for s in (STAGES if args.stage == "all" else [args.stage]):
-            setattr(c, "pi_iters" if s in POLICY_STAGES else f"{'feat' if s == 'featnet' else s}_steps", args.steps)
-    for name in ("vq_steps", "feat_steps", "nat_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
+            setattr(c, "pi_iters" if s in POLICY_STAGES else {"featnet": "feat_steps", "backbone": "bb_steps"}.get(s, f"{s}_steps"),
+                    args.steps)
+    for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
                  "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches"):
         if getattr(c, name) <= 0:
             raise UserError(f"{name} = {getattr(c, name)}: must be positive")
     if c.mask_dist not in ("cosine", "beta"):
         raise UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
+    if c.pi_group < 1 or c.pi_batch % c.pi_group:
+        raise UserError(f"pi_group {c.pi_group} must be >= 1 and divide pi_batch {c.pi_batch}")
     if c.pi_d_real not in ("recon", "raw"):
         raise UserError(f"pi_d_real {c.pi_d_real!r}: use recon or raw")
     if not c.pi_T or any(T < 2 for T in c.pi_T):

@@ -26,10 +26,19 @@ def run_dir(tmp_path_factory):
 
 
 def test_train_writes_everything(run_dir):
-    for f in ("config.json", "log.jsonl", "vq.pt", "featnet.pt", "nat.pt"):
+    policies = [f"{k}_T4" for k in ("policy", "static", "smooth")]
+    for f in ["config.json", "log.jsonl", "vq.pt", "featnet.pt", "nat.pt", "sweep_w.json"] + \
+             [f"{p}.pt" for p in policies] + [f"{p}_curve.png" for p in policies]:
         assert os.path.exists(os.path.join(run_dir, f)), f
     records = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
-    assert {r["stage"] for r in records} == {"vq", "featnet", "nat"}
+    assert {r["stage"] for r in records} == {"vq", "featnet", "nat", "policy", "static", "smooth"} | set(policies)
+    for p in policies:
+        ck = torch.load(os.path.join(run_dir, f"{p}.pt"), weights_only=True)
+        assert ck["done"] and ck["step"] == 4 and ck["best_fid"] >= 0
+        ppo_records = [r for r in records if r["stage"] == p and "approx_kl" in r]
+        assert len(ppo_records) == 3                                     # 4 iterations, the first trains D only
+        assert all(0 <= r["d_acc"] <= 1 and 0 < r["reward"] < 1 for r in ppo_records)
+    assert ck["config"]["beta_ema"] == 0.5 and ck["config"]["kind"] == "smooth"
     for stage in ("vq", "featnet", "nat"):
         ck = torch.load(os.path.join(run_dir, f"{stage}.pt"), weights_only=True)   # plain types + tensors
         assert ck["done"] and ck["step"] > 0 and isinstance(ck["config"], dict)
@@ -68,7 +77,9 @@ def test_sample_grid_eval_bench(run_dir):
     r = run("sample.py", "--run-dir", run_dir, "--eval", "--samples", "60", "--sweep-samples", "30", "--decode-steps", "2,4")
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.load(open(os.path.join(run_dir, "eval.json")))
-    assert len(ev["rows"]) == 4 and all(r["fid"] >= 0 for r in ev["rows"])
+    assert len(ev["rows"]) == 7 and all(r["fid"] >= 0 for r in ev["rows"])   # 2 heuristics x T=2,4 + 3 policies at T=4
+    adaptive = [r for r in ev["rows"] if r["schedule"].startswith("adaptive policy")][0]
+    assert adaptive["T"] == 4 and len(adaptive["actions_sd_per_step"]) == 4
     assert os.path.exists(os.path.join(run_dir, "eval.md")) and os.path.exists(os.path.join(run_dir, "sweep_w.json"))
     r = run("sample.py", "--run-dir", run_dir, "--bench", "--batch", "16")
     assert r.returncode == 0 and "decoding overhead" in r.stdout, r.stderr[-2000:]

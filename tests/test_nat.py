@@ -180,3 +180,16 @@ def test_random_numbers_do_not_depend_on_other_samples():
     a = nat.decode_step(tokens, lc, lu, m1, _full(1.0), _full(1.0), _full(1.0), MASK, torch.Generator().manual_seed(7))
     b = nat.decode_step(tokens2, lc, lu, m2, _full(1.0), _full(1.0), _full(1.0), MASK, torch.Generator().manual_seed(7))
     assert torch.equal(a[1:], b[1:])
+
+
+def test_groups_share_their_random_numbers():
+    """group = G: rows of one group with the same label and actions generate the same tokens;
+    different groups differ."""
+    torch.manual_seed(0)
+    cfg = nat.NATConfig(vocab_size=16, num_tokens=16, num_classes=3, dim=32, depth=1, heads=2)
+    net = nat.NAT(cfg).eval()
+    labels = torch.tensor([1, 1, 1, 2, 2, 2])
+    out = nat.generate(net, labels, 4, nat.heuristic_schedule(4, 1.0, 2.0), cfg.mask_id, 16, cfg.null_label,
+                       torch.Generator().manual_seed(0), group=3)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2]) and torch.equal(out[3], out[5])
+    assert not torch.equal(out[0], out[3])

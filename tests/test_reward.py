@@ -1,0 +1,48 @@
+"""reward.py: the projected discriminator learns an easy split; augmentation; reward range."""
+import math
+
+import torch
+
+import reward
+
+
+def test_discriminator_loss_decreases_on_an_easy_split():
+    torch.manual_seed(0)
+    B = 64
+    real = torch.randn(B, 1, 1, 1).expand(B, 1, 16, 16).contiguous()         # smooth images
+    fake = torch.randn(B, 1, 16, 16)                                         # pixel noise, same moments
+    conv = torch.nn.Conv2d(1, 8, 3, stride=2, padding=1).requires_grad_(False)
+    backbone = lambda x: [x, conv(x)]
+    D = reward.ProjectedDiscriminator([1, 8], num_classes=2, width=16)
+    opt = torch.optim.Adam(D.parameters(), 1e-3, betas=(0.5, 0.999))
+    y = torch.randint(0, 2, (B,))
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        loss = reward.d_loss(D(backbone(reward.diff_augment(real, g)), y), D(backbone(reward.diff_augment(fake, g)), y))
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 1.3 and sum(losses[-10:]) / 10 < losses[0] - 0.2
+    with torch.no_grad():
+        lr, lf = D(backbone(real), y), D(backbone(fake), y)
+    assert reward.accuracy(lr, lf) > 0.8
+    r = reward.reward(lf)
+    assert r.shape == (B,) and ((r > 0) & (r < 1)).all() and reward.reward(lr).mean() > r.mean()
+
+
+def test_loss_at_zero_logits_is_2_log_2():
+    z = torch.zeros(4, 10)
+    assert abs(reward.d_loss(z, z).item() - 2 * math.log(2)) < 1e-6
+
+
+def test_diff_augment_translates_and_cuts_out():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(8, 1, 1, 1) + 1            # no zeros before augmenting
+    out = reward.diff_augment(x, torch.Generator().manual_seed(0), shift=0.25, cutout=0.5)
+    assert out.shape == x.shape
+    for b in range(8):                                                       # every kept pixel is a shifted input pixel
+        nz = out[b, 0][out[b, 0] != 0]
+        assert len(nz) >= 4 and set(nz.tolist()) <= set(x[b, 0].flatten().tolist())
+    assert (out == 0).any()                                                  # the cutout (or the zero fill) is there
+    x.requires_grad_(True)
+    reward.diff_augment(x).sum().backward()                                  # differentiable
+    assert x.grad is not None

@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=10000, help="samples per row and seed")
     p.add_argument("--sweep-samples", type=int, default=2000, help="samples per w_0 candidate")
     p.add_argument("--decode-steps", default="4,8,16", help="comma-separated T values for --eval")
-    p.add_argument("--grid-steps", type=int, default=8, help="T of the grids")
+    p.add_argument("--grid-steps", type=int, default=8, help="T of the grids and of --bench")
     p.add_argument("--batch", type=int, default=None, help="generation batch (default 500; bench: 256 CPU, 1024 GPU)")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
     args = p.parse_args(argv)
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch or 500)
         if args.bench:
-            bench(pipe, args.batch or (1024 if device.type == "cuda" else 256))
+            bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
         if args.sweep_w:
             sweep_w(pipe, RealFeatures(pipe), args.sweep_samples)
         if args.eval:

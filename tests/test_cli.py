@@ -81,8 +81,13 @@ def test_sample_grid_eval_bench(run_dir):
     adaptive = [r for r in ev["rows"] if r["schedule"].startswith("adaptive policy")][0]
     assert adaptive["T"] == 4 and len(adaptive["actions_sd_per_step"]) == 4
     assert os.path.exists(os.path.join(run_dir, "eval.md")) and os.path.exists(os.path.join(run_dir, "sweep_w.json"))
-    r = run("sample.py", "--run-dir", run_dir, "--bench", "--batch", "16")
+    r = run("sample.py", "--run-dir", run_dir, "--bench", "--batch", "16", "--grid-steps", "4")
     assert r.returncode == 0 and "decoding overhead" in r.stdout, r.stderr[-2000:]
+    assert "policy cost" in r.stdout                                   # the adaptive policy's share of generation
+    r = run("sample.py", "--run-dir", run_dir, "--plot", "--decode-steps", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("policy_actions_T4.png", "heuristic_vs_adaptive_T4.png"):
+        assert os.path.exists(os.path.join(run_dir, f)), f
 
 
 def _fails(r, text):

@@ -70,6 +70,26 @@ def test_resume_continues_an_interrupted_stage(run_dir, tmp_path):
     assert min(steps) > 20 and max(steps) == 30
 
 
+def test_policy_stage_resumes(run_dir, tmp_path):
+    """An interrupted policy checkpoint (done=False at iteration 2) continues to the end."""
+    d = tmp_path / "policy"
+    d.mkdir()
+    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json", "fid_ref.pt"):
+        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    ck = torch.load(os.path.join(run_dir, "policy_T4.pt"), weights_only=True)
+    ck.update(done=False, step=2, history=ck["history"][:3])
+    torch.save(ck, d / "policy_T4.pt")
+    r = run("train.py", "--stage", "policy", "--run-dir", str(d))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming policy_T4.pt from step 2" in r.stdout
+    back = torch.load(d / "policy_T4.pt", weights_only=True)
+    assert back["done"] and back["step"] == 4 and [h["iter"] for h in back["history"]] == [0, 1, 2, 3, 4]
+    # another pi_* value against the same checkpoint: a clear error, nothing overwritten
+    back.update(done=False)
+    torch.save(back, d / "policy_T4.pt")
+    _fails(run("train.py", "--stage", "policy", "--set", "pi_lr=0.5", "--run-dir", str(d)), "another config")
+
+
 def test_sample_grid_eval_bench(run_dir):
     r = run("sample.py", "--run-dir", run_dir)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -27,11 +27,11 @@ def run_dir(tmp_path_factory):
 
 def test_train_writes_everything(run_dir):
     policies = [f"{k}_T4" for k in ("policy", "static", "smooth")]
-    for f in ["config.json", "log.jsonl", "vq.pt", "featnet.pt", "nat.pt", "sweep_w.json"] + \
+    for f in ["config.json", "log.jsonl", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json"] + \
              [f"{p}.pt" for p in policies] + [f"{p}_curve.png" for p in policies]:
         assert os.path.exists(os.path.join(run_dir, f)), f
     records = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
-    assert {r["stage"] for r in records} == {"vq", "featnet", "nat", "policy", "static", "smooth"} | set(policies)
+    assert {r["stage"] for r in records} == {"vq", "featnet", "nat", "backbone", "policy", "static", "smooth"} | set(policies)
     for p in policies:
         ck = torch.load(os.path.join(run_dir, f"{p}.pt"), weights_only=True)
         assert ck["done"] and ck["step"] == 4 and ck["best_fid"] >= 0

@@ -585,7 +585,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         x_real = pipe.decode(torch.cat([pipe.vq.tokenize(x_real[i:i + 500].to(device)).cpu()
                                         for i in range(0, len(x_real), 500)]))
     n_hold = min(1000, len(x_real) // 10)
-    x_hold, y_hold = x_real[:n_hold].to(device), y_real[:n_hold].to(device)
+    f_hold, y_hold = backbone(x_real[:n_hold].to(device)), y_real[:n_hold].to(device)   # the backbone is frozen
     x_real, y_real = x_real[n_hold:], y_real[n_hold:]
 
     fid_labels = sample.balanced_labels(c.pi_fid_samples, cfg_nat.num_classes)
@@ -615,8 +615,9 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         ro = policy.rollout(pi, V, gen, labels, h_pre, sigma, beta_ema, g)
         with torch.no_grad():
             fake = pipe.vq.detokenize(ro.tokens)                             # (B, C, H, W)
-            R = reward.reward(D(backbone(fake), labels))                     # (B,)
-            d_acc = reward.accuracy(D(backbone(x_hold), y_hold), D(backbone(fake), labels))
+            logits_fake = D(backbone(fake), labels)                          # (B, P)
+            R = reward.reward(logits_fake)                                   # (B,)
+            d_acc = reward.accuracy(D(f_hold, y_hold), logits_fake)
         out = {"reward": R.mean().item(), "d_acc": d_acc, "sigma": sigma, "sec_rollout": time.time() - t0}
         t0 = time.time()
         if it >= c.pi_d_warmup:                                              # PPO (Eq. 10-11)

@@ -248,10 +248,18 @@ Schedule = Callable[[int, NATState], tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def table_schedule(table: torch.Tensor) -> Schedule:
-    """A static schedule from a (T, 4) table of [m, tau1, tau2, w], shared by all samples."""
+    """A static schedule from a table of [m, tau1, tau2, w]: (T, 4), shared by all samples, or
+    (C, T, 4), C schedules interleaved: row b follows table[b % C] (one batch evaluates C
+    candidates, e.g. an AutoNAT search update; B must be a multiple of C)."""
+    tables = table if table.dim() == 3 else table[None]                     # (C, T, 4)
+    C = tables.shape[0]
+
     def schedule(t: int, state: NATState):
-        row = table[t].to(state.tokens.device, torch.float32)               # (4,), one copy per step
-        return tuple(row[j].expand(state.tokens.shape[0]) for j in range(4))
+        B = state.tokens.shape[0]
+        if B % C:
+            raise ValueError(f"batch of {B} rows is not a multiple of the {C} interleaved schedules")
+        rows = tables[:, t].to(state.tokens.device, torch.float32).repeat(B // C, 1)   # (B, 4)
+        return tuple(rows[:, j] for j in range(4))
     return schedule
 
 

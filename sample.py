@@ -63,15 +63,19 @@ class Pipeline:
             return self.net(tokens, labels)
 
     def generate(self, labels: torch.Tensor, T: int, schedule: nat.Schedule, seed: int, guided: bool = True,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, group: int = 1, dedup: bool = False) -> torch.Tensor:
         """Generate tokens (n, N) for labels (n,) in batches, with any schedule (a heuristic
-        table, a policy); guided=False skips the null-class forward (the schedule's w is ignored)."""
+        table, a policy); guided=False skips the null-class forward (the schedule's w is ignored).
+        group = G: consecutive blocks of G rows share their random numbers (nat.decode_step).
+        dedup: one forward per distinct (tokens, label) row of a step (see `dedup_logits_fn`)."""
         g = torch.Generator(self.device).manual_seed(seed)
         null = self.cfg.null_label if guided else None
+        step = max(group, self.batch // group * group)                     # whole groups per batch
+        fn = dedup_logits_fn(self.logits_fn) if dedup else self.logits_fn
         out = []
-        for i in tqdm(range(0, len(labels), self.batch), desc=f"T={T}", leave=False, disable=not progress):
-            y = labels[i:i + self.batch].to(self.device)
-            out.append(nat.generate(self.logits_fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g).cpu())
+        for i in tqdm(range(0, len(labels), step), desc=f"T={T}", leave=False, disable=not progress):
+            y = labels[i:i + step].to(self.device)
+            out.append(nat.generate(fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g, group).cpu())
         return torch.cat(out)
 
     def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int) -> torch.Tensor:
@@ -83,6 +87,20 @@ class Pipeline:
         """Decode tokens (n, N) to float images (n, C, H, W) in [-1, 1] on the CPU."""
         return torch.cat([self.vq.detokenize(tokens[i:i + self.batch].to(self.device)).float().cpu()
                           for i in range(0, len(tokens), self.batch)])
+
+
+def dedup_logits_fn(logits_fn):
+    """logits_fn run once per distinct (tokens, label) row, its outputs copied to the duplicates.
+
+    In a search update the candidates that perturb step t decode steps 0..t-1 exactly like the
+    unperturbed schedule (same random numbers), so at step t only 1 + (candidates perturbed
+    earlier) rows are distinct: about half the generator forwards of the update are skipped."""
+    def fn(tokens: torch.Tensor, labels: torch.Tensor):
+        key = torch.cat([tokens, labels[:, None]], 1)                     # (B, N+1)
+        uniq, inv = torch.unique(key, dim=0, return_inverse=True)         # (U, N+1), (B,)
+        logits, feats = logits_fn(uniq[:, :-1], uniq[:, -1])
+        return logits[inv], feats[inv]
+    return fn
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -196,6 +214,20 @@ def metrics(pipe: Pipeline, ref: RealFeatures, images: torch.Tensor, labels: tor
             "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
 
 
+def candidate_fids(pipe: Pipeline, ref: RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
+                   progress: bool = False) -> torch.Tensor:
+    """FID against *training* statistics of C schedules, tables (C, T, 4), on the same labels (n,)
+    and the same random numbers (common random numbers: candidate c of sample i decodes with
+    sample i's draws). All C x n generations run as few large batches (rows interleaved)."""
+    C, T, _ = tables.shape
+    n = len(labels)
+    tok = pipe.generate(labels.repeat_interleave(C), T, nat.table_schedule(tables), seed, group=C, progress=progress,
+                        dedup=True)
+    feats, _ = fid.extract(pipe.featnet, pipe.decode(tok), device=pipe.device)                 # (n*C, D)
+    feats = feats.view(n, C, -1)
+    return torch.tensor([fid.fid_from_features(feats[:, k], ref.train_mu, ref.train_sigma) for k in range(C)])
+
+
 def sweep_w(pipe: Pipeline, ref: RealFeatures, samples: int, T: int = 8) -> dict:
     """Pick w_0 of AdaNAT's heuristic (tau2_0 = 1, w = w_0 t/T) by FID against *training* statistics."""
     labels = balanced_labels(samples, pipe.cfg.num_classes)
@@ -239,12 +271,41 @@ def policy_schedule(pipe: Pipeline, kind: str, T: int) -> tuple | None:
     return make, cfg, train.fingerprint(pipe.run_dir, (f"{kind}_T{T}",))
 
 
-def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int]) -> dict:
-    """name -> {T: (make_schedule, guided, key)}: the heuristics, and every trained policy for these T."""
+SEARCH_ROWS = {"param": "parametric family (searched, 6 shape parameters)", "search": "AutoNAT search (free T x 4 table)"}
+
+
+def searched_table(pipe: Pipeline, name: str, T: int) -> tuple | None:
+    """(table (T, 4), config, fingerprint) of a finished search `name` ("search" or "param") for T, or None."""
+    path = os.path.join(pipe.run_dir, f"{name}_T{T}.pt")
+    if not os.path.exists(path):
+        return None
+    ck = train.load_ckpt(path)
+    if not ck.get("done"):
+        return None
+    return ck["table"], ck["config"], train.fingerprint(pipe.run_dir, (f"{name}_T{T}",))
+
+
+def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int], sweep_samples: int = 2000) -> dict:
+    """name -> {T: (make_schedule, guided, key, generator)}: the heuristics, every finished search
+    and every trained policy for these T, in the order of the comparison (DESIGN.md); then the
+    Beta-trained generator of the pr-search stage (generator = its Pipeline; else None, this run's)."""
     rows = {"MaskGIT (cos m, tau2_0=4.5, no CFG)":
-            {T: (lambda T=T: nat.heuristic_schedule(T, **MASKGIT), False, "") for T in steps},
+            {T: (lambda T=T: nat.heuristic_schedule(T, **MASKGIT), False, "", None) for T in steps},
             f"AdaNAT heuristic (tau2_0=1, w_0={w_0:g})":
-            {T: (lambda T=T: nat.heuristic_schedule(T, ADANAT_TAU2_0, w_0), True, "") for T in steps}}
+            {T: (lambda T=T: nat.heuristic_schedule(T, ADANAT_TAU2_0, w_0), True, "", None) for T in steps}}
+
+    def add_searches(p: Pipeline, prefix: str, gen):
+        for name, label in SEARCH_ROWS.items():
+            for T in steps:
+                found = searched_table(p, name, T)
+                if found is None:
+                    continue
+                table, cfg, fp = found
+                if cfg["generator"] != p.fingerprint:
+                    print(f"warning: {p.run_dir}/{name}_T{T}.pt was searched on other weights or numerics ({cfg['generator']})")
+                rows.setdefault(prefix + label, {})[T] = (lambda table=table: nat.table_schedule(table), True, f"|{fp}", gen)
+
+    add_searches(pipe, "", None)
     for kind, label in POLICY_ROWS.items():
         for T in steps:
             found = policy_schedule(pipe, kind, T)
@@ -253,7 +314,16 @@ def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int]) -> dict:
             make, cfg, fp = found
             if abs(cfg["heuristic"][-1][3] - w_0 * (T - 1) / T) > 1e-4:      # w_T-1 of the start schedule
                 print(f"warning: {kind}_T{T}.pt started from w_0 other than {w_0:g} (the sweep changed since)")
-            rows.setdefault(label.format(beta_ema=cfg["beta_ema"]), {})[T] = (make, True, f"|{fp}")
+            rows.setdefault(label.format(beta_ema=cfg["beta_ema"]), {})[T] = (make, True, f"|{fp}", None)
+    beta_dir = os.path.join(pipe.run_dir, "beta")                      # the pr-search stage's full generator
+    if os.path.exists(os.path.join(beta_dir, "nat.pt")) and train.load_ckpt(os.path.join(beta_dir, "nat.pt")).get("done"):
+        bp = Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch)
+        a, b = bp.cfg.alpha, bp.cfg.beta
+        w_b = get_w0(bp, RealFeatures(bp), sweep_samples)
+        prefix = f"Beta({a:.3g}, {b:.3g})-trained NAT: "
+        rows[prefix + f"AdaNAT heuristic (w_0={w_b:g})"] = {
+            T: (lambda T=T: nat.heuristic_schedule(T, ADANAT_TAU2_0, w_b), True, f"|beta|{bp.fingerprint}", bp) for T in steps}
+        add_searches(bp, prefix, bp)
     return rows
 
 
@@ -261,7 +331,7 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     """The evaluation table (eval.json, eval.md), resuming from eval_cache.json."""
     ref = RealFeatures(pipe)
     w_0 = get_w0(pipe, ref, sweep_samples)
-    rows = schedule_rows(pipe, w_0, steps)
+    rows = schedule_rows(pipe, w_0, steps, sweep_samples)
     cache_path = os.path.join(pipe.run_dir, "eval_cache.json")
     cache = train.read_json(cache_path, {})
     if cache.get("fingerprint") != pipe.fingerprint:
@@ -288,12 +358,12 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     jobs = [(name, T, s) for name in rows for T in rows[name] for s in EVAL_SEEDS]
     bar = tqdm(jobs, desc="eval")
     for name, T, s in bar:
-        make, guided, suffix = rows[name][T]
+        make, guided, suffix, gen = rows[name][T]
         key = f"{name}|T{T}|seed{s}|{samples}{suffix}"
         if key not in cache:
             sched = make()
             t0 = time.time()
-            tok = pipe.generate(labels, T, sched, seed=s, guided=guided)
+            tok = (gen or pipe).generate(labels, T, sched, seed=s, guided=guided)   # same tokenizer + featnet
             secs = time.time() - t0
             cache[key] = {**metrics(pipe, ref, pipe.decode(tok), labels), "images_per_s": samples / secs}
             if isinstance(sched, policy.PolicySchedule):             # the per-sample spread of every action
@@ -304,7 +374,7 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
 
     table = []
     for name in rows:
-        for T, (_, _, suffix) in rows[name].items():
+        for T, (_, _, suffix, _) in rows[name].items():
             runs = [cache[f"{name}|T{T}|seed{s}|{samples}{suffix}"] for s in EVAL_SEEDS]
             row = {"schedule": name, "T": T, "samples": samples, "seeds": list(EVAL_SEEDS)}
             for k in ("fid", "precision", "recall", "cond_acc", "images_per_s"):

@@ -1,21 +1,30 @@
-"""Train the pipeline, stage by stage: vq -> featnet -> nat.
+"""Train the pipeline, stage by stage: vq -> featnet -> nat -> search -> param-search -> backbone -> policies.
 
     python train.py                                  # the `small` preset, all stages, CPU or GPU
     python train.py --preset base                    # the single-GPU scale
     python train.py --stage nat --run-dir runs/small # one stage; resumes what is there
 
-Stages (each writes one checkpoint `<stage>.pt` into the run folder):
-  vq       the VQ tokenizer (vqgan.py): 32x32 image -> 8x8 = 64 tokens.
-  featnet  a small classifier whose penultimate features define FID here (fid.py).
-  nat      the class-conditional masked-token transformer (nat.py) on the tokenised
-           training set, with an EMA of its weights that sample.py generates with.
+Stages (each writes its checkpoint(s) into the run folder):
+  vq            the VQ tokenizer (vqgan.py): 32x32 image -> 8x8 = 64 tokens.
+  featnet       a small classifier whose penultimate features define FID here (fid.py).
+  nat           the class-conditional masked-token transformer (nat.py) on the tokenised
+                training set, with an EMA of its weights that sample.py generates with.
+  search        AutoNAT's finite-difference search of the T x 4 schedule (autonat.py), one
+                search_T{T}.pt / .json / _curve.png per T in search_T.
+  param-search  the same search over a 6-parameter hand-written family: param_T{T}.*.
+  pr-search     (optional, not in `all`) AutoNAT's Beta(alpha, beta) training-distribution line
+                search with short proxy trainings; then trains the chosen generator in beta/.
+  backbone      a second classifier: the frozen backbone of the policy's discriminator.
+  policy, static, smooth
+                AdaNAT's PPO-trained schedules (policy.py, ppo.py, reward.py): adaptive,
+                learnable static table, adaptive with EMA smoothing; {kind}_T{T}.pt per T in pi_T.
 
 A run folder holds config.json, log.jsonl (one JSON object per logged step), and the
 checkpoints. Re-running the same command resumes: finished stages are skipped, an
 interrupted stage continues from its last checkpoint (written every `ckpt_every_s`
-seconds, at the end, and on Ctrl-C). Checkpoints are dicts of plain types and tensors,
-`torch.load(path, weights_only=True)` loads them, and each carries its model's config so
-that sample.py rebuilds every model from the files alone.
+seconds, after every search update, at the end, and on Ctrl-C). Checkpoints are dicts of
+plain types and tensors, `torch.load(path, weights_only=True)` loads them, and each carries
+its model's config so that sample.py rebuilds every model from the files alone.
 """
 import argparse
 import contextlib
@@ -24,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import autonat
 import data
 import fid
 import nat
@@ -119,6 +130,25 @@ class TrainConfig:
     pi_fid_every: int = 6            # iterations between FID checks (training-set statistics; best kept)
     pi_fid_samples: int = 1000       # samples per FID check
     pi_sweep_samples: int = 2000     # samples per w_0 candidate of the heuristic the residual starts from
+    # --- search / param-search: AutoNAT's finite-difference schedule search (keys search_*; free to
+    # change after the generator is trained, each search checkpoint carries its own copy)
+    search_T: tuple = (4, 8)         # step counts to search a schedule for (search_T{T}.pt, param_T{T}.pt)
+    search_updates: int = 12         # gradient-descent updates of the free T x 4 table
+    search_param_updates: int = 12   # ... of the parametric family
+    search_samples: int = 500        # samples per candidate schedule: FID against training statistics
+    search_seed: int = 0             # one seed for every candidate (common random numbers); eval uses 1, 2, 3
+    search_eps_m: float = 0.03       # finite-difference step of the mask ratios (~2 of 64 tokens; paper 0.01 of 256)
+    search_eps: float = 0.1          # ... of tau1, tau2, w and of the parametric family (paper 0.1)
+    search_lr_m: float = 3e-4        # learning rate of the mask ratios (paper 1e-3; our FID gradients are larger)
+    search_lr: float = 0.01          # ... of tau1, tau2, w and the parametric family (paper 0.1)
+    search_momentum: float = 0.5     # heavy-ball momentum
+    search_clip: float = 30.0        # gradient-norm clip (0: off; paper: 10 on ImageNet-512)
+    # --- pr-search: AutoNAT's training-strategy search, p(r) = Beta(alpha, beta) (optional stage)
+    pr_budget: int = 6               # proxy NAT trainings the line search may spend
+    pr_steps: int = 600              # steps of each proxy training (the short-training proxy)
+    pr_T: int = 4                    # the candidates are judged at this T, with its searched schedule if there is one
+    pr_samples: int = 1000           # samples per candidate FID (training-set statistics, seed search_seed)
+    pr_final: bool = True            # then train the chosen p(r) for nat_steps in <run>/beta and search its schedule
 
 
 PRESETS: dict[str, dict] = {
@@ -127,7 +157,9 @@ PRESETS: dict[str, dict] = {
                  vq_restart_every=10, feat_steps=30, feat_batch=32, feat_width=8, feat_dim=16, bb_steps=20, bb_width=4, bb_dim=8,
                  nat_steps=30, nat_batch=32, nat_dim=32, nat_depth=1, nat_heads=2, nat_warmup=5,
                  log_every=10, ema_decay=0.9, pi_T=(4,), pi_iters=4, pi_batch=16, pi_width=16, pi_hidden=16,
-                 pi_d_warmup=1, pi_d_steps=1, pi_d_warmup_steps=2, pi_fid_every=2, pi_fid_samples=40, pi_sweep_samples=20),
+                 pi_d_warmup=1, pi_d_steps=1, pi_d_warmup_steps=2, pi_fid_every=2, pi_fid_samples=40, pi_sweep_samples=20,
+                 search_T=(4,), search_updates=2, search_param_updates=2, search_samples=40,
+                 pr_budget=2, pr_steps=5, pr_samples=40),
     # the default: fits in ~40 minutes on 2 CPU cores
     "small": dict(),
     # one GPU, a few minutes to an hour
@@ -135,7 +167,7 @@ PRESETS: dict[str, dict] = {
                  feat_steps=4000, feat_width=48, nat_steps=30000, nat_batch=512, nat_lr=6e-4,
                  nat_warmup=1000, nat_dim=384, nat_depth=8, nat_heads=6, nat_dropout=0.1, ema_decay=0.9995),
 }
-STAGES = ["vq", "featnet", "nat", "backbone", "policy", "static", "smooth"]
+STAGES = ["vq", "featnet", "nat", "search", "param-search", "backbone", "policy", "static", "smooth"]
 
 
 class UserError(Exception):
@@ -680,9 +712,201 @@ def stage_policies(kind: str):
     return stage
 
 
+# ----------------------------------------------------------------------------- AutoNAT search
+
+SEARCH_KINDS = {"search": "free", "param-search": "param"}      # stage -> what is searched
+SEARCH_FILES = {"free": "search", "param": "param"}              # -> <file>_T{T}.pt / .json / _curve.png
+
+
+def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, kind: str, T: int) -> None:
+    """AutoNAT §4.2 for one T: finite-difference gradient descent on training-set FID.
+
+    kind "free": xi = the whole T x 4 table [m, tau1, tau2, w] (the paper's search);
+    kind "param": theta = the six shape parameters of autonat.parametric_table.
+    Both start from AdaNAT's heuristic (tau2_0 = 1, w_0 from the training-FID sweep). One update
+    generates its 1 + A candidates (A perturbed coordinates) on the same labels and random
+    numbers as one interleaved batch; the checkpoint is written after every update."""
+    import sample
+    pipe = sample.Pipeline(run_dir, device, c.bf16)
+    ref = sample.RealFeatures(pipe)
+    w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
+    h = nat.heuristic_table(T, sample.ADANAT_TAU2_0, w_0)                   # (T, 4)
+    if kind == "free":
+        xi0 = autonat.table_to_xi(h)
+        eps = autonat.step_sizes(T, c.search_eps_m, c.search_eps)
+        lr = autonat.step_sizes(T, c.search_lr_m, c.search_lr)
+        active = autonat.free_coordinates(T)
+        to_table = autonat.xi_to_table
+        project = lambda xi: autonat.table_to_xi(autonat.project_table(autonat.xi_to_table(xi)))
+        updates = c.search_updates
+    else:
+        xi0 = autonat.parametric_init(sample.ADANAT_TAU2_0, w_0)
+        eps, lr = torch.full((len(autonat.PARAMS),), c.search_eps), torch.full((len(autonat.PARAMS),), c.search_lr)
+        active = torch.ones(len(autonat.PARAMS), dtype=torch.bool)
+        to_table = lambda theta: autonat.parametric_table(theta, T)
+        project = autonat.project_params
+        updates = c.search_param_updates
+    name = f"{SEARCH_FILES[kind]}_T{T}"
+    path = os.path.join(run_dir, f"{name}.pt")
+    scfg = {"kind": kind, "T": T, "start": h.tolist(), "samples": c.search_samples, "seed": c.search_seed,
+            "eps": eps.tolist(), "lr": lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip,
+            "generator": pipe.fingerprint}
+    if os.path.exists(path):
+        state = load_ckpt(path, expect_config=scfg)
+        if state.get("final_step") == state["step"] < updates:            # extending a finished search
+            state["history"].pop()                                        # its end point is update `step`'s start
+            state["done"] = False
+        print(f"resuming {name} from update {state['step']}")
+    else:
+        state = {"config": scfg, "step": 0, "model": {"xi": xi0, "v": torch.zeros_like(xi0)}, "best_xi": xi0,
+                 "best_fid": math.inf, "history": [], "forwards": 0, "train_seconds": 0.0}
+    labels = sample.balanced_labels(c.search_samples, pipe.cfg.num_classes)
+    C = 1 + int(active.sum())
+
+    def F(X: torch.Tensor) -> torch.Tensor:                                # (C', D) -> (C',) training-set FIDs
+        state["forwards"] += len(X) * len(labels) * T * 2                  # image-forwards of the generator (CFG: 2)
+        return sample.candidate_fids(pipe, ref, torch.stack([to_table(x) for x in X]), labels, c.search_seed)
+
+    def step_fn(k: int) -> dict:
+        xi, v = state["model"]["xi"], state["model"]["v"]
+        values = F(autonat.candidates(xi, eps, active))                    # (C,)
+        g = autonat.fd_gradient(values, eps, active)
+        if values[0] < state["best_fid"]:
+            state["best_fid"], state["best_xi"] = float(values[0]), xi.clone()
+        xi, v = autonat.momentum_step(xi, v, g, lr, c.search_momentum, c.search_clip)
+        state["model"] = {"xi": project(xi), "v": v}
+        out = {"train_fid": float(values[0]), "best_fid": state["best_fid"], "grad_norm": g.norm().item()}
+        state["history"].append({"update": k, **out, "grad": [round(v, 4) for v in g.tolist()]})
+        return out
+
+    print(f"{name}: {C} candidates x {len(labels)} samples per update, {updates} updates")
+    state = train_loop(name, path, state, {}, step_fn, updates, dataclasses.replace(c, log_every=1, ckpt_every_s=0.0), log)
+    if state.get("final_step") != state["step"]:                          # the last update's result, measured once
+        final = float(F(state["model"]["xi"][None])[0])
+        if final < state["best_fid"]:
+            state["best_fid"], state["best_xi"] = final, state["model"]["xi"].clone()
+        state["history"].append({"update": state["step"], "train_fid": final, "best_fid": state["best_fid"]})
+        state["final_step"] = state["step"]
+    table = to_table(state["best_xi"])
+    state.update(done=True, table=table)
+    save_ckpt(path, state)
+    start = state["history"][0]["train_fid"]
+    summary = {"kind": kind, "T": T, "columns": list(autonat.COLUMNS), "table": table.tolist(),
+               "start_table": h.tolist(), "train_fid_start": start, "train_fid_best": state["best_fid"],
+               "updates": state["step"], "candidates_per_update": C, "samples_per_candidate": len(labels),
+               "generator_forwards": state["forwards"], "minutes": state["train_seconds"] / 60,
+               "device": str(device), "history": state["history"], "config": scfg}
+    if kind == "param":
+        summary["theta"] = dict(zip(autonat.PARAMS, state["best_xi"].tolist()))
+    write_json(os.path.join(run_dir, f"{name}.json"), summary)
+    ups = [r["update"] for r in state["history"]]
+    panels = [{"title": "train FID per update (best: red)", "series": [
+        {"x": ups, "y": [r["train_fid"] for r in state["history"]], "color": (40, 90, 200)},
+        {"x": ups, "y": [r["best_fid"] for r in state["history"]], "color": (200, 40, 40), "dashed": True}]}]
+    steps = list(range(T))
+    panels += [{"title": f"{a} per step (start dashed)", "series": [
+        {"x": steps, "y": h[:, j].tolist(), "color": (120, 120, 120), "dashed": True},
+        {"x": steps, "y": table[:, j].tolist(), "color": (40, 90, 200)}]} for j, a in enumerate(autonat.COLUMNS)]
+    sample.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search")
+    print(f"{name}: training-set FID {start:.2f} -> {state['best_fid']:.2f} in {state['step']} updates, "
+          f"{state['forwards'] / 1e6:.2f}M generator forwards, {state['train_seconds'] / 60:.1f} min; {name}.json")
+
+
+def stage_search(stage: str):
+    """The stage function of `search` / `param-search`: one search per T in search_T."""
+    kind = SEARCH_KINDS[stage]
+
+    def run(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+        for T in c.search_T:
+            path = os.path.join(run_dir, f"{SEARCH_FILES[kind]}_T{T}.pt")
+            updates = c.search_updates if kind == "free" else c.search_param_updates
+            if os.path.exists(path):
+                ck = load_ckpt(path)
+                if ck.get("done") and ck["step"] >= updates:
+                    print(f"{SEARCH_FILES[kind]}_T{T}: done ({path}), skipped")
+                    continue
+            search_schedule(c, run_dir, device, log, kind, T)
+    return run
+
+
+def sub_run(c: TrainConfig, run_dir: str, sub: str, **changes) -> TrainConfig:
+    """A run folder sharing this run's tokenizer and feature network (copied), its config = c + changes."""
+    os.makedirs(sub, exist_ok=True)
+    for f in ("vq.pt", "featnet.pt", "fid_ref.pt"):
+        if os.path.exists(os.path.join(run_dir, f)) and not os.path.exists(os.path.join(sub, f)):
+            shutil.copyfile(os.path.join(run_dir, f), os.path.join(sub, f))
+    c2 = dataclasses.replace(c, **changes)
+    write_json(os.path.join(sub, "config.json"), to_plain(c2))
+    return c2
+
+
+def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+    """AutoNAT §4.3 and one round of its Algorithm 1, with short proxy trainings.
+
+    Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>/
+    (same tokenizer, data and seed) and is scored by the training-set FID of its samples at
+    T = pr_T under the searched schedule (search_T{pr_T}.pt, else AdaNAT's heuristic); the greedy
+    line search in (alpha/beta, beta) (autonat.beta_line_search) spends at most pr_budget
+    trainings. A proxy of the default cosine p(r) is trained as the reference (outside the
+    budget). With pr_final, the chosen p(r) then trains the full generator in beta/ and the
+    schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows)."""
+    import sample
+    pipe = sample.Pipeline(run_dir, device, c.bf16)
+    ref = sample.RealFeatures(pipe)
+    found = sample.searched_table(pipe, "search", c.pr_T)
+    table = found[0] if found else nat.heuristic_table(c.pr_T, sample.ADANAT_TAU2_0, sample.get_w0(pipe, ref, c.pi_sweep_samples))
+    labels = sample.balanced_labels(c.pr_samples, pipe.cfg.num_classes)
+    path = os.path.join(run_dir, "pr_search.json")
+    setup = {"steps": c.pr_steps, "T": c.pr_T, "schedule": table.tolist(), "samples": c.pr_samples,
+             "seed": c.search_seed, "tokenizer": fingerprint(run_dir, ("vq", "featnet"))}
+    saved = read_json(path, {})
+    results = saved if saved.get("setup") == setup else {"setup": setup, "cache": {}}
+
+    def proxy_fid(sub: str, **changes) -> float:
+        c2 = sub_run(c, run_dir, os.path.join(run_dir, "pr", sub), nat_steps=c.pr_steps, **changes)
+        d = os.path.join(run_dir, "pr", sub)
+        ck = os.path.join(d, "nat.pt")
+        if not (os.path.exists(ck) and load_ckpt(ck).get("done")):
+            stage_nat(c2, d, device, Logger(d))
+        value = float(sample.candidate_fids(sample.Pipeline(d, device, c.bf16), ref, table[None], labels, c.search_seed)[0])
+        log(stage="pr-search", candidate=sub, train_fid=value, **changes)
+        print(f"pr-search: {sub}: training-set FID {value:.2f} (T={c.pr_T}, {c.pr_samples} samples)")
+        return value
+
+    if "cosine_proxy" not in results:
+        results["cosine_proxy"] = proxy_fid("cosine", mask_dist="cosine")
+        write_json(path, results)
+
+    def F(alpha: float, beta: float) -> float:
+        value = proxy_fid(f"beta_{alpha:.4g}_{beta:.4g}", mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
+        write_json(path, results)                       # the cache entry is added by the line search, after
+        return value
+
+    (alpha, beta), _ = autonat.beta_line_search(F, budget=c.pr_budget, cache=results["cache"])
+    best = min(results["cache"].values())
+    results.update(alpha=alpha, beta=beta, train_fid=best, trainings=len(results["cache"]))
+    write_json(path, results)
+    print(f"pr-search: Beta(alpha={alpha:.3g}, beta={beta:.3g}), proxy FID {best:.2f} vs the cosine proxy's "
+          f"{results['cosine_proxy']:.2f}, {len(results['cache'])} trainings of {c.pr_steps} steps; {path}")
+    if c.pr_final:
+        d = os.path.join(run_dir, "beta")
+        c2 = sub_run(c, run_dir, d, mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
+        ck = os.path.join(d, "nat.pt")
+        want = to_plain(nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
+        if os.path.exists(ck) and load_ckpt(ck)["config"] != want:
+            raise UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
+        if not (os.path.exists(ck) and load_ckpt(ck).get("done")):
+            stage_nat(c2, d, device, Logger(d))
+        STAGE_FNS["search"](c2, d, device, Logger(d))                      # skips the T already searched
+        print(f"pr-search: the Beta-trained generator and its searched schedules are in {d}; sample.py --eval adds their rows")
+
+
 STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbone": stage_backbone,
+             "search": stage_search("search"), "param-search": stage_search("param-search"), "pr-search": stage_pr_search,
              "policy": stage_policies("policy"), "static": stage_policies("static"), "smooth": stage_policies("smooth")}
 POLICY_STAGES = ("policy", "static", "smooth")
+OPTIONAL_STAGES = ["pr-search"]                          # run only when named with --stage
+SKIPS_INSIDE = POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search",)   # stages that skip their finished parts themselves
 
 
 # ----------------------------------------------------------------------------- command line
@@ -720,7 +944,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if saved is not None and saved.get("preset") == preset:       # keys missing from an older config: the preset's
         c = TrainConfig(**{**PRESETS[preset], **{k: v for k, v in saved.items() if k in fields}})
-        c.vq_ch_mult, c.pi_T = tuple(c.vq_ch_mult), tuple(c.pi_T)
+        c.vq_ch_mult, c.pi_T, c.search_T = tuple(c.vq_ch_mult), tuple(c.pi_T), tuple(c.search_T)
     else:
         c = TrainConfig(**{**PRESETS[preset], "preset": preset})
     for item in args.set or []:
@@ -739,10 +963,12 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         if args.steps <= 0:
             raise UserError(f"--steps {args.steps}: must be a positive number of training steps")
         for s in (STAGES if args.stage == "all" else [args.stage]):
-            setattr(c, "pi_iters" if s in POLICY_STAGES else {"featnet": "feat_steps", "backbone": "bb_steps"}.get(s, f"{s}_steps"),
-                    args.steps)
+            key = {"featnet": "feat_steps", "backbone": "bb_steps", "search": "search_updates",
+                   "param-search": "search_param_updates", "pr-search": "pr_steps"}.get(s, "pi_iters" if s in POLICY_STAGES else f"{s}_steps")
+            setattr(c, key, args.steps)
     for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
-                 "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches"):
+                 "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches", "search_updates", "search_param_updates",
+                 "search_samples", "search_eps_m", "search_eps"):
         if getattr(c, name) <= 0:
             raise UserError(f"{name} = {getattr(c, name)}: must be positive")
     if c.mask_dist not in ("cosine", "beta"):
@@ -753,13 +979,19 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise UserError(f"pi_d_real {c.pi_d_real!r}: use recon or raw")
     if not c.pi_T or any(T < 2 for T in c.pi_T):
         raise UserError(f"pi_T {c.pi_T}: decoding step counts of at least 2, e.g. --set pi_T=4,8")
+    if not c.search_T or any(T < 2 for T in c.search_T):
+        raise UserError(f"search_T {c.search_T}: decoding step counts of at least 2, e.g. --set search_T=4,8")
+    if c.pr_budget < 1 or c.pr_steps < 1 or c.pr_T < 2 or c.pr_samples < 1:
+        raise UserError("pr_budget, pr_steps and pr_samples must be positive and pr_T >= 2")
+    if not (0 <= c.search_momentum < 1 and c.search_lr >= 0 and c.search_lr_m >= 0 and c.search_clip >= 0):
+        raise UserError("search_momentum must be in [0, 1), search_lr, search_lr_m and search_clip >= 0")
     if not (c.pi_sigma0 > 0 and c.pi_sigma1 > 0 and 0 <= c.pi_beta_ema < 1):
         raise UserError("pi_sigma0 and pi_sigma1 must be positive and pi_beta_ema in [0, 1)")
     trained = [s for s in STAGES if os.path.exists(os.path.join(run_dir, f"{s}.pt"))]
     if saved is not None and trained:
         now = to_plain(c)
-        # pi_* keys are free: each policy checkpoint carries (and on resume checks) its own copy
-        diff = sorted(k for k in now if k in saved and not k.startswith("pi_")
+        # pi_* and search_* keys are free: each policy / search checkpoint carries (and on resume checks) its own copy
+        diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_"))
                       and k not in ("ckpt_every_s", "log_every") and saved[k] != now[k])
         if diff:
             raise UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "
@@ -770,7 +1002,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: the run folder's, else small)")
-    p.add_argument("--stage", default="all", help=f"all or one of {', '.join(STAGES)}")
+    p.add_argument("--stage", default="all", help=f"all (= {', '.join(STAGES)}) or one of them, or {', '.join(OPTIONAL_STAGES)}")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/<preset>)")
     p.add_argument("--data", default=None, help="Fashion-MNIST idx folder, a folder of class subfolders, or 'synthetic'")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -779,8 +1011,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any TrainConfig field, e.g. --set nat_lr=5e-4")
     args = p.parse_args(argv)
     try:
-        if args.stage != "all" and args.stage not in STAGES:
-            raise UserError(f"unknown stage {args.stage!r}: choose all or one of {', '.join(STAGES)}")
+        if args.stage != "all" and args.stage not in STAGES + OPTIONAL_STAGES:
+            raise UserError(f"unknown stage {args.stage!r}: choose all or one of {', '.join(STAGES + OPTIONAL_STAGES)}")
         c, run_dir = build_config(args)
         device = pick_device(args.device)
         os.makedirs(run_dir, exist_ok=True)
@@ -792,7 +1024,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"run folder {run_dir} | preset {c.preset} | device {device}")
         for s in (STAGES if args.stage == "all" else [args.stage]):
             path = os.path.join(run_dir, f"{s}.pt")
-            if s not in POLICY_STAGES and os.path.exists(path) and load_ckpt(path).get("done"):
+            if s not in SKIPS_INSIDE and os.path.exists(path) and load_ckpt(path).get("done"):
                 print(f"{s}: done ({path}), skipped")
                 continue
             t0 = time.time()
@@ -804,4 +1036,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import train                    # run as the module `train`, the one sample.py imports: one UserError class
+    train.main()

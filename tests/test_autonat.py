@@ -93,3 +93,36 @@ def test_beta_line_search_finds_the_grid_minimum_and_replays_from_cache():
     assert again == (alpha, beta) and len(calls) == n
     (a2, b2), small = autonat.beta_line_search(F, budget=2)                 # the budget caps trainings
     assert len(small) == 2
+
+
+def test_interleaved_candidates_equal_one_at_a_time_and_dedup_is_exact():
+    """One search update as one batch: candidate c of the interleaved batch (group = C) decodes
+    exactly as table c alone with the same seed (common random numbers), and running the
+    generator once per distinct row (sample.dedup_logits_fn) changes nothing but the cost."""
+    import sample
+    torch.manual_seed(0)
+    cfg = nat.NATConfig(vocab_size=16, num_tokens=16, dim=32, depth=1, heads=2)
+    net = nat.NAT(cfg).eval()
+    T, n = 3, 5
+    X = autonat.candidates(autonat.table_to_xi(nat.heuristic_table(T, 1.0, 2.0)), autonat.step_sizes(T, 0.2, 0.5),
+                           autonat.free_coordinates(T))
+    tables = torch.stack([autonat.xi_to_table(x) for x in X])             # (C, T, 4)
+    C = len(tables)
+    labels = torch.arange(n) % 10
+    rows = []
+
+    def counting(tok, y):
+        rows.append(len(tok))
+        return net(tok, y)
+
+    def gen(fn, y, sched, group):
+        return nat.generate(fn, y, T, sched, cfg.mask_id, 16, cfg.null_label, torch.Generator().manual_seed(3), group)
+
+    batched = gen(counting, labels.repeat_interleave(C), nat.table_schedule(tables), C).view(n, C, 16)
+    plain = sum(rows)
+    rows.clear()
+    deduped = gen(sample.dedup_logits_fn(counting), labels.repeat_interleave(C), nat.table_schedule(tables), C)
+    assert torch.equal(deduped.view(n, C, 16), batched) and sum(rows) < plain / 2
+    for c in range(C):
+        alone = gen(net, labels, nat.table_schedule(tables[c]), 1)
+        assert torch.equal(alone, batched[:, c])

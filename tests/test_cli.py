@@ -27,11 +27,24 @@ def run_dir(tmp_path_factory):
 
 def test_train_writes_everything(run_dir):
     policies = [f"{k}_T4" for k in ("policy", "static", "smooth")]
+    searches = ["search_T4", "param_T4"]
     for f in ["config.json", "log.jsonl", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json"] + \
-             [f"{p}.pt" for p in policies] + [f"{p}_curve.png" for p in policies]:
+             [f"{p}.pt" for p in policies + searches] + [f"{p}_curve.png" for p in policies + searches] + \
+             [f"{p}.json" for p in searches]:
         assert os.path.exists(os.path.join(run_dir, f)), f
     records = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
-    assert {r["stage"] for r in records} == {"vq", "featnet", "nat", "backbone", "policy", "static", "smooth"} | set(policies)
+    assert {r["stage"] for r in records} == {"vq", "featnet", "nat", "search", "param-search", "backbone", "policy",
+                                             "static", "smooth"} | set(policies) | set(searches)
+    for name, C in (("search_T4", 1 + 4 * 4 - 2), ("param_T4", 1 + 6)):
+        ck = torch.load(os.path.join(run_dir, f"{name}.pt"), weights_only=True)
+        summary = json.load(open(os.path.join(run_dir, f"{name}.json")))
+        assert ck["done"] and ck["step"] == 2 and summary["candidates_per_update"] == C
+        assert [h["update"] for h in summary["history"]] == [0, 1, 2]       # + the final point, measured once
+        assert summary["train_fid_best"] == min(h["train_fid"] for h in summary["history"])
+        assert summary["generator_forwards"] == (2 * C + 1) * 40 * 4 * 2    # (updates x C + 1) x samples x T x CFG
+        table = torch.tensor(summary["table"])                              # valid: m strictly decreasing to 0
+        assert table.shape == (4, 4) and (table[1:, 0] < table[:-1, 0]).all() and table[-1, 0] == 0
+        assert (table[:, 1:] >= 0).all() and torch.equal(ck["table"], table)
     for p in policies:
         ck = torch.load(os.path.join(run_dir, f"{p}.pt"), weights_only=True)
         assert ck["done"] and ck["step"] == 4 and ck["best_fid"] >= 0
@@ -90,6 +103,29 @@ def test_policy_stage_resumes(run_dir, tmp_path):
     _fails(run("train.py", "--stage", "policy", "--set", "pi_lr=0.5", "--run-dir", str(d)), "another config")
 
 
+def test_search_resumes_after_an_interrupt(run_dir, tmp_path):
+    """A search stopped after update 1 (done=False, as Ctrl-C leaves it) continues with update 2 and
+    ends like the uninterrupted run: same candidates, seed and samples give the same FIDs."""
+    d = tmp_path / "search"
+    d.mkdir()
+    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt", "sweep_w.json", "fid_ref.pt"):
+        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    r = run("train.py", "--stage", "search", "--run-dir", str(d), "--steps", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(d / "search_T4.pt", weights_only=True)
+    ck.update(done=False, history=ck["history"][:1])
+    del ck["final_step"]
+    torch.save(ck, d / "search_T4.pt")
+    r = run("train.py", "--stage", "search", "--run-dir", str(d))             # the config's 2 updates
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming search_T4 from update 1" in r.stdout
+    back = torch.load(d / "search_T4.pt", weights_only=True)
+    full = torch.load(os.path.join(run_dir, "search_T4.pt"), weights_only=True)
+    assert back["done"] and back["step"] == 2
+    assert [h["train_fid"] for h in back["history"]] == pytest.approx([h["train_fid"] for h in full["history"]], abs=1e-4)
+    assert torch.allclose(back["table"], full["table"], atol=1e-5)
+
+
 def test_sample_grid_eval_bench(run_dir):
     r = run("sample.py", "--run-dir", run_dir)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -97,7 +133,9 @@ def test_sample_grid_eval_bench(run_dir):
     r = run("sample.py", "--run-dir", run_dir, "--eval", "--samples", "60", "--sweep-samples", "30", "--decode-steps", "2,4")
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.load(open(os.path.join(run_dir, "eval.json")))
-    assert len(ev["rows"]) == 7 and all(r["fid"] >= 0 for r in ev["rows"])   # 2 heuristics x T=2,4 + 3 policies at T=4
+    assert len(ev["rows"]) == 9 and all(r["fid"] >= 0 for r in ev["rows"])   # 2 heuristics x T=2,4 + 2 searches, 3 policies at T=4
+    assert {"AutoNAT search (free T x 4 table)", "parametric family (searched, 6 shape parameters)"} <= \
+        {r["schedule"] for r in ev["rows"] if r["T"] == 4}
     adaptive = [r for r in ev["rows"] if r["schedule"].startswith("adaptive policy")][0]
     assert adaptive["T"] == 4 and len(adaptive["actions_sd_per_step"]) == 4
     assert os.path.exists(os.path.join(run_dir, "eval.md")) and os.path.exists(os.path.join(run_dir, "sweep_w.json"))

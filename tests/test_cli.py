@@ -116,14 +116,14 @@ def test_search_resumes_after_an_interrupt(run_dir, tmp_path):
     ck.update(done=False, history=ck["history"][:1])
     del ck["final_step"]
     torch.save(ck, d / "search_T4.pt")
-    r = run("train.py", "--stage", "search", "--run-dir", str(d))             # the config's 2 updates
+    r = run("train.py", "--stage", "search", "--run-dir", str(d), "--steps", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming search_T4 from update 1" in r.stdout
     back = torch.load(d / "search_T4.pt", weights_only=True)
     full = torch.load(os.path.join(run_dir, "search_T4.pt"), weights_only=True)
     assert back["done"] and back["step"] == 2
     assert [h["train_fid"] for h in back["history"]] == pytest.approx([h["train_fid"] for h in full["history"]], abs=1e-4)
-    assert torch.allclose(back["table"], full["table"], atol=1e-5)
+    assert torch.allclose(back["model"]["xi"], full["model"]["xi"], atol=1e-3)       # float round-off only
 
 
 def test_sample_grid_eval_bench(run_dir):

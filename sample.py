@@ -55,10 +55,12 @@ class Pipeline:
         if (self.cfg.vocab_size, self.cfg.num_tokens) != (self.vq.cfg.codebook_size, self.vq.num_tokens):
             raise train.UserError(f"{run_dir}: nat.pt expects {self.cfg.vocab_size} codes x {self.cfg.num_tokens} tokens but "
                                   f"vq.pt makes {self.vq.cfg.codebook_size} x {self.vq.num_tokens}; retrain the nat stage")
+        self.forwards = 0
         # identifies weights + numerics: cached results are reused only for the same fingerprint
         self.fingerprint = f"{train.fingerprint(run_dir)}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
 
     def logits_fn(self, tokens: torch.Tensor, labels: torch.Tensor):
+        self.forwards += tokens.shape[0]                                   # image-forwards of the generator so far
         with train.autocast(self.device, self.bf16):
             return self.net(tokens, labels)
 

@@ -764,8 +764,10 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     C = 1 + int(active.sum())
 
     def F(X: torch.Tensor) -> torch.Tensor:                                # (C', D) -> (C',) training-set FIDs
-        state["forwards"] += len(X) * len(labels) * T * 2                  # image-forwards of the generator (CFG: 2)
-        return sample.candidate_fids(pipe, ref, torch.stack([to_table(x) for x in X]), labels, c.search_seed)
+        before = pipe.forwards
+        values = sample.candidate_fids(pipe, ref, torch.stack([to_table(x) for x in X]), labels, c.search_seed)
+        state["forwards"] += pipe.forwards - before                        # image-forwards actually run (CFG: 2 per step)
+        return values
 
     def step_fn(k: int) -> dict:
         xi, v = state["model"]["xi"], state["model"]["v"]
@@ -794,7 +796,9 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     summary = {"kind": kind, "T": T, "columns": list(autonat.COLUMNS), "table": table.tolist(),
                "start_table": h.tolist(), "train_fid_start": start, "train_fid_best": state["best_fid"],
                "updates": state["step"], "candidates_per_update": C, "samples_per_candidate": len(labels),
-               "generator_forwards": state["forwards"], "minutes": state["train_seconds"] / 60,
+               "generator_forwards": state["forwards"],
+               "generator_forwards_without_dedup": (state["step"] * C + 1) * len(labels) * T * 2,
+               "minutes": state["train_seconds"] / 60,
                "device": str(device), "history": state["history"], "config": scfg}
     if kind == "param":
         summary["theta"] = dict(zip(autonat.PARAMS, state["best_xi"].tolist()))

@@ -127,22 +127,32 @@ def momentum_step(xi: torch.Tensor, v: torch.Tensor, g: torch.Tensor, lr: torch.
     return xi - lr * v, v
 
 
+def fd_update(F: Callable[[torch.Tensor], torch.Tensor], xi: torch.Tensor, v: torch.Tensor, eps: torch.Tensor,
+              lr: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], momentum: float = 0.0,
+              active: torch.Tensor | None = None, clip: float = 0.0):
+    """One update: F on xi and its 1 + A perturbations (one call: F maps (C, D) -> (C,)), the
+    finite-difference gradient, a momentum step, the projection.
+    Returns (new xi, new velocity, F values (C,) with F(xi) first, gradient (D,))."""
+    active = torch.ones(len(xi), dtype=torch.bool) if active is None else active
+    values = F(candidates(xi, eps, active))
+    g = fd_gradient(values, eps, active)
+    xi, v = momentum_step(xi, v, g, lr, momentum, clip)
+    return project(xi), v, values, g
+
+
 def fd_search(F: Callable[[torch.Tensor], torch.Tensor], xi: torch.Tensor, eps: torch.Tensor, lr: torch.Tensor,
               project: Callable[[torch.Tensor], torch.Tensor], updates: int, momentum: float = 0.0,
               active: torch.Tensor | None = None, clip: float = 0.0) -> tuple[torch.Tensor, list[float]]:
-    """The whole search in one call (train.py runs the same steps with checkpoints and a progress bar).
-
-    F maps candidates (C, D) to objective values (C,). Returns the best xi seen and F(xi) per update."""
-    active = torch.ones(len(xi), dtype=torch.bool) if active is None else active
+    """The whole search in one call (train.py runs the same updates with checkpoints and a progress bar).
+    Returns the best xi seen and F(xi) per update."""
     v = torch.zeros_like(xi)
     best, best_F, curve = xi, math.inf, []
     for _ in range(updates):
-        values = F(candidates(xi, eps, active))
+        new, v, values, _ = fd_update(F, xi, v, eps, lr, project, momentum, active, clip)
         curve.append(float(values[0]))
         if values[0] < best_F:
             best, best_F = xi, float(values[0])
-        xi, v = momentum_step(xi, v, fd_gradient(values, eps, active), lr, momentum, clip)
-        xi = project(xi)
+        xi = new
     return best, curve
 
 

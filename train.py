@@ -770,13 +770,12 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         return values
 
     def step_fn(k: int) -> dict:
-        xi, v = state["model"]["xi"], state["model"]["v"]
-        values = F(autonat.candidates(xi, eps, active))                    # (C,)
-        g = autonat.fd_gradient(values, eps, active)
+        xi = state["model"]["xi"]
+        new, v, values, g = autonat.fd_update(F, xi, state["model"]["v"], eps, lr, project, c.search_momentum,
+                                              active, c.search_clip)          # values (C,): F(xi) first
         if values[0] < state["best_fid"]:
             state["best_fid"], state["best_xi"] = float(values[0]), xi.clone()
-        xi, v = autonat.momentum_step(xi, v, g, lr, c.search_momentum, c.search_clip)
-        state["model"] = {"xi": project(xi), "v": v}
+        state["model"] = {"xi": new, "v": v}
         out = {"train_fid": float(values[0]), "best_fid": state["best_fid"], "grad_norm": g.norm().item()}
         state["history"].append({"update": k, **out, "grad": [round(v, 4) for v in g.tolist()]})
         return out

@@ -127,6 +127,31 @@ def test_search_resumes_after_an_interrupt(run_dir, tmp_path):
     assert torch.allclose(back["model"]["xi"], full["model"]["xi"], atol=1e-3)       # float round-off only
 
 
+def test_pr_search_then_beta_rows(run_dir, tmp_path):
+    """The Beta line search within its budget (plus the cosine reference), the chosen p(r) trained
+    in beta/ with its schedule searched, and sample.py --eval adding the Beta-trained rows."""
+    d = tmp_path / "pr"
+    d.mkdir()
+    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt", "sweep_w.json", "fid_ref.pt", "search_T4.pt"):
+        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    r = run("train.py", "--stage", "pr-search", "--run-dir", str(d))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(d / "pr_search.json"))
+    assert res["trainings"] == len(res["cache"]) == 2 and res["cosine_proxy"] > 0     # pr_budget = 2 in `test`
+    assert res["train_fid"] == min(res["cache"].values())
+    assert res["setup"]["schedule"] == torch.load(d / "search_T4.pt", weights_only=True)["table"].tolist()
+    nat_ck = torch.load(d / "beta" / "nat.pt", weights_only=True)
+    assert nat_ck["done"] and nat_ck["config"]["mask_dist"] == "beta"
+    assert (nat_ck["config"]["alpha"], nat_ck["config"]["beta"]) == pytest.approx((res["alpha"], res["beta"]))
+    assert torch.load(d / "beta" / "search_T4.pt", weights_only=True)["done"]
+    r = run("train.py", "--stage", "pr-search", "--run-dir", str(d))                  # re-run: nothing retrained
+    assert r.returncode == 0 and "training-set FID" not in r.stdout, r.stdout[-2000:]
+    r = run("sample.py", "--run-dir", str(d), "--eval", "--samples", "30", "--sweep-samples", "20", "--decode-steps", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = {row["schedule"] for row in json.load(open(d / "eval.json"))["rows"]}
+    assert sum(n.startswith("Beta(") for n in names) == 2                           # heuristic + searched, beta/ generator
+
+
 def test_sample_grid_eval_bench(run_dir):
     r = run("sample.py", "--run-dir", run_dir)
     assert r.returncode == 0, r.stderr[-2000:]

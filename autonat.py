@@ -6,7 +6,8 @@ Generation strategy (§4.2, appendix A.2). For T steps the schedule is one vecto
 columns [m, tau1, tau2, w], nat.heuristic_table's layout). FID F is not differentiable in xi,
 so its gradient is estimated by forward finite differences (Eq. 4)
     dF/dxi_i ~ (F(xi + eps_i e_i) - F(xi)) / eps_i,
-with common random numbers (every candidate decodes with the same seed), and xi follows
+with common random numbers (every candidate decodes with the same seed; a backward difference
+where a forward step would leave the valid set), and xi follows
 gradient descent with momentum (Eq. 5 plus a heavy ball), projected back onto the valid set
 (m strictly decreasing in (0, 1); tau1, tau2, w >= 0) after every update. Two coordinates are
 never perturbed: m_{T-1} (the last step decodes everything: m = 0) and tau2_{T-1} (with
@@ -65,6 +66,21 @@ def project_table(table: torch.Tensor, gap: float = 1e-3) -> torch.Tensor:
         out[t, 0] = min(max(out[t, 0].item(), lo), prev - gap)
         prev = out[t, 0].item()
     out[T - 1, 0] = 0.0
+    return out
+
+
+def signed_steps(xi: torch.Tensor, eps: torch.Tensor, gap: float = 1e-3) -> torch.Tensor:
+    """eps with the sign of a mask-ratio step flipped where m_t + eps would leave the valid set
+    (m_t + eps > m_{t-1} - gap, or m_0 + eps > 1 - gap) and there is more room below: a backward
+    difference there, so the candidates stay valid schedules whenever either side has room.
+    tau1, tau2, w have no upper bound and keep +eps."""
+    T = len(xi) // 4
+    m = xi[:T]                                                               # m_{T-1} = 0 is never perturbed
+    room_up = torch.cat([torch.ones(1), m[:-1]]) - gap - m                   # (T,)
+    room_down = m - torch.cat([m[1:], torch.zeros(1)]) - gap
+    flip = (room_up < eps[:T]) & (room_down > room_up)
+    out = eps.clone()
+    out[:T] = torch.where(flip, -eps[:T], eps[:T])
     return out
 
 

@@ -305,7 +305,8 @@ def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int], sweep_samples: i
                 table, cfg, fp = found
                 if cfg["generator"] != p.fingerprint:
                     print(f"warning: {p.run_dir}/{name}_T{T}.pt was searched on other weights or numerics ({cfg['generator']})")
-                rows.setdefault(prefix + label, {})[T] = (lambda table=table: nat.table_schedule(table), True, f"|{fp}", gen)
+                key = f"|{fp}" + (f"|{gen.fingerprint}" if gen is not None else "")
+                rows.setdefault(prefix + label, {})[T] = (lambda table=table: nat.table_schedule(table), True, key, gen)
 
     add_searches(pipe, "", None)
     for kind, label in POLICY_ROWS.items():

@@ -733,12 +733,12 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
     h = nat.heuristic_table(T, sample.ADANAT_TAU2_0, w_0)                   # (T, 4)
     if kind == "free":
-        xi0 = autonat.table_to_xi(h)
         eps = autonat.step_sizes(T, c.search_eps_m, c.search_eps)
         lr = autonat.step_sizes(T, c.search_lr_m, c.search_lr)
         active = autonat.free_coordinates(T)
         to_table = autonat.xi_to_table
         project = lambda xi: autonat.table_to_xi(autonat.project_table(autonat.xi_to_table(xi)))
+        xi0 = project(autonat.table_to_xi(h))                              # = h, with m_{T-1} exactly 0
         updates = c.search_updates
     else:
         xi0 = autonat.parametric_init(sample.ADANAT_TAU2_0, w_0)
@@ -757,6 +757,7 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         if state.get("final_step") == state["step"] < updates:            # extending a finished search
             state["history"].pop()                                        # its end point is update `step`'s start
             state["done"] = False
+            del state["final_step"]
         print(f"resuming {name} from update {state['step']}")
     else:
         state = {"config": scfg, "step": 0, "model": {"xi": xi0, "v": torch.zeros_like(xi0)}, "best_xi": xi0,
@@ -772,19 +773,21 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
 
     def step_fn(k: int) -> dict:
         xi = state["model"]["xi"]
-        new, v, values, g = autonat.fd_update(F, xi, state["model"]["v"], eps, lr, project, c.search_momentum,
+        e = autonat.signed_steps(xi, eps) if kind == "free" else eps     # every candidate a valid schedule
+        new, v, values, g = autonat.fd_update(F, xi, state["model"]["v"], e, lr, project, c.search_momentum,
                                               active, c.search_clip)          # values (C,): F(xi) first
         if values[0] < state["best_fid"]:
             state["best_fid"], state["best_xi"] = float(values[0]), xi.clone()
         state["model"] = {"xi": new, "v": v}
         out = {"train_fid": float(values[0]), "best_fid": state["best_fid"], "grad_norm": g.norm().item()}
-        state["history"].append({"update": k, **out, "grad": [round(v, 4) for v in g.tolist()]})
+        state["history"].append({"update": k, **out, "grad": [round(x, 4) for x in g.tolist()]})
         return out
 
     print(f"{name}: {C} candidates x {len(labels)} samples per update, {updates} updates")
     state = train_loop(name, path, state, {}, step_fn, updates, dataclasses.replace(c, log_every=1, ckpt_every_s=0.0), log)
     if state.get("final_step") != state["step"]:                          # the last update's result, measured once
-        final = float(F(state["model"]["xi"][None])[0])
+        # in the updates' batch layout (C rows per sample), so with the same random numbers as every F(xi)
+        final = float(F(state["model"]["xi"].expand(C, -1))[0])
         if final < state["best_fid"]:
             state["best_fid"], state["best_xi"] = final, state["model"]["xi"].clone()
         state["history"].append({"update": state["step"], "train_fid": final, "best_fid": state["best_fid"]})
@@ -797,7 +800,7 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
                "start_table": h.tolist(), "train_fid_start": start, "train_fid_best": state["best_fid"],
                "updates": state["step"], "candidates_per_update": C, "samples_per_candidate": len(labels),
                "generator_forwards": state["forwards"],
-               "generator_forwards_without_dedup": (state["step"] * C + 1) * len(labels) * T * 2,
+               "generator_forwards_without_dedup": (state["step"] + 1) * C * len(labels) * T * 2,
                "minutes": state["train_seconds"] / 60,
                "device": str(device), "history": state["history"], "config": scfg}
     if kind == "param":
@@ -835,6 +838,9 @@ def stage_search(stage: str):
 
 def sub_run(c: TrainConfig, run_dir: str, sub: str, **changes) -> TrainConfig:
     """A run folder sharing this run's tokenizer and feature network (copied), its config = c + changes."""
+    if os.path.exists(os.path.join(sub, "vq.pt")) and \
+            fingerprint(sub, ("vq", "featnet")) != fingerprint(run_dir, ("vq", "featnet")):
+        shutil.rmtree(sub)                                                  # made with another tokenizer: start over
     os.makedirs(sub, exist_ok=True)
     for f in ("vq.pt", "featnet.pt", "fid_ref.pt"):
         if os.path.exists(os.path.join(run_dir, f)) and not os.path.exists(os.path.join(sub, f)):
@@ -847,7 +853,7 @@ def sub_run(c: TrainConfig, run_dir: str, sub: str, **changes) -> TrainConfig:
 def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
     """AutoNAT §4.3 and one round of its Algorithm 1, with short proxy trainings.
 
-    Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>/
+    Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>_s<steps>/
     (same tokenizer, data and seed) and is scored by the training-set FID of its samples at
     T = pr_T under the searched schedule (search_T{pr_T}.pt, else AdaNAT's heuristic); the greedy
     line search in (alpha/beta, beta) (autonat.beta_line_search) spends at most pr_budget
@@ -878,11 +884,11 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         return value
 
     if "cosine_proxy" not in results:
-        results["cosine_proxy"] = proxy_fid("cosine", mask_dist="cosine")
+        results["cosine_proxy"] = proxy_fid(f"cosine_s{c.pr_steps}", mask_dist="cosine")
         write_json(path, results)
 
     def F(alpha: float, beta: float) -> float:
-        value = proxy_fid(f"beta_{alpha:.4g}_{beta:.4g}", mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
+        value = proxy_fid(f"beta_{alpha:.4g}_{beta:.4g}_s{c.pr_steps}", mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
         write_json(path, results)                       # the cache entry is added by the line search, after
         return value
 

@@ -1,6 +1,7 @@
 """AutoNAT search: the finite-difference estimator, projection, parametric family, Beta line search."""
 import math
 
+import pytest
 import torch
 
 import autonat
@@ -126,3 +127,17 @@ def test_interleaved_candidates_equal_one_at_a_time_and_dedup_is_exact():
     for c in range(C):
         alone = gen(net, labels, nat.table_schedule(tables[c]), 1)
         assert torch.equal(alone, batched[:, c])
+
+
+def test_signed_steps_keep_every_candidate_valid():
+    T = 4
+    table = autonat.project_table(torch.tensor([[0.98, 1, 1, 0], [0.90, 1, 1, 1], [0.88, 1, 1, 2], [0.0, 1, 1, 3]]))
+    xi, eps = autonat.table_to_xi(table), autonat.step_sizes(T, 0.03, 0.1)
+    e = autonat.signed_steps(xi, eps)
+    assert e[0] < 0 and e[1] > 0 and e[2] < 0                               # no room above m_0 (1) and m_2 (m_1)
+    assert (e[T:] == eps[T:]).all()
+    for cand in autonat.candidates(xi, e, autonat.free_coordinates(T)):
+        t = autonat.xi_to_table(cand)
+        assert torch.allclose(autonat.project_table(t), t, atol=1e-6)     # already valid
+    g = autonat.fd_gradient(torch.tensor([1.0] + [1.0 + 0.5 * i for i in range(1, 15)]), e, autonat.free_coordinates(T))
+    assert g[0] == pytest.approx(0.5 / -0.03)                               # divided by the signed step

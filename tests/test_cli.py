@@ -41,7 +41,7 @@ def test_train_writes_everything(run_dir):
         assert ck["done"] and ck["step"] == 2 and summary["candidates_per_update"] == C
         assert [h["update"] for h in summary["history"]] == [0, 1, 2]       # + the final point, measured once
         assert summary["train_fid_best"] == min(h["train_fid"] for h in summary["history"])
-        full = (2 * C + 1) * 40 * 4 * 2                                    # (updates x C + 1) x samples x T x CFG
+        full = (2 + 1) * C * 40 * 4 * 2                                    # (updates + final) x C x samples x T x CFG
         assert summary["generator_forwards_without_dedup"] == full and 0 < summary["generator_forwards"] < full
         table = torch.tensor(summary["table"])                              # valid: m strictly decreasing to 0
         assert table.shape == (4, 4) and (table[1:, 0] < table[:-1, 0]).all() and table[-1, 0] == 0

@@ -873,8 +873,8 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     results = saved if saved.get("setup") == setup else {"setup": setup, "cache": {}}
 
     def proxy_fid(sub: str, **changes) -> float:
-        c2 = sub_run(c, run_dir, os.path.join(run_dir, "pr", sub), nat_steps=c.pr_steps, **changes)
         d = os.path.join(run_dir, "pr", sub)
+        c2 = sub_run(c, run_dir, d, nat_steps=c.pr_steps, **changes)
         ck = os.path.join(d, "nat.pt")
         if not (os.path.exists(ck) and load_ckpt(ck).get("done")):
             stage_nat(c2, d, device, Logger(d))
@@ -903,9 +903,10 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         c2 = sub_run(c, run_dir, d, mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
         ck = os.path.join(d, "nat.pt")
         want = to_plain(nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
-        if os.path.exists(ck) and load_ckpt(ck)["config"] != want:
+        trained = load_ckpt(ck) if os.path.exists(ck) else None
+        if trained is not None and trained["config"] != want:
             raise UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
-        if not (os.path.exists(ck) and load_ckpt(ck).get("done")):
+        if not (trained and trained.get("done")):
             stage_nat(c2, d, device, Logger(d))
         STAGE_FNS["search"](c2, d, device, Logger(d))                      # skips the T already searched
         print(f"pr-search: the Beta-trained generator and its searched schedules are in {d}; sample.py --eval adds their rows")

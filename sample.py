@@ -43,7 +43,8 @@ ADANAT_TAU2_0 = 1.0
 class Pipeline:
     """The trained models of a run folder, and generation through them."""
 
-    def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int = 500):
+    def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int | None = None):
+        batch = batch or (4096 if device.type == "cuda" else 500)       # rows per generator batch (x2 with CFG)
         self.run_dir, self.device, self.bf16, self.batch = run_dir, device, bf16, batch
         self.config = train.read_json(os.path.join(run_dir, "config.json"))
         if not isinstance(self.config, dict):
@@ -518,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep-samples", type=int, default=2000, help="samples per w_0 candidate")
     p.add_argument("--decode-steps", default="4,8,16", help="comma-separated T values for --eval")
     p.add_argument("--grid-steps", type=int, default=8, help="T of the grids and of --bench")
-    p.add_argument("--batch", type=int, default=None, help="generation batch (default 500; bench: 256 CPU, 1024 GPU)")
+    p.add_argument("--batch", type=int, default=None, help="generation batch (default 500 CPU, 4096 GPU; bench: 256 CPU, 1024 GPU)")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
     args = p.parse_args(argv)
     try:
@@ -537,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
                                   f"python train.py --run-dir {args.run_dir}")
         device = train.pick_device(args.device)
         torch.backends.cuda.matmul.allow_tf32 = True
-        pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch or 500)
+        pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch)
         if args.bench:
             bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
         if args.sweep_w:

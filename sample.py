@@ -18,6 +18,7 @@ set stays held out. Results are cached per (row, T, seed, samples) in eval_cache
 an interrupted evaluation resumes.
 """
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -263,15 +264,17 @@ POLICY_ROWS = {"static": "learned static (PPO, no state)", "policy": "adaptive p
                "smooth": "adaptive + smoothing (PPO, beta_ema={beta_ema:g})"}
 
 
-def policy_schedule(pipe: Pipeline, kind: str, T: int) -> tuple | None:
-    """(make_schedule, config, fingerprint) of the trained `kind` policy for T, or None if there is none."""
-    path = os.path.join(pipe.run_dir, f"{kind}_T{T}.pt")
+def policy_schedule(pipe: Pipeline, kind: str, T: int, start: str = "heuristic") -> tuple | None:
+    """(make_schedule, config, fingerprint) of the trained `kind` policy for T whose residual
+    starts from `start` (train.PI_STARTS), or None if there is none."""
+    name = train.policy_file(kind, start, T)
+    path = os.path.join(pipe.run_dir, f"{name}.pt")
     if not os.path.exists(path):
         return None
     pi, cfg = train.load_policy(path, pipe.device)
     h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
     make = lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"])
-    return make, cfg, train.fingerprint(pipe.run_dir, (f"{kind}_T{T}",))
+    return make, cfg, train.fingerprint(pipe.run_dir, (name,))
 
 
 SEARCH_ROWS = {"param": "parametric family (searched, 6 shape parameters)", "search": "AutoNAT search (free T x 4 table)"}
@@ -310,15 +313,18 @@ def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int], sweep_samples: i
                 rows.setdefault(prefix + label, {})[T] = (lambda table=table: nat.table_schedule(table), True, key, gen)
 
     add_searches(pipe, "", None)
-    for kind, label in POLICY_ROWS.items():
+    for start, kind in itertools.product(train.PI_STARTS, POLICY_ROWS):
         for T in steps:
-            found = policy_schedule(pipe, kind, T)
+            found = policy_schedule(pipe, kind, T, start)
             if found is None:
                 continue
             make, cfg, fp = found
-            if abs(cfg["heuristic"][-1][3] - w_0 * (T - 1) / T) > 1e-4:      # w_T-1 of the start schedule
+            if start == "heuristic" and abs(cfg["heuristic"][-1][3] - w_0 * (T - 1) / T) > 1e-4:   # its w_{T-1}
                 print(f"warning: {kind}_T{T}.pt started from w_0 other than {w_0:g} (the sweep changed since)")
-            rows.setdefault(label.format(beta_ema=cfg["beta_ema"]), {})[T] = (make, True, f"|{fp}", None)
+            label = POLICY_ROWS[kind].format(beta_ema=cfg["beta_ema"])
+            if start != "heuristic":
+                label = label[:-1] + f", on {train.PI_STARTS[start]})"
+            rows.setdefault(label, {})[T] = (make, True, f"|{fp}", None)
     beta_dir = os.path.join(pipe.run_dir, "beta")                      # the pr-search stage's full generator
     if os.path.exists(os.path.join(beta_dir, "nat.pt")) and train.load_ckpt(os.path.join(beta_dir, "nat.pt")).get("done"):
         bp = Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch)

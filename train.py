@@ -17,7 +17,7 @@ Stages (each writes its checkpoint(s) into the run folder):
   backbone      a second classifier: the frozen backbone of the policy's discriminator.
   policy, static, smooth
                 AdaNAT's PPO-trained schedules (policy.py, ppo.py, reward.py): adaptive,
-                learnable static table, adaptive with EMA smoothing; {kind}_T{T}.pt per T in pi_T.
+                learnable static table, adaptive with EMA smoothing; {kind}_T{T}.pt per T in pi_T ({kind}_search_T{T}.pt with pi_start=search).
 
 A run folder holds config.json, log.jsonl (one JSON object per logged step), and the
 checkpoints. Re-running the same command resumes: finished stages are skipped, an
@@ -130,6 +130,8 @@ class TrainConfig:
     pi_fid_every: int = 6            # iterations between FID checks (training-set statistics; best kept)
     pi_fid_samples: int = 1000       # samples per FID check
     pi_sweep_samples: int = 2000     # samples per w_0 candidate of the heuristic the residual starts from
+    pi_start: str = "heuristic"      # the residual's zero point: AdaNAT's heuristic, or the finished AutoNAT
+                                     # "search" / "param" table of the same T (files <kind>_<start>_T{T}.pt)
     # --- search / param-search: AutoNAT's finite-difference schedule search (keys search_*; free to
     # change after the generator is trained, each search checkpoint carries its own copy)
     search_T: tuple = (4, 8)         # step counts to search a schedule for (search_T{T}.pt, param_T{T}.pt)
@@ -582,19 +584,45 @@ def classifier_backbone(net: fid.FeatureNet):
     return backbone, [w, 2 * w, 4 * w]
 
 
+PI_STARTS = {"heuristic": "AdaNAT's heuristic", "search": "the AutoNAT table", "param": "the searched family"}
+
+
+def policy_file(kind: str, start: str, T: int) -> str:
+    """policy_T8, or policy_search_T8 for a policy whose residual starts from the searched table."""
+    return f"{kind}_T{T}" if start == "heuristic" else f"{kind}_{start}_T{T}"
+
+
+def start_table(pipe, start: str, T: int, w_0: float) -> torch.Tensor:
+    """The (T, 4) schedule a policy's zero residual reproduces: AdaNAT's heuristic (tau2_0 = 1,
+    w = w_0 t/T), or a finished AutoNAT search of this run ("search": the free table, "param":
+    the family), AdaNAT's "residual on the best hand-made schedule" taken one step further."""
+    import sample
+    if start == "heuristic":
+        return nat.heuristic_table(T, sample.ADANAT_TAU2_0, w_0)
+    found = sample.searched_table(pipe, start, T)
+    if found is None:
+        stage = "search" if start == "search" else "param-search"
+        raise UserError(f"pi_start={start}: {pipe.run_dir} has no finished {start}_T{T}.pt; run python train.py "
+                        f"--run-dir {pipe.run_dir} --stage {stage} --set search_T={T} first")
+    table, cfg, _ = found
+    if cfg["generator"] != pipe.fingerprint:
+        print(f"warning: {start}_T{T}.pt was searched on other weights or numerics ({cfg['generator']})")
+    return table.float()
+
+
 def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, kind: str, T: int) -> None:
     """AdaNAT's Algorithm 1 for one T: rollouts -> PPO update -> discriminator update, repeated.
 
     kind: "policy" (adaptive), "static" (the learnable table) or "smooth" (adaptive with EMA
-    action smoothing beta_ema = pi_beta_ema). The policy starts as a zero residual on AdaNAT's
-    heuristic (tau2_0 = 1, w_0 from the training-FID sweep). Every pi_fid_every iterations the
-    mean policy's FID against *training* statistics is measured; the best weights are kept."""
+    action smoothing beta_ema = pi_beta_ema). The policy starts as a zero residual on
+    `start_table` (pi_start). Every pi_fid_every iterations the mean policy's FID against
+    *training* statistics is measured; the best weights are kept."""
     import sample                                   # the sampling pipeline (sample.py imports train)
     pipe = sample.Pipeline(run_dir, device, c.bf16)
     ref = sample.RealFeatures(pipe)
     w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
     cfg_nat = pipe.cfg
-    h = nat.heuristic_table(T, sample.ADANAT_TAU2_0, w_0)                   # (T, 4)
+    h = start_table(pipe, c.pi_start, T, w_0)                               # (T, 4)
     h_pre = policy.inverse_activation(h).to(device)
     pcfg = policy_config(c, kind, T, h, cfg_nat.dim, cfg_nat.num_tokens)
     pi, V = (m.to(device) for m in build_policy(pcfg))
@@ -605,7 +633,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     opt = torch.optim.Adam(params, lr=lr)
     d_opt = torch.optim.Adam(D.parameters(), lr=c.pi_d_lr, betas=(0.5, 0.999))
     modules = {"model": pi, "critic": V, "disc": D, "optim": opt, "d_optim": d_opt}
-    name = f"{kind}_T{T}"
+    name = policy_file(kind, c.pi_start, T)
     path = os.path.join(run_dir, f"{name}.pt")
     state = {"history": [], "best": None, "best_fid": None, **resume(path, pcfg, modules), "config": pcfg, "done": False}
     beta_ema = pcfg["beta_ema"]
@@ -633,7 +661,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         state["best_fid"] = train_fid()
         state["best"] = copy.deepcopy(pi.state_dict())
         state["history"].append({"iter": 0, "train_fid": state["best_fid"]})
-        print(f"{name}: heuristic start (w_0 = {w_0:g}), training-set FID {state['best_fid']:.2f}")
+        print(f"{name}: start = {PI_STARTS[c.pi_start]} (w_0 = {w_0:g}), training-set FID {state['best_fid']:.2f}")
 
     def step_fn(it: int) -> dict:
         sigma = c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
@@ -698,16 +726,16 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     save_ckpt(path, state)
     sample.plot_training(state["history"], os.path.join(run_dir, f"{name}_curve.png"), name)
     print(f"{name}: done, best training-set FID {state['best_fid']:.2f} "
-          f"(heuristic {state['history'][0]['train_fid']:.2f}); curve in {name}_curve.png")
+          f"(start {state['history'][0]['train_fid']:.2f}); curve in {name}_curve.png")
 
 
 def stage_policies(kind: str):
     """The stage function for one policy kind: a policy per T in pi_T, finished ones skipped."""
     def stage(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
         for T in c.pi_T:
-            path = os.path.join(run_dir, f"{kind}_T{T}.pt")
+            path = os.path.join(run_dir, f"{policy_file(kind, c.pi_start, T)}.pt")
             if os.path.exists(path) and load_ckpt(path).get("done"):
-                print(f"{kind}_T{T}: done ({path}), skipped")
+                print(f"{path}: done, skipped")
                 continue
             train_policy(c, run_dir, device, log, kind, T)
     return stage
@@ -986,6 +1014,8 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
     if c.pi_group < 1 or c.pi_batch % c.pi_group:
         raise UserError(f"pi_group {c.pi_group} must be >= 1 and divide pi_batch {c.pi_batch}")
+    if c.pi_start not in PI_STARTS:
+        raise UserError(f"pi_start {c.pi_start!r}: use one of {', '.join(PI_STARTS)}")
     if c.pi_d_real not in ("recon", "raw"):
         raise UserError(f"pi_d_real {c.pi_d_real!r}: use recon or raw")
     if not c.pi_T or any(T < 2 for T in c.pi_T):

@@ -104,6 +104,28 @@ def test_policy_stage_resumes(run_dir, tmp_path):
     _fails(run("train.py", "--stage", "policy", "--set", "pi_lr=0.5", "--run-dir", str(d)), "another config")
 
 
+def test_policy_on_the_searched_table(run_dir, tmp_path):
+    """pi_start=search: the residual's zero point is the finished AutoNAT table (its own file,
+    its own eval row); a missing search or an unknown start is a one-line error."""
+    d = tmp_path / "start"
+    d.mkdir()
+    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json", "fid_ref.pt", "search_T4.pt"):
+        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    r = run("train.py", "--stage", "static", "--run-dir", str(d), "--set", "pi_start=search", "--steps", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(d / "static_search_T4.pt", weights_only=True)
+    table = torch.load(d / "search_T4.pt", weights_only=True)["table"]
+    assert ck["done"] and ck["config"]["pi_start"] == "search"
+    assert torch.tensor(ck["config"]["heuristic"]).allclose(table.float())
+    assert not os.path.exists(d / "static_T4.pt")
+    r = run("sample.py", "--run-dir", str(d), "--eval", "--samples", "20", "--sweep-samples", "30", "--decode-steps", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["schedule"] for row in json.load(open(d / "eval.json"))["rows"]}
+    assert "learned static (PPO, no state, on the AutoNAT table)" in rows
+    _fails(run("train.py", "--stage", "static", "--run-dir", str(d), "--set", "pi_start=param"), "no finished param_T4.pt")
+    _fails(run("train.py", "--stage", "static", "--run-dir", str(d), "--set", "pi_start=best"), "pi_start 'best'")
+
+
 def test_search_resumes_after_an_interrupt(run_dir, tmp_path):
     """A search stopped after update 1 (done=False, as Ctrl-C leaves it) continues with update 2 and
     ends like the uninterrupted run: same candidates, seed and samples give the same FIDs."""

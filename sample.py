@@ -5,6 +5,8 @@
     python sample.py --run-dir runs/small --eval              # the table: eval.json + eval.md
     python sample.py --run-dir runs/small --eval --samples 2000
     python sample.py --run-dir runs/small --bench             # generate vs bare forwards, images/s
+    python sample.py --run-dir runs/small --flow flow         # the continuous generator's grid (train.py --stage flow)
+    python sample.py --run-dir runs/small --flow flow --eval  # its table at NFE 4 and 8: flow_eval.json + flow_eval.md
 
 Evaluation protocol (DESIGN.md "Evaluation"): every schedule row generates `--samples`
 images with balanced labels on the same EMA generator, for 3 sampling seeds; each image is
@@ -32,6 +34,7 @@ import data
 import fid
 import nat
 import policy
+import samplers
 import train
 
 EVAL_SEEDS = (1, 2, 3)       # sampling seeds of the final table; the w_0 sweep uses seed 0
@@ -513,6 +516,158 @@ def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
     return res
 
 
+# ----------------------------------------------------------------------------- the continuous generator
+
+FLOW_W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+FLOW_INTERVAL = (0.1, 0.8)           # guidance only for t in (0.1, 0.8] (Kynkaanniemi et al. 2024)
+
+
+class FlowPipeline:
+    """The continuous generator of a run folder (flow.pt or vp.pt, EMA weights) and the feature network."""
+
+    def __init__(self, run_dir: str, device: torch.device, path: str = "flow", bf16: bool = True, batch: int | None = None):
+        if not os.path.exists(os.path.join(run_dir, f"{path}.pt")):
+            raise train.UserError(f"{run_dir}/{path}.pt not found: train it with python train.py --run-dir {run_dir} "
+                                  f"--stage flow --path {path}")
+        self.run_dir, self.device, self.bf16 = run_dir, device, bf16
+        self.batch = batch or (4096 if device.type == "cuda" else 500)
+        self.config = train.read_json(os.path.join(run_dir, "config.json"))
+        self.net = train.build_model(run_dir, path, device, weights="ema")
+        self.cfg: nat.FlowConfig = self.net.cfg
+        self.path = samplers.PATHS[path]
+        self.featnet = train.build_model(run_dir, "featnet", device)
+        self.forwards = 0
+        self.fingerprint = f"{train.fingerprint(run_dir, (path, 'featnet'))}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
+
+    def velocity_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
+        self.forwards += x.shape[0]                                        # image-forwards of the network so far
+        with train.autocast(self.device, self.bf16):
+            return self.net(x, t, labels)
+
+    def generate(self, labels: torch.Tensor, T: int, schedule: samplers.Schedule, solver: str, seed: int,
+                 guided: bool = True) -> torch.Tensor:
+        """Images (n, C, H, W) in [-1, 1] on the CPU: T solver steps from seeded noise, in batches."""
+        g = torch.Generator(self.device).manual_seed(seed)
+        c = self.cfg
+        out = []
+        for i in range(0, len(labels), self.batch):
+            y = labels[i:i + self.batch].to(self.device)
+            x = torch.randn((len(y), c.channels, c.img_size, c.img_size), device=self.device, generator=g)
+            x = samplers.sample(self.velocity_fn, x, y, T, schedule, solver, c.null_label if guided else None, self.path)
+            out.append(x.clamp(-1, 1).float().cpu())
+        return torch.cat(out)
+
+
+def flow_steps(solver: str, nfe: int) -> int:
+    """The most steps whose network evaluations fit in `nfe` (Heun and DPM-Solver++(2S): 2T - 1 <= nfe)."""
+    return nfe if solver == "euler" else (nfe + 1) // 2
+
+
+def flow_sweep_w(pipe: FlowPipeline, ref: RealFeatures, samples: int, nfe: int = 8) -> float:
+    """w_0 of constant guidance (Euler, uniform grid, `nfe` steps) by FID against *training*
+    statistics; cached in <path>_sweep_w.json."""
+    out_path = os.path.join(pipe.run_dir, f"{pipe.path.name}_sweep_w.json")
+    saved = train.read_json(out_path, {})
+    if (saved.get("fingerprint"), saved.get("samples"), saved.get("grid")) == (pipe.fingerprint, samples, list(FLOW_W_GRID)):
+        return saved["w_0"]
+    labels = balanced_labels(samples, pipe.cfg.num_classes)
+    results = {}
+    for w_0 in tqdm(FLOW_W_GRID, desc=f"{pipe.path.name} w_0 sweep (Euler, NFE {nfe}, {samples} samples)"):
+        images = pipe.generate(labels, nfe, samplers.heuristic_schedule(samplers.uniform_grid(nfe), w_0), "euler", seed=0)
+        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
+        results[w_0] = fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
+    best = min(results, key=results.get)
+    train.write_json(out_path, {"fingerprint": pipe.fingerprint, "samples": samples, "grid": list(FLOW_W_GRID),
+                                "train_fid": {str(k): v for k, v in results.items()}, "w_0": best})
+    print(f"{pipe.path.name} w_0 sweep (FID vs training set): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items())
+          + f" -> w_0 = {best}")
+    return best
+
+
+def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
+    """name -> {nfe: (make_schedule, solver, T)}: every solver on every heuristic grid with
+    constant guidance w_0, and each solver on the uniform grid with guidance in FLOW_INTERVAL."""
+    rows = {}
+    for solver in samplers.SOLVERS:
+        for grid in samplers.GRIDS:
+            rows[f"{solver}, {grid} grid, w={w_0:g}"] = {
+                n: (lambda T=flow_steps(solver, n), grid=grid: samplers.heuristic_schedule(
+                    samplers.GRIDS[grid](T, pipe.path), w_0), solver, flow_steps(solver, n)) for n in nfes}
+        lo, hi = FLOW_INTERVAL
+        rows[f"{solver}, uniform grid, w={w_0:g} for t in ({lo:g}, {hi:g}]"] = {
+            n: (lambda T=flow_steps(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, FLOW_INTERVAL),
+                solver, flow_steps(solver, n)) for n in nfes}
+    return rows
+
+
+def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_samples: int) -> None:
+    """The continuous generator's table (<path>_eval.json, <path>_eval.md), resumable through
+    <path>_eval_cache.json: FID / precision / recall against the test images, NFE per image."""
+    name_ = pipe.path.name
+    ref = RealFeatures(pipe)
+    w_0 = flow_sweep_w(pipe, ref, sweep_samples)
+    rows = flow_rows(pipe, w_0, nfes)
+    cache_path = os.path.join(pipe.run_dir, f"{name_}_eval_cache.json")
+    cache = train.read_json(cache_path, {})
+    if cache.get("fingerprint") != pipe.fingerprint:
+        cache = {"fingerprint": pipe.fingerprint}
+    n = min(samples, len(ref.test_feats), len(ref.train_feats))
+    labels = balanced_labels(samples, pipe.cfg.num_classes)
+    P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3)
+    refs = {"real training images vs test": {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
+                                             "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}}
+    jobs = [(name, nfe, s) for name in rows for nfe in rows[name] for s in EVAL_SEEDS]
+    bar = tqdm(jobs, desc=f"{name_} eval")
+    for name, nfe, s in bar:
+        make, solver, T = rows[name][nfe]
+        key = f"{name}|NFE{nfe}|seed{s}|{samples}"
+        if key not in cache:
+            t0 = time.time()
+            before = pipe.forwards
+            images = pipe.generate(labels, T, make(), solver, seed=s)
+            secs = time.time() - t0
+            cache[key] = {**metrics(pipe, ref, images, labels), "images_per_s": samples / secs,
+                          "nfe": (pipe.forwards - before) / (2 * samples)}           # a guided pair counts once
+            train.write_json(cache_path, cache)
+        bar.set_postfix(nfe=nfe, fid=f"{cache[key]['fid']:.2f}")
+    table = []
+    for name in rows:
+        for nfe, (_, solver, T) in rows[name].items():
+            runs = [cache[f"{name}|NFE{nfe}|seed{s}|{samples}"] for s in EVAL_SEEDS]
+            row = {"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": runs[0]["nfe"], "samples": samples}
+            for k in ("fid", "precision", "recall", "cond_acc", "images_per_s"):
+                v = np.array([r[k] for r in runs])
+                row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1))
+            table.append(row)
+    table.sort(key=lambda r: r["nfe_budget"])
+    train.write_json(os.path.join(pipe.run_dir, f"{name_}_eval.json"),
+                     {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint, "device": str(pipe.device)})
+    md = [f"{name_} path: {samples} samples per row and seed, seeds {list(EVAL_SEEDS)}; FID, precision and recall against "
+          f"the {n} test images; NFE = network evaluations per image (a guided pair in one batch counts as one); "
+          f"images/s on {pipe.device}.", "",
+          "| schedule | T | NFE | FID | precision | recall | cond. acc. | images/s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in refs.items():
+        md.append(f"| {name} | – | – | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} | – |")
+    for r in table:
+        md.append(f"| {r['schedule']} | {r['T']} | {r['nfe']:g} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | {r['precision']:.3f} | "
+                  f"{r['recall']:.3f} | {r['cond_acc']:.3f} | {r['images_per_s']:.0f} |")
+    with open(os.path.join(pipe.run_dir, f"{name_}_eval.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def flow_grids(pipe: FlowPipeline, nfe: int, per_class: int = 10) -> None:
+    """<path>_samples_nfe<nfe>.png: a row per class, DPM-Solver++(2S) on the uniform grid with the swept w_0."""
+    saved = train.read_json(os.path.join(pipe.run_dir, f"{pipe.path.name}_sweep_w.json"), {})
+    w_0 = saved["w_0"] if saved.get("fingerprint") == pipe.fingerprint else 1.0
+    labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
+    T = flow_steps("dpmpp2s", nfe)
+    images = pipe.generate(labels, T, samplers.heuristic_schedule(samplers.uniform_grid(T), w_0), "dpmpp2s", seed=0)
+    path = os.path.join(pipe.run_dir, f"{pipe.path.name}_samples_nfe{nfe}.png")
+    save_grid(images, path, nrow=per_class)
+    print("wrote", path)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", default="runs/small")
@@ -527,6 +682,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grid-steps", type=int, default=8, help="T of the grids and of --bench")
     p.add_argument("--batch", type=int, default=None, help="generation batch (default 500 CPU, 4096 GPU; bench: 256 CPU, 1024 GPU)")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
+    p.add_argument("--flow", default=None, choices=list(samplers.PATHS),
+                   help="the continuous generator (flow.pt / vp.pt) instead of the NAT: grids, or --eval at NFE --nfe")
+    p.add_argument("--nfe", default="4,8", help="comma-separated NFE budgets for --flow --eval")
     args = p.parse_args(argv)
     try:
         if args.samples < 10 or args.sweep_samples < 10:
@@ -544,6 +702,19 @@ def main(argv: list[str] | None = None) -> None:
                                   f"python train.py --run-dir {args.run_dir}")
         device = train.pick_device(args.device)
         torch.backends.cuda.matmul.allow_tf32 = True
+        if args.flow:
+            try:
+                nfes = [int(v) for v in args.nfe.split(",")]
+            except ValueError:
+                raise train.UserError(f"--nfe {args.nfe!r}: expected integers like 4,8") from None
+            if any(v < 1 for v in nfes):
+                raise train.UserError("--nfe budgets must be positive")
+            fpipe = FlowPipeline(args.run_dir, device, args.flow, bf16=not args.no_bf16, batch=args.batch)
+            if args.eval:
+                evaluate_flow(fpipe, args.samples, nfes, args.sweep_samples)
+            else:
+                flow_grids(fpipe, max(nfes))
+            return
         pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch)
         if args.bench:
             bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)

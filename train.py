@@ -49,6 +49,7 @@ import nat
 import policy
 import ppo
 import reward
+import samplers
 import vqgan
 
 
@@ -98,6 +99,18 @@ class TrainConfig:
     nat_depth: int = 4
     nat_heads: int = 4
     nat_dropout: float = 0.0
+    # --- flow: the continuous generator (AdaGen's rectified-flow / diffusion paradigm), on pixels;
+    # keys flow_* are free after the other stages (flow.pt / vp.pt carry their own model config)
+    flow_path: str = "flow"          # "flow" (rectified flow, predicts v) or "vp" (VP diffusion, predicts eps); --path
+    flow_steps: int = 1500
+    flow_batch: int = 128
+    flow_lr: float = 1e-3
+    flow_warmup: int = 100
+    flow_wd: float = 0.0
+    flow_dim: int = 128
+    flow_depth: int = 4
+    flow_heads: int = 4
+    flow_patch: int = 4              # 32x32 -> 64 patches of 4x4 (the policy sees (B, 64, C) features)
     mask_dist: str = "cosine"        # training p(r): "cosine" (MaskGIT) or "beta" (AutoNAT)
     mask_alpha: float = 1.0
     mask_beta: float = 1.0
@@ -161,7 +174,8 @@ PRESETS: dict[str, dict] = {
                  log_every=10, ema_decay=0.9, pi_T=(4,), pi_iters=4, pi_batch=16, pi_width=16, pi_hidden=16,
                  pi_d_warmup=1, pi_d_steps=1, pi_d_warmup_steps=2, pi_fid_every=2, pi_fid_samples=40, pi_sweep_samples=20,
                  search_T=(4,), search_updates=2, search_param_updates=2, search_samples=40,
-                 pr_budget=2, pr_steps=5, pr_samples=40),
+                 pr_budget=2, pr_steps=5, pr_samples=40,
+                 flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5),
     # the default: fits in ~40 minutes on 2 CPU cores
     "small": dict(),
     # one GPU, a few minutes to an hour
@@ -248,7 +262,8 @@ def nat_config(c: TrainConfig, num_classes: int, num_tokens: int, vocab_size: in
 def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "model") -> torch.nn.Module:
     """Rebuild a finished stage's model from its checkpoint alone (config + weights), in eval mode.
 
-    stage: "vq", "featnet" or "nat"; weights: "model" or "ema" (the NAT's EMA weights)."""
+    stage: "vq", "featnet", "backbone", "nat", "flow" or "vp"; weights: "model" or "ema" (the
+    generators' EMA weights)."""
     path = os.path.join(run_dir, f"{stage}.pt")
     ck = load_ckpt(path)
     if not ck.get("done"):
@@ -259,6 +274,8 @@ def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "
             model = vqgan.VQModel(vqgan.VQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])}))
         elif stage in ("featnet", "backbone"):
             model = fid.FeatureNet(fid.FeatureNetConfig(**cfg))
+        elif stage in samplers.PATHS:                                   # flow.pt, vp.pt
+            model = nat.FlowTransformer(nat.FlowConfig(**cfg))
         else:
             model = nat.NAT(nat.NATConfig(**cfg))
         model.load_state_dict(ck[weights])
@@ -531,6 +548,64 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -
     state["done"] = True
     save_ckpt(path, state)
     print(f"nat: done, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+
+# ----------------------------------------------------------------------------- flow (AdaGen, continuous)
+
+def flow_config(c: TrainConfig, num_classes: int) -> nat.FlowConfig:
+    return nat.FlowConfig(img_size=c.img_size, channels=c.channels, patch=c.flow_patch, num_classes=num_classes,
+                          dim=c.flow_dim, depth=c.flow_depth, heads=c.flow_heads, path=c.flow_path)
+
+
+def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+    """Train the continuous generator on pixels (flow_path: rectified flow or VP diffusion, see
+    samplers.py), with horizontal flips, class dropout for guidance and an EMA of the weights.
+    Writes flow.pt (or vp.pt)."""
+    name = c.flow_path
+    path = os.path.join(run_dir, f"{name}.pt")
+    if os.path.exists(path) and load_ckpt(path).get("done"):
+        print(f"{name}: done ({path}), skipped")
+        return
+    x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
+    cfg = flow_config(c, num_classes)
+    path_obj = samplers.PATHS[c.flow_path]
+    model = nat.FlowTransformer(cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.flow_lr, betas=(0.9, 0.99), weight_decay=c.flow_wd,
+                            fused=device.type == "cuda")
+    modules = {"model": model, "ema": ema, "optim": opt}
+    state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
+    g = torch.Generator().manual_seed(c.seed + 11 + state["step"])
+    gd = torch.Generator(device).manual_seed(c.seed + 12 + state["step"])
+    it = data.batches(x_train, y_train, c.flow_batch, g, infinite=True)
+    loss_fn = nat.flow_net_fn(model, cfg.class_drop)
+
+    def step_fn(step: int) -> dict:
+        lr = lr_at(step, c.flow_steps, c.flow_lr, c.flow_warmup)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        x, y = next(it)
+        x = data.to_float(x)
+        flip = torch.rand(len(x), generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
+        model.train()
+        with autocast(device, c.bf16):
+            loss = samplers.training_loss(loss_fn, path_obj, x, y.to(device), gd)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        d = min(c.ema_decay, (1 + step) / (10 + step))                     # EMA warm-up
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - d)
+        return {"loss": loss.item(), "lr": lr, "grad_norm": gn.item()}
+
+    state = train_loop(name, path, state, modules, step_fn, c.flow_steps, c, log)
+    state["done"] = True
+    save_ckpt(path, state)
+    print(f"{name}: done, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+          f"python sample.py --run-dir {run_dir} --flow {name} draws its grids")
 
 
 # ----------------------------------------------------------------------------- policies (AdaNAT)
@@ -942,10 +1017,11 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
 
 STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbone": stage_backbone,
              "search": stage_search("search"), "param-search": stage_search("param-search"), "pr-search": stage_pr_search,
-             "policy": stage_policies("policy"), "static": stage_policies("static"), "smooth": stage_policies("smooth")}
+             "policy": stage_policies("policy"), "static": stage_policies("static"), "smooth": stage_policies("smooth"),
+             "flow": stage_flow}
 POLICY_STAGES = ("policy", "static", "smooth")
-OPTIONAL_STAGES = ["pr-search"]                          # run only when named with --stage
-SKIPS_INSIDE = POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search",)   # stages that skip their finished parts themselves
+OPTIONAL_STAGES = ["pr-search", "flow"]                  # run only when named with --stage
+SKIPS_INSIDE = POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
 
 # ----------------------------------------------------------------------------- command line
@@ -996,6 +1072,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
             raise UserError(f"--set {item}: {e}") from None
     if args.data is not None:
         c.data = args.data
+    c.flow_path = args.path
     if args.seed is not None:
         c.seed = args.seed
     if args.steps is not None:
@@ -1007,7 +1084,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
             setattr(c, key, args.steps)
     for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
                  "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches", "search_updates", "search_param_updates",
-                 "search_samples", "search_eps_m", "search_eps"):
+                 "search_samples", "search_eps_m", "search_eps", "flow_steps", "flow_batch"):
         if getattr(c, name) <= 0:
             raise UserError(f"{name} = {getattr(c, name)}: must be positive")
     if c.mask_dist not in ("cosine", "beta"):
@@ -1016,6 +1093,10 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise UserError(f"pi_group {c.pi_group} must be >= 1 and divide pi_batch {c.pi_batch}")
     if c.pi_start not in PI_STARTS:
         raise UserError(f"pi_start {c.pi_start!r}: use one of {', '.join(PI_STARTS)}")
+    if c.flow_path not in samplers.PATHS:
+        raise UserError(f"flow_path {c.flow_path!r}: use one of {', '.join(samplers.PATHS)}")
+    if c.img_size % c.flow_patch:
+        raise UserError(f"flow_patch {c.flow_patch} must divide img_size {c.img_size}")
     if c.pi_d_real not in ("recon", "raw"):
         raise UserError(f"pi_d_real {c.pi_d_real!r}: use recon or raw")
     if not c.pi_T or any(T < 2 for T in c.pi_T):
@@ -1032,7 +1113,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     if saved is not None and trained:
         now = to_plain(c)
         # pi_* and search_* keys are free: each policy / search checkpoint carries (and on resume checks) its own copy
-        diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_"))
+        diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_", "flow_"))
                       and k not in ("ckpt_every_s", "log_every") and saved[k] != now[k])
         if diff:
             raise UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "
@@ -1050,6 +1131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="training steps of the selected stage(s)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any TrainConfig field, e.g. --set nat_lr=5e-4")
+    p.add_argument("--path", default="flow", choices=list(samplers.PATHS), help="the flow stage's probability path")
     args = p.parse_args(argv)
     try:
         if args.stage != "all" and args.stage not in STAGES + OPTIONAL_STAGES:

@@ -126,6 +126,29 @@ def test_policy_on_the_searched_table(run_dir, tmp_path):
     _fails(run("train.py", "--stage", "static", "--run-dir", str(d), "--set", "pi_start=best"), "pi_start 'best'")
 
 
+def test_flow_stage_and_its_table(run_dir, tmp_path):
+    """--stage flow (both paths) trains the continuous generator; sample.py --flow draws its grid
+    and evaluates every solver x grid at an NFE budget, counting network evaluations."""
+    d = tmp_path / "flow"
+    d.mkdir()
+    for f in ("config.json", "featnet.pt", "fid_ref.pt"):
+        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    for path in ("flow", "vp"):
+        r = run("train.py", "--stage", "flow", "--path", path, "--run-dir", str(d))
+        assert r.returncode == 0, r.stderr[-2000:]
+        ck = torch.load(d / f"{path}.pt", weights_only=True)
+        assert ck["done"] and ck["step"] == 20 and ck["config"]["path"] == path
+    r = run("sample.py", "--run-dir", str(d), "--flow", "vp", "--nfe", "3")
+    assert r.returncode == 0 and os.path.exists(d / "vp_samples_nfe3.png"), r.stderr[-2000:]
+    r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--eval", "--samples", "20", "--sweep-samples", "20",
+            "--nfe", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.load(open(d / "flow_eval.json"))["rows"]
+    assert len(rows) == 12 and all(r["fid"] >= 0 for r in rows)               # 3 solvers x (3 grids + interval)
+    assert {(r["solver"], r["T"], r["nfe"]) for r in rows} == {("euler", 4, 4), ("heun", 2, 3), ("dpmpp2s", 2, 3)}
+    _fails(run("sample.py", "--run-dir", str(run_dir), "--flow", "flow"), "--stage flow")
+
+
 def test_search_resumes_after_an_interrupt(run_dir, tmp_path):
     """A search stopped after update 1 (done=False, as Ctrl-C leaves it) continues with update 2 and
     ends like the uninterrupted run: same candidates, seed and samples give the same FIDs."""

@@ -1,15 +1,19 @@
-"""Generation policies for the NAT MDP (AdaNAT §3.2-3.3, Eq. 9; AdaGen §III-C, §III-E Eq. 12).
+"""Generation policies for the NAT and ODE-sampler MDPs (AdaNAT §3.2-3.3, Eq. 9; AdaGen §III-C,
+§III-E Eq. 12, App. B).
 
 The MDP: state s_t = (t, v^(t)) observed through the frozen generator's final-LayerNorm
-features f_theta(v^(t)) (B, N, C); action a_t = step t's four knobs [m, tau1, tau2, w]
-(the columns of nat.heuristic_table); reward only at the end (a discriminator's score of
-the finished image, reward.py); deterministic generator, stochastic agent
-pi_phi(a_t | s_t) = N(eta_phi(s_t), sigma^2 I) in pre-activation space, the mean at test time.
+features f_theta(v^(t)) (B, N, C); action a_t = step t's knobs, described by an ActionSpec:
+the NAT's four [m, tau1, tau2, w] (the columns of nat.heuristic_table), or an ODE sampler's two
+[f, w] (the fraction of the remaining time crossed and the guidance scale, samplers.py);
+reward only at the end (a discriminator's score of the finished image, reward.py);
+deterministic generator, stochastic agent pi_phi(a_t | s_t) = N(eta_phi(s_t), sigma^2 I) in
+pre-activation space, the mean at test time.
 
 Heuristic residual (AdaGen App. B): the network eta_phi outputs o_t, added to the
 pre-activation of the hand-written schedule h_t, then squashed by each knob's activation
 
-    a_t = act(h_pre_t + r_t),   h_pre_t = act^{-1}(heuristic_t),   act = [sigmoid, softplus x 3]
+    a_t = act(h_pre_t + r_t),   h_pre_t = act^{-1}(heuristic_t),
+    act = [sigmoid, softplus x 3] (NAT) or [sigmoid, softplus] (ODE sampler)
 
 so a network whose (zero-initialised) output layer still outputs 0 reproduces the heuristic.
 EMA action smoothing (AdaGen Eq. 12) filters the residual causally,
@@ -32,22 +36,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ACTIONS = ("m", "tau1", "tau2", "w")     # column order of nat.heuristic_table and of every (.., 4) tensor
 EPS = 1e-3                               # heuristics are clamped into (EPS, 1-EPS) / [EPS, inf) before inversion
 
 
-def activation(pre: torch.Tensor) -> torch.Tensor:
-    """(..., 4) pre-activations -> actions: m = sigmoid, tau1 = tau2 = w = softplus."""
-    return torch.cat([torch.sigmoid(pre[..., :1]), F.softplus(pre[..., 1:])], dim=-1)
+@dataclass(frozen=True)
+class ActionSpec:
+    """The knobs of one step: names and squashing ("sigmoid" -> (0, 1), "softplus" -> (0, inf))."""
+    names: tuple
+    squash: tuple
+
+    @property
+    def dim(self) -> int:
+        return len(self.names)
+
+    def is_sigmoid(self, device=None) -> torch.Tensor:
+        return torch.tensor([s == "sigmoid" for s in self.squash], device=device)
 
 
-def inverse_activation(a: torch.Tensor) -> torch.Tensor:
-    """(..., 4) actions -> pre-activations. m is clamped to [EPS, 1-EPS] and the others to
-    >= EPS first, because a heuristic reaches m = 0 and tau2 = w = 0 (the inverse would be -inf)."""
+NAT_ACTIONS = ActionSpec(("m", "tau1", "tau2", "w"), ("sigmoid", "softplus", "softplus", "softplus"))
+FLOW_ACTIONS = ActionSpec(("f", "w"), ("sigmoid", "softplus"))      # samplers.py: t' = t (1 - f), guidance w
+ACTIONS = NAT_ACTIONS.names             # column order of nat.heuristic_table and of every (.., 4) NAT tensor
+
+
+def activation(pre: torch.Tensor, spec: ActionSpec = NAT_ACTIONS) -> torch.Tensor:
+    """(..., D) pre-activations -> actions (NAT: m = sigmoid, tau1 = tau2 = w = softplus)."""
+    return torch.where(spec.is_sigmoid(pre.device), torch.sigmoid(pre), F.softplus(pre))
+
+
+def inverse_activation(a: torch.Tensor, spec: ActionSpec = NAT_ACTIONS) -> torch.Tensor:
+    """(..., D) actions -> pre-activations. Sigmoid knobs are clamped to [EPS, 1-EPS] and softplus
+    knobs to >= EPS first, because heuristics reach m = 0, f = 1 and tau2 = w = 0 (the inverse
+    would be infinite)."""
     a = a.float()
-    m = a[..., :1].clamp(EPS, 1 - EPS)
-    rest = a[..., 1:].clamp_min(EPS)
-    return torch.cat([torch.log(m) - torch.log1p(-m), rest + torch.log(-torch.expm1(-rest))], dim=-1)
+    p = a.clamp(EPS, 1 - EPS)
+    q = a.clamp_min(EPS)
+    return torch.where(spec.is_sigmoid(a.device), torch.log(p) - torch.log1p(-p), q + torch.log(-torch.expm1(-q)))
 
 
 def gaussian_logp(a: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -137,26 +160,30 @@ class StaticPolicy(nn.Module):
 # ----------------------------------------------------------------------------- acting
 
 class PolicySchedule:
-    """A nat.generate schedule driven by a policy: schedule(t, state) -> (m, tau1, tau2, w), each (B,).
+    """A schedule driven by a policy: schedule(t, state) -> step t's actions, each (B,).
 
-    sigma > 0 samples o_t ~ N(eta(s_t), sigma^2) (training rollouts), sigma = 0 takes the mean.
-    With `record` a list, each step appends (features, t, o, logp) for PPO. Resets its EMA at t = 0.
+    For nat.generate the actions are (m, tau1, tau2, w); for samplers.sample, `to_step` turns
+    the executed (B, 2) actions [f, w] into (t_next, w) (to_step(t, state, a) -> tuple; by
+    default the columns of a). sigma > 0 samples o_t ~ N(eta(s_t), sigma^2) (training
+    rollouts), sigma = 0 takes the mean. With `record` a list, each step appends (features, t,
+    o, logp) for PPO. Resets its EMA at t = 0. state needs only `.features` (B, N, C).
     """
 
     def __init__(self, policy: nn.Module, h_pre: torch.Tensor, sigma: float = 0.0, beta_ema: float = 0.0,
-                 generator: Optional[torch.Generator] = None, record: Optional[list] = None):
+                 generator: Optional[torch.Generator] = None, record: Optional[list] = None,
+                 spec: ActionSpec = NAT_ACTIONS, to_step: Optional[Callable] = None):
         self.policy, self.h_pre, self.sigma, self.beta_ema = policy, h_pre, sigma, beta_ema
-        self.generator, self.record = generator, record
-        self.r: Optional[torch.Tensor] = None                          # (B, 4) smoothed residual r_{t-1}
-        self.executed: list[torch.Tensor] = []                          # (B, 4) actions per step of this batch
-        self.finished: list[torch.Tensor] = []                          # (T, B, 4) of earlier batches
+        self.generator, self.record, self.spec, self.to_step = generator, record, spec, to_step
+        self.r: Optional[torch.Tensor] = None                          # (B, D) smoothed residual r_{t-1}
+        self.executed: list[torch.Tensor] = []                          # (B, D) actions per step of this batch
+        self.finished: list[torch.Tensor] = []                          # (T, B, D) of earlier batches
 
     @torch.no_grad()
     def __call__(self, t: int, state) -> tuple[torch.Tensor, ...]:
         feats = state.features                                          # (B, N, C)
         B = feats.shape[0]
         tt = torch.full((B,), t, dtype=torch.long, device=feats.device)
-        mu = self.policy(feats, tt)                                     # (B, 4)
+        mu = self.policy(feats, tt)                                     # (B, D)
         o = mu
         if self.sigma > 0:
             o = mu + self.sigma * torch.randn(mu.shape, device=mu.device, generator=self.generator)
@@ -168,13 +195,15 @@ class PolicySchedule:
             self.r, self.executed = o, []
         else:
             self.r = self.beta_ema * self.r + (1 - self.beta_ema) * o
-        a = activation(self.h_pre[t].to(o.device) + self.r)             # (B, 4)
+        a = activation(self.h_pre[t].to(o.device) + self.r, self.spec)  # (B, D)
         self.executed.append(a)
-        return tuple(a[:, j] for j in range(len(ACTIONS)))
+        if self.to_step is not None:
+            return self.to_step(t, state, a)
+        return tuple(a[:, j] for j in range(a.shape[1]))
 
 
     def actions(self) -> torch.Tensor:
-        """(T, n, 4) executed actions of every sample generated so far (for plots and spreads)."""
+        """(T, n, D) executed actions of every sample generated so far (for plots and spreads)."""
         return torch.cat(self.finished + [torch.stack(self.executed).cpu()], dim=1)
 
 
@@ -183,27 +212,28 @@ class Rollout:
     """One batch of B trajectories of T steps (transitions flattened step-major: index t * B + b)."""
     features: torch.Tensor    # (T*B, N, C) observations f(v^(t))
     t: torch.Tensor           # (T*B,) step index
-    o: torch.Tensor           # (T*B, 4) sampled raw actions (pre-activation residuals)
+    o: torch.Tensor           # (T*B, D) sampled raw actions (pre-activation residuals)
     logp: torch.Tensor        # (T*B,) log pi_old(o | s)
     value: torch.Tensor       # (T*B,) V_old(s)
-    actions: torch.Tensor     # (T, B, 4) executed actions [m, tau1, tau2, w]
-    tokens: torch.Tensor      # (B, N) the finished token maps
+    actions: torch.Tensor     # (T, B, D) executed actions (NAT: [m, tau1, tau2, w])
+    final: torch.Tensor       # what generate_fn returned: the finished token maps (B, N) or images
 
 
 @torch.no_grad()
 def rollout(policy: nn.Module, critic: nn.Module, generate_fn: Callable, labels: torch.Tensor,
             h_pre: torch.Tensor, sigma: float, beta_ema: float = 0.0,
-            generator: Optional[torch.Generator] = None) -> Rollout:
+            generator: Optional[torch.Generator] = None, spec: ActionSpec = NAT_ACTIONS,
+            to_step: Optional[Callable] = None) -> Rollout:
     """Generate with the stochastic policy and keep what PPO needs.
 
-    generate_fn(labels (B,), schedule) -> tokens (B, N) runs the frozen generator (e.g.
-    nat.generate partially applied); the schedule sees each step's features."""
+    generate_fn(labels (B,), schedule) -> tokens (B, N) or images runs the frozen generator
+    (e.g. nat.generate or samplers.sample partially applied); the schedule sees each step's features."""
     record: list = []
-    sched = PolicySchedule(policy, h_pre, sigma, beta_ema, generator, record)
-    tokens = generate_fn(labels, sched)
+    sched = PolicySchedule(policy, h_pre, sigma, beta_ema, generator, record, spec, to_step)
+    final = generate_fn(labels, sched)
     feats, t, o, logp = (torch.cat(x) for x in zip(*record))
     return Rollout(features=feats, t=t, o=o, logp=logp, value=critic(feats, t), actions=torch.stack(sched.executed),
-                   tokens=tokens)
+                   final=final)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ Implements
 - the timestep MDP (AdaGen §III-C, Appendix B): step k's action is (a) the fraction
   f = sigmoid(a_f) of the remaining interval [0, t_k] to cross, clamped to [F_MIN, 1 - F_MIN],
   so t_{k+1} = t_k (1 - f) > 0 and strictly below t_k, and t_T = 0 on the last step whatever the
-  action, and (b) the guidance scale w = softplus(a_w). A grid's fractions f_k = 1 - t_{k+1}/t_k
-  are its zero-residual point: `table_schedule(grid_table(grid, w))` and a policy whose residual
-  is zero give the same grid.
+  action, and (b) the guidance scale w = softplus(a_w) (policy.FLOW_ACTIONS). A grid's fractions
+  f_k = 1 - t_{k+1}/t_k are its zero-residual point: `table_schedule(grid_table(grid, w))` and a
+  policy on h = [fractions(grid), w] whose residual is zero give the same grid (`actions_to_step`).
 
 Usage:
     x0 = sample(velocity_fn, torch.randn(B, C, H, W), labels, T=4,
@@ -49,7 +49,6 @@ import torch.nn.functional as F
 
 SOLVERS = ("euler", "heun", "dpmpp2s")
 F_MIN = 1e-3                       # the time fraction of one step is clamped to [F_MIN, 1 - F_MIN]
-ACTIONS = ("f", "w")               # the timestep MDP's actions: fraction of [0, t] crossed, guidance
 
 
 # ----------------------------------------------------------------------------- probability paths
@@ -227,16 +226,12 @@ def next_time(t: torch.Tensor, f: torch.Tensor, last: bool) -> torch.Tensor:
     return t * (1 - f.clamp(F_MIN, 1 - F_MIN))
 
 
-def activation(pre: torch.Tensor) -> torch.Tensor:
-    """(..., 2) pre-activations -> (fraction f = sigmoid, guidance w = softplus)."""
-    return torch.stack([torch.sigmoid(pre[..., 0]), F.softplus(pre[..., 1])], -1)
-
-
-def inverse_activation(a: torch.Tensor, eps: float = F_MIN) -> torch.Tensor:
-    """(..., 2) actions (f, w) -> pre-activations; f clamped into [eps, 1 - eps], w to >= eps
-    (a last step's f = 1 and a zero guidance would invert to +-inf)."""
-    f, w = a[..., 0].clamp(eps, 1 - eps), a[..., 1].clamp_min(eps)
-    return torch.stack([torch.log(f) - torch.log1p(-f), w + torch.log(-torch.expm1(-w))], -1)
+def actions_to_step(T: int) -> Callable:
+    """The MDP's executed actions a (B, 2) = [f, w] at step k -> the schedule's (t_next, w):
+    for policy.PolicySchedule(..., spec=policy.FLOW_ACTIONS, to_step=actions_to_step(T))."""
+    def to_step(k: int, state: "FlowState", a: torch.Tensor):
+        return next_time(state.t, a[:, 0].to(state.t.dtype), k == T - 1), a[:, 1].to(state.t.dtype)
+    return to_step
 
 
 @dataclass
@@ -269,19 +264,6 @@ def table_schedule(table: torch.Tensor) -> Schedule:
 
 def heuristic_schedule(grid: torch.Tensor, w_0: float = 0.0, interval: tuple[float, float] = (0.0, 1.0)) -> Schedule:
     return table_schedule(grid_table(grid, guidance_table(grid, w_0, interval)))
-
-
-def fraction_schedule(pre: torch.Tensor) -> Schedule:
-    """The MDP's own parameterisation as a static (T, 2) table of pre-activations (a_f, a_w):
-    t_{k+1} = next_time(t_k, sigmoid(a_f)), w = softplus(a_w). With pre =
-    inverse_activation([fractions(grid), w]) it follows the grid (to float round-off)."""
-    T = pre.shape[0]
-
-    def schedule(k: int, state: FlowState):
-        a = activation(pre[k].to(state.x.device, state.t.dtype))                 # (2,)
-        f, w = a[0].expand_as(state.t), a[1].expand_as(state.t)
-        return next_time(state.t, f, k == T - 1), w
-    return schedule
 
 
 # ----------------------------------------------------------------------------- sampling

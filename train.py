@@ -750,7 +750,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         t0 = time.time()
         ro = policy.rollout(pi, V, gen, labels, h_pre, sigma, beta_ema, g)
         with torch.no_grad():
-            fake = pipe.vq.detokenize(ro.tokens)                             # (B, C, H, W)
+            fake = pipe.vq.detokenize(ro.final)                              # (B, C, H, W)
             logits_fake = D(backbone(fake), labels)                          # (B, P)
             R = reward.reward(logits_fake)                                   # (B,)
             d_acc = reward.accuracy(D(f_hold, y_hold), logits_fake)

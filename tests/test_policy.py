@@ -21,6 +21,11 @@ def test_activation_inverts():
     pre = policy.inverse_activation(torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
     assert torch.isfinite(pre).all()
     assert torch.allclose(policy.activation(pre), torch.tensor([[policy.EPS, 1.0, policy.EPS, policy.EPS]]), atol=1e-7)
+    # the ODE sampler's two knobs: f = sigmoid (f = 1 on the last step is clamped), w = softplus
+    f = torch.tensor([[0.25, 3.0], [1.0, 0.0]])
+    back = policy.activation(policy.inverse_activation(f, policy.FLOW_ACTIONS), policy.FLOW_ACTIONS)
+    assert torch.allclose(back, torch.tensor([[0.25, 3.0], [1 - policy.EPS, policy.EPS]]), atol=1e-6)
+    assert torch.allclose(policy.activation(torch.zeros(2), policy.FLOW_ACTIONS), torch.tensor([0.5, math.log(2)]))
 
 
 def test_gaussian_closed_forms():
@@ -96,7 +101,7 @@ def test_rollout_records_what_ppo_needs():
     ro = policy.rollout(pi, V, gen, torch.arange(B) % 3, h_pre, sigma=0.5, generator=g)
     assert ro.features.shape == (T * B, cfg.num_tokens, cfg.dim) and ro.o.shape == (T * B, 4)
     assert torch.equal(ro.t, torch.arange(T).repeat_interleave(B))
-    assert ro.actions.shape == (T, B, 4) and (ro.tokens != cfg.mask_id).all()
+    assert ro.actions.shape == (T, B, 4) and (ro.final != cfg.mask_id).all()
     with torch.no_grad():
         mu = pi(ro.features, ro.t)
         assert torch.allclose(ro.logp, policy.gaussian_logp(ro.o, mu, 0.5), atol=1e-5)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import policy
 import samplers as S
 
 
@@ -60,19 +61,25 @@ def test_any_action_sequence_gives_a_valid_grid():
 
 
 @pytest.mark.parametrize("grid_name", list(S.GRIDS))
-def test_zero_residual_reproduces_the_heuristic_grid(grid_name):
-    T = 5
+@pytest.mark.parametrize("kind", ["adaptive", "static"])
+def test_untrained_policy_reproduces_the_heuristic_grid(grid_name, kind):
+    """policy.py's residual on h = [fractions(grid), w] with a zero output follows the grid."""
+    T, B = 5, 4
     for path in ("flow", "vp"):
         grid = S.GRIDS[grid_name](T, S.PATHS[path])
         assert grid[0] == 1 and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
         w = S.guidance_table(grid, 2.0, (0.1, 0.8))                                 # guidance in an interval
-        pre = S.inverse_activation(torch.stack([S.fractions(grid), w], 1))         # (T, 2)
-        a = S.activation(pre)
-        assert torch.allclose(a[:, 1], w, atol=2e-3)                               # w = 0 -> softplus(inverse(EPS))
-        t_table = _record_times(S.heuristic_schedule(grid), T)
-        t_policy = _record_times(S.fraction_schedule(pre), T)
+        h_pre = policy.inverse_activation(torch.stack([S.fractions(grid), w], 1), policy.FLOW_ACTIONS)   # (T, 2)
+        pi = (policy.AdaptivePolicy(T, 8, 16, width=8, hidden=8, out_dim=2) if kind == "adaptive"
+              else policy.StaticPolicy(T, out_dim=2))
+        sched = policy.PolicySchedule(pi, h_pre, spec=policy.FLOW_ACTIONS, to_step=S.actions_to_step(T))
+        feats = torch.randn(B, 16, 8)
+        t_table = _record_times(S.heuristic_schedule(grid), T, B)
+        t_policy = _record_times(lambda k, st: sched(k, S.FlowState(k, st.x, st.t, feats, st.labels)), T, B)
         assert torch.allclose(t_policy, t_table, rtol=1e-5, atol=1e-7)
         assert torch.allclose(t_table[:, 0], grid, atol=1e-7)
+        executed_w = torch.stack(sched.executed)[:, :, 1]                          # (T, B)
+        assert torch.allclose(executed_w, w[:, None].expand(T, B), atol=2e-3)     # w = 0 -> softplus(inverse(EPS))
 
 
 def test_guidance_zero_equals_conditional_only():

@@ -558,11 +558,6 @@ class FlowPipeline:
         return torch.cat(out)
 
 
-def flow_steps(solver: str, nfe: int) -> int:
-    """The most steps whose network evaluations fit in `nfe` (Heun and DPM-Solver++(2S): 2T - 1 <= nfe)."""
-    return nfe if solver == "euler" else (nfe + 1) // 2
-
-
 def flow_sweep_w(pipe: FlowPipeline, ref: RealFeatures, samples: int, nfe: int = 8) -> float:
     """w_0 of constant guidance (Euler, uniform grid, `nfe` steps) by FID against *training*
     statistics; cached in <path>_sweep_w.json."""
@@ -591,12 +586,23 @@ def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
     for solver in samplers.SOLVERS:
         for grid in samplers.GRIDS:
             rows[f"{solver}, {grid} grid, w={w_0:g}"] = {
-                n: (lambda T=flow_steps(solver, n), grid=grid: samplers.heuristic_schedule(
-                    samplers.GRIDS[grid](T, pipe.path), w_0), solver, flow_steps(solver, n)) for n in nfes}
+                n: (lambda T=samplers.steps_for_nfe(solver, n), grid=grid: samplers.heuristic_schedule(
+                    samplers.GRIDS[grid](T, pipe.path), w_0), solver, samplers.steps_for_nfe(solver, n)) for n in nfes}
         lo, hi = FLOW_INTERVAL
         rows[f"{solver}, uniform grid, w={w_0:g} for t in ({lo:g}, {hi:g}]"] = {
-            n: (lambda T=flow_steps(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, FLOW_INTERVAL),
-                solver, flow_steps(solver, n)) for n in nfes}
+            n: (lambda T=samplers.steps_for_nfe(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, FLOW_INTERVAL),
+                solver, samplers.steps_for_nfe(solver, n)) for n in nfes}
+    for kind, label in POLICY_ROWS.items():                            # the PPO-trained schedules
+        for n in nfes:
+            path = os.path.join(pipe.run_dir, f"{train.flow_policy_file(pipe.path.name, kind, n)}.pt")
+            if not os.path.exists(path):
+                continue
+            pi, cfg = train.load_policy(path, pipe.device)
+            h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"]), policy.FLOW_ACTIONS).to(pipe.device)
+            make = (lambda pi=pi, h_pre=h_pre, cfg=cfg: policy.PolicySchedule(
+                pi, h_pre, beta_ema=cfg["beta_ema"], spec=policy.FLOW_ACTIONS, to_step=samplers.actions_to_step(cfg["T"])))
+            name = label.format(beta_ema=cfg["beta_ema"])[:-1] + f", {cfg['solver']})"
+            rows.setdefault(name, {})[n] = (make, cfg["solver"], cfg["T"])
     return rows
 
 
@@ -624,10 +630,14 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
         if key not in cache:
             t0 = time.time()
             before = pipe.forwards
-            images = pipe.generate(labels, T, make(), solver, seed=s)
+            sched = make()
+            images = pipe.generate(labels, T, sched, solver, seed=s)
             secs = time.time() - t0
             cache[key] = {**metrics(pipe, ref, images, labels), "images_per_s": samples / secs,
                           "nfe": (pipe.forwards - before) / (2 * samples)}           # a guided pair counts once
+            if isinstance(sched, policy.PolicySchedule):                 # the per-sample spread of [f, w] and of t
+                a = sched.actions()                                       # (T, n, 2)
+                cache[key].update(actions_mean=a.mean(1).tolist(), actions_sd=a.std(1).tolist())
             train.write_json(cache_path, cache)
         bar.set_postfix(nfe=nfe, fid=f"{cache[key]['fid']:.2f}")
     table = []
@@ -638,6 +648,9 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
             for k in ("fid", "precision", "recall", "cond_acc", "images_per_s"):
                 v = np.array([r[k] for r in runs])
                 row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1))
+            if "actions_sd" in runs[0]:
+                row["actions"] = list(policy.FLOW_ACTIONS.names)
+                row["actions_mean_per_step"], row["actions_sd_per_step"] = runs[0]["actions_mean"], runs[0]["actions_sd"]
             table.append(row)
     table.sort(key=lambda r: r["nfe_budget"])
     train.write_json(os.path.join(pipe.run_dir, f"{name_}_eval.json"),
@@ -661,7 +674,7 @@ def flow_grids(pipe: FlowPipeline, nfe: int, per_class: int = 10) -> None:
     saved = train.read_json(os.path.join(pipe.run_dir, f"{pipe.path.name}_sweep_w.json"), {})
     w_0 = saved["w_0"] if saved.get("fingerprint") == pipe.fingerprint else 1.0
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
-    T = flow_steps("dpmpp2s", nfe)
+    T = samplers.steps_for_nfe("dpmpp2s", nfe)
     images = pipe.generate(labels, T, samplers.heuristic_schedule(samplers.uniform_grid(T), w_0), "dpmpp2s", seed=0)
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_samples_nfe{nfe}.png")
     save_grid(images, path, nrow=per_class)

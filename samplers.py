@@ -360,6 +360,11 @@ def _dpm_midpoint(path: Path, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return path.t_of_lam(lu).to(s.dtype).clamp(max=1.0)
 
 
+def steps_for_nfe(solver: str, nfe: int) -> int:
+    """The most steps whose network evaluations fit in `nfe` (Heun and DPM-Solver++(2S): 2T - 1 <= nfe)."""
+    return nfe if solver == "euler" else (nfe + 1) // 2
+
+
 def nfe_per_sample(solver: str, T: int) -> int:
     """Network evaluations of one sample (a guided pair counts once): Euler T, the others 2T - 1."""
     return T if solver == "euler" else 2 * T - 1

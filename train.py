@@ -37,6 +37,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,8 @@ class TrainConfig:
     flow_depth: int = 4
     flow_heads: int = 4
     flow_patch: int = 4              # 32x32 -> 64 patches of 4x4 (the policy sees (B, 64, C) features)
+    flow_pi_nfe: tuple = (4, 8)      # flow-policy / -static / -smooth: one policy per NFE budget (pi_* keys as the NAT's)
+    flow_pi_solver: str = "euler"    # ... with this solver and the most steps that fit (Heun, DPM-Solver++(2S): 2T - 1)
     mask_dist: str = "cosine"        # training p(r): "cosine" (MaskGIT) or "beta" (AutoNAT)
     mask_alpha: float = 1.0
     mask_beta: float = 1.0
@@ -175,7 +178,7 @@ PRESETS: dict[str, dict] = {
                  pi_d_warmup=1, pi_d_steps=1, pi_d_warmup_steps=2, pi_fid_every=2, pi_fid_samples=40, pi_sweep_samples=20,
                  search_T=(4,), search_updates=2, search_param_updates=2, search_samples=40,
                  pr_budget=2, pr_steps=5, pr_samples=40,
-                 flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5),
+                 flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5, flow_pi_nfe=(4,)),
     # the default: fits in ~40 minutes on 2 CPU cores
     "small": dict(),
     # one GPU, a few minutes to an hour
@@ -620,10 +623,11 @@ def policy_config(c: TrainConfig, kind: str, T: int, h: torch.Tensor, C: int, N:
 
 def build_policy(cfg: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(policy, critic) for a policy_config: adaptive network pair, or the static table pair."""
+    D = len(cfg.get("spec", policy.ACTIONS))                    # NAT checkpoints before the flow had no "spec"
     if cfg["kind"] == "static":
-        return policy.StaticPolicy(cfg["T"]), policy.StaticPolicy(cfg["T"], out_dim=1)
+        return policy.StaticPolicy(cfg["T"], out_dim=D), policy.StaticPolicy(cfg["T"], out_dim=1)
     make = lambda out: policy.AdaptivePolicy(cfg["T"], cfg["C"], cfg["N"], cfg["pi_width"], hidden=cfg["pi_hidden"], out_dim=out)
-    return make(len(policy.ACTIONS)), make(1)
+    return make(D), make(1)
 
 
 def load_policy(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -685,72 +689,145 @@ def start_table(pipe, start: str, T: int, w_0: float) -> torch.Tensor:
     return table.float()
 
 
-def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, kind: str, T: int) -> None:
-    """AdaNAT's Algorithm 1 for one T: rollouts -> PPO update -> discriminator update, repeated.
+@dataclass
+class PolicyTask:
+    """What the PPO loop needs from a paradigm (the NAT, or an ODE sampler on the flow generator)."""
+    name: str                  # checkpoint / log name, e.g. policy_T8, flow_policy_nfe4
+    T: int                     # steps, i.e. decisions per trajectory
+    spec: policy.ActionSpec
+    h: torch.Tensor            # (T, D) the schedule a zero residual reproduces
+    start: str                 # what h is, for the log
+    C: int                     # the generator's feature width and number of positions (B, N, C)
+    N: int
+    num_classes: int
+    generate: Callable         # (labels (B,), schedule, generator g, group G) -> final (B, ...) on the device
+    to_images: Callable        # final -> images (B, C, H, W) in [-1, 1] on the device
+    fid_images: Callable       # (labels, schedule) -> images on the CPU (seed 0), for the training-set FID
+    reals: Callable            # () -> (x (n, C, H, W) float CPU, y (n,)): what D calls real
+    to_step: Optional[Callable] = None   # policy.PolicySchedule's to_step (the ODE sampler's [f, w] -> (t', w))
+    extra: dict = dataclasses.field(default_factory=dict)   # recorded in the policy's config
 
-    kind: "policy" (adaptive), "static" (the learnable table) or "smooth" (adaptive with EMA
-    action smoothing beta_ema = pi_beta_ema). The policy starts as a zero residual on
-    `start_table` (pi_start). Every pi_fid_every iterations the mean policy's FID against
-    *training* statistics is measured; the best weights are kept."""
+
+def real_images(c: TrainConfig, n: int = 11000) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random training images (float, [-1, 1]) and labels: the discriminator's reals."""
+    x_train, y_train, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
+    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(c.seed + 5))[:n]
+    return data.to_float(x_train[pick]), y_train[pick]
+
+
+def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: int):
+    """(task, pipeline, RealFeatures) of the NAT MDP for T decoding steps (AdaNAT)."""
     import sample                                   # the sampling pipeline (sample.py imports train)
     pipe = sample.Pipeline(run_dir, device, c.bf16)
     ref = sample.RealFeatures(pipe)
     w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
-    cfg_nat = pipe.cfg
-    h = start_table(pipe, c.pi_start, T, w_0)                               # (T, 4)
-    h_pre = policy.inverse_activation(h).to(device)
-    pcfg = policy_config(c, kind, T, h, cfg_nat.dim, cfg_nat.num_tokens)
+    cfg = pipe.cfg
+
+    def reals():                                    # their tokenizer reconstructions by default
+        x, y = real_images(c)
+        if c.pi_d_real == "recon":
+            x = pipe.decode(torch.cat([pipe.vq.tokenize(x[i:i + 500].to(device)).cpu() for i in range(0, len(x), 500)]))
+        return x, y
+
+    task = PolicyTask(
+        name=policy_file(kind, c.pi_start, T), T=T, spec=policy.NAT_ACTIONS, h=start_table(pipe, c.pi_start, T, w_0),
+        start=f"{PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim, N=cfg.num_tokens, num_classes=cfg.num_classes,
+        generate=lambda y, sched, g, G: nat.generate(pipe.logits_fn, y, T, sched, cfg.mask_id, cfg.num_tokens,
+                                                     cfg.null_label, g, group=G),
+        to_images=pipe.vq.detokenize,
+        fid_images=lambda y, sched: pipe.decode(pipe.generate(y, T, sched, seed=0)),
+        reals=reals)
+    return task, pipe, ref
+
+
+def flow_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, nfe: int):
+    """(task, pipeline, RealFeatures) of the ODE-sampler MDP (AdaGen): flow_pi_solver with the most
+    steps whose network evaluations fit in `nfe`, starting from the uniform grid with constant
+    guidance w_0 (the AdaGen release's DiT/SiT start); D's reals are raw training images."""
+    import sample
+    pipe = sample.FlowPipeline(run_dir, device, c.flow_path, c.bf16)
+    ref = sample.RealFeatures(pipe)
+    w_0 = sample.flow_sweep_w(pipe, ref, c.pi_sweep_samples)
+    solver, cfg = c.flow_pi_solver, pipe.cfg
+    T = samplers.steps_for_nfe(solver, nfe)
+    grid = samplers.uniform_grid(T)
+    h = torch.stack([samplers.fractions(grid), samplers.guidance_table(grid, w_0)], 1)      # (T, 2) [f, w]
+
+    def generate(y, sched, g, G):
+        noise = torch.randn((len(y) // G, cfg.channels, cfg.img_size, cfg.img_size), device=device, generator=g)
+        return samplers.sample(pipe.velocity_fn, noise.repeat_interleave(G, 0), y, T, sched, solver, cfg.null_label,
+                               pipe.path).clamp(-1, 1)
+
+    task = PolicyTask(
+        name=flow_policy_file(c.flow_path, kind, nfe), T=T, spec=policy.FLOW_ACTIONS, h=h,
+        start=f"{solver}, uniform grid, w = {w_0:g}", C=cfg.dim, N=cfg.num_patches, num_classes=cfg.num_classes,
+        generate=generate, to_images=lambda x: x,
+        fid_images=lambda y, sched: pipe.generate(y, T, sched, solver, seed=0),
+        reals=lambda: real_images(c), to_step=samplers.actions_to_step(T),
+        extra={"solver": solver, "nfe": nfe, "path": c.flow_path})
+    return task, pipe, ref
+
+
+def flow_policy_file(path: str, kind: str, nfe: int) -> str:
+    return f"{path}_{kind}_nfe{nfe}"
+
+
+def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, kind: str, task: PolicyTask,
+                 pipe, ref) -> None:
+    """AdaNAT's / AdaGen's Algorithm 1 for one task: rollouts -> PPO update -> discriminator update.
+
+    kind: "policy" (adaptive), "static" (the learnable table) or "smooth" (adaptive with EMA
+    action smoothing beta_ema = pi_beta_ema). The policy starts as a zero residual on task.h.
+    Every pi_fid_every iterations the mean policy's FID against *training* statistics is
+    measured; the best weights are kept."""
+    import sample
+    T, spec = task.T, task.spec
+    h_pre = policy.inverse_activation(task.h, spec).to(device)
+    pcfg = {**policy_config(c, kind, T, task.h, task.C, task.N), "spec": list(spec.names), **task.extra}
     pi, V = (m.to(device) for m in build_policy(pcfg))
     backbone, channels = classifier_backbone(build_model(run_dir, "backbone", device))
-    D = reward.ProjectedDiscriminator(channels, cfg_nat.num_classes).to(device)
+    D = reward.ProjectedDiscriminator(channels, task.num_classes).to(device)
     lr = c.pi_static_lr if kind == "static" else c.pi_lr
     params = list(pi.parameters()) + list(V.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     d_opt = torch.optim.Adam(D.parameters(), lr=c.pi_d_lr, betas=(0.5, 0.999))
     modules = {"model": pi, "critic": V, "disc": D, "optim": opt, "d_optim": d_opt}
-    name = policy_file(kind, c.pi_start, T)
+    name = task.name
     path = os.path.join(run_dir, f"{name}.pt")
     state = {"history": [], "best": None, "best_fid": None, **resume(path, pcfg, modules), "config": pcfg, "done": False}
     beta_ema = pcfg["beta_ema"]
 
-    # reals for D: 10 000 training images (their tokenizer reconstructions by default) and 1 000 held out
-    x_train, y_train, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(c.seed + 5))[:11000]
-    x_real, y_real = data.to_float(x_train[pick]), y_train[pick]
-    if c.pi_d_real == "recon":
-        x_real = pipe.decode(torch.cat([pipe.vq.tokenize(x_real[i:i + 500].to(device)).cpu()
-                                        for i in range(0, len(x_real), 500)]))
+    # reals for D: 10 000 training images (the NAT: their tokenizer reconstructions by default) and 1 000 held out
+    x_real, y_real = task.reals()
     n_hold = min(1000, len(x_real) // 10)
     f_hold, y_hold = backbone(x_real[:n_hold].to(device)), y_real[:n_hold].to(device)   # the backbone is frozen
     x_real, y_real = x_real[n_hold:], y_real[n_hold:]
-
-    fid_labels = sample.balanced_labels(c.pi_fid_samples, cfg_nat.num_classes)
+    fid_labels = sample.balanced_labels(c.pi_fid_samples, task.num_classes)
 
     def train_fid() -> float:
         """FID of the mean policy (seed 0, fixed labels) against training-set statistics."""
-        tok = pipe.generate(fid_labels, T, policy.PolicySchedule(pi, h_pre, beta_ema=beta_ema), seed=0)
-        feats, _ = fid.extract(pipe.featnet, pipe.decode(tok), device=device)
+        sched = policy.PolicySchedule(pi, h_pre, beta_ema=beta_ema, spec=spec, to_step=task.to_step)
+        feats, _ = fid.extract(pipe.featnet, task.fid_images(fid_labels, sched), device=device)
         return fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
 
-    if state["best"] is None:                                   # iteration 0: the heuristic itself
+    if state["best"] is None:                                   # iteration 0: the start schedule itself
         state["best_fid"] = train_fid()
         state["best"] = copy.deepcopy(pi.state_dict())
         state["history"].append({"iter": 0, "train_fid": state["best_fid"]})
-        print(f"{name}: start = {PI_STARTS[c.pi_start]} (w_0 = {w_0:g}), training-set FID {state['best_fid']:.2f}")
+        print(f"{name}: start = {task.start}, training-set FID {state['best_fid']:.2f}")
 
     def step_fn(it: int) -> dict:
         sigma = c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
         g = torch.Generator(device).manual_seed(c.seed * 100003 + it)          # seeded per iteration: resumable
         g_cpu = torch.Generator().manual_seed(c.seed * 100003 + it)
         G = c.pi_group
-        labels = torch.randint(0, cfg_nat.num_classes, (c.pi_batch // G,), device=device, generator=g).repeat_interleave(G)
-        gen = lambda y, sched: nat.generate(pipe.logits_fn, y, T, sched, cfg_nat.mask_id, cfg_nat.num_tokens,
-                                            cfg_nat.null_label, g, group=G)
+        labels = torch.randint(0, task.num_classes, (c.pi_batch // G,), device=device, generator=g).repeat_interleave(G)
         pi.eval(), V.eval()
         t0 = time.time()
-        ro = policy.rollout(pi, V, gen, labels, h_pre, sigma, beta_ema, g)
+        ro = policy.rollout(pi, V, lambda y, sched: task.generate(y, sched, g, G), labels, h_pre, sigma, beta_ema, g,
+                            spec, task.to_step)
         with torch.no_grad():
-            fake = pipe.vq.detokenize(ro.final)                              # (B, C, H, W)
+            fake = task.to_images(ro.final)                                  # (B, C, H, W)
             logits_fake = D(backbone(fake), labels)                          # (B, P)
             R = reward.reward(logits_fake)                                   # (B,)
             d_acc = reward.accuracy(D(f_hold, y_hold), logits_fake)
@@ -763,7 +840,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             else:                                                            # the group's mean as the baseline
                 A = (R.view(-1, G) - R.view(-1, G).mean(1, keepdim=True)).flatten()
                 adv = (A / (A.std() + 1e-8)).repeat(T)
-            ent = policy.gaussian_entropy(sigma)
+            ent = policy.gaussian_entropy(sigma, spec.dim)
             pi.train(), V.train()
 
             def evaluate(idx):
@@ -785,7 +862,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             loss.backward()
             d_opt.step()
         out["d_loss"], out["sec_d"] = loss.item(), time.time() - t0
-        for j, a in enumerate(policy.ACTIONS):                               # per-sample spread of each action
+        for j, a in enumerate(spec.names):                                   # per-sample spread of each action
             out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
         record = {"iter": it + 1, **out}
         if (it + 1) % c.pi_fid_every == 0 or it + 1 == c.pi_iters:
@@ -804,15 +881,18 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
           f"(start {state['history'][0]['train_fid']:.2f}); curve in {name}_curve.png")
 
 
-def stage_policies(kind: str):
-    """The stage function for one policy kind: a policy per T in pi_T, finished ones skipped."""
+def stage_policies(kind: str, paradigm: str = "nat"):
+    """The stage function for one policy kind: a policy per T in pi_T (the NAT) or per NFE budget
+    in flow_pi_nfe (the ODE sampler), finished ones skipped."""
     def stage(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
-        for T in c.pi_T:
-            path = os.path.join(run_dir, f"{policy_file(kind, c.pi_start, T)}.pt")
+        for n in (c.pi_T if paradigm == "nat" else c.flow_pi_nfe):
+            name = policy_file(kind, c.pi_start, n) if paradigm == "nat" else flow_policy_file(c.flow_path, kind, n)
+            path = os.path.join(run_dir, f"{name}.pt")
             if os.path.exists(path) and load_ckpt(path).get("done"):
                 print(f"{path}: done, skipped")
                 continue
-            train_policy(c, run_dir, device, log, kind, T)
+            make = nat_task if paradigm == "nat" else flow_task
+            train_policy(c, run_dir, device, log, kind, *make(c, run_dir, device, kind, n))
     return stage
 
 
@@ -1018,10 +1098,12 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
 STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbone": stage_backbone,
              "search": stage_search("search"), "param-search": stage_search("param-search"), "pr-search": stage_pr_search,
              "policy": stage_policies("policy"), "static": stage_policies("static"), "smooth": stage_policies("smooth"),
-             "flow": stage_flow}
+             "flow": stage_flow, "flow-policy": stage_policies("policy", "flow"),
+             "flow-static": stage_policies("static", "flow"), "flow-smooth": stage_policies("smooth", "flow")}
 POLICY_STAGES = ("policy", "static", "smooth")
-OPTIONAL_STAGES = ["pr-search", "flow"]                  # run only when named with --stage
-SKIPS_INSIDE = POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
+FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
+OPTIONAL_STAGES = ["pr-search", "flow", *FLOW_POLICY_STAGES]   # run only when named with --stage
+SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1060,6 +1142,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     if saved is not None and saved.get("preset") == preset:       # keys missing from an older config: the preset's
         c = TrainConfig(**{**PRESETS[preset], **{k: v for k, v in saved.items() if k in fields}})
         c.vq_ch_mult, c.pi_T, c.search_T = tuple(c.vq_ch_mult), tuple(c.pi_T), tuple(c.search_T)
+        c.flow_pi_nfe = tuple(c.flow_pi_nfe)
     else:
         c = TrainConfig(**{**PRESETS[preset], "preset": preset})
     for item in args.set or []:
@@ -1080,7 +1163,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
             raise UserError(f"--steps {args.steps}: must be a positive number of training steps")
         for s in (STAGES if args.stage == "all" else [args.stage]):
             key = {"featnet": "feat_steps", "backbone": "bb_steps", "search": "search_updates",
-                   "param-search": "search_param_updates", "pr-search": "pr_steps"}.get(s, "pi_iters" if s in POLICY_STAGES else f"{s}_steps")
+                   "param-search": "search_param_updates", "pr-search": "pr_steps"}.get(s, "pi_iters" if s in POLICY_STAGES + FLOW_POLICY_STAGES else f"{s}_steps")
             setattr(c, key, args.steps)
     for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
                  "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches", "search_updates", "search_param_updates",
@@ -1093,6 +1176,10 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise UserError(f"pi_group {c.pi_group} must be >= 1 and divide pi_batch {c.pi_batch}")
     if c.pi_start not in PI_STARTS:
         raise UserError(f"pi_start {c.pi_start!r}: use one of {', '.join(PI_STARTS)}")
+    if c.flow_pi_solver not in samplers.SOLVERS:
+        raise UserError(f"flow_pi_solver {c.flow_pi_solver!r}: use one of {', '.join(samplers.SOLVERS)}")
+    if not c.flow_pi_nfe or any(n < 2 or samplers.steps_for_nfe(c.flow_pi_solver, n) < 2 for n in c.flow_pi_nfe):
+        raise UserError(f"flow_pi_nfe {c.flow_pi_nfe}: budgets of at least 2 solver steps ({c.flow_pi_solver})")
     if c.flow_path not in samplers.PATHS:
         raise UserError(f"flow_path {c.flow_path!r}: use one of {', '.join(samplers.PATHS)}")
     if c.img_size % c.flow_patch:

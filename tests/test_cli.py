@@ -131,7 +131,7 @@ def test_flow_stage_and_its_table(run_dir, tmp_path):
     and evaluates every solver x grid at an NFE budget, counting network evaluations."""
     d = tmp_path / "flow"
     d.mkdir()
-    for f in ("config.json", "featnet.pt", "fid_ref.pt"):
+    for f in ("config.json", "featnet.pt", "fid_ref.pt", "backbone.pt"):
         (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
     for path in ("flow", "vp"):
         r = run("train.py", "--stage", "flow", "--path", path, "--run-dir", str(d))
@@ -140,12 +140,18 @@ def test_flow_stage_and_its_table(run_dir, tmp_path):
         assert ck["done"] and ck["step"] == 20 and ck["config"]["path"] == path
     r = run("sample.py", "--run-dir", str(d), "--flow", "vp", "--nfe", "3")
     assert r.returncode == 0 and os.path.exists(d / "vp_samples_nfe3.png"), r.stderr[-2000:]
+    r = run("train.py", "--stage", "flow-policy", "--run-dir", str(d))         # PPO on the ODE sampler's MDP
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(d / "flow_policy_nfe4.pt", weights_only=True)
+    assert ck["done"] and ck["step"] == 4 and ck["config"]["spec"] == ["f", "w"] and ck["config"]["T"] == 4
     r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--eval", "--samples", "20", "--sweep-samples", "20",
             "--nfe", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(d / "flow_eval.json"))["rows"]
-    assert len(rows) == 12 and all(r["fid"] >= 0 for r in rows)               # 3 solvers x (3 grids + interval)
+    assert len(rows) == 13 and all(r["fid"] >= 0 for r in rows)               # 3 solvers x (3 grids + interval) + policy
     assert {(r["solver"], r["T"], r["nfe"]) for r in rows} == {("euler", 4, 4), ("heun", 2, 3), ("dpmpp2s", 2, 3)}
+    adaptive = [r for r in rows if r["schedule"] == "adaptive policy (PPO, euler)"][0]
+    assert len(adaptive["actions_sd_per_step"]) == 4 and adaptive["actions"] == ["f", "w"]
     _fails(run("sample.py", "--run-dir", str(run_dir), "--flow", "flow"), "--stage flow")
 
 

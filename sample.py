@@ -681,6 +681,54 @@ def flow_grids(pipe: FlowPipeline, nfe: int, per_class: int = 10) -> None:
     print("wrote", path)
 
 
+def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_class: int = 6, lines: int = 24) -> None:
+    """<path>_policy_grids_nfe<nfe>.png: the adaptive policy's per-sample time grids t_k (thin lines:
+    `lines` samples; red: mean +- sd; dashed: the uniform grid it started from) and guidance w per
+    step; <path>_heuristic_vs_adaptive_nfe<nfe>.png: each class's samples from the start schedule
+    (left) and the policy (right), same noise."""
+    rows = {k: v for k, v in flow_rows(pipe, 0.0, [nfe]).items() if k.startswith("adaptive policy (PPO, ")}
+    if not rows:
+        raise train.UserError(f"{pipe.run_dir}/{train.flow_policy_file(pipe.path.name, 'policy', nfe)}.pt not found: "
+                              f"train it with python train.py --stage flow-policy --run-dir {pipe.run_dir}")
+    make, solver, T = next(iter(rows.values()))[nfe]
+    sched = make()
+    h = policy.activation(sched.h_pre.cpu(), policy.FLOW_ACTIONS)                   # (T, 2) the start, as executed
+    pipe.generate(balanced_labels(samples, pipe.cfg.num_classes), T, sched, solver, seed=0)
+    a = sched.actions()                                                            # (T, n, 2) executed [f, w]
+    t = [torch.ones(a.shape[1])]
+    for k in range(T):
+        t.append(samplers.next_time(t[-1], a[k, :, 0], k == T - 1))
+    t = torch.stack(t)                                                             # (T + 1, n) per-sample grids
+    t_h = [torch.ones(1)]
+    for k in range(T):
+        t_h.append(samplers.next_time(t_h[-1], h[k:k + 1, 0], k == T - 1))
+    steps = list(range(T + 1))
+    series = [{"x": steps, "y": t[:, i].tolist(), "color": (150, 170, 220)} for i in range(min(lines, t.shape[1]))]
+    series += [{"x": steps, "y": t.mean(1).tolist(), "color": (200, 60, 30),
+                "band": ((t.mean(1) - t.std(1)).tolist(), (t.mean(1) + t.std(1)).tolist())},
+               {"x": steps, "y": torch.cat(t_h).tolist(), "color": (60, 60, 60), "dashed": True}]
+    w = a[:, :, 1]
+    panels = [{"title": "time t_k per sample", "series": series},
+              {"title": "guidance w", "series": [
+                  {"x": steps[:-1], "y": w.mean(1).tolist(), "color": (200, 60, 30),
+                   "band": ((w.mean(1) - w.std(1)).tolist(), (w.mean(1) + w.std(1)).tolist())},
+                  {"x": steps[:-1], "y": h[:, 1].tolist(), "color": (60, 60, 60), "dashed": True}]}]
+    path = os.path.join(pipe.run_dir, f"{pipe.path.name}_policy_grids_nfe{nfe}.png")
+    plot_panels(path, panels, size=(360, 240), title=f"adaptive policy, {solver}, T={T} (NFE {nfe}): {samples} samples; "
+                                                     f"dashed: the start schedule")
+    print("wrote", path)
+    K = pipe.cfg.num_classes
+    labels = torch.arange(K).repeat_interleave(per_class)
+    start = samplers.table_schedule(samplers.grid_table(torch.cat(t_h), h[:, 1]))
+    left = pipe.generate(labels, T, start, solver, seed=0).view(K, per_class, -1)
+    right = pipe.generate(labels, T, make(), solver, seed=0).view(K, per_class, -1)
+    C, S = pipe.cfg.channels, pipe.cfg.img_size
+    both = torch.cat([left, torch.ones(K, 1, C * S * S), right], dim=1).view(-1, C, S, S)
+    path = os.path.join(pipe.run_dir, f"{pipe.path.name}_heuristic_vs_adaptive_nfe{nfe}.png")
+    save_grid(both, path, nrow=2 * per_class + 1)
+    print("wrote", path, "(left: the start schedule; right: the adaptive policy; one class per row)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", default="runs/small")
@@ -725,7 +773,10 @@ def main(argv: list[str] | None = None) -> None:
             fpipe = FlowPipeline(args.run_dir, device, args.flow, bf16=not args.no_bf16, batch=args.batch)
             if args.eval:
                 evaluate_flow(fpipe, args.samples, nfes, args.sweep_samples)
-            else:
+            if args.plot:
+                for nfe in nfes:
+                    plot_flow_policy(fpipe, nfe)
+            if not (args.eval or args.plot):
                 flow_grids(fpipe, max(nfes))
             return
         pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch)

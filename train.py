@@ -103,7 +103,7 @@ class TrainConfig:
     # --- flow: the continuous generator (AdaGen's rectified-flow / diffusion paradigm), on pixels;
     # keys flow_* are free after the other stages (flow.pt / vp.pt carry their own model config)
     flow_path: str = "flow"          # "flow" (rectified flow, predicts v) or "vp" (VP diffusion, predicts eps); --path
-    flow_steps: int = 1500
+    flow_steps: int = 3000
     flow_batch: int = 128
     flow_lr: float = 1e-3
     flow_warmup: int = 100

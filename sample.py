@@ -340,6 +340,19 @@ def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int], sweep_samples: i
     return rows
 
 
+def seed_summary(runs: list[dict], actions: tuple) -> dict:
+    """Mean and sd over the seeds' results of each metric; a policy's per-step action spread
+    (from the first seed)."""
+    row = {}
+    for k in ("fid", "precision", "recall", "cond_acc", "images_per_s"):
+        v = np.array([r[k] for r in runs])
+        row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    if "actions_sd" in runs[0]:
+        row["actions"] = list(actions)
+        row["actions_mean_per_step"], row["actions_sd_per_step"] = runs[0]["actions_mean"], runs[0]["actions_sd"]
+    return row
+
+
 def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int) -> None:
     """The evaluation table (eval.json, eval.md), resuming from eval_cache.json."""
     ref = RealFeatures(pipe)
@@ -389,14 +402,8 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     for name in rows:
         for T, (_, _, suffix, _) in rows[name].items():
             runs = [cache[f"{name}|T{T}|seed{s}|{samples}{suffix}"] for s in EVAL_SEEDS]
-            row = {"schedule": name, "T": T, "samples": samples, "seeds": list(EVAL_SEEDS)}
-            for k in ("fid", "precision", "recall", "cond_acc", "images_per_s"):
-                v = np.array([r[k] for r in runs])
-                row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-            if "actions_sd" in runs[0]:
-                row["actions"] = list(policy.ACTIONS)
-                row["actions_mean_per_step"], row["actions_sd_per_step"] = runs[0]["actions_mean"], runs[0]["actions_sd"]
-            table.append(row)
+            table.append({"schedule": name, "T": T, "samples": samples, "seeds": list(EVAL_SEEDS),
+                          **seed_summary(runs, policy.ACTIONS)})
     table.sort(key=lambda r: r["T"])
     train.write_json(os.path.join(pipe.run_dir, "eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint,
@@ -644,14 +651,8 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
     for name in rows:
         for nfe, (_, solver, T) in rows[name].items():
             runs = [cache[f"{name}|NFE{nfe}|seed{s}|{samples}"] for s in EVAL_SEEDS]
-            row = {"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": runs[0]["nfe"], "samples": samples}
-            for k in ("fid", "precision", "recall", "cond_acc", "images_per_s"):
-                v = np.array([r[k] for r in runs])
-                row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1))
-            if "actions_sd" in runs[0]:
-                row["actions"] = list(policy.FLOW_ACTIONS.names)
-                row["actions_mean_per_step"], row["actions_sd_per_step"] = runs[0]["actions_mean"], runs[0]["actions_sd"]
-            table.append(row)
+            table.append({"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": runs[0]["nfe"],
+                          "samples": samples, "seeds": list(EVAL_SEEDS), **seed_summary(runs, policy.FLOW_ACTIONS.names)})
     table.sort(key=lambda r: r["nfe_budget"])
     train.write_json(os.path.join(pipe.run_dir, f"{name_}_eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint, "device": str(pipe.device)})

@@ -510,6 +510,21 @@ def tokenize_dataset(vq: vqgan.VQModel, x: torch.Tensor, y: torch.Tensor, device
     return torch.cat(out[False] + out[True]), y.repeat(2)
 
 
+def generator_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
+                   step: int, decay: float) -> float:
+    """Backward, clip the gradient norm to 1, step, update the EMA weights (decay warmed up as
+    (1 + step) / (10 + step)); returns the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - d)
+    return gn.item()
+
+
 def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
     """Train the NAT on tokens with the masked-token loss; keep an EMA of the weights."""
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
@@ -537,15 +552,7 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -
         model.train()
         with autocast(device, c.bf16):
             loss = nat.masked_token_loss(model, v.to(device), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(c.ema_decay, (1 + step) / (10 + step))                     # EMA warm-up
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - d)
-        return {"loss": loss.item(), "lr": lr, "grad_norm": gn.item()}
+        return {"loss": loss.item(), "lr": lr, "grad_norm": generator_step(model, ema, opt, loss, step, c.ema_decay)}
 
     state = train_loop("nat", path, state, modules, step_fn, c.nat_steps, c, log)
     state["done"] = True
@@ -594,15 +601,7 @@ def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) 
         model.train()
         with autocast(device, c.bf16):
             loss = samplers.training_loss(loss_fn, path_obj, x, y.to(device), gd)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(c.ema_decay, (1 + step) / (10 + step))                     # EMA warm-up
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - d)
-        return {"loss": loss.item(), "lr": lr, "grad_norm": gn.item()}
+        return {"loss": loss.item(), "lr": lr, "grad_norm": generator_step(model, ema, opt, loss, step, c.ema_decay)}
 
     state = train_loop(name, path, state, modules, step_fn, c.flow_steps, c, log)
     state["done"] = True

@@ -19,6 +19,11 @@ A parametric family (not in the paper; a user's tuned hand-written rule):
 searched with the same estimator over theta = [p, tau2_0, w_max, q, tau1_start, tau1_end];
 p = q = 1, tau1 = 1 is the AdaNAT heuristic.
 
+The same search serves an ODE sampler's schedule (AdaGen's continuous paradigm; the
+Align-Your-Steps-style optimised grid): a (T, 2) table [t_next, w] whose first column plays
+m's part (strictly decreasing in (0, 1), exactly 0 at the last step), so every helper below
+takes the number of columns K (4: the NAT, 2: the sampler) and one update costs 2T - 1 FIDs.
+
 Training strategy (§4.3): the mask ratio distribution p(r) = Beta(alpha, beta), chosen by a
 greedy line search in (alpha/beta, beta) with step 1 (appendix A.2), one coordinate at a
 time until neither improves (`beta_line_search`).
@@ -37,26 +42,29 @@ PARAMS = ("p", "tau2_0", "w_max", "q", "tau1_start", "tau1_end")
 # ----------------------------------------------------------------------------- the free schedule xi
 
 def table_to_xi(table: torch.Tensor) -> torch.Tensor:
-    """(T, 4) table -> xi (4T,) = [m, tau1, tau2, w], each block over t."""
+    """(T, K) table -> xi (KT,) = [m, tau1, tau2, w] (or [t_next, w]), each block over t."""
     return table.t().reshape(-1).clone()
 
 
-def xi_to_table(xi: torch.Tensor) -> torch.Tensor:
-    """xi (4T,) -> (T, 4) table."""
-    return xi.view(4, -1).t().clone()
+def xi_to_table(xi: torch.Tensor, K: int = 4) -> torch.Tensor:
+    """xi (KT,) -> (T, K) table."""
+    return xi.view(K, -1).t().clone()
 
 
-def free_coordinates(T: int) -> torch.Tensor:
-    """(4T,) bool: the coordinates that change the generation (all but m_{T-1} and tau2_{T-1})."""
-    active = torch.ones(4, T, dtype=torch.bool)
-    active[0, T - 1] = False          # m at the last step is forced to 0
-    active[2, T - 1] = False          # tau2 at the last step: nothing is re-masked
+def free_coordinates(T: int, K: int = 4) -> torch.Tensor:
+    """(KT,) bool: the coordinates that change the generation: all but the first column's last
+    entry (m_{T-1} = 0, t_T = 0: forced), and for the NAT tau2_{T-1} (nothing is re-masked)."""
+    active = torch.ones(K, T, dtype=torch.bool)
+    active[0, T - 1] = False          # m / t_next at the last step is forced to 0
+    if K == 4:
+        active[2, T - 1] = False      # tau2 at the last step: nothing is re-masked
     return active.reshape(-1)
 
 
 def project_table(table: torch.Tensor, gap: float = 1e-3) -> torch.Tensor:
-    """The nearest-by-clamping valid schedule: m_0 < 1, m strictly decreasing by >= gap down to
-    m_{T-1} = 0 (room is left for the later steps), tau1, tau2, w >= 0."""
+    """The nearest-by-clamping valid schedule: first column (m, or the sampler's t_next) below 1,
+    strictly decreasing by >= gap down to exactly 0 at the last step (room is left for the later
+    steps), every other column >= 0."""
     T = table.shape[0]
     out = table.clone().float()
     out[:, 1:] = out[:, 1:].clamp_min(0.0)
@@ -69,12 +77,12 @@ def project_table(table: torch.Tensor, gap: float = 1e-3) -> torch.Tensor:
     return out
 
 
-def signed_steps(xi: torch.Tensor, eps: torch.Tensor, gap: float = 1e-3) -> torch.Tensor:
+def signed_steps(xi: torch.Tensor, eps: torch.Tensor, gap: float = 1e-3, K: int = 4) -> torch.Tensor:
     """eps with the sign of a mask-ratio step flipped where m_t + eps would leave the valid set
     (m_t + eps > m_{t-1} - gap, or m_0 + eps > 1 - gap) and there is more room below: a backward
     difference there, so the candidates stay valid schedules whenever either side has room.
-    tau1, tau2, w have no upper bound and keep +eps."""
-    T = len(xi) // 4
+    The other columns have no upper bound and keep +eps."""
+    T = len(xi) // K
     m = xi[:T]                                                               # m_{T-1} = 0 is never perturbed
     room_up = torch.cat([torch.ones(1), m[:-1]]) - gap - m                   # (T,)
     room_down = m - torch.cat([m[1:], torch.zeros(1)]) - gap
@@ -84,9 +92,10 @@ def signed_steps(xi: torch.Tensor, eps: torch.Tensor, gap: float = 1e-3) -> torc
     return out
 
 
-def step_sizes(T: int, eps_m: float, eps: float) -> torch.Tensor:
-    """(4T,) finite-difference steps: eps_m for the mask ratios, eps for tau1, tau2, w (appendix: 0.01, 0.1)."""
-    return torch.tensor([eps_m] * T + [eps] * (3 * T))
+def step_sizes(T: int, eps_m: float, eps: float, K: int = 4) -> torch.Tensor:
+    """(KT,) finite-difference steps: eps_m for the first column (mask ratios; appendix: 0.01),
+    eps for the others (0.1)."""
+    return torch.tensor([eps_m] * T + [eps] * ((K - 1) * T))
 
 
 # ----------------------------------------------------------------------------- the parametric family

@@ -552,17 +552,32 @@ class FlowPipeline:
             return self.net(x, t, labels)
 
     def generate(self, labels: torch.Tensor, T: int, schedule: samplers.Schedule, solver: str, seed: int,
-                 guided: bool = True) -> torch.Tensor:
-        """Images (n, C, H, W) in [-1, 1] on the CPU: T solver steps from seeded noise, in batches."""
+                 guided: bool = True, group: int = 1) -> torch.Tensor:
+        """Images (n, C, H, W) in [-1, 1] on the CPU: T solver steps from seeded noise, in batches;
+        group = G: consecutive blocks of G rows start from the same noise (common random numbers)."""
         g = torch.Generator(self.device).manual_seed(seed)
         c = self.cfg
+        step = max(group, self.batch // group * group)                     # whole groups per batch
         out = []
-        for i in range(0, len(labels), self.batch):
-            y = labels[i:i + self.batch].to(self.device)
-            x = torch.randn((len(y), c.channels, c.img_size, c.img_size), device=self.device, generator=g)
+        for i in range(0, len(labels), step):
+            y = labels[i:i + step].to(self.device)
+            x = torch.randn((len(y) // group, c.channels, c.img_size, c.img_size), device=self.device,
+                            generator=g).repeat_interleave(group, 0)
             x = samplers.sample(self.velocity_fn, x, y, T, schedule, solver, c.null_label if guided else None, self.path)
             out.append(x.clamp(-1, 1).float().cpu())
         return torch.cat(out)
+
+
+def flow_candidate_fids(pipe: FlowPipeline, ref: RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
+                        solver: str) -> torch.Tensor:
+    """FID against *training* statistics of C sampler schedules, tables (C, T, 2) of [t_next, w],
+    on the same labels (n,) and noise; all C x n generations interleaved in a few batches."""
+    C, T, _ = tables.shape
+    n = len(labels)
+    images = pipe.generate(labels.repeat_interleave(C), T, samplers.table_schedule(tables), solver, seed, group=C)
+    feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
+    feats = feats.view(n, C, -1)                                           # (n, C, D)
+    return torch.tensor([fid.fid_from_features(feats[:, k], ref.train_mu, ref.train_sigma) for k in range(C)])
 
 
 def flow_sweep_w(pipe: FlowPipeline, ref: RealFeatures, samples: int, nfe: int = 8) -> float:
@@ -599,6 +614,13 @@ def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
         rows[f"{solver}, uniform grid, w={w_0:g} for t in ({lo:g}, {hi:g}]"] = {
             n: (lambda T=samplers.steps_for_nfe(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, FLOW_INTERVAL),
                 solver, samplers.steps_for_nfe(solver, n)) for n in nfes}
+    for n in nfes:                                                     # the searched T x [t_next, w] table
+        path = os.path.join(pipe.run_dir, f"{pipe.path.name}_search_nfe{n}.pt")
+        ck = train.load_ckpt(path) if os.path.exists(path) else {}
+        if ck.get("done"):
+            solver = ck["config"]["solver"]
+            rows.setdefault(f"searched grid + guidance (AutoNAT's search, {solver})", {})[n] = (
+                lambda table=ck["table"]: samplers.table_schedule(table), solver, ck["config"]["T"])
     for kind, label in POLICY_ROWS.items():                            # the PPO-trained schedules
         for n in nfes:
             path = os.path.join(pipe.run_dir, f"{train.flow_policy_file(pipe.path.name, kind, n)}.pt")

@@ -897,7 +897,7 @@ def stage_policies(kind: str, paradigm: str = "nat"):
 
 # ----------------------------------------------------------------------------- AutoNAT search
 
-SEARCH_KINDS = {"search": "free", "param-search": "param"}      # stage -> what is searched
+SEARCH_KINDS = {"search": "free", "param-search": "param", "flow-search": "flow"}   # stage -> what is searched
 SEARCH_FILES = {"free": "search", "param": "param"}              # -> <file>_T{T}.pt / .json / _curve.png
 
 
@@ -905,21 +905,36 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     """AutoNAT §4.2 for one T: finite-difference gradient descent on training-set FID.
 
     kind "free": xi = the whole T x 4 table [m, tau1, tau2, w] (the paper's search);
-    kind "param": theta = the six shape parameters of autonat.parametric_table.
-    Both start from AdaNAT's heuristic (tau2_0 = 1, w_0 from the training-FID sweep). One update
-    generates its 1 + A candidates (A perturbed coordinates) on the same labels and random
-    numbers as one interleaved batch; the checkpoint is written after every update."""
+    kind "param": theta = the six shape parameters of autonat.parametric_table;
+    kind "flow": the ODE sampler's T x [t_next, w] table, T = the steps of flow_pi_solver that
+    fit in the NFE budget `T` (AdaGen's continuous paradigm; the static-search baseline).
+    All start from the heuristic (NAT: AdaNAT's, tau2_0 = 1, w_0 from the training-FID sweep;
+    flow: uniform grid, constant swept w_0). One update generates its 1 + A candidates (A
+    perturbed coordinates) on the same labels and random numbers as one interleaved batch; the
+    checkpoint is written after every update."""
     import sample
-    pipe = sample.Pipeline(run_dir, device, c.bf16)
-    ref = sample.RealFeatures(pipe)
-    w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
-    h = nat.heuristic_table(T, sample.ADANAT_TAU2_0, w_0)                   # (T, 4)
-    if kind == "free":
-        eps = autonat.step_sizes(T, c.search_eps_m, c.search_eps)
-        lr = autonat.step_sizes(T, c.search_lr_m, c.search_lr)
-        active = autonat.free_coordinates(T)
-        to_table = autonat.xi_to_table
-        project = lambda xi: autonat.table_to_xi(autonat.project_table(autonat.xi_to_table(xi)))
+    if kind == "flow":
+        nfe, solver = T, c.flow_pi_solver
+        pipe = sample.FlowPipeline(run_dir, device, c.flow_path, c.bf16)
+        ref = sample.RealFeatures(pipe)
+        T = samplers.steps_for_nfe(solver, nfe)
+        h = samplers.grid_table(samplers.uniform_grid(T), sample.flow_sweep_w(pipe, ref, c.pi_sweep_samples))  # (T, 2)
+        candidate_fids = lambda tables, labels, seed: sample.flow_candidate_fids(pipe, ref, tables, labels, seed, solver)
+        name, columns = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w")
+    else:
+        pipe = sample.Pipeline(run_dir, device, c.bf16)
+        ref = sample.RealFeatures(pipe)
+        w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
+        h = nat.heuristic_table(T, sample.ADANAT_TAU2_0, w_0)                # (T, 4)
+        candidate_fids = lambda tables, labels, seed: sample.candidate_fids(pipe, ref, tables, labels, seed)
+        name, columns = f"{SEARCH_FILES[kind]}_T{T}", autonat.COLUMNS
+    K = h.shape[1]
+    if kind in ("free", "flow"):
+        eps = autonat.step_sizes(T, c.search_eps_m, c.search_eps, K)
+        lr = autonat.step_sizes(T, c.search_lr_m, c.search_lr, K)
+        active = autonat.free_coordinates(T, K)
+        to_table = lambda xi: autonat.xi_to_table(xi, K)
+        project = lambda xi: autonat.table_to_xi(autonat.project_table(autonat.xi_to_table(xi, K)))
         xi0 = project(autonat.table_to_xi(h))                              # = h, with m_{T-1} exactly 0
         updates = c.search_updates
     else:
@@ -929,9 +944,8 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         to_table = lambda theta: autonat.parametric_table(theta, T)
         project = autonat.project_params
         updates = c.search_param_updates
-    name = f"{SEARCH_FILES[kind]}_T{T}"
     path = os.path.join(run_dir, f"{name}.pt")
-    scfg = {"kind": kind, "T": T, "start": h.tolist(), "samples": c.search_samples, "seed": c.search_seed,
+    scfg = {"kind": kind, "T": T, "start": h.tolist(), **({"solver": solver, "nfe": nfe} if kind == "flow" else {}), "samples": c.search_samples, "seed": c.search_seed,
             "eps": eps.tolist(), "lr": lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip,
             "generator": pipe.fingerprint}
     if os.path.exists(path):
@@ -949,13 +963,13 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
 
     def F(X: torch.Tensor) -> torch.Tensor:                                # (C', D) -> (C',) training-set FIDs
         before = pipe.forwards
-        values = sample.candidate_fids(pipe, ref, torch.stack([to_table(x) for x in X]), labels, c.search_seed)
+        values = candidate_fids(torch.stack([to_table(x) for x in X]), labels, c.search_seed)
         state["forwards"] += pipe.forwards - before                        # image-forwards actually run (CFG: 2 per step)
         return values
 
     def step_fn(k: int) -> dict:
         xi = state["model"]["xi"]
-        e = autonat.signed_steps(xi, eps) if kind == "free" else eps     # every candidate a valid schedule
+        e = autonat.signed_steps(xi, eps, K=K) if kind != "param" else eps   # every candidate a valid schedule
         new, v, values, g = autonat.fd_update(F, xi, state["model"]["v"], e, lr, project, c.search_momentum,
                                               active, c.search_clip)          # values (C,): F(xi) first
         if values[0] < state["best_fid"]:
@@ -978,11 +992,12 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     state.update(done=True, table=table)
     save_ckpt(path, state)
     start = state["history"][0]["train_fid"]
-    summary = {"kind": kind, "T": T, "columns": list(autonat.COLUMNS), "table": table.tolist(),
+    summary = {"kind": kind, "T": T, "columns": list(columns), "table": table.tolist(),
                "start_table": h.tolist(), "train_fid_start": start, "train_fid_best": state["best_fid"],
                "updates": state["step"], "candidates_per_update": C, "samples_per_candidate": len(labels),
                "generator_forwards": state["forwards"],
-               "generator_forwards_without_dedup": (state["step"] + 1) * C * len(labels) * T * 2,
+               "generator_forwards_without_dedup": (state["step"] + 1) * C * len(labels) * T * 2
+               if kind != "flow" else None,                                # the flow's candidates share no prefix
                "minutes": state["train_seconds"] / 60,
                "device": str(device), "history": state["history"], "config": scfg}
     if kind == "param":
@@ -995,24 +1010,26 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     steps = list(range(T))
     panels += [{"title": f"{a} per step (start dashed)", "series": [
         {"x": steps, "y": h[:, j].tolist(), "color": (120, 120, 120), "dashed": True},
-        {"x": steps, "y": table[:, j].tolist(), "color": (40, 90, 200)}]} for j, a in enumerate(autonat.COLUMNS)]
+        {"x": steps, "y": table[:, j].tolist(), "color": (40, 90, 200)}]} for j, a in enumerate(columns)]
     sample.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search")
     print(f"{name}: training-set FID {start:.2f} -> {state['best_fid']:.2f} in {state['step']} updates, "
           f"{state['forwards'] / 1e6:.2f}M generator forwards, {state['train_seconds'] / 60:.1f} min; {name}.json")
 
 
 def stage_search(stage: str):
-    """The stage function of `search` / `param-search`: one search per T in search_T."""
+    """The stage function of `search` / `param-search` (one search per T in search_T) and of
+    `flow-search` (one per NFE budget in flow_pi_nfe)."""
     kind = SEARCH_KINDS[stage]
 
     def run(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
-        for T in c.search_T:
-            path = os.path.join(run_dir, f"{SEARCH_FILES[kind]}_T{T}.pt")
-            updates = c.search_updates if kind == "free" else c.search_param_updates
+        for T in (c.flow_pi_nfe if kind == "flow" else c.search_T):
+            name = f"{c.flow_path}_search_nfe{T}" if kind == "flow" else f"{SEARCH_FILES[kind]}_T{T}"
+            path = os.path.join(run_dir, f"{name}.pt")
+            updates = c.search_param_updates if kind == "param" else c.search_updates
             if os.path.exists(path):
                 ck = load_ckpt(path)
                 if ck.get("done") and ck["step"] >= updates:
-                    print(f"{SEARCH_FILES[kind]}_T{T}: done ({path}), skipped")
+                    print(f"{name}: done ({path}), skipped")
                     continue
             search_schedule(c, run_dir, device, log, kind, T)
     return run
@@ -1097,11 +1114,11 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
 STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbone": stage_backbone,
              "search": stage_search("search"), "param-search": stage_search("param-search"), "pr-search": stage_pr_search,
              "policy": stage_policies("policy"), "static": stage_policies("static"), "smooth": stage_policies("smooth"),
-             "flow": stage_flow, "flow-policy": stage_policies("policy", "flow"),
+             "flow": stage_flow, "flow-search": stage_search("flow-search"), "flow-policy": stage_policies("policy", "flow"),
              "flow-static": stage_policies("static", "flow"), "flow-smooth": stage_policies("smooth", "flow")}
 POLICY_STAGES = ("policy", "static", "smooth")
 FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
-OPTIONAL_STAGES = ["pr-search", "flow", *FLOW_POLICY_STAGES]   # run only when named with --stage
+OPTIONAL_STAGES = ["pr-search", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named with --stage
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
 
@@ -1161,7 +1178,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         if args.steps <= 0:
             raise UserError(f"--steps {args.steps}: must be a positive number of training steps")
         for s in (STAGES if args.stage == "all" else [args.stage]):
-            key = {"featnet": "feat_steps", "backbone": "bb_steps", "search": "search_updates",
+            key = {"featnet": "feat_steps", "backbone": "bb_steps", "search": "search_updates", "flow-search": "search_updates",
                    "param-search": "search_param_updates", "pr-search": "pr_steps"}.get(s, "pi_iters" if s in POLICY_STAGES + FLOW_POLICY_STAGES else f"{s}_steps")
             setattr(c, key, args.steps)
     for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",

@@ -144,11 +144,17 @@ def test_flow_stage_and_its_table(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ck = torch.load(d / "flow_policy_nfe4.pt", weights_only=True)
     assert ck["done"] and ck["step"] == 4 and ck["config"]["spec"] == ["f", "w"] and ck["config"]["T"] == 4
+    r = run("train.py", "--stage", "flow-search", "--run-dir", str(d), "--steps", "1")   # the static-search baseline
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.load(open(d / "flow_search_nfe4.json"))
+    assert summary["candidates_per_update"] == 1 + 2 * 4 - 1 and summary["columns"] == ["t_next", "w"]
+    table = torch.tensor(summary["table"])                                     # a valid grid: decreasing to 0
+    assert (table[1:, 0] < table[:-1, 0]).all() and table[-1, 0] == 0 and table[0, 0] < 1 and (table[:, 1] >= 0).all()
     r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--eval", "--samples", "20", "--sweep-samples", "20",
             "--nfe", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(d / "flow_eval.json"))["rows"]
-    assert len(rows) == 13 and all(r["fid"] >= 0 for r in rows)               # 3 solvers x (3 grids + interval) + policy
+    assert len(rows) == 14 and all(r["fid"] >= 0 for r in rows)       # 3 solvers x (3 grids + interval) + search + policy
     assert {(r["solver"], r["T"], r["nfe"]) for r in rows} == {("euler", 4, 4), ("heun", 2, 3), ("dpmpp2s", 2, 3)}
     adaptive = [r for r in rows if r["schedule"] == "adaptive policy (PPO, euler)"][0]
     assert len(adaptive["actions_sd_per_step"]) == 4 and adaptive["actions"] == ["f", "w"]

@@ -602,28 +602,33 @@ def flow_sweep_w(pipe: FlowPipeline, ref: RealFeatures, samples: int, nfe: int =
 
 
 def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
-    """name -> {nfe: (make_schedule, solver, T)}: every solver on every heuristic grid with
-    constant guidance w_0, and each solver on the uniform grid with guidance in FLOW_INTERVAL."""
+    """name -> {nfe: (make_schedule, solver, T, cache-key suffix)}: every solver on every heuristic
+    grid with constant guidance w_0, each solver on the uniform grid with guidance in
+    FLOW_INTERVAL, then the searched table and the PPO policies found in the run folder (their
+    suffix: the checkpoint's fingerprint, so a retrained one is evaluated again)."""
     rows = {}
     for solver in samplers.SOLVERS:
         for grid in samplers.GRIDS:
             rows[f"{solver}, {grid} grid, w={w_0:g}"] = {
                 n: (lambda T=samplers.steps_for_nfe(solver, n), grid=grid: samplers.heuristic_schedule(
-                    samplers.GRIDS[grid](T, pipe.path), w_0), solver, samplers.steps_for_nfe(solver, n)) for n in nfes}
+                    samplers.GRIDS[grid](T, pipe.path), w_0), solver, samplers.steps_for_nfe(solver, n), "") for n in nfes}
         lo, hi = FLOW_INTERVAL
         rows[f"{solver}, uniform grid, w={w_0:g} for t in ({lo:g}, {hi:g}]"] = {
             n: (lambda T=samplers.steps_for_nfe(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, FLOW_INTERVAL),
-                solver, samplers.steps_for_nfe(solver, n)) for n in nfes}
+                solver, samplers.steps_for_nfe(solver, n), "") for n in nfes}
     for n in nfes:                                                     # the searched T x [t_next, w] table
-        path = os.path.join(pipe.run_dir, f"{pipe.path.name}_search_nfe{n}.pt")
+        name = f"{pipe.path.name}_search_nfe{n}"
+        path = os.path.join(pipe.run_dir, f"{name}.pt")
         ck = train.load_ckpt(path) if os.path.exists(path) else {}
         if ck.get("done"):
             solver = ck["config"]["solver"]
             rows.setdefault(f"searched grid + guidance (AutoNAT's search, {solver})", {})[n] = (
-                lambda table=ck["table"]: samplers.table_schedule(table), solver, ck["config"]["T"])
+                lambda table=ck["table"]: samplers.table_schedule(table), solver, ck["config"]["T"],
+                f"|{train.fingerprint(pipe.run_dir, (name,))}")
     for kind, label in POLICY_ROWS.items():                            # the PPO-trained schedules
         for n in nfes:
-            path = os.path.join(pipe.run_dir, f"{train.flow_policy_file(pipe.path.name, kind, n)}.pt")
+            file = train.flow_policy_file(pipe.path.name, kind, n)
+            path = os.path.join(pipe.run_dir, f"{file}.pt")
             if not os.path.exists(path):
                 continue
             pi, cfg = train.load_policy(path, pipe.device)
@@ -631,7 +636,7 @@ def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
             make = (lambda pi=pi, h_pre=h_pre, cfg=cfg: policy.PolicySchedule(
                 pi, h_pre, beta_ema=cfg["beta_ema"], spec=policy.FLOW_ACTIONS, to_step=samplers.actions_to_step(cfg["T"])))
             name = label.format(beta_ema=cfg["beta_ema"])[:-1] + f", {cfg['solver']})"
-            rows.setdefault(name, {})[n] = (make, cfg["solver"], cfg["T"])
+            rows.setdefault(name, {})[n] = (make, cfg["solver"], cfg["T"], f"|{train.fingerprint(pipe.run_dir, (file,))}")
     return rows
 
 
@@ -654,8 +659,8 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
     jobs = [(name, nfe, s) for name in rows for nfe in rows[name] for s in EVAL_SEEDS]
     bar = tqdm(jobs, desc=f"{name_} eval")
     for name, nfe, s in bar:
-        make, solver, T = rows[name][nfe]
-        key = f"{name}|NFE{nfe}|seed{s}|{samples}"
+        make, solver, T, suffix = rows[name][nfe]
+        key = f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}"
         if key not in cache:
             t0 = time.time()
             before = pipe.forwards
@@ -671,8 +676,8 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
         bar.set_postfix(nfe=nfe, fid=f"{cache[key]['fid']:.2f}")
     table = []
     for name in rows:
-        for nfe, (_, solver, T) in rows[name].items():
-            runs = [cache[f"{name}|NFE{nfe}|seed{s}|{samples}"] for s in EVAL_SEEDS]
+        for nfe, (_, solver, T, suffix) in rows[name].items():
+            runs = [cache[f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}"] for s in EVAL_SEEDS]
             table.append({"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": runs[0]["nfe"],
                           "samples": samples, "seeds": list(EVAL_SEEDS), **seed_summary(runs, policy.FLOW_ACTIONS.names)})
     table.sort(key=lambda r: r["nfe_budget"])
@@ -713,7 +718,7 @@ def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_clas
     if not rows:
         raise train.UserError(f"{pipe.run_dir}/{train.flow_policy_file(pipe.path.name, 'policy', nfe)}.pt not found: "
                               f"train it with python train.py --stage flow-policy --run-dir {pipe.run_dir}")
-    make, solver, T = next(iter(rows.values()))[nfe]
+    make, solver, T, _ = next(iter(rows.values()))[nfe]
     sched = make()
     h = policy.activation(sched.h_pre.cpu(), policy.FLOW_ACTIONS)                   # (T, 2) the start, as executed
     pipe.generate(balanced_labels(samples, pipe.cfg.num_classes), T, sched, solver, seed=0)

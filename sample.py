@@ -757,6 +757,55 @@ def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_clas
     print("wrote", path, "(left: the start schedule; right: the adaptive policy; one class per row)")
 
 
+def flow_bench(pipe: FlowPipeline, batch: int, nfe: int = 8, repeats: int = 3) -> dict:
+    """The adaptive flow policy's cost: its T forwards vs the network's T guided forwards (2B rows),
+    both on the same batch; and images/s of sampling with the policy vs the uniform grid."""
+    file = train.flow_policy_file(pipe.path.name, "policy", nfe)
+    rows = {k: v for k, v in flow_rows(pipe, 1.0, [nfe]).items() if k.startswith("adaptive policy (PPO, ")}
+    if not rows:
+        raise train.UserError(f"{pipe.run_dir}/{file}.pt not found: train it with python train.py --stage flow-policy "
+                              f"--run-dir {pipe.run_dir}")
+    make, solver, T, _ = next(iter(rows.values()))[nfe]
+    c = pipe.cfg
+    labels = balanced_labels(batch, c.num_classes).to(pipe.device)
+    x = torch.randn((2 * batch, c.channels, c.img_size, c.img_size), device=pipe.device)
+    y2 = torch.cat([labels, torch.full_like(labels, c.null_label)])
+    t2 = torch.full((2 * batch,), 0.5, device=pipe.device)
+    feats = torch.randn(batch, c.num_patches, c.dim, device=pipe.device)                    # (B, P, C)
+    state = samplers.FlowState(0, x[:batch], t2[:batch], feats, labels)
+
+    @torch.no_grad()
+    def run_forwards():
+        for _ in range(T):
+            pipe.velocity_fn(x, t2, y2)
+
+    def run_policy():
+        sched = make()
+        for k in range(T):
+            sched(k, state)
+    heuristic = samplers.heuristic_schedule(samplers.uniform_grid(T), 1.0)
+    fns = [("bare forwards", run_forwards), ("policy forwards", run_policy),
+           ("sample", lambda: pipe.generate(labels.cpu(), T, heuristic, solver, seed=0)),
+           ("sample + policy", lambda: pipe.generate(labels.cpu(), T, make(), solver, seed=0))]
+    times: dict = {name: [] for name, _ in fns}
+    for r in range(repeats + 1):                                        # round-robin; the first round warms up
+        for name, fn in fns:
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.time()
+            fn()
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize()
+            if r > 0:
+                times[name].append(time.time() - t0)
+    res = {name: batch / min(ts) for name, ts in times.items()}
+    res["policy_cost"] = res["bare forwards"] / res["policy forwards"]
+    print(f"flow bench ({pipe.device}, batch {batch}, {solver}, T={T}, CFG): sample {res['sample']:.1f} images/s, "
+          f"sample + policy {res['sample + policy']:.1f} images/s; policy cost {100 * res['policy_cost']:.2f}% "
+          f"of the network's forward time per step ({file}.pt)")
+    return res
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", default="runs/small")
@@ -804,7 +853,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.plot:
                 for nfe in nfes:
                     plot_flow_policy(fpipe, nfe)
-            if not (args.eval or args.plot):
+            if args.bench:
+                flow_bench(fpipe, args.batch or (1024 if device.type == "cuda" else 256), max(nfes))
+            if not (args.eval or args.plot or args.bench):
                 flow_grids(fpipe, max(nfes))
             return
         pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch)

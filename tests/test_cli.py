@@ -160,6 +160,8 @@ def test_flow_stage_and_its_table(run_dir, tmp_path):
     assert len(adaptive["actions_sd_per_step"]) == 4 and adaptive["actions"] == ["f", "w"]
     r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--plot", "--nfe", "4")
     assert r.returncode == 0, r.stderr[-2000:]
+    r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--bench", "--nfe", "4", "--batch", "8")
+    assert r.returncode == 0 and "policy cost" in r.stdout, r.stderr[-2000:]
     for f in ("flow_policy_grids_nfe4.png", "flow_heuristic_vs_adaptive_nfe4.png"):
         assert os.path.exists(d / f), f
     _fails(run("sample.py", "--run-dir", str(run_dir), "--flow", "flow"), "--stage flow")

@@ -353,6 +353,43 @@ def seed_summary(runs: list[dict], actions: tuple) -> dict:
     return row
 
 
+def measure(pipe, ref: "RealFeatures", labels: torch.Tensor, sched, generate, to_images=lambda x: x) -> dict:
+    """One table cell: generate(sched) timed (generation only), then FID / precision / recall /
+    conditional accuracy of to_images(output); a policy's per-step action spread too."""
+    t0 = time.time()
+    out = generate(sched)
+    res = {"images_per_s": len(labels) / (time.time() - t0)}
+    res.update(metrics(pipe, ref, to_images(out), labels))
+    if isinstance(sched, policy.PolicySchedule):
+        a = sched.actions()                                               # (T, n, D)
+        res.update(actions_mean=a.mean(1).tolist(), actions_sd=a.std(1).tolist())
+    return res
+
+
+def train_reference(ref: "RealFeatures", n: int) -> dict:
+    """The metric's own noise: n real training images against the test set."""
+    P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3)
+    return {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
+            "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
+
+
+def time_round_robin(fns: list, device: torch.device, repeats: int) -> dict:
+    """name -> best seconds of each (name, fn) over `repeats` rounds, run round-robin so that
+    drift hits all alike; the first round warms up."""
+    times: dict = {name: [] for name, _ in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.time()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r > 0:
+                times[name].append(time.time() - t0)
+    return {name: min(ts) for name, ts in times.items()}
+
+
 def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int) -> None:
     """The evaluation table (eval.json, eval.md), resuming from eval_cache.json."""
     ref = RealFeatures(pipe)
@@ -369,9 +406,7 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     refs = {}
     key = f"ref|train|{n}"
     if key not in cache:
-        P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3)
-        cache[key] = {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
-                      "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
+        cache[key] = train_reference(ref, n)
     refs["real training images vs test"] = cache[key]
     key = f"ref|recon|{n}"
     if key not in cache:
@@ -386,15 +421,9 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     for name, T, s in bar:
         make, guided, suffix, gen = rows[name][T]
         key = f"{name}|T{T}|seed{s}|{samples}{suffix}"
-        if key not in cache:
-            sched = make()
-            t0 = time.time()
-            tok = (gen or pipe).generate(labels, T, sched, seed=s, guided=guided)   # same tokenizer + featnet
-            secs = time.time() - t0
-            cache[key] = {**metrics(pipe, ref, pipe.decode(tok), labels), "images_per_s": samples / secs}
-            if isinstance(sched, policy.PolicySchedule):             # the per-sample spread of every action
-                a = sched.actions()                                   # (T, n, 4)
-                cache[key].update(actions_mean=a.mean(1).tolist(), actions_sd=a.std(1).tolist())
+        if key not in cache:                                            # same tokenizer + featnet for every row
+            cache[key] = measure(pipe, ref, labels, make(),
+                                 lambda sched: (gen or pipe).generate(labels, T, sched, seed=s, guided=guided), pipe.decode)
             train.write_json(cache_path, cache)
         bar.set_postfix(T=T, fid=f"{cache[key]['fid']:.2f}")
 
@@ -501,18 +530,7 @@ def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
             for t in range(T):
                 sched(t, state)
         fns.append(("policy forwards", run_policy))
-    times: dict = {name: [] for name, _ in fns}
-    for r in range(repeats + 1):                                        # round-robin: drift hits all alike
-        for name, fn in fns:
-            if pipe.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.time()
-            fn()
-            if pipe.device.type == "cuda":
-                torch.cuda.synchronize()
-            if r > 0:                                                   # the first round warms up
-                times[name].append(time.time() - t0)
-    res = {name: batch / min(ts) for name, ts in times.items()}
+    res = {name: batch / secs for name, secs in time_round_robin(fns, pipe.device, repeats).items()}
     res["overhead"] = res["bare forwards"] / res["generate"] - 1
     print(f"bench ({pipe.device}, batch {batch}, T={T}, CFG): generate {res['generate']:.1f} images/s, "
           f"bare forwards {res['bare forwards']:.1f} images/s, decoding overhead {100 * res['overhead']:.1f}%")
@@ -625,19 +643,36 @@ def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
             rows.setdefault(f"searched grid + guidance (AutoNAT's search, {solver})", {})[n] = (
                 lambda table=ck["table"]: samplers.table_schedule(table), solver, ck["config"]["T"],
                 f"|{train.fingerprint(pipe.run_dir, (name,))}")
-    for kind, label in POLICY_ROWS.items():                            # the PPO-trained schedules
+    for kind in POLICY_ROWS:                                           # the PPO-trained schedules
         for n in nfes:
-            file = train.flow_policy_file(pipe.path.name, kind, n)
-            path = os.path.join(pipe.run_dir, f"{file}.pt")
-            if not os.path.exists(path):
-                continue
-            pi, cfg = train.load_policy(path, pipe.device)
-            h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"]), policy.FLOW_ACTIONS).to(pipe.device)
-            make = (lambda pi=pi, h_pre=h_pre, cfg=cfg: policy.PolicySchedule(
-                pi, h_pre, beta_ema=cfg["beta_ema"], spec=policy.FLOW_ACTIONS, to_step=samplers.actions_to_step(cfg["T"])))
-            name = label.format(beta_ema=cfg["beta_ema"])[:-1] + f", {cfg['solver']})"
-            rows.setdefault(name, {})[n] = (make, cfg["solver"], cfg["T"], f"|{train.fingerprint(pipe.run_dir, (file,))}")
+            found = flow_policy_schedule(pipe, kind, n)
+            if found is not None:
+                rows.setdefault(found[0], {})[n] = found[1:]
     return rows
+
+
+def flow_policy_schedule(pipe: FlowPipeline, kind: str, nfe: int) -> tuple | None:
+    """(row name, make_schedule, solver, T, cache-key suffix) of the trained `kind` flow policy for
+    the NFE budget, or None if there is none."""
+    file = train.flow_policy_file(pipe.path.name, kind, nfe)
+    path = os.path.join(pipe.run_dir, f"{file}.pt")
+    if not os.path.exists(path):
+        return None
+    pi, cfg = train.load_policy(path, pipe.device)
+    h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"]), policy.FLOW_ACTIONS).to(pipe.device)
+    make = lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"], spec=policy.FLOW_ACTIONS,
+                                         to_step=samplers.actions_to_step(cfg["T"]))
+    name = POLICY_ROWS[kind].format(beta_ema=cfg["beta_ema"])[:-1] + f", {cfg['solver']})"
+    return name, make, cfg["solver"], cfg["T"], f"|{train.fingerprint(pipe.run_dir, (file,))}"
+
+
+def adaptive_flow_policy(pipe: FlowPipeline, nfe: int) -> tuple:
+    """(make_schedule, solver, T) of the adaptive flow policy for the NFE budget; a clear error if there is none."""
+    found = flow_policy_schedule(pipe, "policy", nfe)
+    if found is None:
+        raise train.UserError(f"{pipe.run_dir}/{train.flow_policy_file(pipe.path.name, 'policy', nfe)}.pt not found: "
+                              f"train it with python train.py --stage flow-policy --run-dir {pipe.run_dir}")
+    return found[1:4]
 
 
 def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_samples: int) -> None:
@@ -653,25 +688,16 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
         cache = {"fingerprint": pipe.fingerprint}
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = balanced_labels(samples, pipe.cfg.num_classes)
-    P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3)
-    refs = {"real training images vs test": {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
-                                             "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}}
+    refs = {"real training images vs test": train_reference(ref, n)}
     jobs = [(name, nfe, s) for name in rows for nfe in rows[name] for s in EVAL_SEEDS]
     bar = tqdm(jobs, desc=f"{name_} eval")
     for name, nfe, s in bar:
         make, solver, T, suffix = rows[name][nfe]
         key = f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}"
         if key not in cache:
-            t0 = time.time()
             before = pipe.forwards
-            sched = make()
-            images = pipe.generate(labels, T, sched, solver, seed=s)
-            secs = time.time() - t0
-            cache[key] = {**metrics(pipe, ref, images, labels), "images_per_s": samples / secs,
-                          "nfe": (pipe.forwards - before) / (2 * samples)}           # a guided pair counts once
-            if isinstance(sched, policy.PolicySchedule):                 # the per-sample spread of [f, w] and of t
-                a = sched.actions()                                       # (T, n, 2)
-                cache[key].update(actions_mean=a.mean(1).tolist(), actions_sd=a.std(1).tolist())
+            cache[key] = measure(pipe, ref, labels, make(), lambda sched: pipe.generate(labels, T, sched, solver, seed=s))
+            cache[key]["nfe"] = (pipe.forwards - before) / (2 * samples)        # a guided pair counts once
             train.write_json(cache_path, cache)
         bar.set_postfix(nfe=nfe, fid=f"{cache[key]['fid']:.2f}")
     table = []
@@ -714,27 +740,18 @@ def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_clas
     `lines` samples; red: mean +- sd; dashed: the uniform grid it started from) and guidance w per
     step; <path>_heuristic_vs_adaptive_nfe<nfe>.png: each class's samples from the start schedule
     (left) and the policy (right), same noise."""
-    rows = {k: v for k, v in flow_rows(pipe, 0.0, [nfe]).items() if k.startswith("adaptive policy (PPO, ")}
-    if not rows:
-        raise train.UserError(f"{pipe.run_dir}/{train.flow_policy_file(pipe.path.name, 'policy', nfe)}.pt not found: "
-                              f"train it with python train.py --stage flow-policy --run-dir {pipe.run_dir}")
-    make, solver, T, _ = next(iter(rows.values()))[nfe]
+    make, solver, T = adaptive_flow_policy(pipe, nfe)
     sched = make()
     h = policy.activation(sched.h_pre.cpu(), policy.FLOW_ACTIONS)                   # (T, 2) the start, as executed
     pipe.generate(balanced_labels(samples, pipe.cfg.num_classes), T, sched, solver, seed=0)
     a = sched.actions()                                                            # (T, n, 2) executed [f, w]
-    t = [torch.ones(a.shape[1])]
-    for k in range(T):
-        t.append(samplers.next_time(t[-1], a[k, :, 0], k == T - 1))
-    t = torch.stack(t)                                                             # (T + 1, n) per-sample grids
-    t_h = [torch.ones(1)]
-    for k in range(T):
-        t_h.append(samplers.next_time(t_h[-1], h[k:k + 1, 0], k == T - 1))
+    t = samplers.grid_of_fractions(a[:, :, 0])                                    # (T + 1, n) per-sample grids
+    t_h = samplers.grid_of_fractions(h[:, :1])                                     # (T + 1, 1) the start's grid
     steps = list(range(T + 1))
     series = [{"x": steps, "y": t[:, i].tolist(), "color": (150, 170, 220)} for i in range(min(lines, t.shape[1]))]
     series += [{"x": steps, "y": t.mean(1).tolist(), "color": (200, 60, 30),
                 "band": ((t.mean(1) - t.std(1)).tolist(), (t.mean(1) + t.std(1)).tolist())},
-               {"x": steps, "y": torch.cat(t_h).tolist(), "color": (60, 60, 60), "dashed": True}]
+               {"x": steps, "y": t_h[:, 0].tolist(), "color": (60, 60, 60), "dashed": True}]
     w = a[:, :, 1]
     panels = [{"title": "time t_k per sample", "series": series},
               {"title": "guidance w", "series": [
@@ -747,7 +764,7 @@ def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_clas
     print("wrote", path)
     K = pipe.cfg.num_classes
     labels = torch.arange(K).repeat_interleave(per_class)
-    start = samplers.table_schedule(samplers.grid_table(torch.cat(t_h), h[:, 1]))
+    start = samplers.table_schedule(samplers.grid_table(t_h[:, 0], h[:, 1]))
     left = pipe.generate(labels, T, start, solver, seed=0).view(K, per_class, -1)
     right = pipe.generate(labels, T, make(), solver, seed=0).view(K, per_class, -1)
     C, S = pipe.cfg.channels, pipe.cfg.img_size
@@ -761,11 +778,7 @@ def flow_bench(pipe: FlowPipeline, batch: int, nfe: int = 8, repeats: int = 3) -
     """The adaptive flow policy's cost: its T forwards vs the network's T guided forwards (2B rows),
     both on the same batch; and images/s of sampling with the policy vs the uniform grid."""
     file = train.flow_policy_file(pipe.path.name, "policy", nfe)
-    rows = {k: v for k, v in flow_rows(pipe, 1.0, [nfe]).items() if k.startswith("adaptive policy (PPO, ")}
-    if not rows:
-        raise train.UserError(f"{pipe.run_dir}/{file}.pt not found: train it with python train.py --stage flow-policy "
-                              f"--run-dir {pipe.run_dir}")
-    make, solver, T, _ = next(iter(rows.values()))[nfe]
+    make, solver, T = adaptive_flow_policy(pipe, nfe)
     c = pipe.cfg
     labels = balanced_labels(batch, c.num_classes).to(pipe.device)
     x = torch.randn((2 * batch, c.channels, c.img_size, c.img_size), device=pipe.device)
@@ -787,18 +800,7 @@ def flow_bench(pipe: FlowPipeline, batch: int, nfe: int = 8, repeats: int = 3) -
     fns = [("bare forwards", run_forwards), ("policy forwards", run_policy),
            ("sample", lambda: pipe.generate(labels.cpu(), T, heuristic, solver, seed=0)),
            ("sample + policy", lambda: pipe.generate(labels.cpu(), T, make(), solver, seed=0))]
-    times: dict = {name: [] for name, _ in fns}
-    for r in range(repeats + 1):                                        # round-robin; the first round warms up
-        for name, fn in fns:
-            if pipe.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.time()
-            fn()
-            if pipe.device.type == "cuda":
-                torch.cuda.synchronize()
-            if r > 0:
-                times[name].append(time.time() - t0)
-    res = {name: batch / min(ts) for name, ts in times.items()}
+    res = {name: batch / secs for name, secs in time_round_robin(fns, pipe.device, repeats).items()}
     res["policy_cost"] = res["bare forwards"] / res["policy forwards"]
     print(f"flow bench ({pipe.device}, batch {batch}, {solver}, T={T}, CFG): sample {res['sample']:.1f} images/s, "
           f"sample + policy {res['sample + policy']:.1f} images/s; policy cost {100 * res['policy_cost']:.2f}% "

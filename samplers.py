@@ -54,30 +54,15 @@ F_MIN = 1e-3                       # the time fraction of one step is clamped to
 # ----------------------------------------------------------------------------- probability paths
 
 class Path:
-    """x_t = alpha_t x0 + sigma_t eps for t in [0, 1]; t = 0 data, t = 1 (nearly) pure noise."""
-    name = ""
-    prediction = ""                # what the network predicts: "v" or "eps"
+    """x_t = alpha_t x0 + sigma_t eps for t in [0, 1]; t = 0 data, t = 1 (nearly) pure noise.
 
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def derivatives(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha'_t, sigma'_t)."""
-        raise NotImplementedError
+    A path (FlowPath, VPPath) defines `name`, `prediction` (what the network predicts: "v" or
+    "eps"), alpha(t), sigma(t), derivatives(t) -> (alpha'_t, sigma'_t), target(x0, eps, t) (the
+    network's regression target at (x_t, t)), x0_eps(out, x, t) -> (x0_hat, eps_hat) and
+    t_of_lam(lambda); what follows is shared."""
 
     def x_t(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return _b(self.alpha(t), x0) * x0 + _b(self.sigma(t), x0) * eps
-
-    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's regression target at (x_t, t)."""
-        raise NotImplementedError
-
-    def x0_eps(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network output at (x, t) -> (x0_hat, eps_hat)."""
-        raise NotImplementedError
 
     def ode_velocity(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """dx/dt of the probability-flow ODE = alpha'_t x0_hat + sigma'_t eps_hat."""
@@ -88,9 +73,6 @@ class Path:
     def lam(self, t: torch.Tensor) -> torch.Tensor:
         """log-SNR lambda_t = log(alpha_t / sigma_t): -inf where alpha = 0, +inf at t = 0."""
         return torch.log(self.alpha(t)) - torch.log(self.sigma(t))
-
-    def t_of_lam(self, lam: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
 
 class FlowPath(Path):
@@ -226,6 +208,15 @@ def next_time(t: torch.Tensor, f: torch.Tensor, last: bool) -> torch.Tensor:
     return t * (1 - f.clamp(F_MIN, 1 - F_MIN))
 
 
+def grid_of_fractions(f: torch.Tensor) -> torch.Tensor:
+    """The time grids that executed fractions f (T, n) give from t = 1: (T + 1, n), t_T = 0."""
+    T = f.shape[0]
+    t = [torch.ones_like(f[0])]
+    for k in range(T):
+        t.append(next_time(t[-1], f[k], k == T - 1))
+    return torch.stack(t)
+
+
 def actions_to_step(T: int) -> Callable:
     """The MDP's executed actions a (B, 2) = [f, w] at step k -> the schedule's (t_next, w):
     for policy.PolicySchedule(..., spec=policy.FLOW_ACTIONS, to_step=actions_to_step(T))."""
@@ -308,12 +299,12 @@ def sample(velocity_fn: Callable, x: torch.Tensor, labels: torch.Tensor, T: int,
             nfe.append(k)
         t_next, w = schedule(k, FlowState(k, x, t, feats, labels))
         t_next = t_next.to(x.device, x.dtype)
-        if k == T - 1 and bool((t_next != 0).any()):
-            raise ValueError(f"the schedule's last step must land on t = 0 (got max {t_next.max().item():.3g})")
-        if bool((t_next >= t).any()) or bool((t_next < 0).any()):
+        last = k == T - 1
+        if bool(((t_next >= t) | (t_next < 0) | ((t_next != 0) & last)).any()):   # one host sync per step
+            if last and bool((t_next != 0).any()):
+                raise ValueError(f"the schedule's last step must land on t = 0 (got max {t_next.max().item():.3g})")
             raise ValueError(f"step {k}: the schedule must give 0 <= t_next < t")
         out = _guided(out_c, out_u, w)
-        last = k == T - 1
         if solver == "euler" or last:                                         # first order; lands on t = 0
             x = _first_order(path, solver, out, x, t, t_next)
         elif solver == "heun":

@@ -98,12 +98,14 @@ class FeatureNetConfig:
     width: int = 32         # channels of the first stage; stages use width, 2 width, 4 width
     feat_dim: int = 128     # D, the penultimate (FID) feature size
     img_size: int = 32      # input resolution, divisible by 8 (three 2x poolings)
+    convs: int = 2          # conv-BN-ReLU layers per stage
+    pool: str = "max"       # "max" or "avg" pooling between stages (the independent FID network differs here)
 
 
 class FeatureNet(nn.Module):
     """Small VGG-style CNN classifier; its penultimate activations are the FID features.
 
-    3 stages of [conv3x3-BN-ReLU] x 2 + maxpool 2 (widths w, 2w, 4w), global average pool,
+    3 stages of [conv3x3-BN-ReLU] x convs + max or average pool 2 (widths w, 2w, 4w), global average pool,
     Linear(4w, D) + ReLU = features, dropout 0.3 (training only), Linear(D, K) = logits.
     Expects images in [-1, 1], (B, in_ch, img_size, img_size).
     """
@@ -115,10 +117,10 @@ class FeatureNet(nn.Module):
         self.cfg = cfg
         layers, c_in = [], cfg.in_ch
         for c_out in (cfg.width, 2 * cfg.width, 4 * cfg.width):
-            for _ in range(2):
+            for _ in range(cfg.convs):
                 layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
                 c_in = c_out
-            layers.append(nn.MaxPool2d(2))
+            layers.append(nn.MaxPool2d(2) if cfg.pool == "max" else nn.AvgPool2d(2))
         self.body = nn.Sequential(*layers)
         self.fc_feat = nn.Linear(c_in, cfg.feat_dim)
         self.dropout = nn.Dropout(0.3)

@@ -357,27 +357,54 @@ def heuristic_schedule(T: int, tau2_0: float = 4.5, w_0: float = 0.0, tau1: floa
 @torch.no_grad()
 def generate(logits_fn: Callable, labels: torch.Tensor, T: int, schedule: Schedule, mask_id: int,
              num_tokens: int, null_label: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, group: int = 1) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, group: int = 1,
+             lookahead: int = 1, score_fn: Optional[Callable] = None) -> torch.Tensor:
     """Run T parallel-decoding steps from the all-[MASK] map; returns tokens (B, N).
 
     logits_fn(tokens (B',N), labels (B',)) -> (logits (B',N,K), features (B',N,C)).
     With null_label given, each step costs one batched forward of [cond; null] (2B rows)
     and the schedule's w is applied; with null_label None there is no guidance (w ignored).
     group: see decode_step (B must be a multiple of it).
+
+    Look-ahead sampling (AdaGen §III-F1, Eq. 13, Algorithm 2): with lookahead = k > 1, each
+    transition t -> t+1 before the last draws k candidate next maps v^(t+1)_1..k (independent
+    random numbers, the same actions), runs the generator on all of them and keeps, per sample,
+    the candidate with the highest score_fn(features (B*k, N, C), t+1 (B*k,)) -> (B*k,) (the
+    critic V(s_{t+1})). The kept candidate's forward is the next step's forward, so a step
+    costs k forwards instead of 1: 1 + k (T - 1) per image in all (x2 rows with guidance).
     """
+    if lookahead > 1 and (score_fn is None or group != 1):
+        raise ValueError("lookahead > 1 needs a score_fn and group = 1")
     B = labels.shape[0]
-    tokens = torch.full((B, num_tokens), mask_id, dtype=torch.long, device=labels.device)
-    for t in range(T):
+
+    def forward(tok: torch.Tensor, y: torch.Tensor):                     # -> logits_c, logits_u, features
         if null_label is None:
-            logits_c, feats = logits_fn(tokens, labels)
-            logits_u = None
-        else:
-            both, feats = logits_fn(tokens.repeat(2, 1), torch.cat([labels, torch.full_like(labels, null_label)]))
-            logits_c, logits_u, feats = both[:B], both[B:], feats[:B]
+            logits_c, feats = logits_fn(tok, y)
+            return logits_c, None, feats
+        n = tok.shape[0]
+        both, feats = logits_fn(tok.repeat(2, 1), torch.cat([y, torch.full_like(y, null_label)]))
+        return both[:n], both[n:], feats[:n]
+
+    tokens = torch.full((B, num_tokens), mask_id, dtype=torch.long, device=labels.device)
+    out = forward(tokens, labels)
+    for t in range(T):
+        logits_c, logits_u, feats = out
         m, tau1, tau2, w = schedule(t, NATState(t, tokens, feats, labels))
         if t == T - 1:
             m = torch.zeros_like(m)                                          # the last step decodes everything
-        tokens = decode_step(tokens, logits_c, logits_u, m, tau1, tau2, w, mask_id, generator, group)
+            return decode_step(tokens, logits_c, logits_u, m, tau1, tau2, w, mask_id, generator, group)
+        k = lookahead
+        rep = lambda x: None if x is None else x.repeat_interleave(k, 0)     # (B, ...) -> (B*k, ...)
+        cand = decode_step(rep(tokens), rep(logits_c), rep(logits_u), rep(m), rep(tau1), rep(tau2), rep(w),
+                           mask_id, generator, group)                        # (B*k, N)
+        out = forward(cand, rep(labels))
+        if k == 1:
+            tokens = cand
+            continue
+        scores = score_fn(out[2], torch.full((B * k,), t + 1, dtype=torch.long, device=cand.device))   # (B*k,)
+        keep = torch.arange(B, device=cand.device) * k + scores.view(B, k).argmax(1)                 # (B,)
+        tokens = cand[keep]
+        out = tuple(None if x is None else x[keep] for x in out)
     return tokens
 
 

@@ -1,5 +1,5 @@
 """Generation policies for the NAT and ODE-sampler MDPs (AdaNAT §3.2-3.3, Eq. 9; AdaGen §III-C,
-§III-E Eq. 12, App. B).
+§III-E Eq. 12, §III-F2 Eq. 14, App. B).
 
 The MDP: state s_t = (t, v^(t)) observed through the frozen generator's final-LayerNorm
 features f_theta(v^(t)) (B, N, C); action a_t = step t's knobs, described by an ActionSpec:
@@ -162,6 +162,9 @@ class StaticPolicy(nn.Module):
 class PolicySchedule:
     """A schedule driven by a policy: schedule(t, state) -> step t's actions, each (B,).
 
+    With `base` (the frozen main policy) and `lam` (a float or (B,)), `policy` is AdaGen's
+    fidelity policy and the executed residual is blend(base's mean, policy's o, lam) (Eq. 14).
+
     For nat.generate the actions are (m, tau1, tau2, w); for samplers.sample, `to_step` turns
     the executed (B, 2) actions [f, w] into (t_next, w) (to_step(t, state, a) -> tuple; by
     default the columns of a). sigma > 0 samples o_t ~ N(eta(s_t), sigma^2) (training
@@ -171,9 +174,11 @@ class PolicySchedule:
 
     def __init__(self, policy: nn.Module, h_pre: torch.Tensor, sigma: float = 0.0, beta_ema: float = 0.0,
                  generator: Optional[torch.Generator] = None, record: Optional[list] = None,
-                 spec: ActionSpec = NAT_ACTIONS, to_step: Optional[Callable] = None):
+                 spec: ActionSpec = NAT_ACTIONS, to_step: Optional[Callable] = None,
+                 base: Optional[nn.Module] = None, lam=None):
         self.policy, self.h_pre, self.sigma, self.beta_ema = policy, h_pre, sigma, beta_ema
         self.generator, self.record, self.spec, self.to_step = generator, record, spec, to_step
+        self.base, self.lam = base, lam                                 # the fidelity blend (Eq. 14), see blend()
         self.r: Optional[torch.Tensor] = None                          # (B, D) smoothed residual r_{t-1}
         self.executed: list[torch.Tensor] = []                          # (B, D) actions per step of this batch
         self.finished: list[torch.Tensor] = []                          # (T, B, D) of earlier batches
@@ -189,6 +194,8 @@ class PolicySchedule:
             o = mu + self.sigma * torch.randn(mu.shape, device=mu.device, generator=self.generator)
         if self.record is not None:
             self.record.append((feats, tt, o, gaussian_logp(o, mu, self.sigma) if self.sigma > 0 else None))
+        if self.base is not None:                                       # policy = the fidelity policy
+            o = blend(self.base(feats, tt), o, self.lam)
         if t == 0:
             if self.executed:
                 self.finished.append(torch.stack(self.executed).cpu())
@@ -207,6 +214,15 @@ class PolicySchedule:
         return torch.cat(self.finished + [torch.stack(self.executed).cpu()], dim=1)
 
 
+def blend(o_main: torch.Tensor, o_fid: torch.Tensor, lam) -> torch.Tensor:
+    """AdaGen Eq. 14 in pre-activation space: (1 - lam) o_main + lam o_fid, (B, D) each, lam a
+    float or (B,). Both residuals sit on the same h_pre, so this is the blend of the two policies'
+    pre-activations; lam = 0 is the main policy exactly, lam = 1 the fidelity policy."""
+    lam = torch.as_tensor(lam, dtype=o_main.dtype, device=o_main.device)
+    lam = lam[:, None] if lam.dim() == 1 else lam
+    return (1 - lam) * o_main + lam * o_fid
+
+
 @dataclass
 class Rollout:
     """One batch of B trajectories of T steps (transitions flattened step-major: index t * B + b)."""
@@ -223,13 +239,14 @@ class Rollout:
 def rollout(policy: nn.Module, critic: nn.Module, generate_fn: Callable, labels: torch.Tensor,
             h_pre: torch.Tensor, sigma: float, beta_ema: float = 0.0,
             generator: Optional[torch.Generator] = None, spec: ActionSpec = NAT_ACTIONS,
-            to_step: Optional[Callable] = None) -> Rollout:
+            to_step: Optional[Callable] = None, base: Optional[nn.Module] = None, lam=None) -> Rollout:
     """Generate with the stochastic policy and keep what PPO needs.
 
     generate_fn(labels (B,), schedule) -> tokens (B, N) or images runs the frozen generator
-    (e.g. nat.generate or samplers.sample partially applied); the schedule sees each step's features."""
+    (e.g. nat.generate or samplers.sample partially applied); the schedule sees each step's features.
+    base, lam: the fidelity blend (PolicySchedule); PPO then trains `policy` only."""
     record: list = []
-    sched = PolicySchedule(policy, h_pre, sigma, beta_ema, generator, record, spec, to_step)
+    sched = PolicySchedule(policy, h_pre, sigma, beta_ema, generator, record, spec, to_step, base, lam)
     final = generate_fn(labels, sched)
     feats, t, o, logp = (torch.cat(x) for x in zip(*record))
     return Rollout(features=feats, t=t, o=o, logp=logp, value=critic(feats, t), actions=torch.stack(sched.executed),

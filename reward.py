@@ -1,4 +1,6 @@
-"""The adversarial reward model r_psi (AdaNAT §3.3 Eq. 12; AdaGen §III-D): a projected discriminator.
+"""The adversarial reward model r_psi (AdaNAT §3.3 Eq. 12; AdaGen §III-D): a projected discriminator;
+and the rest of AdaGen's rewards: the fixed fidelity reward and its blend (§III-F2, Eq. 15), and
+the discriminator as the ranker of repeated sampling (§III-F1, Algorithm 2).
 
 A GAN discriminator trained at the same time as the policy, so the reward keeps moving and
 the policy cannot overfit it (a fixed FID or classifier reward gets hacked). Following
@@ -71,6 +73,24 @@ def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor
 def reward(logits: torch.Tensor) -> torch.Tensor:
     """(B, P) logits -> (B,) reward sigmoid(mean logit), the probability D gives to 'real'."""
     return torch.sigmoid(logits.mean(1))
+
+
+def fidelity_reward(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The fixed reward r_fid (AdaGen §III-F2's fidelity reward; ImageReward's stand-in here):
+    log p(y | x) of the requested class under a frozen classifier's logits (B, K) -> (B,)."""
+    return F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None])[:, 0]
+
+
+def blended_reward(r_adv: torch.Tensor, r_fid: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """AdaGen Eq. 15: (1 - lam) r_adv + lam r_fid, each (B,); lam = 0 gives r_adv exactly."""
+    return (1 - lam) * r_adv + lam * r_fid
+
+
+def best_of(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Repeated sampling (AdaGen §III-F1, Algorithm 2): scores (n*k,) of k consecutive candidates
+    per request -> (n,) flat indices of each request's highest-scored candidate."""
+    n = scores.shape[0] // k
+    return torch.arange(n, device=scores.device) * k + scores.view(n, k).argmax(1)
 
 
 def accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> float:

@@ -70,11 +70,13 @@ class Pipeline:
             return self.net(tokens, labels)
 
     def generate(self, labels: torch.Tensor, T: int, schedule: nat.Schedule, seed: int, guided: bool = True,
-                 progress: bool = False, group: int = 1, dedup: bool = False) -> torch.Tensor:
+                 progress: bool = False, group: int = 1, dedup: bool = False, lookahead: int = 1,
+                 score_fn=None) -> torch.Tensor:
         """Generate tokens (n, N) for labels (n,) in batches, with any schedule (a heuristic
         table, a policy); guided=False skips the null-class forward (the schedule's w is ignored).
         group = G: consecutive blocks of G rows share their random numbers (nat.decode_step).
-        dedup: one forward per distinct (tokens, label) row of a step (see `dedup_logits_fn`)."""
+        dedup: one forward per distinct (tokens, label) row of a step (see `dedup_logits_fn`).
+        lookahead, score_fn: nat.generate's look-ahead sampling (k candidates per transition)."""
         g = torch.Generator(self.device).manual_seed(seed)
         null = self.cfg.null_label if guided else None
         step = max(group, self.batch // group * group)                     # whole groups per batch
@@ -82,7 +84,8 @@ class Pipeline:
         out = []
         for i in tqdm(range(0, len(labels), step), desc=f"T={T}", leave=False, disable=not progress):
             y = labels[i:i + step].to(self.device)
-            out.append(nat.generate(fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g, group).cpu())
+            out.append(nat.generate(fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g, group,
+                                    lookahead, score_fn).cpu())
         return torch.cat(out)
 
     def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int) -> torch.Tensor:

@@ -18,6 +18,11 @@ Stages (each writes its checkpoint(s) into the run folder):
   policy, static, smooth
                 AdaNAT's PPO-trained schedules (policy.py, ppo.py, reward.py): adaptive,
                 learnable static table, adaptive with EMA smoothing; {kind}_T{T}.pt per T in pi_T ({kind}_search_T{T}.pt with pi_start=search).
+                --reward fixed|fid trains them on another reward instead ({kind}_{reward}_T{T}.pt).
+  featnet2      (optional) an independent FID network (other architecture and seed) for that study.
+  fidelity      (optional) AdaGen's fidelity policy, blended with the adaptive one by lam: fidelity_T{T}.pt.
+  flow, flow-search, flow-policy, flow-static, flow-smooth, flow-fidelity
+                (optional) the continuous paradigm (samplers.py): the generator and its schedules.
 
 A run folder holds config.json, log.jsonl (one JSON object per logged step), and the
 checkpoints. Re-running the same command resumes: finished stages are skipped, an
@@ -90,6 +95,9 @@ class TrainConfig:
     bb_steps: int = 400
     bb_width: int = 16
     bb_dim: int = 64
+    # --- featnet2: an independent FID network (another architecture and seed) for the reward-hacking study
+    feat2_width: int = 48
+    feat2_dim: int = 96
     # --- nat: the generator
     nat_steps: int = 1800
     nat_batch: int = 256
@@ -146,6 +154,10 @@ class TrainConfig:
     pi_fid_every: int = 6            # iterations between FID checks (training-set statistics; best kept)
     pi_fid_samples: int = 1000       # samples per FID check
     pi_sweep_samples: int = 2000     # samples per w_0 candidate of the heuristic the residual starts from
+    pi_reward: str = "adversarial"   # the policy's reward (AdaGen §III-D): "adversarial" (D, trained alongside),
+                                     # "fixed" (log p(y|x) under the frozen backbone classifier), or "fid" (minus the
+                                     # FID vs training statistics of the trajectory's chunk); --reward; files *_<reward>_T*
+    pi_fid_chunk: int = 64           # "fid" reward: trajectories per FID chunk (a group's members go to different chunks)
     pi_start: str = "heuristic"      # the residual's zero point: AdaNAT's heuristic, or the finished AutoNAT
                                      # "search" / "param" table of the same T (files <kind>_<start>_T{T}.pt)
     # --- search / param-search: AutoNAT's finite-difference schedule search (keys search_*; free to
@@ -178,7 +190,8 @@ PRESETS: dict[str, dict] = {
                  pi_d_warmup=1, pi_d_steps=1, pi_d_warmup_steps=2, pi_fid_every=2, pi_fid_samples=40, pi_sweep_samples=20,
                  search_T=(4,), search_updates=2, search_param_updates=2, search_samples=40,
                  pr_budget=2, pr_steps=5, pr_samples=40,
-                 flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5, flow_pi_nfe=(4,)),
+                 flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5, flow_pi_nfe=(4,),
+                 feat2_width=8, feat2_dim=16, pi_fid_chunk=4),
     # the default: fits in ~40 minutes on 2 CPU cores
     "small": dict(),
     # one GPU, a few minutes to an hour
@@ -265,7 +278,7 @@ def nat_config(c: TrainConfig, num_classes: int, num_tokens: int, vocab_size: in
 def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "model") -> torch.nn.Module:
     """Rebuild a finished stage's model from its checkpoint alone (config + weights), in eval mode.
 
-    stage: "vq", "featnet", "backbone", "nat", "flow" or "vp"; weights: "model" or "ema" (the
+    stage: "vq", "featnet", "featnet2", "backbone", "nat", "flow" or "vp"; weights: "model" or "ema" (the
     generators' EMA weights)."""
     path = os.path.join(run_dir, f"{stage}.pt")
     ck = load_ckpt(path)
@@ -275,7 +288,7 @@ def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "
     try:
         if stage == "vq":
             model = vqgan.VQModel(vqgan.VQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])}))
-        elif stage in ("featnet", "backbone"):
+        elif stage in ("featnet", "featnet2", "backbone"):
             model = fid.FeatureNet(fid.FeatureNetConfig(**cfg))
         elif stage in samplers.PATHS:                                   # flow.pt, vp.pt
             model = nat.FlowTransformer(nat.FlowConfig(**cfg))
@@ -457,6 +470,14 @@ def stage_backbone(c: TrainConfig, run_dir: str, device: torch.device, log: Logg
     """A second classifier (other width and seed, shorter training): the frozen backbone the
     policy's discriminator reads (reward.py). The FID network itself must not be the reward."""
     train_classifier(c, run_dir, device, log, "backbone", dict(width=c.bb_width, feat_dim=c.bb_dim), c.bb_steps, 7)
+
+
+def stage_featnet2(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+    """An independent FID network for the reward-hacking study (AdaGen §III-D): another
+    architecture (one conv per stage, average pooling, other widths) and seed, so that a policy
+    trained on the FID network's own FID can be judged on features it never saw."""
+    train_classifier(c, run_dir, device, log, "featnet2",
+                     dict(width=c.feat2_width, feat_dim=c.feat2_dim, convs=1, pool="avg"), c.feat_steps, 13)
 
 
 def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, name: str, sizes: dict,
@@ -665,9 +686,14 @@ def classifier_backbone(net: fid.FeatureNet):
 PI_STARTS = {"heuristic": "AdaNAT's heuristic", "search": "the AutoNAT table", "param": "the searched family"}
 
 
-def policy_file(kind: str, start: str, T: int) -> str:
-    """policy_T8, or policy_search_T8 for a policy whose residual starts from the searched table."""
-    return f"{kind}_T{T}" if start == "heuristic" else f"{kind}_{start}_T{T}"
+PI_REWARDS = ("adversarial", "fixed", "fid")
+
+
+def policy_file(kind: str, start: str, T: int, reward_name: str = "adversarial") -> str:
+    """policy_T8; policy_search_T8 for a policy whose residual starts from the searched table;
+    policy_fixed_T8 / policy_fid_T8 for one trained on another reward (the reward-hacking study)."""
+    parts = [kind] + ([start] if start != "heuristic" else []) + ([reward_name] if reward_name != "adversarial" else [])
+    return "_".join(parts) + f"_T{T}"
 
 
 def start_table(pipe, start: str, T: int, w_0: float) -> torch.Tensor:
@@ -729,7 +755,7 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
         return x, y
 
     task = PolicyTask(
-        name=policy_file(kind, c.pi_start, T), T=T, spec=policy.NAT_ACTIONS, h=start_table(pipe, c.pi_start, T, w_0),
+        name=policy_file(kind, c.pi_start, T, c.pi_reward), T=T, spec=policy.NAT_ACTIONS, h=start_table(pipe, c.pi_start, T, w_0),
         start=f"{PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim, N=cfg.num_tokens, num_classes=cfg.num_classes,
         generate=lambda y, sched, g, G: nat.generate(pipe.logits_fn, y, T, sched, cfg.mask_id, cfg.num_tokens,
                                                      cfg.null_label, g, group=G),
@@ -758,7 +784,7 @@ def flow_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, nfe
                                pipe.path).clamp(-1, 1)
 
     task = PolicyTask(
-        name=flow_policy_file(c.flow_path, kind, nfe), T=T, spec=policy.FLOW_ACTIONS, h=h,
+        name=flow_policy_file(c.flow_path, kind, nfe, c.pi_reward), T=T, spec=policy.FLOW_ACTIONS, h=h,
         start=f"{solver}, uniform grid, w = {w_0:g}", C=cfg.dim, N=cfg.num_patches, num_classes=cfg.num_classes,
         generate=generate, to_images=lambda x: x,
         fid_images=lambda y, sched: pipe.generate(y, T, sched, solver, seed=0),
@@ -767,25 +793,45 @@ def flow_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, nfe
     return task, pipe, ref
 
 
-def flow_policy_file(path: str, kind: str, nfe: int) -> str:
-    return f"{path}_{kind}_nfe{nfe}"
+def flow_policy_file(path: str, kind: str, nfe: int, reward_name: str = "adversarial") -> str:
+    return f"{path}_{kind}_nfe{nfe}" + (f"_{reward_name}" if reward_name != "adversarial" else "")
 
 
 def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, kind: str, task: PolicyTask,
                  pipe, ref) -> None:
     """AdaNAT's / AdaGen's Algorithm 1 for one task: rollouts -> PPO update -> discriminator update.
 
-    kind: "policy" (adaptive), "static" (the learnable table) or "smooth" (adaptive with EMA
-    action smoothing beta_ema = pi_beta_ema). The policy starts as a zero residual on task.h.
-    Every pi_fid_every iterations the mean policy's FID against *training* statistics is
-    measured; the best weights are kept."""
+    kind: "policy" (adaptive), "static" (the learnable table), "smooth" (adaptive with EMA
+    action smoothing beta_ema = pi_beta_ema) or "fidelity" (AdaGen §III-F2: a second adaptive
+    policy blended with the frozen adaptive one by lam ~ U(0, 1) per trajectory group, Eq. 14,
+    rewarded (1 - lam) r_adv + lam r_fid, Eq. 15; it starts as a copy of the main policy, its
+    critic and D). The policy starts as a zero residual on task.h. Every pi_fid_every iterations
+    the mean policy's FID against *training* statistics is measured; the best weights are kept
+    (the fidelity policy: the last, since it is meant to trade FID for fidelity).
+    The reward is c.pi_reward (the fidelity policy's r_adv is always D's): "adversarial" D's
+    sigmoid score, "fixed" r_fid = log p(y|x) under the frozen backbone classifier, "fid" minus
+    the FID (vs training statistics, FID network) of the chunk of pi_fid_chunk trajectories."""
     import sample
     T, spec = task.T, task.spec
     h_pre = policy.inverse_activation(task.h, spec).to(device)
     pcfg = {**policy_config(c, kind, T, task.h, task.C, task.N), "spec": list(spec.names), **task.extra}
     pi, V = (m.to(device) for m in build_policy(pcfg))
-    backbone, channels = classifier_backbone(build_model(run_dir, "backbone", device))
+    classifier = build_model(run_dir, "backbone", device)                 # D's frozen backbone and r_fid's classifier
+    backbone, channels = classifier_backbone(classifier)
     D = reward.ProjectedDiscriminator(channels, task.num_classes).to(device)
+    base = None
+    if kind == "fidelity":
+        base_name = task.name.replace("fidelity", "policy", 1)
+        base_path = os.path.join(run_dir, f"{base_name}.pt")
+        if not os.path.exists(base_path):
+            raise UserError(f"the fidelity stage blends with the adaptive policy {base_path}, which is missing: "
+                            f"run python train.py --run-dir {run_dir} --stage {'policy' if spec is policy.NAT_ACTIONS else 'flow-policy'} first")
+        base, _ = load_policy(base_path, device)
+        base.requires_grad_(False)
+        pcfg["base"] = base_name
+        if not os.path.exists(os.path.join(run_dir, f"{task.name}.pt")):   # start: the main policy, critic and D
+            main = load_ckpt(base_path)
+            pi.load_state_dict(main["best"]), V.load_state_dict(main["critic"]), D.load_state_dict(main["disc"])
     lr = c.pi_static_lr if kind == "static" else c.pi_lr
     params = list(pi.parameters()) + list(V.parameters())
     opt = torch.optim.Adam(params, lr=lr)
@@ -823,14 +869,25 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         labels = torch.randint(0, task.num_classes, (c.pi_batch // G,), device=device, generator=g).repeat_interleave(G)
         pi.eval(), V.eval()
         t0 = time.time()
+        lam = None
+        if base is not None:                                                 # one lam per group of G
+            lam = torch.rand(len(labels) // G, device=device, generator=g).repeat_interleave(G)
         ro = policy.rollout(pi, V, lambda y, sched: task.generate(y, sched, g, G), labels, h_pre, sigma, beta_ema, g,
-                            spec, task.to_step)
+                            spec, task.to_step, base, lam)
         with torch.no_grad():
             fake = task.to_images(ro.final)                                  # (B, C, H, W)
             logits_fake = D(backbone(fake), labels)                          # (B, P)
-            R = reward.reward(logits_fake)                                   # (B,)
+            r_adv = reward.reward(logits_fake)                               # (B,)
+            r_fid = reward.fidelity_reward(classifier(fake), labels)         # (B,)
+            if base is not None:
+                R = reward.blended_reward(r_adv, r_fid, lam)
+            elif c.pi_reward == "fid":
+                R = chunk_fid_reward(fid.extract(pipe.featnet, fake, device=device)[0], ref, c.pi_fid_chunk).to(device)
+            else:
+                R = r_fid if c.pi_reward == "fixed" else r_adv
             d_acc = reward.accuracy(D(f_hold, y_hold), logits_fake)
-        out = {"reward": R.mean().item(), "d_acc": d_acc, "sigma": sigma, "sec_rollout": time.time() - t0}
+        out = {"reward": R.mean().item(), "r_adv": r_adv.mean().item(), "r_fid": r_fid.mean().item(), "d_acc": d_acc,
+               "sigma": sigma, "sec_rollout": time.time() - t0}
         t0 = time.time()
         if it >= c.pi_d_warmup:                                              # PPO (Eq. 10-11)
             ret = ppo.normalise(R).repeat(T)                                 # (T*B,) step-major
@@ -867,7 +924,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         if (it + 1) % c.pi_fid_every == 0 or it + 1 == c.pi_iters:
             pi.eval()
             record["train_fid"] = out["train_fid"] = train_fid()
-            if record["train_fid"] < state["best_fid"]:
+            if record["train_fid"] < state["best_fid"] or kind == "fidelity":
                 state["best_fid"], state["best"] = record["train_fid"], copy.deepcopy(pi.state_dict())
         state["history"].append(record)
         return out
@@ -876,8 +933,22 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     state["done"] = True
     save_ckpt(path, state)
     sample.plot_training(state["history"], os.path.join(run_dir, f"{name}_curve.png"), name)
-    print(f"{name}: done, best training-set FID {state['best_fid']:.2f} "
-          f"(start {state['history'][0]['train_fid']:.2f}); curve in {name}_curve.png")
+    which = "training-set FID at lam = 1 (last weights kept)" if kind == "fidelity" else "best training-set FID"
+    print(f"{name}: done, {which} {state['best_fid']:.2f} (start {state['history'][0]['train_fid']:.2f}); "
+          f"curve in {name}_curve.png")
+
+
+def chunk_fid_reward(feats: torch.Tensor, ref, chunk: int) -> torch.Tensor:
+    """The batch-FID reward of the reward-hacking study (AdaGen §III-D option 1): trajectory i's
+    reward is minus the FID (training statistics) of its chunk, i mod (B // chunk); consecutive
+    trajectories (a group) land in different chunks, so group baselines still see a difference.
+    feats (B, D) of the FID network -> (B,) on the CPU."""
+    B = feats.shape[0]
+    chunk_of = torch.arange(B) % max(2, B // chunk)
+    R = torch.empty(B)
+    for j in chunk_of.unique():
+        R[chunk_of == j] = -fid.fid_from_features(feats[chunk_of == j], ref.train_mu, ref.train_sigma)
+    return R
 
 
 def stage_policies(kind: str, paradigm: str = "nat"):
@@ -885,7 +956,8 @@ def stage_policies(kind: str, paradigm: str = "nat"):
     in flow_pi_nfe (the ODE sampler), finished ones skipped."""
     def stage(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
         for n in (c.pi_T if paradigm == "nat" else c.flow_pi_nfe):
-            name = policy_file(kind, c.pi_start, n) if paradigm == "nat" else flow_policy_file(c.flow_path, kind, n)
+            name = (policy_file(kind, c.pi_start, n, c.pi_reward) if paradigm == "nat"
+                    else flow_policy_file(c.flow_path, kind, n, c.pi_reward))
             path = os.path.join(run_dir, f"{name}.pt")
             if os.path.exists(path) and load_ckpt(path).get("done"):
                 print(f"{path}: done, skipped")
@@ -1115,10 +1187,12 @@ STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbo
              "search": stage_search("search"), "param-search": stage_search("param-search"), "pr-search": stage_pr_search,
              "policy": stage_policies("policy"), "static": stage_policies("static"), "smooth": stage_policies("smooth"),
              "flow": stage_flow, "flow-search": stage_search("flow-search"), "flow-policy": stage_policies("policy", "flow"),
-             "flow-static": stage_policies("static", "flow"), "flow-smooth": stage_policies("smooth", "flow")}
-POLICY_STAGES = ("policy", "static", "smooth")
-FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
-OPTIONAL_STAGES = ["pr-search", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named with --stage
+             "flow-static": stage_policies("static", "flow"), "flow-smooth": stage_policies("smooth", "flow"),
+             "featnet2": stage_featnet2, "fidelity": stage_policies("fidelity"),
+             "flow-fidelity": stage_policies("fidelity", "flow")}
+POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
+FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth", "flow-fidelity")
+OPTIONAL_STAGES = ["pr-search", "featnet2", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
 
@@ -1171,14 +1245,14 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
             raise UserError(f"--set {item}: {e}") from None
     if args.data is not None:
         c.data = args.data
-    c.flow_path = args.path
+    c.flow_path, c.pi_reward = args.path, args.reward
     if args.seed is not None:
         c.seed = args.seed
     if args.steps is not None:
         if args.steps <= 0:
             raise UserError(f"--steps {args.steps}: must be a positive number of training steps")
         for s in (STAGES if args.stage == "all" else [args.stage]):
-            key = {"featnet": "feat_steps", "backbone": "bb_steps", "search": "search_updates", "flow-search": "search_updates",
+            key = {"featnet": "feat_steps", "featnet2": "feat_steps", "backbone": "bb_steps", "search": "search_updates", "flow-search": "search_updates",
                    "param-search": "search_param_updates", "pr-search": "pr_steps"}.get(s, "pi_iters" if s in POLICY_STAGES + FLOW_POLICY_STAGES else f"{s}_steps")
             setattr(c, key, args.steps)
     for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
@@ -1200,6 +1274,10 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise UserError(f"flow_path {c.flow_path!r}: use one of {', '.join(samplers.PATHS)}")
     if c.img_size % c.flow_patch:
         raise UserError(f"flow_patch {c.flow_patch} must divide img_size {c.img_size}")
+    if c.pi_reward not in PI_REWARDS:
+        raise UserError(f"pi_reward {c.pi_reward!r}: use one of {', '.join(PI_REWARDS)}")
+    if c.pi_fid_chunk < 2:
+        raise UserError(f"pi_fid_chunk {c.pi_fid_chunk}: an FID needs at least 2 samples per chunk")
     if c.pi_d_real not in ("recon", "raw"):
         raise UserError(f"pi_d_real {c.pi_d_real!r}: use recon or raw")
     if not c.pi_T or any(T < 2 for T in c.pi_T):
@@ -1235,6 +1313,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps of the selected stage(s)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any TrainConfig field, e.g. --set nat_lr=5e-4")
     p.add_argument("--path", default="flow", choices=list(samplers.PATHS), help="the flow stage's probability path")
+    p.add_argument("--reward", default="adversarial", choices=PI_REWARDS,
+                   help="the policy stages' reward (the reward-hacking study); other than adversarial: files *_<reward>_T*")
     args = p.parse_args(argv)
     try:
         if args.stage != "all" and args.stage not in STAGES + OPTIONAL_STAGES:

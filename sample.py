@@ -34,6 +34,7 @@ import data
 import fid
 import nat
 import policy
+import reward
 import samplers
 import train
 
@@ -811,6 +812,266 @@ def flow_bench(pipe: FlowPipeline, batch: int, nfe: int = 8, repeats: int = 3) -
     return res
 
 
+# ----------------------------------------------------------------------------- AdaGen §III-D and §III-F
+
+class Refiner:
+    """A trained policy checkpoint's auxiliary networks reused at sampling (AdaGen §III-F1): its
+    discriminator D ranks finished images (repeated sampling), its critic V ranks the candidate
+    next states of a NAT step (look-ahead, nat.generate). Both are the checkpoint's last weights
+    (the policy's are its best by training FID)."""
+
+    def __init__(self, pipe, file: str):
+        path = os.path.join(pipe.run_dir, f"{file}.pt")
+        if not os.path.exists(path):
+            raise train.UserError(f"{path} not found: refinement uses a trained policy's discriminator and critic; "
+                                  f"train it with python train.py --run-dir {pipe.run_dir} --stage policy")
+        ck = train.load_ckpt(path)
+        _, self.V = train.build_policy(ck["config"])
+        self.V.load_state_dict(ck["critic"])
+        self.V.to(pipe.device).eval()
+        self.backbone, channels = train.classifier_backbone(train.build_model(pipe.run_dir, "backbone", pipe.device))
+        self.D = reward.ProjectedDiscriminator(channels, pipe.cfg.num_classes)
+        self.D.load_state_dict(ck["disc"])
+        self.D.to(pipe.device).eval()
+        self.device = pipe.device
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """D's reward of images (n, C, H, W) for labels (n,) -> (n,) on the CPU."""
+        return torch.cat([reward.reward(self.D(self.backbone(images[i:i + 500].to(self.device)),
+                                               labels[i:i + 500].to(self.device))).cpu()
+                          for i in range(0, len(images), 500)])
+
+    @torch.no_grad()
+    def value(self, features: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """V(s_t) of states seen through the generator's features (B, N, C), t (B,) -> (B,)."""
+        return self.V(features, t).float()
+
+
+def refine(make_images, labels: torch.Tensor, repeat: int, score_fn) -> torch.Tensor:
+    """Repeated sampling (AdaGen Algorithm 2): make_images(labels repeated `repeat` times, each
+    request's candidates consecutive) -> images (n*k, ...); keep each request's candidate with the
+    highest score_fn(images, labels) (n*k,). repeat = 1 is plain sampling."""
+    y = labels.repeat_interleave(repeat)
+    images = make_images(y)
+    if repeat == 1:
+        return images
+    return images[reward.best_of(score_fn(images, y), repeat)]
+
+
+def random_scores(seed: int):
+    """The control of refinement: a scorer that ranks candidates at random (seeded)."""
+    g = torch.Generator().manual_seed(seed + 10007)
+    return lambda x, *_: torch.rand(x.shape[0], generator=g).to(x.device)
+
+
+def refined_nat(pipe: Pipeline, labels: torch.Tensor, T: int, make, seed: int, repeat: int = 1, lookahead: int = 1,
+                refiner: Refiner | None = None, random_pick: bool = False) -> tuple[torch.Tensor, float]:
+    """NAT images (n, C, H, W) with repeated sampling (D) and look-ahead (V), or their random-pick
+    control, and the generator forwards per image that it took (counted; a guided step is 2 rows)."""
+    score_img = random_scores(seed) if random_pick else refiner.score if refiner else None
+    score_state = random_scores(seed + 1) if random_pick else refiner.value if refiner else None
+    before = pipe.forwards
+    images = refine(lambda y: pipe.decode(pipe.generate(y, T, make(), seed, lookahead=lookahead, score_fn=score_state)),
+                    labels, repeat, score_img)
+    return images, (pipe.forwards - before) / len(labels)
+
+
+def study_table(pipe: Pipeline, rows: dict, samples: int, stem: str, note: str, indep=None) -> list[dict]:
+    """Evaluate rows {name: (fn(labels, seed) -> (images, forwards per image), cache suffix)} over
+    EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md.
+    indep: images -> FID on the independent feature network (a column of its own)."""
+    ref = RealFeatures(pipe)
+    labels = balanced_labels(samples, pipe.cfg.num_classes)
+    cache_path = os.path.join(pipe.run_dir, f"{stem}_cache.json")
+    cache = train.read_json(cache_path, {})
+    if cache.get("fingerprint") != pipe.fingerprint:
+        cache = {"fingerprint": pipe.fingerprint}
+    bar = tqdm([(name, s) for name in rows for s in EVAL_SEEDS], desc=stem)
+    for name, s in bar:
+        fn, suffix = rows[name]
+        key = f"{name}|seed{s}|{samples}{suffix}"
+        if key not in cache:
+            t0 = time.time()
+            images, forwards = fn(labels, s)
+            res = {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
+                   **metrics(pipe, ref, images, labels)}
+            if indep is not None:
+                res["fid_indep"] = indep(images)
+            cache[key] = res
+            train.write_json(cache_path, cache)
+        bar.set_postfix(fid=f"{cache[key]['fid']:.2f}")
+    table = []
+    for name, (_, suffix) in rows.items():
+        runs = [cache[f"{name}|seed{s}|{samples}{suffix}"] for s in EVAL_SEEDS]
+        row = {"schedule": name, "samples": samples, "seeds": list(EVAL_SEEDS), **seed_summary(runs, ()),
+               "forwards": runs[0]["forwards"]}
+        if indep is not None:
+            v = np.array([r["fid_indep"] for r in runs])
+            row["fid_indep"], row["fid_indep_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        table.append(row)
+    train.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
+                                                                   "device": str(pipe.device)})
+    head = "| schedule | FID | " + ("FID (independent net) | " if indep else "") + \
+           "precision | recall | cond. acc. | forwards/image | images/s |"
+    md = [f"{note} {samples} samples per row and seed, seeds {list(EVAL_SEEDS)}; FID, precision and recall against the "
+          f"test images; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
+          f"{pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in table:
+        md.append(f"| {r['schedule']} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | " +
+                  (f"{r['fid_indep']:.2f} ± {r['fid_indep_sd']:.2f} | " if indep else "") +
+                  f"{r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} | {r['forwards']:.1f} | "
+                  f"{r['images_per_s']:.1f} |")
+    with open(os.path.join(pipe.run_dir, f"{stem}.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+    return table
+
+
+def adaptive_nat_policy(pipe: Pipeline, T: int, kind: str = "policy", reward_name: str = "adversarial"):
+    """(make_schedule, fingerprint suffix) of a trained NAT policy; a clear error if there is none."""
+    file = train.policy_file(kind, "heuristic", T, reward_name)
+    if not os.path.exists(os.path.join(pipe.run_dir, f"{file}.pt")):
+        raise train.UserError(f"{pipe.run_dir}/{file}.pt not found: train it with python train.py --run-dir "
+                              f"{pipe.run_dir} --stage {kind}" + (f" --reward {reward_name}" if reward_name != "adversarial" else "")
+                              + f" --set pi_T={T}")
+    pi, cfg = train.load_policy(os.path.join(pipe.run_dir, f"{file}.pt"), pipe.device)
+    h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
+    return (lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"])), f"|{train.fingerprint(pipe.run_dir, (file,))}"
+
+
+def refine_study(pipe: Pipeline, samples: int, T: int, k_repeat: tuple = (2, 3), k_look: int = 2) -> None:
+    """refine_T{T}.json / .md (AdaGen §III-F1, Tables IX-X): the adaptive policy alone, with
+    repeated sampling (D), look-ahead (V) and both; the same candidates picked at random; and
+    the same forwards spent on more steps instead (policy_T{T'}.pt if trained, else AdaNAT's
+    heuristic at T', said in the row's name)."""
+    make, fp = adaptive_nat_policy(pipe, T)
+    refiner = Refiner(pipe, train.policy_file("policy", "heuristic", T))
+    gen = lambda **kw: lambda y, s: refined_nat(pipe, y, T, make, s, refiner=refiner, **kw)
+    rows = {"adaptive": (gen(), fp)}
+    for k in k_repeat:
+        rows[f"adaptive + repeat {k} (D picks)"] = (gen(repeat=k), fp)
+    rows[f"adaptive + lookahead {k_look} (V picks)"] = (gen(lookahead=k_look), fp)
+    rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = (gen(repeat=k_repeat[0], lookahead=k_look), fp)
+    rows[f"control: repeat {k_repeat[0]}, random pick"] = (gen(repeat=k_repeat[0], random_pick=True), fp)
+    rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp)
+    w_0 = get_w0(pipe, RealFeatures(pipe), 2000)
+    for k in k_repeat:                                                  # repeat k costs k x the forwards of T steps
+        Tk = k * T
+        try:
+            make_k, fp_k = adaptive_nat_policy(pipe, Tk)
+            name = f"control: adaptive policy at T={Tk} (same forwards as repeat {k})"
+        except train.UserError:
+            make_k, fp_k = (lambda Tk=Tk: nat.heuristic_schedule(Tk, ADANAT_TAU2_0, w_0)), ""
+            name = f"control: AdaNAT heuristic at T={Tk} (same forwards as repeat {k}; no policy_T{Tk}.pt)"
+        rows[name] = ((lambda y, s, Tk=Tk, m=make_k: refined_nat(pipe, y, Tk, m, s)), fp_k)
+    study_table(pipe, rows, samples, f"refine_T{T}", f"Inference-time refinement at T = {T}.")
+
+
+def blend_schedule(pipe: Pipeline, T: int, lam: float):
+    """(make_schedule, suffix) of AdaGen's fidelity blend (Eq. 14) at lam: fidelity_T{T}.pt on policy_T{T}.pt."""
+    file = train.policy_file("fidelity", "heuristic", T)
+    path = os.path.join(pipe.run_dir, f"{file}.pt")
+    if not os.path.exists(path):
+        raise train.UserError(f"{path} not found: train it with python train.py --run-dir {pipe.run_dir} --stage fidelity "
+                              f"--set pi_T={T} (after --stage policy)")
+    pi_fid, cfg = train.load_policy(path, pipe.device)
+    base, _ = train.load_policy(os.path.join(pipe.run_dir, f"{cfg['base']}.pt"), pipe.device)
+    h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
+    make = lambda: policy.PolicySchedule(pi_fid, h_pre, base=base, lam=lam)
+    return make, f"|{train.fingerprint(pipe.run_dir, (file, cfg['base']))}"
+
+
+def blend_study(pipe: Pipeline, samples: int, T: int, lams: list[float], classes: tuple = (0, 7), per_class: int = 16) -> None:
+    """blend_T{T}.json / .md / _curve.png and blend_grids_T{T}.png (AdaGen §III-F2, Figure 13):
+    FID / precision / recall per lam, and for two classes a 4x4 grid per lam side by side."""
+    makes = {lam: blend_schedule(pipe, T, lam) for lam in lams}
+    rows = {f"lam = {lam:g}": ((lambda y, s, m=m: refined_nat(pipe, y, T, m, s)), fp) for lam, (m, fp) in makes.items()}
+    table = study_table(pipe, rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
+    panels = [{"title": key, "series": [{"x": lams, "y": [r[key] for r in table], "color": color,
+                                          "band": ([r[key] - r[key + "_sd"] for r in table], [r[key] + r[key + "_sd"] for r in table])}]}
+              for key, color in (("fid", (200, 60, 30)), ("precision", (30, 90, 200)), ("recall", (20, 140, 60)))]
+    path = os.path.join(pipe.run_dir, f"blend_T{T}_curve.png")
+    plot_panels(path, panels, title=f"fidelity blend, T={T}: x = lam (0: the adaptive policy, 1: the fidelity policy)")
+    print("wrote", path)
+    side = int(per_class ** 0.5)
+    C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
+    blocks = []                                                          # per class: the lam grids left to right
+    for cls in classes:
+        labels = torch.full((per_class,), cls)
+        grids = [pipe.decode(pipe.generate(labels, T, m(), seed=0)).view(side, side, C, S, S) for m, _ in makes.values()]
+        row = [torch.cat([g, torch.ones(side, 1, C, S, S)], dim=1) for g in grids]   # a white column after each
+        blocks.append(torch.cat(row, dim=1))
+        blocks.append(torch.ones(1, blocks[-1].shape[1], C, S, S))                   # a white row between classes
+    grid = torch.cat(blocks[:-1]).reshape(-1, C, S, S)
+    path = os.path.join(pipe.run_dir, f"blend_grids_T{T}.png")
+    save_grid(grid, path, nrow=len(lams) * (side + 1))
+    print("wrote", path, f"(classes {list(classes)} top to bottom; lam = {', '.join(f'{l:g}' for l in lams)} left to right)")
+
+
+def independent_fid(pipe: Pipeline):
+    """images -> FID against the test images on featnet2 (another architecture and seed than the
+    FID network; stage featnet2): the reward-hacking study's check on an FID-trained policy."""
+    if not os.path.exists(os.path.join(pipe.run_dir, "featnet2.pt")):
+        raise train.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
+                              f"{pipe.run_dir} --stage featnet2")
+    net = train.build_model(pipe.run_dir, "featnet2", pipe.device)
+    ref = RealFeatures(pipe)
+    mu, sigma = fid.statistics(fid.extract(net, data.to_float(ref.test_images), device=pipe.device)[0])
+    return lambda images: fid.fid_from_features(fid.extract(net, images, device=pipe.device)[0], mu, sigma)
+
+
+def hacking_study(pipe: Pipeline, samples: int, T: int, per_class: int = 8) -> None:
+    """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
+    static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
+    FID of the FID network (what the "fid" reward optimised) and of the independent featnet2."""
+    w_0 = get_w0(pipe, RealFeatures(pipe), 2000)
+    rows = {f"AdaNAT heuristic (w_0={w_0:g})": ((lambda y, s: refined_nat(
+        pipe, y, T, lambda: nat.heuristic_schedule(T, ADANAT_TAU2_0, w_0), s)), "")}
+    for reward_name, kind in itertools.product(train.PI_REWARDS, ("policy", "static")):
+        if os.path.exists(os.path.join(pipe.run_dir, f"{train.policy_file(kind, 'heuristic', T, reward_name)}.pt")):
+            make, fp = adaptive_nat_policy(pipe, T, kind, reward_name)
+            rows[f"{'adaptive' if kind == 'policy' else 'static'}, {reward_name} reward"] = (
+                (lambda y, s, m=make: refined_nat(pipe, y, T, m, s)), fp)
+    if len(rows) == 1:
+        raise train.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
+                              f"--reward fid (and fixed, adversarial; --stage static too)")
+    study_table(pipe, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.", indep=independent_fid(pipe))
+    K = pipe.cfg.num_classes
+    labels = torch.arange(K).repeat_interleave(per_class)
+    C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
+    panels = [fn(labels, 0)[0].view(K, per_class, C, S, S) for fn, _ in rows.values()]     # seed 0, one class a row
+    spaced = [torch.cat([p, torch.ones(K, 1, C, S, S)], dim=1) for p in panels]
+    path = os.path.join(pipe.run_dir, f"hacking_grids_T{T}.png")
+    save_grid(torch.cat(spaced, dim=1).reshape(-1, C, S, S), path, nrow=len(panels) * (per_class + 1))
+    print("wrote", path, "(left to right: " + "; ".join(rows) + "; one class per row)")
+
+
+def refined_grid(pipe: Pipeline, T: int, repeat: int, lookahead: int, per_class: int = 10) -> None:
+    """samples_adaptive_repeat<k>_lookahead<k>_T<T>.png: the adaptive policy with refinement, a row per class."""
+    make, _ = adaptive_nat_policy(pipe, T)
+    refiner = Refiner(pipe, train.policy_file("policy", "heuristic", T))
+    labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
+    images, forwards = refined_nat(pipe, labels, T, make, 0, repeat, lookahead, refiner)
+    path = os.path.join(pipe.run_dir, f"samples_adaptive_repeat{repeat}_lookahead{lookahead}_T{T}.png")
+    save_grid(images, path, nrow=per_class)
+    print("wrote", path, f"({forwards:.1f} generator forwards per image)")
+
+
+def flow_refined_grid(pipe: FlowPipeline, nfe: int, repeat: int, per_class: int = 10) -> None:
+    """<path>_samples_adaptive_repeat<k>_nfe<n>.png: the adaptive flow policy with repeated sampling
+    (its discriminator keeps the best of k), a row per class. The ODE is deterministic given the
+    noise, so there is no look-ahead here: candidates differ only in their starting noise."""
+    make, solver, T = adaptive_flow_policy(pipe, nfe)
+    refiner = Refiner(pipe, train.flow_policy_file(pipe.path.name, "policy", nfe))
+    labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
+    before = pipe.forwards
+    images = refine(lambda y: pipe.generate(y, T, make(), solver, seed=0), labels, repeat, refiner.score)
+    path = os.path.join(pipe.run_dir, f"{pipe.path.name}_samples_adaptive_repeat{repeat}_nfe{nfe}.png")
+    save_grid(images, path, nrow=per_class)
+    print("wrote", path, f"({(pipe.forwards - before) / len(labels):.1f} network rows per image)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", default="runs/small")
@@ -828,6 +1089,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flow", default=None, choices=list(samplers.PATHS),
                    help="the continuous generator (flow.pt / vp.pt) instead of the NAT: grids, or --eval at NFE --nfe")
     p.add_argument("--nfe", default="4,8", help="comma-separated NFE budgets for --flow --eval")
+    p.add_argument("--repeat", type=int, default=1, help="grids of the adaptive policy with repeated sampling: "
+                   "k candidates per image, the policy's discriminator keeps one (NAT and --flow)")
+    p.add_argument("--lookahead", type=int, default=1, help="... with look-ahead: k candidates per NAT step, the critic keeps one")
+    p.add_argument("--refine", action="store_true", help="the refinement table at --grid-steps: refine_T<T>.json/.md")
+    p.add_argument("--lam", default=None, help="comma-separated lam values of the fidelity blend, e.g. 0,0.25,0.5,0.75,1: "
+                   "table, curve and grids at --grid-steps (blend_T<T>.*)")
+    p.add_argument("--hacking", action="store_true", help="the reward-hacking table at --grid-steps: hacking_T<T>.json/.md")
     args = p.parse_args(argv)
     try:
         if args.samples < 10 or args.sweep_samples < 10:
@@ -840,6 +1108,14 @@ def main(argv: list[str] | None = None) -> None:
             raise train.UserError(f"--decode-steps {args.decode_steps!r}: expected integers like 4,8,16") from None
         if any(T <= 0 for T in steps) or args.grid_steps <= 0:
             raise train.UserError("decoding step counts must be positive")
+        if args.repeat < 1 or args.lookahead < 1:
+            raise train.UserError("--repeat and --lookahead count candidates: at least 1")
+        try:
+            lams = [float(v) for v in args.lam.split(",")] if args.lam else []
+        except ValueError:
+            raise train.UserError(f"--lam {args.lam!r}: expected numbers like 0,0.5,1") from None
+        if any(not 0 <= v <= 1 for v in lams):
+            raise train.UserError(f"--lam {args.lam}: lam blends two policies, each value in [0, 1]")
         if not os.path.exists(os.path.join(args.run_dir, "config.json")):
             raise train.UserError(f"{args.run_dir} is not a run folder (no config.json): train first with "
                                   f"python train.py --run-dir {args.run_dir}")
@@ -860,7 +1136,9 @@ def main(argv: list[str] | None = None) -> None:
                     plot_flow_policy(fpipe, nfe)
             if args.bench:
                 flow_bench(fpipe, args.batch or (1024 if device.type == "cuda" else 256), max(nfes))
-            if not (args.eval or args.plot or args.bench):
+            if args.repeat > 1:
+                flow_refined_grid(fpipe, max(nfes), args.repeat)
+            elif not (args.eval or args.plot or args.bench):
                 flow_grids(fpipe, max(nfes))
             return
         pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch)
@@ -874,7 +1152,15 @@ def main(argv: list[str] | None = None) -> None:
             for T in steps:
                 if os.path.exists(os.path.join(args.run_dir, f"policy_T{T}.pt")):
                     plot_policy(pipe, T)
-        if not (args.bench or args.eval or args.sweep_w or args.plot):
+        if args.refine:
+            refine_study(pipe, args.samples, args.grid_steps)
+        if lams:
+            blend_study(pipe, args.samples, args.grid_steps, lams)
+        if args.hacking:
+            hacking_study(pipe, args.samples, args.grid_steps)
+        if args.repeat > 1 or args.lookahead > 1:
+            refined_grid(pipe, args.grid_steps, args.repeat, args.lookahead)
+        elif not (args.bench or args.eval or args.sweep_w or args.plot or args.refine or lams or args.hacking):
             grids(pipe, args.grid_steps)
     except (train.UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

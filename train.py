@@ -96,6 +96,7 @@ class TrainConfig:
     bb_width: int = 16
     bb_dim: int = 64
     # --- featnet2: an independent FID network (another architecture and seed) for the reward-hacking study
+    feat2_steps: int = 1500
     feat2_width: int = 48
     feat2_dim: int = 96
     # --- nat: the generator
@@ -191,7 +192,7 @@ PRESETS: dict[str, dict] = {
                  search_T=(4,), search_updates=2, search_param_updates=2, search_samples=40,
                  pr_budget=2, pr_steps=5, pr_samples=40,
                  flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5, flow_pi_nfe=(4,),
-                 feat2_width=8, feat2_dim=16, pi_fid_chunk=4),
+                 feat2_steps=30, feat2_width=8, feat2_dim=16, pi_fid_chunk=4),
     # the default: fits in ~40 minutes on 2 CPU cores
     "small": dict(),
     # one GPU, a few minutes to an hour
@@ -477,7 +478,7 @@ def stage_featnet2(c: TrainConfig, run_dir: str, device: torch.device, log: Logg
     architecture (one conv per stage, average pooling, other widths) and seed, so that a policy
     trained on the FID network's own FID can be judged on features it never saw."""
     train_classifier(c, run_dir, device, log, "featnet2",
-                     dict(width=c.feat2_width, feat_dim=c.feat2_dim, convs=1, pool="avg"), c.feat_steps, 13)
+                     dict(width=c.feat2_width, feat_dim=c.feat2_dim, convs=1, pool="avg"), c.feat2_steps, 13)
 
 
 def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, name: str, sizes: dict,
@@ -1252,7 +1253,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         if args.steps <= 0:
             raise UserError(f"--steps {args.steps}: must be a positive number of training steps")
         for s in (STAGES if args.stage == "all" else [args.stage]):
-            key = {"featnet": "feat_steps", "featnet2": "feat_steps", "backbone": "bb_steps", "search": "search_updates", "flow-search": "search_updates",
+            key = {"featnet": "feat_steps", "featnet2": "feat2_steps", "backbone": "bb_steps", "search": "search_updates", "flow-search": "search_updates",
                    "param-search": "search_param_updates", "pr-search": "pr_steps"}.get(s, "pi_iters" if s in POLICY_STAGES + FLOW_POLICY_STAGES else f"{s}_steps")
             setattr(c, key, args.steps)
     for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
@@ -1293,8 +1294,8 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     trained = [s for s in STAGES if os.path.exists(os.path.join(run_dir, f"{s}.pt"))]
     if saved is not None and trained:
         now = to_plain(c)
-        # pi_* and search_* keys are free: each policy / search checkpoint carries (and on resume checks) its own copy
-        diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_", "flow_"))
+        # pi_*, search_*, flow_*, feat2_* keys are free: each of their checkpoints carries (and on resume checks) its own copy
+        diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_", "flow_", "feat2_"))
                       and k not in ("ckpt_every_s", "log_every") and saved[k] != now[k])
         if diff:
             raise UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "

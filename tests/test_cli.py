@@ -162,9 +162,56 @@ def test_flow_stage_and_its_table(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--bench", "--nfe", "4", "--batch", "8")
     assert r.returncode == 0 and "policy cost" in r.stdout, r.stderr[-2000:]
-    for f in ("flow_policy_grids_nfe4.png", "flow_heuristic_vs_adaptive_nfe4.png"):
+    r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--nfe", "4", "--repeat", "2")   # D keeps the best of 2: 2 x 4 steps x [cond; null]
+    assert r.returncode == 0 and "16.0 network rows per image" in r.stdout, r.stderr[-2000:]
+    for f in ("flow_policy_grids_nfe4.png", "flow_heuristic_vs_adaptive_nfe4.png", "flow_samples_adaptive_repeat2_nfe4.png"):
         assert os.path.exists(d / f), f
     _fails(run("sample.py", "--run-dir", str(run_dir), "--flow", "flow"), "--stage flow")
+
+
+def test_adagen_refinement_blend_and_reward_study(run_dir, tmp_path):
+    """AdaGen's unreleased parts through the command line: featnet2, --reward fixed|fid, the
+    fidelity stage; sample.py --refine (forwards counted), --lam, --hacking, --repeat/--lookahead."""
+    d = tmp_path / "adagen"
+    d.mkdir()
+    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json", "fid_ref.pt", "policy_T4.pt"):
+        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    for args in (["--stage", "featnet2"], ["--stage", "fidelity", "--steps", "2"],
+                 ["--stage", "policy", "--reward", "fixed", "--steps", "2"], ["--stage", "static", "--reward", "fid", "--steps", "2"]):
+        r = run("train.py", "--run-dir", str(d), *args)
+        assert r.returncode == 0, (args, r.stderr[-2000:])
+    fidelity = torch.load(d / "fidelity_T4.pt", weights_only=True)
+    assert fidelity["done"] and fidelity["config"]["base"] == "policy_T4" and fidelity["config"]["kind"] == "fidelity"
+    records = [json.loads(line) for line in open(d / "log.jsonl")]
+    fixed = [r for r in records if r["stage"] == "policy_fixed_T4" and "r_fid" in r]
+    assert fixed and all(r["reward"] == r["r_fid"] <= 0 for r in fixed)          # r_fid = log p(y|x)
+    fid_rw = [r for r in records if r["stage"] == "static_fid_T4" and "reward" in r]
+    assert fid_rw and all(r["reward"] < 0 for r in fid_rw)                      # minus a chunk's FID
+    assert not os.path.exists(d / "policy_T4_curve.png")                         # the adversarial policy untouched
+    r = run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--refine", "--samples", "10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["schedule"]: row for row in json.load(open(d / "refine_T4.json"))["rows"]}
+    forwards = {name.split(" (")[0]: row["forwards"] for name, row in rows.items()}
+    assert forwards["adaptive"] == 8 and forwards["adaptive + repeat 2"] == 16 and forwards["adaptive + repeat 3"] == 24
+    assert forwards["adaptive + lookahead 2"] == 2 * (1 + 2 * 3) and forwards["adaptive + repeat 2 + lookahead 2"] == 28
+    assert forwards["control: repeat 2, random pick"] == 16 and len(rows) == 9
+    r = run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--lam", "0,1", "--samples", "10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [row["schedule"] for row in json.load(open(d / "blend_T4.json"))["rows"]] == ["lam = 0", "lam = 1"]
+    r = run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--hacking", "--samples", "10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["schedule"]: row for row in json.load(open(d / "hacking_T4.json"))["rows"]}
+    assert {"adaptive, adversarial reward", "adaptive, fixed reward", "static, fid reward"} <= set(rows)
+    assert all(row["fid_indep"] >= 0 for row in rows.values())
+    r = run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--repeat", "2", "--lookahead", "2")
+    assert r.returncode == 0 and "28.0 generator forwards per image" in r.stdout, r.stderr[-2000:]
+    for f in ("blend_T4_curve.png", "blend_grids_T4.png", "hacking_grids_T4.png", "samples_adaptive_repeat2_lookahead2_T4.png"):
+        assert os.path.exists(d / f), f
+    _fails(run("sample.py", "--run-dir", str(d), "--lam", "1.5"), "each value in [0, 1]")
+    _fails(run("sample.py", "--run-dir", str(d), "--repeat", "0"), "at least 1")
+    os.remove(d / "featnet2.pt")
+    _fails(run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--hacking", "--samples", "10"), "--stage featnet2")
+    _fails(run("train.py", "--run-dir", str(d), "--stage", "policy", "--reward", "clip"), "invalid choice")
 
 
 def test_search_resumes_after_an_interrupt(run_dir, tmp_path):

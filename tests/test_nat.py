@@ -193,3 +193,54 @@ def test_groups_share_their_random_numbers():
                        torch.Generator().manual_seed(0), group=3)
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2]) and torch.equal(out[3], out[5])
     assert not torch.equal(out[0], out[3])
+
+
+def test_lookahead_one_is_plain_sampling_and_k_keeps_the_best_scored_candidate():
+    """lookahead = 1 gives the same tokens as plain generation; lookahead = k equals a hand-written
+    loop (k candidates per transition, the score_fn's argmax kept, its forward reused), and costs
+    1 + k (T - 1) forwards per sample."""
+    net, cfg = _net()
+    y = torch.tensor([0, 1, 2, 1])
+    B, T, k = 4, 3, 3
+    sched = nat.heuristic_schedule(T, 1.0, 2.0)
+    run = lambda **kw: nat.generate(net, y, T, sched, cfg.mask_id, N, cfg.null_label, torch.Generator().manual_seed(3), **kw)
+    score = lambda feats, t: feats.float().mean((1, 2)) + t                 # any function of the state
+    assert torch.equal(run(), run(lookahead=1, score_fn=score))
+
+    calls, seen_t = [], []
+
+    def logits_fn(tokens, labels):
+        calls.append(tokens.shape[0])
+        return net(tokens, labels)
+
+    def score_t(feats, t):
+        seen_t.append(t.unique().tolist())
+        return score(feats, t)
+
+    got = nat.generate(logits_fn, y, T, sched, cfg.mask_id, N, cfg.null_label, torch.Generator().manual_seed(3),
+                       lookahead=k, score_fn=score_t)
+    assert calls == [2 * B] + [2 * B * k] * (T - 1) and seen_t == [[1], [2]]
+
+    g = torch.Generator().manual_seed(3)                                    # the reference loop
+    tokens = torch.full((B, N), cfg.mask_id)
+    both, feats = net(tokens.repeat(2, 1), torch.cat([y, torch.full_like(y, cfg.null_label)]))
+    for t in range(T):
+        m, tau1, tau2, w = sched(t, nat.NATState(t, tokens, feats, y))
+        lc, lu = both[:B], both[B:]
+        if t == T - 1:
+            tokens = nat.decode_step(tokens, lc, lu, torch.zeros_like(m), tau1, tau2, w, cfg.mask_id, g)
+            break
+        r = lambda x: x.repeat_interleave(k, 0)
+        cand = nat.decode_step(r(tokens), r(lc), r(lu), r(m), r(tau1), r(tau2), r(w), cfg.mask_id, g)   # (B*k, N)
+        yk = r(y)
+        both_k, feats_k = net(cand.repeat(2, 1), torch.cat([yk, torch.full_like(yk, cfg.null_label)]))
+        best = score(feats_k[:B * k], torch.full((B * k,), t + 1)).view(B, k).argmax(1)
+        keep = torch.arange(B) * k + best
+        tokens, feats = cand[keep], feats_k[:B * k][keep]
+        both = torch.cat([both_k[:B * k][keep], both_k[B * k:][keep]])
+    assert torch.equal(got, tokens)
+    try:
+        nat.generate(net, y, T, sched, cfg.mask_id, N, cfg.null_label, lookahead=2)
+        assert False, "lookahead without a score_fn must be refused"
+    except ValueError:
+        pass

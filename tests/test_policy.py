@@ -112,3 +112,29 @@ def test_rollout_records_what_ppo_needs():
 def test_policy_rejects_non_square_grids():
     with pytest.raises(ValueError, match="square"):
         policy.AdaptivePolicy(4, 8, 10)
+
+
+def test_blend_lam0_is_the_main_policy_and_lam1_the_fidelity_policy():
+    """AdaGen Eq. 14: executed residual (1 - lam) o_main + lam o_fid; lam = 0 reproduces the main
+    policy's actions bit for bit, lam = 1 the fidelity policy's; per-sample lam mixes rows."""
+    T, C, N, B = 3, 8, 16, 4
+    torch.manual_seed(0)
+    main, fid_pi = (policy.AdaptivePolicy(T, C, N, width=8, hidden=8) for _ in range(2))
+    for p in (main, fid_pi):                                                 # non-zero residuals
+        torch.nn.init.normal_(p.out.weight, std=0.5)
+    h_pre = policy.inverse_activation(nat.heuristic_table(T, 1.0, 2.0))
+    state = type("S", (), {"features": torch.randn(B, N, C)})()
+
+    def actions(sched):
+        return torch.stack([torch.stack(sched(t, state), 1) for t in range(T)])   # (T, B, 4)
+
+    a_main, a_fid = actions(policy.PolicySchedule(main, h_pre)), actions(policy.PolicySchedule(fid_pi, h_pre))
+    assert not torch.allclose(a_main, a_fid)
+    assert torch.equal(actions(policy.PolicySchedule(fid_pi, h_pre, base=main, lam=0.0)), a_main)
+    assert torch.allclose(actions(policy.PolicySchedule(fid_pi, h_pre, base=main, lam=1.0)), a_fid, atol=1e-6)
+    mixed = actions(policy.PolicySchedule(fid_pi, h_pre, base=main, lam=torch.tensor([0.0, 1.0, 0.0, 1.0])))
+    assert torch.equal(mixed[:, 0], a_main[:, 0]) and torch.allclose(mixed[:, 1], a_fid[:, 1], atol=1e-6)
+    half = actions(policy.PolicySchedule(fid_pi, h_pre, base=main, lam=0.5))
+    o_m = torch.stack([main(state.features, torch.full((B,), t)) for t in range(T)])
+    o_f = torch.stack([fid_pi(state.features, torch.full((B,), t)) for t in range(T)])
+    assert torch.allclose(half, policy.activation(h_pre[:, None] + 0.5 * (o_m + o_f)), atol=1e-6)

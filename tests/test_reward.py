@@ -46,3 +46,20 @@ def test_diff_augment_translates_and_cuts_out():
     x.requires_grad_(True)
     reward.diff_augment(x).sum().backward()                                  # differentiable
     assert x.grad is not None
+
+
+def test_fidelity_reward_blend_and_best_of():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    y = torch.tensor([0, 2])
+    r_fid = reward.fidelity_reward(logits, y)                                # log p(y | x)
+    z = math.log(math.exp(2) + 1 + math.exp(-1))
+    assert torch.allclose(r_fid, torch.tensor([2 - z, -math.log(3)]))
+    r_adv = torch.tensor([0.3, 0.9])
+    assert torch.equal(reward.blended_reward(r_adv, r_fid, torch.zeros(2)), r_adv)       # lam = 0: r_adv exactly
+    assert torch.allclose(reward.blended_reward(r_adv, r_fid, torch.ones(2)), r_fid)
+    assert torch.allclose(reward.blended_reward(r_adv, r_fid, torch.tensor([0.25, 0.5])),
+                          torch.tensor([0.75 * 0.3 + 0.25 * (2 - z), 0.5 * 0.9 - 0.5 * math.log(3)]))
+    scores = torch.tensor([0.1, 0.7, 0.2, 0.9, 0.3, 0.5])                    # 2 requests x 3 candidates
+    assert reward.best_of(scores, 3).tolist() == [1, 3]
+    assert reward.best_of(scores, 2).tolist() == [1, 3, 5]
+    assert reward.best_of(scores, 1).tolist() == list(range(6))

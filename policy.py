@@ -16,6 +16,10 @@ pre-activation of the hand-written schedule h_t, then squashed by each knob's ac
     act = [sigmoid, softplus x 3] (NAT) or [sigmoid, softplus] (ODE sampler)
 
 so a network whose (zero-initialised) output layer still outputs 0 reproduces the heuristic.
+Fidelity blend (AdaGen §III-F2, Eq. 14): a second, fidelity-oriented policy o_fid is mixed
+with the frozen main policy's o_main in pre-activation space, (1 - lam) o_main + lam o_fid on
+the same h_pre (`blend`; PolicySchedule(fid_policy, h_pre, base=main_policy, lam=lam)).
+
 EMA action smoothing (AdaGen Eq. 12) filters the residual causally,
 r_t = beta_ema r_{t-1} + (1 - beta_ema) o_t (r_0 = o_0), which is the same as smoothing
 the executed pre-activations with the heuristic pre-compensated: o = 0 still gives the

@@ -7,6 +7,9 @@
     python sample.py --run-dir runs/small --bench             # generate vs bare forwards, images/s
     python sample.py --run-dir runs/small --flow flow         # the continuous generator's grid (train.py --stage flow)
     python sample.py --run-dir runs/small --flow flow --eval  # its table at NFE 4 and 8: flow_eval.json + flow_eval.md
+    python sample.py --run-dir runs/small --refine            # AdaGen §III-F1 refinement table: refine_T8.json + .md
+    python sample.py --run-dir runs/small --lam 0,0.5,1       # AdaGen §III-F2 fidelity blend: blend_T8.* (train.py --stage fidelity)
+    python sample.py --run-dir runs/small --hacking           # AdaGen §III-D reward study: hacking_T8.* (train.py --reward ...)
 
 Evaluation protocol (DESIGN.md "Evaluation"): every schedule row generates `--samples`
 images with balanced labels on the same EMA generator, for 3 sampling seeds; each image is

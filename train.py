@@ -199,7 +199,9 @@ PRESETS: dict[str, dict] = {
     "base": dict(vq_steps=8000, vq_ch=64, codebook_size=512, gan_weight=0.1, gan_start=4000,
                  feat_steps=4000, feat_width=48, nat_steps=30000, nat_batch=512, nat_lr=6e-4,
                  nat_warmup=1000, nat_dim=384, nat_depth=8, nat_heads=6, nat_dropout=0.1, ema_decay=0.9995,
-                 search_samples=2000, search_updates=30, search_param_updates=30, pr_steps=5000),
+                 search_samples=2000, search_updates=30, search_param_updates=30, pr_steps=5000,
+                 flow_steps=30000, flow_batch=512, flow_lr=6e-4, flow_warmup=1000, flow_dim=384, flow_depth=8,
+                 flow_heads=6, feat2_steps=4000),
 }
 STAGES = ["vq", "featnet", "nat", "search", "param-search", "backbone", "policy", "static", "smooth"]
 

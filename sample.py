@@ -274,10 +274,11 @@ POLICY_ROWS = {"static": "learned static (PPO, no state)", "policy": "adaptive p
                "smooth": "adaptive + smoothing (PPO, beta_ema={beta_ema:g})"}
 
 
-def policy_schedule(pipe: Pipeline, kind: str, T: int, start: str = "heuristic") -> tuple | None:
+def policy_schedule(pipe: Pipeline, kind: str, T: int, start: str = "heuristic",
+                    reward_name: str = "adversarial") -> tuple | None:
     """(make_schedule, config, fingerprint) of the trained `kind` policy for T whose residual
-    starts from `start` (train.PI_STARTS), or None if there is none."""
-    name = train.policy_file(kind, start, T)
+    starts from `start` (train.PI_STARTS), trained on `reward_name`, or None if there is none."""
+    name = train.policy_file(kind, start, T, reward_name)
     path = os.path.join(pipe.run_dir, f"{name}.pt")
     if not os.path.exists(path):
         return None
@@ -932,18 +933,18 @@ def study_table(pipe: Pipeline, rows: dict, samples: int, stem: str, note: str, 
 
 
 def adaptive_nat_policy(pipe: Pipeline, T: int, kind: str = "policy", reward_name: str = "adversarial"):
-    """(make_schedule, fingerprint suffix) of a trained NAT policy; a clear error if there is none."""
-    file = train.policy_file(kind, "heuristic", T, reward_name)
-    if not os.path.exists(os.path.join(pipe.run_dir, f"{file}.pt")):
-        raise train.UserError(f"{pipe.run_dir}/{file}.pt not found: train it with python train.py --run-dir "
-                              f"{pipe.run_dir} --stage {kind}" + (f" --reward {reward_name}" if reward_name != "adversarial" else "")
-                              + f" --set pi_T={T}")
-    pi, cfg = train.load_policy(os.path.join(pipe.run_dir, f"{file}.pt"), pipe.device)
-    h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
-    return (lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"])), f"|{train.fingerprint(pipe.run_dir, (file,))}"
+    """(make_schedule, cache-key suffix) of a trained NAT policy; a clear error if there is none."""
+    found = policy_schedule(pipe, kind, T, "heuristic", reward_name)
+    if found is None:
+        raise train.UserError(f"{pipe.run_dir}/{train.policy_file(kind, 'heuristic', T, reward_name)}.pt not found: "
+                              f"train it with python train.py --run-dir {pipe.run_dir} --stage {kind}"
+                              + (f" --reward {reward_name}" if reward_name != "adversarial" else "") + f" --set pi_T={T}")
+    make, _, fp = found
+    return make, f"|{fp}"
 
 
-def refine_study(pipe: Pipeline, samples: int, T: int, k_repeat: tuple = (2, 3), k_look: int = 2) -> None:
+def refine_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, k_repeat: tuple = (2, 3),
+                 k_look: int = 2) -> None:
     """refine_T{T}.json / .md (AdaGen §III-F1, Tables IX-X): the adaptive policy alone, with
     repeated sampling (D), look-ahead (V) and both; the same candidates picked at random; and
     the same forwards spent on more steps instead (policy_T{T'}.pt if trained, else AdaNAT's
@@ -958,7 +959,7 @@ def refine_study(pipe: Pipeline, samples: int, T: int, k_repeat: tuple = (2, 3),
     rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = (gen(repeat=k_repeat[0], lookahead=k_look), fp)
     rows[f"control: repeat {k_repeat[0]}, random pick"] = (gen(repeat=k_repeat[0], random_pick=True), fp)
     rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp)
-    w_0 = get_w0(pipe, RealFeatures(pipe), 2000)
+    w_0 = get_w0(pipe, RealFeatures(pipe), sweep_samples)
     for k in k_repeat:                                                  # repeat k costs k x the forwards of T steps
         Tk = k * T
         try:
@@ -979,7 +980,10 @@ def blend_schedule(pipe: Pipeline, T: int, lam: float):
         raise train.UserError(f"{path} not found: train it with python train.py --run-dir {pipe.run_dir} --stage fidelity "
                               f"--set pi_T={T} (after --stage policy)")
     pi_fid, cfg = train.load_policy(path, pipe.device)
-    base, _ = train.load_policy(os.path.join(pipe.run_dir, f"{cfg['base']}.pt"), pipe.device)
+    base, base_cfg = train.load_policy(os.path.join(pipe.run_dir, f"{cfg['base']}.pt"), pipe.device)
+    if base_cfg["heuristic"] != cfg["heuristic"]:
+        raise train.UserError(f"{path} and {cfg['base']}.pt start from different schedules (the w_0 sweep changed "
+                              f"between them): retrain the fidelity stage")
     h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
     make = lambda: policy.PolicySchedule(pi_fid, h_pre, base=base, lam=lam)
     return make, f"|{train.fingerprint(pipe.run_dir, (file, cfg['base']))}"
@@ -1024,11 +1028,11 @@ def independent_fid(pipe: Pipeline):
     return lambda images: fid.fid_from_features(fid.extract(net, images, device=pipe.device)[0], mu, sigma)
 
 
-def hacking_study(pipe: Pipeline, samples: int, T: int, per_class: int = 8) -> None:
+def hacking_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, per_class: int = 8) -> None:
     """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
     static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
     FID of the FID network (what the "fid" reward optimised) and of the independent featnet2."""
-    w_0 = get_w0(pipe, RealFeatures(pipe), 2000)
+    w_0 = get_w0(pipe, RealFeatures(pipe), sweep_samples)
     rows = {f"AdaNAT heuristic (w_0={w_0:g})": ((lambda y, s: refined_nat(
         pipe, y, T, lambda: nat.heuristic_schedule(T, ADANAT_TAU2_0, w_0), s)), "")}
     for reward_name, kind in itertools.product(train.PI_REWARDS, ("policy", "static")):
@@ -1039,7 +1043,10 @@ def hacking_study(pipe: Pipeline, samples: int, T: int, per_class: int = 8) -> N
     if len(rows) == 1:
         raise train.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
                               f"--reward fid (and fixed, adversarial; --stage static too)")
-    study_table(pipe, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.", indep=independent_fid(pipe))
+    indep = independent_fid(pipe)
+    fp2 = f"|{train.fingerprint(pipe.run_dir, ('featnet2',))}"                 # a retrained featnet2: measured again
+    rows = {name: (fn, suffix + fp2) for name, (fn, suffix) in rows.items()}
+    study_table(pipe, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.", indep=indep)
     K = pipe.cfg.num_classes
     labels = torch.arange(K).repeat_interleave(per_class)
     C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
@@ -1131,6 +1138,12 @@ def main(argv: list[str] | None = None) -> None:
                 raise train.UserError(f"--nfe {args.nfe!r}: expected integers like 4,8") from None
             if any(v < 1 for v in nfes):
                 raise train.UserError("--nfe budgets must be positive")
+            nat_only = [f for f, on in (("--lookahead", args.lookahead > 1), ("--refine", args.refine), ("--lam", lams),
+                                         ("--hacking", args.hacking)) if on]
+            if nat_only:
+                raise train.UserError(f"{', '.join(nat_only)}: NAT only (the ODE's steps are deterministic, and the "
+                                      f"refinement table, the blend and the reward study are built for the NAT); "
+                                      f"--flow takes --repeat")
             fpipe = FlowPipeline(args.run_dir, device, args.flow, bf16=not args.no_bf16, batch=args.batch)
             if args.eval:
                 evaluate_flow(fpipe, args.samples, nfes, args.sweep_samples)
@@ -1156,11 +1169,11 @@ def main(argv: list[str] | None = None) -> None:
                 if os.path.exists(os.path.join(args.run_dir, f"policy_T{T}.pt")):
                     plot_policy(pipe, T)
         if args.refine:
-            refine_study(pipe, args.samples, args.grid_steps)
+            refine_study(pipe, args.samples, args.grid_steps, args.sweep_samples)
         if lams:
             blend_study(pipe, args.samples, args.grid_steps, lams)
         if args.hacking:
-            hacking_study(pipe, args.samples, args.grid_steps)
+            hacking_study(pipe, args.samples, args.grid_steps, args.sweep_samples)
         if args.repeat > 1 or args.lookahead > 1:
             refined_grid(pipe, args.grid_steps, args.repeat, args.lookahead)
         elif not (args.bench or args.eval or args.sweep_w or args.plot or args.refine or lams or args.hacking):

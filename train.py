@@ -829,7 +829,10 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         if not os.path.exists(base_path):
             raise UserError(f"the fidelity stage blends with the adaptive policy {base_path}, which is missing: "
                             f"run python train.py --run-dir {run_dir} --stage {'policy' if spec is policy.NAT_ACTIONS else 'flow-policy'} first")
-        base, _ = load_policy(base_path, device)
+        base, base_cfg = load_policy(base_path, device)
+        if base_cfg["heuristic"] != task.h.tolist() or base_cfg["beta_ema"] != 0:
+            raise UserError(f"{base_path} starts from another schedule than this run's (the w_0 sweep changed since) or "
+                            f"smooths its actions: the blend needs both policies on the same start; retrain it")
         base.requires_grad_(False)
         pcfg["base"] = base_name
         if not os.path.exists(os.path.join(run_dir, f"{task.name}.pt")):   # start: the main policy, critic and D
@@ -1279,6 +1282,9 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise UserError(f"flow_patch {c.flow_patch} must divide img_size {c.img_size}")
     if c.pi_reward not in PI_REWARDS:
         raise UserError(f"pi_reward {c.pi_reward!r}: use one of {', '.join(PI_REWARDS)}")
+    if args.stage in ("fidelity", "flow-fidelity") and c.pi_reward != "adversarial":
+        raise UserError(f"--stage {args.stage} --reward {c.pi_reward}: the fidelity policy's reward is the blend of "
+                        f"the adversarial and the fixed reward (Eq. 15); drop --reward")
     if c.pi_fid_chunk < 2:
         raise UserError(f"pi_fid_chunk {c.pi_fid_chunk}: an FID needs at least 2 samples per chunk")
     if c.pi_d_real not in ("recon", "raw"):

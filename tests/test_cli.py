@@ -167,6 +167,7 @@ def test_flow_stage_and_its_table(run_dir, tmp_path):
     for f in ("flow_policy_grids_nfe4.png", "flow_heuristic_vs_adaptive_nfe4.png", "flow_samples_adaptive_repeat2_nfe4.png"):
         assert os.path.exists(d / f), f
     _fails(run("sample.py", "--run-dir", str(run_dir), "--flow", "flow"), "--stage flow")
+    _fails(run("sample.py", "--run-dir", str(d), "--flow", "flow", "--lookahead", "2"), "NAT only")
 
 
 def test_adagen_refinement_blend_and_reward_study(run_dir, tmp_path):
@@ -212,6 +213,7 @@ def test_adagen_refinement_blend_and_reward_study(run_dir, tmp_path):
     os.remove(d / "featnet2.pt")
     _fails(run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--hacking", "--samples", "10"), "--stage featnet2")
     _fails(run("train.py", "--run-dir", str(d), "--stage", "policy", "--reward", "clip"), "invalid choice")
+    _fails(run("train.py", "--run-dir", str(d), "--stage", "fidelity", "--reward", "fid"), "drop --reward")
 
 
 def test_search_resumes_after_an_interrupt(run_dir, tmp_path):

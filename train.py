@@ -21,7 +21,7 @@ Stages (each writes its checkpoint(s) into the run folder):
                 --reward fixed|fid trains them on another reward instead ({kind}_{reward}_T{T}.pt).
   featnet2      (optional) an independent FID network (other architecture and seed) for that study.
   fidelity      (optional) AdaGen's fidelity policy, blended with the adaptive one by lam: fidelity_T{T}.pt.
-  flow, flow-search, flow-policy, flow-static, flow-smooth, flow-fidelity
+  flow, flow-search, flow-policy, flow-static, flow-smooth
                 (optional) the continuous paradigm (samplers.py): the generator and its schedules.
 
 A run folder holds config.json, log.jsonl (one JSON object per logged step), and the
@@ -828,7 +828,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         base_path = os.path.join(run_dir, f"{base_name}.pt")
         if not os.path.exists(base_path):
             raise UserError(f"the fidelity stage blends with the adaptive policy {base_path}, which is missing: "
-                            f"run python train.py --run-dir {run_dir} --stage {'policy' if spec is policy.NAT_ACTIONS else 'flow-policy'} first")
+                            f"run python train.py --run-dir {run_dir} --stage policy first")
         base, base_cfg = load_policy(base_path, device)
         if base_cfg["heuristic"] != task.h.tolist() or base_cfg["beta_ema"] != 0:
             raise UserError(f"{base_path} starts from another schedule than this run's (the w_0 sweep changed since) or "
@@ -1194,10 +1194,9 @@ STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbo
              "policy": stage_policies("policy"), "static": stage_policies("static"), "smooth": stage_policies("smooth"),
              "flow": stage_flow, "flow-search": stage_search("flow-search"), "flow-policy": stage_policies("policy", "flow"),
              "flow-static": stage_policies("static", "flow"), "flow-smooth": stage_policies("smooth", "flow"),
-             "featnet2": stage_featnet2, "fidelity": stage_policies("fidelity"),
-             "flow-fidelity": stage_policies("fidelity", "flow")}
+             "featnet2": stage_featnet2, "fidelity": stage_policies("fidelity")}
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
-FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth", "flow-fidelity")
+FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
 OPTIONAL_STAGES = ["pr-search", "featnet2", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
@@ -1282,7 +1281,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise UserError(f"flow_patch {c.flow_patch} must divide img_size {c.img_size}")
     if c.pi_reward not in PI_REWARDS:
         raise UserError(f"pi_reward {c.pi_reward!r}: use one of {', '.join(PI_REWARDS)}")
-    if args.stage in ("fidelity", "flow-fidelity") and c.pi_reward != "adversarial":
+    if args.stage == "fidelity" and c.pi_reward != "adversarial":
         raise UserError(f"--stage {args.stage} --reward {c.pi_reward}: the fidelity policy's reward is the blend of "
                         f"the adversarial and the fixed reward (Eq. 15); drop --reward")
     if c.pi_fid_chunk < 2:

@@ -45,7 +45,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import autonat
@@ -232,8 +234,72 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+# ----------------------------------------------------------------------------- data parallel (torchrun)
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job; rank 0 of 1 without torchrun."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+DIST = Dist()
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the job torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK (NCCL on CUDA, gloo on
+    the CPU), as nanoGPT's and DiT's train.py do, and return this rank's device (cuda:LOCAL_RANK).
+    Without torchrun: the single process of the same code. Rank 0 alone writes files."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return device
+    DIST.rank, DIST.world, DIST.local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device.type == "cuda":
+        device = torch.device("cuda", DIST.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def barrier() -> None:
+    if DIST.world > 1:
+        dist.barrier()
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of x over the ranks (x itself in a single process)."""
+    if DIST.world == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / DIST.world
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP around `model` in a torchrun job (gradients averaged over ranks in backward; rank 0's
+    weights broadcast at the start), the model itself in a single process."""
+    if DIST.world == 1:
+        return model
+    wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped.cfg = getattr(model, "cfg", None)                           # what the losses read off the model
+    return wrapped
+
+
+def rank_batch(global_batch: int, name: str) -> int:
+    """This rank's share of a preset's global batch."""
+    if global_batch % DIST.world:
+        raise UserError(f"{name} = {global_batch} does not split over {DIST.world} processes: use a multiple")
+    return global_batch // DIST.world
+
+
 def save_ckpt(path: str, obj: dict) -> None:
-    """Atomic write: a temp file in the same folder, then os.replace."""
+    """Atomic write: a temp file in the same folder, then os.replace (rank 0 only)."""
+    if not DIST.main:
+        return
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -315,6 +381,8 @@ def fingerprint(run_dir: str, stages: tuple = ("vq", "featnet", "nat")) -> str:
 
 
 def write_json(path: str, obj) -> None:
+    if not DIST.main:
+        return
     """Atomic JSON write (temp file + os.replace): an interrupt never leaves a truncated file."""
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
@@ -337,6 +405,8 @@ class Logger:
         self.path = os.path.join(run_dir, "log.jsonl")
 
     def __call__(self, **record) -> None:
+        if not DIST.main:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 1), **record}) + "\n")
 
@@ -368,7 +438,8 @@ def train_loop(name: str, ck_path: str, state: dict, modules: dict, step_fn, tot
         return state
 
     last_save, t0 = time.time(), time.time()
-    bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc=name, dynamic_ncols=True)
+    bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc=name, dynamic_ncols=True,
+               disable=not DIST.main)
     try:
         for step in bar:
             metrics = step_fn(step)
@@ -400,6 +471,8 @@ def resume(ck_path: str, model_cfg: dict, modules: dict) -> dict:
         m.load_state_dict(ck[k])
     if "rng" in ck:
         torch.set_rng_state(ck["rng"])
+        if DIST.world > 1:                              # ranks go on from rank 0's saved state, each its own way
+            torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,))) + DIST.rank)
     print(f"resuming {os.path.basename(ck_path)} from step {ck['step']}")
     return ck
 
@@ -527,7 +600,7 @@ def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Lo
 def tokenize_dataset(vq: vqgan.VQModel, x: torch.Tensor, y: torch.Tensor, device: torch.device):
     """Tokens (2M, N) of the M images and of their mirror images (flip augmentation), labels (2M,)."""
     out = {False: [], True: []}
-    for i in tqdm(range(0, len(x), 1000), desc="tokenize", leave=False):
+    for i in tqdm(range(0, len(x), 1000), desc="tokenize", leave=False, disable=not DIST.main):
         xb = data.to_float(x[i:i + 1000]).to(device)
         for flip in (False, True):
             out[flip].append(vq.tokenize(xb.flip(-1) if flip else xb).cpu())
@@ -565,18 +638,20 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -
     modules = {"model": model, "ema": ema, "optim": opt}
     path = os.path.join(run_dir, "nat.pt")
     state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 3 + state["step"])
-    it = data.batches(tokens, labels, c.nat_batch, g, infinite=True)
+    g = torch.Generator().manual_seed(c.seed + 3 + state["step"] + 1000003 * DIST.rank)   # each rank its own batches
+    it = data.batches(tokens, labels, rank_batch(c.nat_batch, "nat_batch"), g, infinite=True)
+    net = data_parallel(model, device)
 
     def step_fn(step: int) -> dict:
         lr = lr_at(step, c.nat_steps, c.nat_lr, c.nat_warmup)
         for grp in opt.param_groups:
             grp["lr"] = lr
         v, y = next(it)
-        model.train()
+        net.train()
         with autocast(device, c.bf16):
-            loss = nat.masked_token_loss(model, v.to(device), y.to(device))
-        return {"loss": loss.item(), "lr": lr, "grad_norm": generator_step(model, ema, opt, loss, step, c.ema_decay)}
+            loss = nat.masked_token_loss(net, v.to(device), y.to(device))
+        grad_norm = generator_step(model, ema, opt, loss, step, c.ema_decay)
+        return {"loss": all_mean(loss.detach()).item(), "lr": lr, "grad_norm": grad_norm}
 
     state = train_loop("nat", path, state, modules, step_fn, c.nat_steps, c, log)
     state["done"] = True
@@ -1198,6 +1273,7 @@ STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbo
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
 FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
 OPTIONAL_STAGES = ["pr-search", "featnet2", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
+DATA_PARALLEL_STAGES = ("nat",)   # the stages that split their batch over torchrun's processes so far (the scale-out issue)
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
 
@@ -1328,10 +1404,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.stage != "all" and args.stage not in STAGES + OPTIONAL_STAGES:
             raise UserError(f"unknown stage {args.stage!r}: choose all or one of {', '.join(STAGES + OPTIONAL_STAGES)}")
         c, run_dir = build_config(args)
-        device = pick_device(args.device)
+        device = init_distributed(pick_device(args.device))
+        if not DIST.main:
+            sys.stdout = open(os.devnull, "w")                         # one rank reports; errors still reach stderr
         os.makedirs(run_dir, exist_ok=True)
         write_json(os.path.join(run_dir, "config.json"), to_plain(c))
-        torch.manual_seed(c.seed)
+        torch.manual_seed(c.seed + DIST.rank)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         log = Logger(run_dir)
@@ -1341,12 +1419,19 @@ def main(argv: list[str] | None = None) -> None:
             if s not in SKIPS_INSIDE and os.path.exists(path) and load_ckpt(path).get("done"):
                 print(f"{s}: done ({path}), skipped")
                 continue
+            if DIST.world > 1 and s not in DATA_PARALLEL_STAGES:
+                raise UserError(f"stage {s} does not run data-parallel yet (only {', '.join(DATA_PARALLEL_STAGES)}): "
+                                f"run it without torchrun, python train.py --stage {s} --run-dir {run_dir}")
             t0 = time.time()
             STAGE_FNS[s](c, run_dir, device, log)
+            barrier()                                                  # its files are written before the next stage reads them
             log(stage=s, wall_seconds=round(time.time() - t0, 1))
     except (UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class Pipeline:
         self.forwards = 0
         # identifies weights + numerics: cached results are reused only for the same fingerprint
         self.fingerprint = f"{train.fingerprint(run_dir)}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
+        self.eval_key = f"{self.fingerprint}|chunk={self.batch}"             # + how randomness is keyed: table caches
 
     def logits_fn(self, tokens: torch.Tensor, labels: torch.Tensor):
         self.forwards += tokens.shape[0]                                   # image-forwards of the generator so far
@@ -76,21 +77,23 @@ class Pipeline:
     def generate(self, labels: torch.Tensor, T: int, schedule: nat.Schedule, seed: int, guided: bool = True,
                  progress: bool = False, group: int = 1, dedup: bool = False, lookahead: int = 1,
                  score_fn=None) -> torch.Tensor:
-        """Generate tokens (n, N) for labels (n,) in batches, with any schedule (a heuristic
-        table, a policy); guided=False skips the null-class forward (the schedule's w is ignored).
+        """Generate tokens (n, N) for labels (n,) in chunks of `batch` rows, with any schedule (a
+        heuristic table, a policy); each chunk's random numbers are keyed by (seed, chunk index) and
+        the chunks are shared over the ranks of a torchrun job, so any number of processes makes
+        the same tokens. guided=False skips the null-class forward (the schedule's w is ignored).
         group = G: consecutive blocks of G rows share their random numbers (nat.decode_step).
         dedup: one forward per distinct (tokens, label) row of a step (see `dedup_logits_fn`).
         lookahead, score_fn: nat.generate's look-ahead sampling (k candidates per transition)."""
-        g = torch.Generator(self.device).manual_seed(seed)
         null = self.cfg.null_label if guided else None
-        step = max(group, self.batch // group * group)                     # whole groups per batch
+        step = max(group, self.batch // group * group)                     # whole groups per chunk
         fn = dedup_logits_fn(self.logits_fn) if dedup else self.logits_fn
-        out = []
-        for i in tqdm(range(0, len(labels), step), desc=f"T={T}", leave=False, disable=not progress):
-            y = labels[i:i + step].to(self.device)
-            out.append(nat.generate(fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g, group,
-                                    lookahead, score_fn).cpu())
-        return torch.cat(out)
+
+        def run_chunk(j: int) -> torch.Tensor:                             # chunk j: rows [j step, (j + 1) step)
+            g = torch.Generator(self.device).manual_seed(train.chunk_seed(seed, j))
+            y = labels[j * step:(j + 1) * step].to(self.device)
+            return nat.generate(fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g, group,
+                                lookahead, score_fn).cpu()
+        return torch.cat(train.sharded(-(-len(labels) // step), run_chunk, f"T={T}", progress))
 
     def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int) -> torch.Tensor:
         """Generate tokens (n, N) for labels (n,) with the heuristic schedule (tau2_0, w_0)."""
@@ -121,6 +124,13 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
+def write_text(path: str, text: str) -> None:
+    """A text file, written by rank 0 alone in a torchrun job."""
+    if train.DIST.main:
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 3) -> None:
     """images (n, C, H, W) in [-1, 1] -> a PNG with `nrow` images per row."""
     x = data.to_uint8(images)                                           # (n, C, H, W)
@@ -132,7 +142,8 @@ def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 3) -> Non
         canvas[:, 2 + r * (H + 2):2 + r * (H + 2) + H, 2 + col * (W + 2):2 + col * (W + 2) + W] = x[i]
     arr = canvas.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0] if C == 1 else arr)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    if train.DIST.main:                                                 # rank 0 writes in a torchrun job
+        img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
 def plot_panels(path: str, panels: list[dict], title: str = "", size: tuple = (300, 200)) -> None:
@@ -178,7 +189,8 @@ def plot_panels(path: str, panels: list[dict], title: str = "", size: tuple = (3
             if len(pts) == 1 or s.get("dashed"):
                 for x, y in pts:
                     d.ellipse([x - 2, y - 2, x + 2, y + 2], outline=s["color"])
-    img.save(path)
+    if train.DIST.main:
+        img.save(path)
 
 
 def plot_training(history: list[dict], path: str, name: str) -> None:
@@ -405,8 +417,8 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     rows = schedule_rows(pipe, w_0, steps, sweep_samples)
     cache_path = os.path.join(pipe.run_dir, "eval_cache.json")
     cache = train.read_json(cache_path, {})
-    if cache.get("fingerprint") != pipe.fingerprint:
-        cache = {"fingerprint": pipe.fingerprint}                      # other weights or device: start over
+    if cache.get("fingerprint") != pipe.eval_key:
+        cache = {"fingerprint": pipe.eval_key}                         # other weights, device or chunking: start over
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = balanced_labels(samples, pipe.cfg.num_classes)
 
@@ -453,8 +465,7 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     for r in table:
         md.append(f"| {r['schedule']} | {r['T']} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | {r['precision']:.3f} | "
                   f"{r['recall']:.3f} | {r['cond_acc']:.3f} | {r['images_per_s']:.0f} |")
-    with open(os.path.join(pipe.run_dir, "eval.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    write_text(os.path.join(pipe.run_dir, "eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
 
 
@@ -571,6 +582,7 @@ class FlowPipeline:
         self.featnet = train.build_model(run_dir, "featnet", device)
         self.forwards = 0
         self.fingerprint = f"{train.fingerprint(run_dir, (path, 'featnet'))}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
+        self.eval_key = f"{self.fingerprint}|chunk={self.batch}"
 
     def velocity_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
         self.forwards += x.shape[0]                                        # image-forwards of the network so far
@@ -579,19 +591,20 @@ class FlowPipeline:
 
     def generate(self, labels: torch.Tensor, T: int, schedule: samplers.Schedule, solver: str, seed: int,
                  guided: bool = True, group: int = 1) -> torch.Tensor:
-        """Images (n, C, H, W) in [-1, 1] on the CPU: T solver steps from seeded noise, in batches;
+        """Images (n, C, H, W) in [-1, 1] on the CPU: T solver steps from seeded noise, in chunks of
+        `batch` rows keyed by (seed, chunk) and shared over the ranks of a torchrun job;
         group = G: consecutive blocks of G rows start from the same noise (common random numbers)."""
-        g = torch.Generator(self.device).manual_seed(seed)
         c = self.cfg
-        step = max(group, self.batch // group * group)                     # whole groups per batch
-        out = []
-        for i in range(0, len(labels), step):
-            y = labels[i:i + step].to(self.device)
+        step = max(group, self.batch // group * group)                     # whole groups per chunk
+
+        def run_chunk(j: int) -> torch.Tensor:
+            g = torch.Generator(self.device).manual_seed(train.chunk_seed(seed, j))
+            y = labels[j * step:(j + 1) * step].to(self.device)
             x = torch.randn((len(y) // group, c.channels, c.img_size, c.img_size), device=self.device,
                             generator=g).repeat_interleave(group, 0)
             x = samplers.sample(self.velocity_fn, x, y, T, schedule, solver, c.null_label if guided else None, self.path)
-            out.append(x.clamp(-1, 1).float().cpu())
-        return torch.cat(out)
+            return x.clamp(-1, 1).float().cpu()
+        return torch.cat(train.sharded(-(-len(labels) // step), run_chunk))
 
 
 def flow_candidate_fids(pipe: FlowPipeline, ref: RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -692,8 +705,8 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
     rows = flow_rows(pipe, w_0, nfes)
     cache_path = os.path.join(pipe.run_dir, f"{name_}_eval_cache.json")
     cache = train.read_json(cache_path, {})
-    if cache.get("fingerprint") != pipe.fingerprint:
-        cache = {"fingerprint": pipe.fingerprint}
+    if cache.get("fingerprint") != pipe.eval_key:
+        cache = {"fingerprint": pipe.eval_key}
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = balanced_labels(samples, pipe.cfg.num_classes)
     refs = {"real training images vs test": train_reference(ref, n)}
@@ -726,8 +739,7 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
     for r in table:
         md.append(f"| {r['schedule']} | {r['T']} | {r['nfe']:g} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | {r['precision']:.3f} | "
                   f"{r['recall']:.3f} | {r['cond_acc']:.3f} | {r['images_per_s']:.0f} |")
-    with open(os.path.join(pipe.run_dir, f"{name_}_eval.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    write_text(os.path.join(pipe.run_dir, f"{name_}_eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
 
 
@@ -889,8 +901,8 @@ def study_table(pipe: Pipeline, rows: dict, samples: int, stem: str, note: str, 
     labels = balanced_labels(samples, pipe.cfg.num_classes)
     cache_path = os.path.join(pipe.run_dir, f"{stem}_cache.json")
     cache = train.read_json(cache_path, {})
-    if cache.get("fingerprint") != pipe.fingerprint:
-        cache = {"fingerprint": pipe.fingerprint}
+    if cache.get("fingerprint") != pipe.eval_key:
+        cache = {"fingerprint": pipe.eval_key}
     bar = tqdm([(name, s) for name in rows for s in EVAL_SEEDS], desc=stem)
     for name, s in bar:
         fn, suffix = rows[name]
@@ -926,8 +938,7 @@ def study_table(pipe: Pipeline, rows: dict, samples: int, stem: str, note: str, 
                   (f"{r['fid_indep']:.2f} ± {r['fid_indep_sd']:.2f} | " if indep else "") +
                   f"{r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} | {r['forwards']:.1f} | "
                   f"{r['images_per_s']:.1f} |")
-    with open(os.path.join(pipe.run_dir, f"{stem}.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    write_text(os.path.join(pipe.run_dir, f"{stem}.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return table
 
@@ -1129,7 +1140,9 @@ def main(argv: list[str] | None = None) -> None:
         if not os.path.exists(os.path.join(args.run_dir, "config.json")):
             raise train.UserError(f"{args.run_dir} is not a run folder (no config.json): train first with "
                                   f"python train.py --run-dir {args.run_dir}")
-        device = train.pick_device(args.device)
+        device = train.init_distributed(train.pick_device(args.device))   # torchrun: generations shared over ranks
+        if not train.DIST.main:
+            sys.stdout = open(os.devnull, "w")
         torch.backends.cuda.matmul.allow_tf32 = True
         if args.flow:
             try:
@@ -1184,6 +1197,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted; finished evaluation rows are kept in eval_cache.json", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

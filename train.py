@@ -289,6 +289,25 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return wrapped
 
 
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of generation chunk `chunk` of a run seeded `seed`: sampling randomness is keyed by
+    (seed, chunk index), never by the process, so any number of ranks makes the same images."""
+    return seed * 1_000_003 + chunk
+
+
+def sharded(n_chunks: int, run_chunk: Callable, desc: str = "", progress: bool = False) -> list:
+    """[run_chunk(0), ..., run_chunk(n_chunks - 1)] on every rank: rank r runs the chunks
+    i = r mod world (whole chunks, so results do not depend on the process count) and the
+    results (CPU tensors) are gathered in chunk order."""
+    mine = {i: run_chunk(i) for i in tqdm(range(DIST.rank, n_chunks, DIST.world), desc=desc, leave=False,
+                                          disable=not (progress and DIST.main))}
+    if DIST.world > 1:
+        parts: list = [None] * DIST.world
+        dist.all_gather_object(parts, mine)
+        mine = {i: out for part in parts for i, out in part.items()}
+    return [mine[i] for i in range(n_chunks)]
+
+
 def rank_batch(global_batch: int, name: str) -> int:
     """This rank's share of a preset's global batch."""
     if global_batch % DIST.world:

@@ -1,40 +1,81 @@
-"""torchrun: the data-parallel stages with 2 gloo processes on the CPU (every run has a timeout,
-so a hang fails instead of blocking CI)."""
+"""torchrun with 2 gloo processes on the CPU: the data-parallel nat stage (one writer, resume),
+and sampling that is bit-equal whatever the number of processes. Every run has a timeout, so a
+hang fails instead of blocking CI."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torchrun(*args, n=2):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                           "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run(*args, n=1, script="train.py"):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] if n > 1 else []
+    return subprocess.run([sys.executable, *launcher, script, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_nat_stage_on_two_processes_writes_once_and_resumes(tmp_path):
-    d = tmp_path / "ddp"
-    for stage in ("vq", "featnet"):                                               # what nat needs, one process
-        r = subprocess.run([sys.executable, "train.py", "--preset", "test", "--run-dir", str(d), "--stage", stage],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """vq and featnet in one process, then the nat stage on 2 processes."""
+    d = tmp_path_factory.mktemp("ddp") / "run"
+    for stage in ("vq", "featnet"):
+        r = run("--preset", "test", "--run-dir", str(d), "--stage", stage)
         assert r.returncode == 0, r.stderr[-2000:]
-    r = torchrun("--run-dir", str(d), "--stage", "nat")
+    r = run("--run-dir", str(d), "--stage", "nat", n=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    ck = torch.load(d / "nat.pt", weights_only=True)
+    return d
+
+
+def test_nat_stage_on_two_processes_writes_once_and_resumes(run_dir, tmp_path):
+    ck = torch.load(run_dir / "nat.pt", weights_only=True)
     assert ck["done"] and ck["step"] == 30
-    records = [json.loads(line) for line in open(d / "log.jsonl") if '"stage": "nat"' in line]
+    records = [json.loads(line) for line in open(run_dir / "log.jsonl") if '"stage": "nat"' in line]
     assert [r["step"] for r in records if "step" in r] == [1, 11, 21, 30]          # one writer, not two
-    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
-    assert "run folder" in r.stdout and r.stdout.count("nat: done") == 1             # rank 0 reports
+    assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
+    d = tmp_path / "resume"
+    shutil.copytree(run_dir, d)
     ck.update(done=False, step=20)                                                # interrupted at step 20
     torch.save(ck, d / "nat.pt")
-    r = torchrun("--run-dir", str(d), "--stage", "nat")
+    r = run("--run-dir", str(d), "--stage", "nat", n=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming nat.pt from step 20" in r.stdout
+    assert "resuming nat.pt from step 20" in r.stdout and r.stdout.count("nat: done") == 1   # rank 0 reports
     assert torch.load(d / "nat.pt", weights_only=True)["step"] == 30
-    r = torchrun("--run-dir", str(d), "--stage", "backbone")                       # not data-parallel yet: said
+    r = run("--run-dir", str(d), "--stage", "backbone", n=2)                      # not data-parallel yet: said
     assert r.returncode != 0 and "does not run data-parallel yet" in r.stderr
+
+
+GENERATE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import nat, sample, train
+device = train.init_distributed(torch.device("cpu"))
+pipe = sample.Pipeline({run!r}, device, batch=16)
+labels = sample.balanced_labels(40, pipe.cfg.num_classes)                         # 3 chunks: 16, 16, 8
+tokens = pipe.generate(labels, 4, nat.heuristic_schedule(4, 1.0, 2.0), seed=7)
+if train.DIST.main:
+    torch.save(tokens, {out!r})
+"""
+
+
+def test_tokens_and_fid_are_the_same_on_one_and_two_processes(run_dir, tmp_path):
+    for n in (1, 2):
+        script = tmp_path / f"gen{n}.py"
+        script.write_text(GENERATE.format(root=ROOT, run=str(run_dir), out=str(tmp_path / f"tokens{n}.pt")))
+        r = run(n=n, script=str(script))
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (torch.load(tmp_path / f"tokens{n}.pt", weights_only=True) for n in (1, 2))
+    assert one.shape == (40, 64) and torch.equal(one, two)
+    fids = {}
+    for n in (1, 2):                                                              # the evaluation table itself
+        d = tmp_path / f"eval{n}"
+        shutil.copytree(run_dir, d)
+        r = run("--run-dir", str(d), "--eval", "--samples", "40", "--sweep-samples", "20", "--decode-steps", "4",
+                "--batch", "16", n=n, script="sample.py")
+        assert r.returncode == 0, r.stderr[-3000:]
+        fids[n] = {row["schedule"]: row["fid"] for row in json.load(open(d / "eval.json"))["rows"]}
+    assert fids[1] == fids[2] and len(fids[1]) == 2

@@ -55,11 +55,15 @@ def ppo_update(evaluate: Callable, logp_old: torch.Tensor, adv: torch.Tensor, re
                optimizer: torch.optim.Optimizer, params: list, epochs: int = 5, minibatches: int = 1,
                target_kl: Optional[float] = 0.02, clip: float = 0.2, vf_coef: float = 0.5,
                ent_coef: float = 0.01, max_grad_norm: float = 1.0,
-               generator: Optional[torch.Generator] = None) -> dict:
+               generator: Optional[torch.Generator] = None,
+               mean_over_ranks: Callable[[float], float] = lambda x: x) -> dict:
     """K epochs of minibatch PPO over n transitions; returns the last minibatch's stats plus
-    `epochs_run`, `explained_var` (of the old values) and `stopped_early`.
+    `epochs_run` and `stopped_early`.
 
-    evaluate(idx (n',) long) -> (logp_new, value, entropy), each (n',), with gradients."""
+    evaluate(idx (n',) long) -> (logp_new, value, entropy), each (n',), with gradients.
+    Data-parallel (each rank its own n transitions, gradients averaged by DDP):
+    mean_over_ranks averages a float over the ranks, so the target-KL stop is decided on the
+    global approx_kl, the same on every rank, and the stats returned are global."""
     n = logp_old.shape[0]
     size = (n + minibatches - 1) // minibatches
     stats: dict = {}
@@ -77,10 +81,12 @@ def ppo_update(evaluate: Callable, logp_old: torch.Tensor, adv: torch.Tensor, re
             optimizer.step()
             kls.append(stats["approx_kl"])
         epochs_run += 1
-        if target_kl is not None and sum(kls) / len(kls) > target_kl:
+        kl = mean_over_ranks(sum(kls) / len(kls))
+        if target_kl is not None and kl > target_kl:
             stopped = True
             break
-    return {**stats, "approx_kl": sum(kls) / len(kls), "epochs_run": epochs_run, "stopped_early": stopped}
+    stats = {k: mean_over_ranks(v) for k, v in stats.items() if k != "approx_kl"}
+    return {**stats, "approx_kl": kl, "epochs_run": epochs_run, "stopped_early": stopped}
 
 
 if __name__ == "__main__":

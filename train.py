@@ -279,6 +279,21 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
     return x / DIST.world
 
 
+def all_cat(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x (the same shape on each), concatenated in rank order along dim 0."""
+    if DIST.world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(DIST.world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def my_rows(x: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a tensor gathered with all_cat."""
+    n = x.shape[0] // DIST.world
+    return x[DIST.rank * n:(DIST.rank + 1) * n]
+
+
 def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DDP around `model` in a torchrun job (gradients averaged over ranks in backward; rank 0's
     weights broadcast at the start), the model itself in a single process."""
@@ -934,6 +949,8 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             pi.load_state_dict(main["best"]), V.load_state_dict(main["critic"]), D.load_state_dict(main["disc"])
     lr = c.pi_static_lr if kind == "static" else c.pi_lr
     params = list(pi.parameters()) + list(V.parameters())
+    pi_dp, V_dp, D_dp = (data_parallel(m, device) for m in (pi, V, D))        # torchrun: gradients averaged
+    B = rank_batch(c.pi_batch, "pi_batch")                                   # this rank's trajectories
     opt = torch.optim.Adam(params, lr=lr)
     d_opt = torch.optim.Adam(D.parameters(), lr=c.pi_d_lr, betas=(0.5, 0.999))
     modules = {"model": pi, "critic": V, "disc": D, "optim": opt, "d_optim": d_opt}
@@ -963,10 +980,11 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
 
     def step_fn(it: int) -> dict:
         sigma = c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
-        g = torch.Generator(device).manual_seed(c.seed * 100003 + it)          # seeded per iteration: resumable
-        g_cpu = torch.Generator().manual_seed(c.seed * 100003 + it)
+        seed = c.seed * 100003 + it + 1_000_003 * DIST.rank                    # per iteration (resumable) and rank
+        g = torch.Generator(device).manual_seed(seed)
+        g_cpu = torch.Generator().manual_seed(seed)
         G = c.pi_group
-        labels = torch.randint(0, task.num_classes, (c.pi_batch // G,), device=device, generator=g).repeat_interleave(G)
+        labels = torch.randint(0, task.num_classes, (B // G,), device=device, generator=g).repeat_interleave(G)
         pi.eval(), V.eval()
         t0 = time.time()
         lam = None
@@ -981,43 +999,47 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             r_fid = reward.fidelity_reward(classifier(fake), labels)         # (B,)
             if base is not None:
                 R = reward.blended_reward(r_adv, r_fid, lam)
-            elif c.pi_reward == "fid":
-                R = chunk_fid_reward(fid.extract(pipe.featnet, fake, device=device)[0], ref, c.pi_fid_chunk).to(device)
+            elif c.pi_reward == "fid":                                       # chunks of the global batch
+                feats = all_cat(fid.extract(pipe.featnet, fake, device=device)[0].to(device)).cpu()
+                R = my_rows(chunk_fid_reward(feats, ref, c.pi_fid_chunk)).to(device)
             else:
                 R = r_fid if c.pi_reward == "fixed" else r_adv
             d_acc = reward.accuracy(D(f_hold, y_hold), logits_fake)
-        out = {"reward": R.mean().item(), "r_adv": r_adv.mean().item(), "r_fid": r_fid.mean().item(), "d_acc": d_acc,
+        mean = lambda x: all_mean(torch.as_tensor(x, dtype=torch.float32, device=device)).item()
+        out = {"reward": mean(R.mean()), "r_adv": mean(r_adv.mean()), "r_fid": mean(r_fid.mean()), "d_acc": mean(d_acc),
                "sigma": sigma, "sec_rollout": time.time() - t0}
         t0 = time.time()
         if it >= c.pi_d_warmup:                                              # PPO (Eq. 10-11)
-            ret = ppo.normalise(R).repeat(T)                                 # (T*B,) step-major
+            R_all = all_cat(R)                                               # normalised over the global batch
+            ret = my_rows(ppo.normalise(R_all)).repeat(T)                    # (T*B,) step-major
             if G == 1:
                 adv = ret - ro.value                                         # AdaNAT: R_hat - V_old
             else:                                                            # the group's mean as the baseline
-                A = (R.view(-1, G) - R.view(-1, G).mean(1, keepdim=True)).flatten()
-                adv = (A / (A.std() + 1e-8)).repeat(T)
+                A = (R_all.view(-1, G) - R_all.view(-1, G).mean(1, keepdim=True)).flatten()
+                adv = my_rows(A / (A.std() + 1e-8)).repeat(T)
             ent = policy.gaussian_entropy(sigma, spec.dim)
             pi.train(), V.train()
 
             def evaluate(idx):
-                mu = pi(ro.features[idx], ro.t[idx])
-                return (policy.gaussian_logp(ro.o[idx], mu, sigma), V(ro.features[idx], ro.t[idx]),
+                mu = pi_dp(ro.features[idx], ro.t[idx])
+                return (policy.gaussian_logp(ro.o[idx], mu, sigma), V_dp(ro.features[idx], ro.t[idx]),
                         torch.full_like(ret[idx], ent))
             stats = ppo.ppo_update(evaluate, ro.logp, adv, ret, opt, params, c.pi_epochs, c.pi_minibatches,
-                                   c.pi_target_kl, c.pi_clip, c.pi_vf_coef, c.pi_ent_coef, generator=g_cpu)
-            stats["explained_var"] = ppo.explained_variance(ro.value, ret)
+                                   c.pi_target_kl, c.pi_clip, c.pi_vf_coef, c.pi_ent_coef, generator=g_cpu,
+                                   mean_over_ranks=mean)
+            stats["explained_var"] = ppo.explained_variance(all_cat(ro.value), all_cat(ret))
             out.update({k: float(v) for k, v in stats.items()})
         out["sec_ppo"], t0 = time.time() - t0, time.time()
         for k in range(c.pi_d_steps if it >= c.pi_d_warmup else c.pi_d_warmup_steps):   # D on this rollout's samples
             # translation only: a cutout made D learn slower here (held-out acc. 0.65 vs 0.68 after 100 steps)
-            i = torch.randint(0, len(x_real), (c.pi_batch,), generator=g_cpu)
+            i = torch.randint(0, len(x_real), (B,), generator=g_cpu)
             xr, yr = x_real[i].to(device), y_real[i].to(device)
-            loss = reward.d_loss(D(backbone(reward.diff_augment(xr, g, cutout=0.0)), yr),
-                                 D(backbone(reward.diff_augment(fake, g, cutout=0.0)), labels))
+            both = D_dp(backbone(reward.diff_augment(torch.cat([xr, fake]), g, cutout=0.0)), torch.cat([yr, labels]))
+            loss = reward.d_loss(both[:B], both[B:])                         # one forward: one DDP gradient sync
             d_opt.zero_grad(set_to_none=True)
             loss.backward()
             d_opt.step()
-        out["d_loss"], out["sec_d"] = loss.item(), time.time() - t0
+        out["d_loss"], out["sec_d"] = mean(loss.detach()), time.time() - t0
         for j, a in enumerate(spec.names):                                   # per-sample spread of each action
             out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
         record = {"iter": it + 1, **out}
@@ -1292,7 +1314,7 @@ STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbo
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
 FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
 OPTIONAL_STAGES = ["pr-search", "featnet2", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
-DATA_PARALLEL_STAGES = ("nat",)   # the stages that split their batch over torchrun's processes so far (the scale-out issue)
+DATA_PARALLEL_STAGES = ("nat", "policy", "static", "smooth", "fidelity", "flow-policy", "flow-static", "flow-smooth")   # the stages that split their batch over torchrun's processes so far (the scale-out issue)
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
 

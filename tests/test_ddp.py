@@ -21,9 +21,9 @@ def run(*args, n=1, script="train.py"):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """vq and featnet in one process, then the nat stage on 2 processes."""
+    """vq, featnet and backbone in one process, then the nat stage on 2 processes."""
     d = tmp_path_factory.mktemp("ddp") / "run"
-    for stage in ("vq", "featnet"):
+    for stage in ("vq", "featnet", "backbone"):
         r = run("--preset", "test", "--run-dir", str(d), "--stage", stage)
         assert r.returncode == 0, r.stderr[-2000:]
     r = run("--run-dir", str(d), "--stage", "nat", n=2)
@@ -45,7 +45,7 @@ def test_nat_stage_on_two_processes_writes_once_and_resumes(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming nat.pt from step 20" in r.stdout and r.stdout.count("nat: done") == 1   # rank 0 reports
     assert torch.load(d / "nat.pt", weights_only=True)["step"] == 30
-    r = run("--run-dir", str(d), "--stage", "backbone", n=2)                      # not data-parallel yet: said
+    r = run("--run-dir", str(d), "--stage", "featnet2", n=2)                      # not data-parallel yet: said
     assert r.returncode != 0 and "does not run data-parallel yet" in r.stderr
 
 
@@ -79,3 +79,24 @@ def test_tokens_and_fid_are_the_same_on_one_and_two_processes(run_dir, tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         fids[n] = {row["schedule"]: row["fid"] for row in json.load(open(d / "eval.json"))["rows"]}
     assert fids[1] == fids[2] and len(fids[1]) == 2
+
+
+def test_policy_stage_on_two_processes(run_dir, tmp_path):
+    """Each rank rolls out half of pi_batch; PPO statistics and the target-KL stop are global;
+    rank 0 writes; an interrupted policy resumes on 2 processes."""
+    d = tmp_path / "policy"
+    shutil.copytree(run_dir, d)
+    r = run("--run-dir", str(d), "--stage", "policy", n=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(d / "policy_T4.pt", weights_only=True)
+    assert ck["done"] and ck["step"] == 4 and [h["iter"] for h in ck["history"]] == [0, 1, 2, 3, 4]
+    records = [json.loads(line) for line in open(d / "log.jsonl") if '"stage": "policy_T4"' in line]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]                             # once, from rank 0
+    assert all(0 <= r["d_acc"] <= 1 for r in records) and sum("approx_kl" in r for r in records) == 3
+    ck.update(done=False, step=2, history=ck["history"][:3])
+    torch.save(ck, d / "policy_T4.pt")
+    r = run("--run-dir", str(d), "--stage", "policy", n=2)
+    assert r.returncode == 0 and "resuming policy_T4.pt from step 2" in r.stdout, r.stderr[-3000:]
+    assert torch.load(d / "policy_T4.pt", weights_only=True)["step"] == 4
+    r = run("--run-dir", str(d), "--stage", "static", "--set", "pi_batch=18", "--set", "pi_group=3", n=4)
+    assert r.returncode != 0 and "does not split over 4 processes" in r.stderr

@@ -279,6 +279,15 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
     return x / DIST.world
 
 
+def all_sum(x: float) -> float:
+    """The sum of a number over the ranks (in float64: counts stay exact)."""
+    if DIST.world == 1:
+        return x
+    v = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(v)
+    return v.item()
+
+
 def all_cat(x: torch.Tensor) -> torch.Tensor:
     """Every rank's x (the same shape on each), concatenated in rank order along dim 0."""
     if DIST.world == 1:
@@ -525,26 +534,32 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
     modules = {"model": model, "optim": opt, **({"disc": disc, "optim_d": opt_d} if disc else {})}
     path = os.path.join(run_dir, "vq.pt")
     state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 1 + state["step"])
-    it = data.batches(x_train, y=torch.zeros(len(x_train), dtype=torch.long), batch_size=c.vq_batch, generator=g, infinite=True)
+    g = torch.Generator().manual_seed(c.seed + 1 + state["step"] + 1000003 * DIST.rank)   # each rank its own batches
+    it = data.batches(x_train, y=torch.zeros(len(x_train), dtype=torch.long), batch_size=rank_batch(c.vq_batch, "vq_batch"),
+                      generator=g, infinite=True)
+    # torchrun: the quantizer syncs itself (usage summed, rank 0's codebook broadcast: vqgan.py), so DDP must not
+    # overwrite the per-rank usage counts with rank 0's buffers
+    net = DistributedDataParallel(model, broadcast_buffers=False) if DIST.world > 1 else model
+    disc_dp = data_parallel(disc, device) if disc is not None else None
 
     def step_fn(step: int) -> dict:
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, c.vq_steps, c.vq_lr, c.vq_warmup)
         x = augment(data.to_float(next(it)[0]).to(device), g)          # (B, C, H, W)
-        x_rec, codes, vq_loss, z_e = model(x)
+        x_rec, codes, vq_loss, z_e = net(x)
         rec = (x_rec - x).abs().mean() + F.mse_loss(x_rec, x)
         loss = rec + vq_loss
-        out = {"loss": loss.item(), "mse": F.mse_loss(x_rec, x).item()}
+        out = {"loss": all_mean(loss.detach()).item(), "mse": all_mean(F.mse_loss(x_rec, x).detach()).item()}
         if disc is not None and step >= c.gan_start:
-            g_loss = vqgan.hinge_g_loss(disc(x_rec))
+            g_loss = vqgan.hinge_g_loss(disc(x_rec))                     # D's gradients here are zeroed below
             loss = loss + c.gan_weight * g_loss
             out["g_loss"] = g_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if disc is not None and step >= c.gan_start:
-            d_loss = vqgan.hinge_d_loss(disc(x), disc(x_rec.detach()))
+            logits = disc_dp(torch.cat([x, x_rec.detach()]))              # one forward: one DDP gradient sync
+            d_loss = vqgan.hinge_d_loss(*logits.chunk(2))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
@@ -602,8 +617,9 @@ def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Lo
     modules = {"model": model, "optim": opt}
     path = os.path.join(run_dir, f"{name}.pt")
     state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + seed_offset + state["step"])
-    it = data.batches(x_train, y_train, c.feat_batch, g, infinite=True)
+    g = torch.Generator().manual_seed(c.seed + seed_offset + state["step"] + 1000003 * DIST.rank)
+    it = data.batches(x_train, y_train, rank_batch(c.feat_batch, "feat_batch"), g, infinite=True)
+    net = data_parallel(model, device)                    # (batch-norm statistics per rank, rank 0's buffers kept)
 
     def step_fn(step: int) -> dict:
         for grp in opt.param_groups:
@@ -612,13 +628,14 @@ def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Lo
         x = augment(data.to_float(xb).to(device), g)
         dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()       # random shift by up to 2 pixels
         x = torch.roll(x, (dx, dy), dims=(2, 3))
-        model.train()
-        logits = model(x)
+        net.train()
+        logits = net(x)
         loss = F.cross_entropy(logits, yb.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.item(), "acc": (logits.argmax(1).cpu() == yb).float().mean().item()}
+        acc = (logits.argmax(1).cpu() == yb).float().mean()
+        return {"loss": all_mean(loss.detach()).item(), "acc": all_mean(acc.to(device)).item()}
 
     state = train_loop(name, path, state, modules, step_fn, steps, c, log)
     _, logits = fid.extract(model, data.to_float(x_test), device=device)
@@ -718,10 +735,10 @@ def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) 
                             fused=device.type == "cuda")
     modules = {"model": model, "ema": ema, "optim": opt}
     state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 11 + state["step"])
-    gd = torch.Generator(device).manual_seed(c.seed + 12 + state["step"])
-    it = data.batches(x_train, y_train, c.flow_batch, g, infinite=True)
-    loss_fn = nat.flow_net_fn(model, cfg.class_drop)
+    g = torch.Generator().manual_seed(c.seed + 11 + state["step"] + 1000003 * DIST.rank)   # each rank its own batches
+    gd = torch.Generator(device).manual_seed(c.seed + 12 + state["step"] + 1000003 * DIST.rank)
+    it = data.batches(x_train, y_train, rank_batch(c.flow_batch, "flow_batch"), g, infinite=True)
+    loss_fn = nat.flow_net_fn(data_parallel(model, device), cfg.class_drop)
 
     def step_fn(step: int) -> dict:
         lr = lr_at(step, c.flow_steps, c.flow_lr, c.flow_warmup)
@@ -734,7 +751,8 @@ def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) 
         model.train()
         with autocast(device, c.bf16):
             loss = samplers.training_loss(loss_fn, path_obj, x, y.to(device), gd)
-        return {"loss": loss.item(), "lr": lr, "grad_norm": generator_step(model, ema, opt, loss, step, c.ema_decay)}
+        grad_norm = generator_step(model, ema, opt, loss, step, c.ema_decay)
+        return {"loss": all_mean(loss.detach()).item(), "lr": lr, "grad_norm": grad_norm}
 
     state = train_loop(name, path, state, modules, step_fn, c.flow_steps, c, log)
     state["done"] = True
@@ -1158,7 +1176,7 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     def F(X: torch.Tensor) -> torch.Tensor:                                # (C', D) -> (C',) training-set FIDs
         before = pipe.forwards
         values = candidate_fids(torch.stack([to_table(x) for x in X]), labels, c.search_seed)
-        state["forwards"] += pipe.forwards - before                        # image-forwards actually run (CFG: 2 per step)
+        state["forwards"] += int(all_sum(pipe.forwards - before))          # image-forwards run on all ranks (CFG: 2 per step)
         return values
 
     def step_fn(k: int) -> dict:
@@ -1314,7 +1332,8 @@ STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbo
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
 FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
 OPTIONAL_STAGES = ["pr-search", "featnet2", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
-DATA_PARALLEL_STAGES = ("nat", "policy", "static", "smooth", "fidelity", "flow-policy", "flow-static", "flow-smooth")   # the stages that split their batch over torchrun's processes so far (the scale-out issue)
+DATA_PARALLEL_STAGES = ("vq", "featnet", "nat", "search", "param-search", "backbone", "policy", "static", "smooth",
+                        "featnet2", "fidelity", "flow", "flow-search", "flow-policy", "flow-static", "flow-smooth")   # the stages that split their batch over torchrun's processes so far (the scale-out issue)
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
 

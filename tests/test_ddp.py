@@ -21,13 +21,11 @@ def run(*args, n=1, script="train.py"):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """vq, featnet and backbone in one process, then the nat stage on 2 processes."""
+    """vq, featnet, nat and backbone, each on 2 processes."""
     d = tmp_path_factory.mktemp("ddp") / "run"
-    for stage in ("vq", "featnet", "backbone"):
-        r = run("--preset", "test", "--run-dir", str(d), "--stage", stage)
-        assert r.returncode == 0, r.stderr[-2000:]
-    r = run("--run-dir", str(d), "--stage", "nat", n=2)
-    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("vq", "featnet", "nat", "backbone"):
+        r = run("--preset", "test", "--run-dir", str(d), "--stage", stage, n=2)
+        assert r.returncode == 0, (stage, r.stderr[-3000:])
     return d
 
 
@@ -45,7 +43,7 @@ def test_nat_stage_on_two_processes_writes_once_and_resumes(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming nat.pt from step 20" in r.stdout and r.stdout.count("nat: done") == 1   # rank 0 reports
     assert torch.load(d / "nat.pt", weights_only=True)["step"] == 30
-    r = run("--run-dir", str(d), "--stage", "featnet2", n=2)                      # not data-parallel yet: said
+    r = run("--run-dir", str(d), "--stage", "pr-search", n=2)                     # not data-parallel yet: said
     assert r.returncode != 0 and "does not run data-parallel yet" in r.stderr
 
 
@@ -100,3 +98,16 @@ def test_policy_stage_on_two_processes(run_dir, tmp_path):
     assert torch.load(d / "policy_T4.pt", weights_only=True)["step"] == 4
     r = run("--run-dir", str(d), "--stage", "static", "--set", "pi_batch=18", "--set", "pi_group=3", n=4)
     assert r.returncode != 0 and "does not split over 4 processes" in r.stderr
+
+
+def test_search_is_the_same_on_one_and_two_processes(run_dir, tmp_path):
+    """The AutoNAT search shards its candidates' generations: the same table, FIDs and forwards."""
+    out = {}
+    for n in (1, 2):
+        d = tmp_path / f"search{n}"
+        shutil.copytree(run_dir, d)
+        r = run("--run-dir", str(d), "--stage", "search", "--steps", "1", n=n)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[n] = json.load(open(d / "search_T4.json"))
+    for key in ("table", "generator_forwards", "train_fid_best"):
+        assert out[1][key] == out[2][key], key

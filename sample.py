@@ -59,6 +59,7 @@ class Pipeline:
             raise train.UserError(f"{run_dir}/config.json is unreadable: re-run python train.py --run-dir {run_dir}")
         self.vq = train.build_model(run_dir, "vq", device)
         self.net = train.build_model(run_dir, "nat", device, weights="ema")
+        self.forward = self.net                                            # or its torch.compile (compile())
         self.cfg: nat.NATConfig = self.net.cfg
         self.featnet = train.build_model(run_dir, "featnet", device)
         if (self.cfg.vocab_size, self.cfg.num_tokens) != (self.vq.cfg.codebook_size, self.vq.num_tokens):
@@ -69,10 +70,14 @@ class Pipeline:
         self.fingerprint = f"{train.fingerprint(run_dir)}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
         self.eval_key = f"{self.fingerprint}|chunk={self.batch}"             # + how randomness is keyed: table caches
 
+    def compile(self) -> None:
+        """Generate through torch.compile of the transformer from now on (sample.py --compile)."""
+        self.forward = torch.compile(self.net)
+
     def logits_fn(self, tokens: torch.Tensor, labels: torch.Tensor):
         self.forwards += tokens.shape[0]                                   # image-forwards of the generator so far
         with train.autocast(self.device, self.bf16):
-            return self.net(tokens, labels)
+            return self.forward(tokens, labels)
 
     def generate(self, labels: torch.Tensor, T: int, schedule: nat.Schedule, seed: int, guided: bool = True,
                  progress: bool = False, group: int = 1, dedup: bool = False, lookahead: int = 1,
@@ -551,8 +556,11 @@ def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
         fns.append(("policy forwards", run_policy))
     res = {name: batch / secs for name, secs in time_round_robin(fns, pipe.device, repeats).items()}
     res["overhead"] = res["bare forwards"] / res["generate"] - 1
-    print(f"bench ({pipe.device}, batch {batch}, T={T}, CFG): generate {res['generate']:.1f} images/s, "
-          f"bare forwards {res['bare forwards']:.1f} images/s, decoding overhead {100 * res['overhead']:.1f}%")
+    mode = "compiled" if pipe.forward is not pipe.net else "eager"
+    print(f"bench ({pipe.device}, {mode}, batch {batch}, T={T}, CFG): generate {res['generate']:.1f} images/s "
+          f"= {T * res['generate']:.0f} image-steps/s, bare forwards {T * res['bare forwards']:.0f} image-steps/s; "
+          f"decoding at {100 / (1 + res['overhead']):.1f}% of bare-forward throughput "
+          f"(decoding overhead {100 * res['overhead']:.1f}%)")
     if "generate + policy" in res:
         res["policy_cost"] = res["bare forwards"] / res["policy forwards"]
         print(f"  adaptive policy (policy_T{T}.pt): generate + policy {res['generate + policy']:.1f} images/s; "
@@ -1107,6 +1115,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grid-steps", type=int, default=8, help="T of the grids and of --bench")
     p.add_argument("--batch", type=int, default=None, help="generation batch (default 500 CPU, 4096 GPU; bench: 256 CPU, 1024 GPU)")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (with --bench: eager, then compiled)")
     p.add_argument("--flow", default=None, choices=list(samplers.PATHS),
                    help="the continuous generator (flow.pt / vp.pt) instead of the NAT: grids, or --eval at NFE --nfe")
     p.add_argument("--nfe", default="4,8", help="comma-separated NFE budgets for --flow --eval")
@@ -1173,6 +1182,11 @@ def main(argv: list[str] | None = None) -> None:
         pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch)
         if args.bench:
             bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
+            if args.compile:
+                pipe.compile()
+                bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
+        elif args.compile:
+            pipe.compile()
         if args.sweep_w:
             sweep_w(pipe, RealFeatures(pipe), args.sweep_samples)
         if args.eval:

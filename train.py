@@ -71,6 +71,7 @@ class TrainConfig:
     channels: int = 1
     seed: int = 0
     bf16: bool = True                # bf16 autocast for the transformer on CUDA (ignored on CPU)
+    compile: bool = False            # torch.compile the generators' training forward (--compile)
     ckpt_every_s: float = 300.0      # seconds between checkpoints inside a stage
     log_every: int = 50              # steps between log.jsonl records
     # --- vq: the tokenizer
@@ -692,6 +693,7 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -
     g = torch.Generator().manual_seed(c.seed + 3 + state["step"] + 1000003 * DIST.rank)   # each rank its own batches
     it = data.batches(tokens, labels, rank_batch(c.nat_batch, "nat_batch"), g, infinite=True)
     net = data_parallel(model, device)
+    net = torch.compile(net) if c.compile else net
 
     def step_fn(step: int) -> dict:
         lr = lr_at(step, c.nat_steps, c.nat_lr, c.nat_warmup)
@@ -738,7 +740,8 @@ def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) 
     g = torch.Generator().manual_seed(c.seed + 11 + state["step"] + 1000003 * DIST.rank)   # each rank its own batches
     gd = torch.Generator(device).manual_seed(c.seed + 12 + state["step"] + 1000003 * DIST.rank)
     it = data.batches(x_train, y_train, rank_batch(c.flow_batch, "flow_batch"), g, infinite=True)
-    loss_fn = nat.flow_net_fn(data_parallel(model, device), cfg.class_drop)
+    net = data_parallel(model, device)
+    loss_fn = nat.flow_net_fn(torch.compile(net) if c.compile else net, cfg.class_drop)
 
     def step_fn(step: int) -> dict:
         lr = lr_at(step, c.flow_steps, c.flow_lr, c.flow_warmup)
@@ -1386,7 +1389,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
             raise UserError(f"--set {item}: {e}") from None
     if args.data is not None:
         c.data = args.data
-    c.flow_path, c.pi_reward = args.path, args.reward
+    c.flow_path, c.pi_reward, c.compile = args.path, args.reward, args.compile
     if args.seed is not None:
         c.seed = args.seed
     if args.steps is not None:
@@ -1439,7 +1442,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         now = to_plain(c)
         # pi_*, search_*, flow_*, feat2_* keys are free: each of their checkpoints carries (and on resume checks) its own copy
         diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_", "flow_", "feat2_"))
-                      and k not in ("ckpt_every_s", "log_every") and saved[k] != now[k])
+                      and k not in ("ckpt_every_s", "log_every", "compile") and saved[k] != now[k])
         if diff:
             raise UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "
                             f"use another --run-dir, or the same flags as before")
@@ -1456,6 +1459,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="training steps of the selected stage(s)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any TrainConfig field, e.g. --set nat_lr=5e-4")
+    p.add_argument("--compile", action="store_true", help="torch.compile the nat / flow training forward")
     p.add_argument("--path", default="flow", choices=list(samplers.PATHS), help="the flow stage's probability path")
     p.add_argument("--reward", default="adversarial", choices=PI_REWARDS,
                    help="the policy stages' reward (the reward-hacking study); other than adversarial: files *_<reward>_T*")

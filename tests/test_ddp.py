@@ -111,3 +111,18 @@ def test_search_is_the_same_on_one_and_two_processes(run_dir, tmp_path):
         out[n] = json.load(open(d / "search_T4.json"))
     for key in ("table", "generator_forwards", "train_fid_best"):
         assert out[1][key] == out[2][key], key
+
+
+def test_compile_for_training_and_sampling(run_dir, tmp_path):
+    """--compile: the nat stage trains through torch.compile; --bench times eager, then compiled."""
+    d = tmp_path / "compile"
+    shutil.copytree(run_dir, d)
+    ck = torch.load(d / "nat.pt", weights_only=True)
+    ck.update(done=False, step=28)
+    torch.save(ck, d / "nat.pt")
+    r = run("--run-dir", str(d), "--stage", "nat", "--compile")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(d / "nat.pt", weights_only=True)["step"] == 30
+    r = run("--run-dir", str(d), "--bench", "--compile", "--batch", "8", "--grid-steps", "2", script="sample.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eager" in r.stdout and "compiled" in r.stdout and r.stdout.count("image-steps/s") >= 2

@@ -3,6 +3,7 @@
     python train.py                                  # the `small` preset, all stages, CPU or GPU
     python train.py --preset base                    # the single-GPU scale
     python train.py --stage nat --run-dir runs/small # one stage; resumes what is there
+    torchrun --standalone --nproc_per_node 4 train.py --preset base   # data-parallel (README: two nodes, SLURM)
 
 Stages (each writes its checkpoint(s) into the run folder):
   vq            the VQ tokenizer (vqgan.py): 32x32 image -> 8x8 = 64 tokens.

@@ -1254,15 +1254,17 @@ def stage_search(stage: str):
 
 def sub_run(c: TrainConfig, run_dir: str, sub: str, **changes) -> TrainConfig:
     """A run folder sharing this run's tokenizer and feature network (copied), its config = c + changes."""
-    if os.path.exists(os.path.join(sub, "vq.pt")) and \
-            fingerprint(sub, ("vq", "featnet")) != fingerprint(run_dir, ("vq", "featnet")):
-        shutil.rmtree(sub)                                                  # made with another tokenizer: start over
-    os.makedirs(sub, exist_ok=True)
-    for f in ("vq.pt", "featnet.pt", "fid_ref.pt"):
-        if os.path.exists(os.path.join(run_dir, f)) and not os.path.exists(os.path.join(sub, f)):
-            shutil.copyfile(os.path.join(run_dir, f), os.path.join(sub, f))
+    if DIST.main:                                                           # one rank touches the files
+        if os.path.exists(os.path.join(sub, "vq.pt")) and \
+                fingerprint(sub, ("vq", "featnet")) != fingerprint(run_dir, ("vq", "featnet")):
+            shutil.rmtree(sub)                                              # made with another tokenizer: start over
+        os.makedirs(sub, exist_ok=True)
+        for f in ("vq.pt", "featnet.pt", "fid_ref.pt"):
+            if os.path.exists(os.path.join(run_dir, f)) and not os.path.exists(os.path.join(sub, f)):
+                shutil.copyfile(os.path.join(run_dir, f), os.path.join(sub, f))
     c2 = dataclasses.replace(c, **changes)
     write_json(os.path.join(sub, "config.json"), to_plain(c2))
+    barrier()
     return c2
 
 
@@ -1294,6 +1296,7 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         ck = os.path.join(d, "nat.pt")
         if not (os.path.exists(ck) and load_ckpt(ck).get("done")):
             stage_nat(c2, d, device, Logger(d))
+            barrier()                                                       # rank 0's nat.pt before anyone reads it
         value = float(sample.candidate_fids(sample.Pipeline(d, device, c.bf16), ref, table[None], labels, c.search_seed)[0])
         log(stage="pr-search", candidate=sub, train_fid=value, **changes)
         print(f"pr-search: {sub}: training-set FID {value:.2f} (T={c.pr_T}, {c.pr_samples} samples)")
@@ -1324,6 +1327,7 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
             raise UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
         if not (trained and trained.get("done")):
             stage_nat(c2, d, device, Logger(d))
+            barrier()
         STAGE_FNS["search"](c2, d, device, Logger(d))                      # skips the T already searched
         print(f"pr-search: the Beta-trained generator and its searched schedules are in {d}; sample.py --eval adds their rows")
 
@@ -1337,8 +1341,6 @@ STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbo
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
 FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
 OPTIONAL_STAGES = ["pr-search", "featnet2", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
-DATA_PARALLEL_STAGES = ("vq", "featnet", "nat", "search", "param-search", "backbone", "policy", "static", "smooth",
-                        "featnet2", "fidelity", "flow", "flow-search", "flow-policy", "flow-static", "flow-smooth")   # the stages that split their batch over torchrun's processes so far (the scale-out issue)
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
 
@@ -1485,9 +1487,6 @@ def main(argv: list[str] | None = None) -> None:
             if s not in SKIPS_INSIDE and os.path.exists(path) and load_ckpt(path).get("done"):
                 print(f"{s}: done ({path}), skipped")
                 continue
-            if DIST.world > 1 and s not in DATA_PARALLEL_STAGES:
-                raise UserError(f"stage {s} does not run data-parallel yet (only {', '.join(DATA_PARALLEL_STAGES)}): "
-                                f"run it without torchrun, python train.py --stage {s} --run-dir {run_dir}")
             t0 = time.time()
             STAGE_FNS[s](c, run_dir, device, log)
             barrier()                                                  # its files are written before the next stage reads them

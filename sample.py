@@ -98,7 +98,7 @@ class Pipeline:
             y = labels[j * step:(j + 1) * step].to(self.device)
             return nat.generate(fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g, group,
                                 lookahead, score_fn).cpu()
-        return torch.cat(train.sharded(-(-len(labels) // step), run_chunk, f"T={T}", progress))
+        return torch.cat(sharded_with_actions(-(-len(labels) // step), run_chunk, schedule, f"T={T}", progress))
 
     def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int) -> torch.Tensor:
         """Generate tokens (n, N) for labels (n,) with the heuristic schedule (tau2_0, w_0)."""
@@ -109,6 +109,17 @@ class Pipeline:
         """Decode tokens (n, N) to float images (n, C, H, W) in [-1, 1] on the CPU."""
         return torch.cat([self.vq.detokenize(tokens[i:i + self.batch].to(self.device)).float().cpu()
                           for i in range(0, len(tokens), self.batch)])
+
+
+def sharded_with_actions(n_chunks: int, run_chunk, schedule, desc: str = "", progress: bool = False) -> list:
+    """train.sharded over the chunks of a generation; a PolicySchedule's executed actions are
+    gathered with them, in chunk order, so its actions() cover every sample on every rank."""
+    if not isinstance(schedule, policy.PolicySchedule):
+        return train.sharded(n_chunks, run_chunk, desc, progress)
+    outs = train.sharded(n_chunks, lambda j: (run_chunk(j), torch.stack(schedule.executed).cpu()), desc, progress)
+    actions = [a for _, a in outs]                                     # (T, rows, D) per chunk
+    schedule.finished, schedule.executed = actions[:-1], list(actions[-1])
+    return [out for out, _ in outs]
 
 
 def dedup_logits_fn(logits_fn):
@@ -263,7 +274,7 @@ def sweep_w(pipe: Pipeline, ref: RealFeatures, samples: int, T: int = 8) -> dict
     """Pick w_0 of AdaNAT's heuristic (tau2_0 = 1, w = w_0 t/T) by FID against *training* statistics."""
     labels = balanced_labels(samples, pipe.cfg.num_classes)
     results = {}
-    bar = tqdm(W0_GRID, desc=f"w_0 sweep (T={T}, {samples} samples)")
+    bar = tqdm(W0_GRID, desc=f"w_0 sweep (T={T}, {samples} samples)", disable=not train.DIST.main)
     for w_0 in bar:
         images = pipe.decode(pipe.generate_tokens(labels, T, ADANAT_TAU2_0, w_0, seed=0))
         feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
@@ -275,6 +286,7 @@ def sweep_w(pipe: Pipeline, ref: RealFeatures, samples: int, T: int = 8) -> dict
     out = {"fingerprint": pipe.fingerprint, "T": T, "samples": samples, "grid": list(W0_GRID), "tau2_0": ADANAT_TAU2_0,
            "train_fid": {str(k): v for k, v in results.items()}, "w_0": best}
     train.write_json(os.path.join(pipe.run_dir, "sweep_w.json"), out)
+    train.barrier()                                                    # written before any rank reads it again
     print(f"w_0 sweep (FID vs training set, T={T}): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()) + f" -> w_0 = {best}")
     return out
 
@@ -442,7 +454,7 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     train.write_json(cache_path, cache)
 
     jobs = [(name, T, s) for name in rows for T in rows[name] for s in EVAL_SEEDS]
-    bar = tqdm(jobs, desc="eval")
+    bar = tqdm(jobs, desc="eval", disable=not train.DIST.main)
     for name, T, s in bar:
         make, guided, suffix, gen = rows[name][T]
         key = f"{name}|T{T}|seed{s}|{samples}{suffix}"
@@ -612,7 +624,7 @@ class FlowPipeline:
                             generator=g).repeat_interleave(group, 0)
             x = samplers.sample(self.velocity_fn, x, y, T, schedule, solver, c.null_label if guided else None, self.path)
             return x.clamp(-1, 1).float().cpu()
-        return torch.cat(train.sharded(-(-len(labels) // step), run_chunk))
+        return torch.cat(sharded_with_actions(-(-len(labels) // step), run_chunk, schedule))
 
 
 def flow_candidate_fids(pipe: FlowPipeline, ref: RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -636,13 +648,15 @@ def flow_sweep_w(pipe: FlowPipeline, ref: RealFeatures, samples: int, nfe: int =
         return saved["w_0"]
     labels = balanced_labels(samples, pipe.cfg.num_classes)
     results = {}
-    for w_0 in tqdm(FLOW_W_GRID, desc=f"{pipe.path.name} w_0 sweep (Euler, NFE {nfe}, {samples} samples)"):
+    for w_0 in tqdm(FLOW_W_GRID, desc=f"{pipe.path.name} w_0 sweep (Euler, NFE {nfe}, {samples} samples)",
+                     disable=not train.DIST.main):
         images = pipe.generate(labels, nfe, samplers.heuristic_schedule(samplers.uniform_grid(nfe), w_0), "euler", seed=0)
         feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
         results[w_0] = fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
     best = min(results, key=results.get)
     train.write_json(out_path, {"fingerprint": pipe.fingerprint, "samples": samples, "grid": list(FLOW_W_GRID),
                                 "train_fid": {str(k): v for k, v in results.items()}, "w_0": best})
+    train.barrier()
     print(f"{pipe.path.name} w_0 sweep (FID vs training set): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items())
           + f" -> w_0 = {best}")
     return best
@@ -719,7 +733,7 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
     labels = balanced_labels(samples, pipe.cfg.num_classes)
     refs = {"real training images vs test": train_reference(ref, n)}
     jobs = [(name, nfe, s) for name in rows for nfe in rows[name] for s in EVAL_SEEDS]
-    bar = tqdm(jobs, desc=f"{name_} eval")
+    bar = tqdm(jobs, desc=f"{name_} eval", disable=not train.DIST.main)
     for name, nfe, s in bar:
         make, solver, T, suffix = rows[name][nfe]
         key = f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}"
@@ -898,7 +912,7 @@ def refined_nat(pipe: Pipeline, labels: torch.Tensor, T: int, make, seed: int, r
     before = pipe.forwards
     images = refine(lambda y: pipe.decode(pipe.generate(y, T, make(), seed, lookahead=lookahead, score_fn=score_state)),
                     labels, repeat, score_img)
-    return images, (pipe.forwards - before) / len(labels)
+    return images, train.all_sum(pipe.forwards - before) / len(labels)
 
 
 def study_table(pipe: Pipeline, rows: dict, samples: int, stem: str, note: str, indep=None) -> list[dict]:
@@ -911,7 +925,7 @@ def study_table(pipe: Pipeline, rows: dict, samples: int, stem: str, note: str, 
     cache = train.read_json(cache_path, {})
     if cache.get("fingerprint") != pipe.eval_key:
         cache = {"fingerprint": pipe.eval_key}
-    bar = tqdm([(name, s) for name in rows for s in EVAL_SEEDS], desc=stem)
+    bar = tqdm([(name, s) for name in rows for s in EVAL_SEEDS], desc=stem, disable=not train.DIST.main)
     for name, s in bar:
         fn, suffix = rows[name]
         key = f"{name}|seed{s}|{samples}{suffix}"
@@ -1098,7 +1112,7 @@ def flow_refined_grid(pipe: FlowPipeline, nfe: int, repeat: int, per_class: int 
     images = refine(lambda y: pipe.generate(y, T, make(), solver, seed=0), labels, repeat, refiner.score)
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_samples_adaptive_repeat{repeat}_nfe{nfe}.png")
     save_grid(images, path, nrow=per_class)
-    print("wrote", path, f"({(pipe.forwards - before) / len(labels):.1f} network rows per image)")
+    print("wrote", path, f"({train.all_sum(pipe.forwards - before) / len(labels):.1f} network rows per image)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -427,9 +427,9 @@ def fingerprint(run_dir: str, stages: tuple = ("vq", "featnet", "nat")) -> str:
 
 
 def write_json(path: str, obj) -> None:
+    """Atomic JSON write (temp file + os.replace): an interrupt never leaves a truncated file. Rank 0 only."""
     if not DIST.main:
         return
-    """Atomic JSON write (temp file + os.replace): an interrupt never leaves a truncated file."""
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
@@ -974,6 +974,8 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     params = list(pi.parameters()) + list(V.parameters())
     pi_dp, V_dp, D_dp = (data_parallel(m, device) for m in (pi, V, D))        # torchrun: gradients averaged
     B = rank_batch(c.pi_batch, "pi_batch")                                   # this rank's trajectories
+    if B % c.pi_group:
+        raise UserError(f"pi_group {c.pi_group} must divide each process's share of pi_batch ({B} of {c.pi_batch})")
     opt = torch.optim.Adam(params, lr=lr)
     d_opt = torch.optim.Adam(D.parameters(), lr=c.pi_d_lr, betas=(0.5, 0.999))
     modules = {"model": pi, "critic": V, "disc": D, "optim": opt, "d_optim": d_opt}
@@ -1057,7 +1059,8 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             # translation only: a cutout made D learn slower here (held-out acc. 0.65 vs 0.68 after 100 steps)
             i = torch.randint(0, len(x_real), (B,), generator=g_cpu)
             xr, yr = x_real[i].to(device), y_real[i].to(device)
-            both = D_dp(backbone(reward.diff_augment(torch.cat([xr, fake]), g, cutout=0.0)), torch.cat([yr, labels]))
+            xr, xf = reward.diff_augment(xr, g, cutout=0.0), reward.diff_augment(fake, g, cutout=0.0)
+            both = D_dp(backbone(torch.cat([xr, xf])), torch.cat([yr, labels]))
             loss = reward.d_loss(both[:B], both[B:])                         # one forward: one DDP gradient sync
             d_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -1341,6 +1344,7 @@ STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbo
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
 FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
 OPTIONAL_STAGES = ["pr-search", "featnet2", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
+STAGES_ALL = STAGES + OPTIONAL_STAGES
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
 
@@ -1481,12 +1485,19 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         log = Logger(run_dir)
+        if DIST.world > 1 and c.data != "synthetic":                   # one rank fetches the data set, if it must
+            if DIST.main:
+                for split in ("train", "test"):
+                    data.load_dataset(c.data, split, c.img_size, c.channels, c.seed)
+            barrier()
         print(f"run folder {run_dir} | preset {c.preset} | device {device}")
         for s in (STAGES if args.stage == "all" else [args.stage]):
             path = os.path.join(run_dir, f"{s}.pt")
             if s not in SKIPS_INSIDE and os.path.exists(path) and load_ckpt(path).get("done"):
                 print(f"{s}: done ({path}), skipped")
                 continue
+            if DIST.world > 1:                                         # each rank its own random stream
+                torch.manual_seed(c.seed + 1_000_003 * DIST.rank + STAGES_ALL.index(s))
             t0 = time.time()
             STAGE_FNS[s](c, run_dir, device, log)
             barrier()                                                  # its files are written before the next stage reads them

@@ -48,13 +48,18 @@ def test_nat_stage_on_two_processes_writes_once_and_resumes(run_dir, tmp_path):
 GENERATE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import nat, sample, train
+import nat, policy, sample, train
 device = train.init_distributed(torch.device("cpu"))
 pipe = sample.Pipeline({run!r}, device, batch=16)
 labels = sample.balanced_labels(40, pipe.cfg.num_classes)                         # 3 chunks: 16, 16, 8
 tokens = pipe.generate(labels, 4, nat.heuristic_schedule(4, 1.0, 2.0), seed=7)
+torch.manual_seed(0)                                                              # a policy with non-zero outputs
+pi = policy.AdaptivePolicy(4, pipe.cfg.dim, pipe.cfg.num_tokens, width=8, hidden=8)
+torch.nn.init.normal_(pi.out.weight, std=0.3)
+sched = policy.PolicySchedule(pi, policy.inverse_activation(nat.heuristic_table(4, 1.0, 2.0)))
+pipe.generate(labels, 4, sched, seed=7)
 if train.DIST.main:
-    torch.save(tokens, {out!r})
+    torch.save({{"tokens": tokens, "actions": sched.actions()}}, {out!r})
 """
 
 
@@ -65,7 +70,8 @@ def test_tokens_and_fid_are_the_same_on_one_and_two_processes(run_dir, tmp_path)
         r = run(n=n, script=str(script))
         assert r.returncode == 0, r.stderr[-3000:]
     one, two = (torch.load(tmp_path / f"tokens{n}.pt", weights_only=True) for n in (1, 2))
-    assert one.shape == (40, 64) and torch.equal(one, two)
+    assert one["tokens"].shape == (40, 64) and torch.equal(one["tokens"], two["tokens"])
+    assert one["actions"].shape == (4, 40, 4) and torch.equal(one["actions"], two["actions"])   # every sample's, in order
     fids = {}
     for n in (1, 2):                                                              # the evaluation table itself
         d = tmp_path / f"eval{n}"

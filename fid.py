@@ -209,10 +209,16 @@ def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, 
 
 @torch.no_grad()
 def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 3,
-                     batch_size: int = 1000) -> tuple[float, float]:
-    """k-NN precision and recall (Kynkäänniemi et al. 2019) of fake (M, D) against real (N, D) features."""
-    real = torch.as_tensor(real_feats).float()                      # (N, D)
-    fake = torch.as_tensor(fake_feats).float().to(real.device)      # (M, D)
+                     batch_size: int = 1000, device: torch.device | str | None = None) -> tuple[float, float]:
+    """k-NN precision and recall (Kynkäänniemi et al. 2019) of fake (M, D) against real (N, D) features.
+
+    device: where the distances are computed (default: real_feats'). On a GPU in float64, which
+    TF32 matrix products never touch (cdist runs on them), so a radius compares as on the CPU."""
+    real = torch.as_tensor(real_feats)
+    device = torch.device(device) if device is not None else real.device
+    dtype = torch.float64 if device.type == "cuda" else torch.float32
+    real = real.to(device, dtype)                                   # (N, D)
+    fake = torch.as_tensor(fake_feats).to(device, dtype)            # (M, D)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"features must be (N, D) and (M, D), got {tuple(real.shape)} and {tuple(fake.shape)}")
     if not 1 <= k < min(real.shape[0], fake.shape[0]):

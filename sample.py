@@ -251,7 +251,7 @@ class RealFeatures:
 def metrics(pipe: Pipeline, ref: RealFeatures, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """FID / precision / recall against the test images, and conditional accuracy."""
     feats, logits = fid.extract(pipe.featnet, images, device=pipe.device)
-    P, R = fid.precision_recall(ref.test_feats, feats, k=3)
+    P, R = fid.precision_recall(ref.test_feats, feats, k=3, device=pipe.device)
     return {"fid": fid.fid_from_features(feats, ref.test_mu, ref.test_sigma),
             "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
 
@@ -405,7 +405,7 @@ def measure(pipe, ref: "RealFeatures", labels: torch.Tensor, sched, generate, to
 
 def train_reference(ref: "RealFeatures", n: int) -> dict:
     """The metric's own noise: n real training images against the test set."""
-    P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3)
+    P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3, device=pipe.device)
     return {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
             "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
 

@@ -97,6 +97,8 @@ def test_precision_recall_half_the_modes():
     # k-NN balls miss a few boundary points in 4-D, so "~1" and "~0.5" come out ~0.94 and ~0.47
     assert p > 0.9
     assert 0.42 < r <= 0.5
+    # numpy float64 features and an explicit device give the same counts
+    assert fid.precision_recall(real.double().numpy(), fake, k=3, batch_size=128, device="cpu") == (p, r)
 
 
 def test_featurenet_shapes_and_extract_restores_mode():

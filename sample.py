@@ -244,6 +244,7 @@ class RealFeatures:
         self.test_images, self.test_labels = cached["test_images"], cached["test_labels"]   # uint8, long
         self.test_feats, self.train_feats = cached["test_feats"], cached["train_feats"]     # (N, D)
         self.train_correct = cached["train_correct"]                                        # (N,) bool
+        self.device = pipe.device                                          # where precision / recall run
         self.test_mu, self.test_sigma = fid.statistics(self.test_feats)
         self.train_mu, self.train_sigma = fid.statistics(self.train_feats)
 
@@ -251,7 +252,7 @@ class RealFeatures:
 def metrics(pipe: Pipeline, ref: RealFeatures, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """FID / precision / recall against the test images, and conditional accuracy."""
     feats, logits = fid.extract(pipe.featnet, images, device=pipe.device)
-    P, R = fid.precision_recall(ref.test_feats, feats, k=3, device=pipe.device)
+    P, R = fid.precision_recall(ref.test_feats, feats, k=3, device=ref.device)
     return {"fid": fid.fid_from_features(feats, ref.test_mu, ref.test_sigma),
             "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
 
@@ -405,7 +406,7 @@ def measure(pipe, ref: "RealFeatures", labels: torch.Tensor, sched, generate, to
 
 def train_reference(ref: "RealFeatures", n: int) -> dict:
     """The metric's own noise: n real training images against the test set."""
-    P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3, device=pipe.device)
+    P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3, device=ref.device)
     return {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
             "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
 

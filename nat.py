@@ -372,9 +372,11 @@ def generate(logits_fn: Callable, labels: torch.Tensor, T: int, schedule: Schedu
     the candidate with the highest score_fn(features (B*k, N, C), t+1 (B*k,)) -> (B*k,) (the
     critic V(s_{t+1})). The kept candidate's forward is the next step's forward, so a step
     costs k forwards instead of 1: 1 + k (T - 1) per image in all (x2 rows with guidance).
+    score_fn = "random" is the control: a uniform pick drawn from `generator`, so the picks
+    follow the generation's own random stream (the same per chunk on any number of processes).
     """
     if lookahead > 1 and (score_fn is None or group != 1):
-        raise ValueError("lookahead > 1 needs a score_fn and group = 1")
+        raise ValueError("lookahead > 1 needs a score_fn (or 'random') and group = 1")
     B = labels.shape[0]
 
     def forward(tok: torch.Tensor, y: torch.Tensor):                     # -> logits_c, logits_u, features
@@ -401,7 +403,10 @@ def generate(logits_fn: Callable, labels: torch.Tensor, T: int, schedule: Schedu
         if k == 1:
             tokens = cand
             continue
-        scores = score_fn(out[2], torch.full((B * k,), t + 1, dtype=torch.long, device=cand.device))   # (B*k,)
+        if score_fn == "random":
+            scores = torch.rand(B * k, generator=generator, device=cand.device)                      # (B*k,)
+        else:
+            scores = score_fn(out[2], torch.full((B * k,), t + 1, dtype=torch.long, device=cand.device))   # (B*k,)
         keep = torch.arange(B, device=cand.device) * k + scores.view(B, k).argmax(1)                 # (B,)
         tokens = cand[keep]
         out = tuple(None if x is None else x[keep] for x in out)

@@ -899,7 +899,8 @@ def refine(make_images, labels: torch.Tensor, repeat: int, score_fn) -> torch.Te
 
 
 def random_scores(seed: int):
-    """The control of refinement: a scorer that ranks candidates at random (seeded)."""
+    """The control of repeated sampling: a scorer that ranks finished candidates at random
+    (seeded; it runs on the gathered images, so every rank draws the same numbers)."""
     g = torch.Generator().manual_seed(seed + 10007)
     return lambda x, *_: torch.rand(x.shape[0], generator=g).to(x.device)
 
@@ -909,7 +910,7 @@ def refined_nat(pipe: Pipeline, labels: torch.Tensor, T: int, make, seed: int, r
     """NAT images (n, C, H, W) with repeated sampling (D) and look-ahead (V), or their random-pick
     control, and the generator forwards per image that it took (counted; a guided step is 2 rows)."""
     score_img = random_scores(seed) if random_pick else refiner.score if refiner else None
-    score_state = random_scores(seed + 1) if random_pick else refiner.value if refiner else None
+    score_state = "random" if random_pick else refiner.value if refiner else None   # nat.generate's control
     before = pipe.forwards
     images = refine(lambda y: pipe.decode(pipe.generate(y, T, make(), seed, lookahead=lookahead, score_fn=score_state)),
                     labels, repeat, score_img)
@@ -992,7 +993,7 @@ def refine_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, k_rep
     rows[f"adaptive + lookahead {k_look} (V picks)"] = (gen(lookahead=k_look), fp)
     rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = (gen(repeat=k_repeat[0], lookahead=k_look), fp)
     rows[f"control: repeat {k_repeat[0]}, random pick"] = (gen(repeat=k_repeat[0], random_pick=True), fp)
-    rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp)
+    rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp + "|pick=stream")
     w_0 = get_w0(pipe, RealFeatures(pipe), sweep_samples)
     for k in k_repeat:                                                  # repeat k costs k x the forwards of T steps
         Tk = k * T

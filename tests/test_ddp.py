@@ -58,8 +58,9 @@ pi = policy.AdaptivePolicy(4, pipe.cfg.dim, pipe.cfg.num_tokens, width=8, hidden
 torch.nn.init.normal_(pi.out.weight, std=0.3)
 sched = policy.PolicySchedule(pi, policy.inverse_activation(nat.heuristic_table(4, 1.0, 2.0)))
 pipe.generate(labels, 4, sched, seed=7)
+picked = pipe.generate(labels, 4, nat.heuristic_schedule(4, 1.0, 2.0), seed=7, lookahead=2, score_fn="random")
 if train.DIST.main:
-    torch.save({{"tokens": tokens, "actions": sched.actions()}}, {out!r})
+    torch.save({{"tokens": tokens, "actions": sched.actions(), "picked": picked}}, {out!r})
 """
 
 
@@ -72,6 +73,7 @@ def test_tokens_and_fid_are_the_same_on_one_and_two_processes(run_dir, tmp_path)
     one, two = (torch.load(tmp_path / f"tokens{n}.pt", weights_only=True) for n in (1, 2))
     assert one["tokens"].shape == (40, 64) and torch.equal(one["tokens"], two["tokens"])
     assert one["actions"].shape == (4, 40, 4) and torch.equal(one["actions"], two["actions"])   # every sample's, in order
+    assert torch.equal(one["picked"], two["picked"]) and not torch.equal(one["picked"], one["tokens"])   # random look-ahead
     fids = {}
     for n in (1, 2):                                                              # the evaluation table itself
         d = tmp_path / f"eval{n}"

@@ -239,6 +239,8 @@ def test_lookahead_one_is_plain_sampling_and_k_keeps_the_best_scored_candidate()
         tokens, feats = cand[keep], feats_k[:B * k][keep]
         both = torch.cat([both_k[:B * k][keep], both_k[B * k:][keep]])
     assert torch.equal(got, tokens)
+    picked = run(lookahead=k, score_fn="random")                           # the control: picks from the stream
+    assert torch.equal(picked, run(lookahead=k, score_fn="random")) and not torch.equal(picked, got)
     try:
         nat.generate(net, y, T, sched, cfg.mask_id, N, cfg.null_label, lookahead=2)
         assert False, "lookahead without a score_fn must be refused"

@@ -6,10 +6,10 @@ and measures the Fréchet (2-Wasserstein) distance between the two Gaussians:
 
     FID = ||mu_r - mu_g||^2 + Tr(S_r) + Tr(S_g) - 2 Tr( (S_r S_g)^(1/2) )
 
-The matrix square root is scipy.linalg.sqrtm, made robust as in pytorch-fid: if the
-product is singular or the root is not finite, eps * I is added to both covariances and
-the root is taken again; tiny imaginary parts (numerical noise) are dropped, large ones
-raise.
+Tr((S_r S_g)^(1/2)) needs no matrix square root of the product: S_r S_g has the
+eigenvalues of the symmetric S_r^(1/2) S_g S_r^(1/2), so it is the sum of their square
+roots (symmetric eigen-solvers only; exact for singular covariances, where pytorch-fid's
+sqrtm adds eps * I). Covariances that are not positive semi-definite raise.
 
 Precision and recall (Kynkäänniemi et al. 2019, "Improved precision and recall metric
 for assessing generative models") approximate each manifold by the union of hyperspheres
@@ -32,37 +32,29 @@ Usage:
 """
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import scipy
-import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# scipy >= 1.16 deprecates sqrtm(..., disp=False) and signals trouble with a LinAlgWarning.
-_SCIPY_NEW_SQRTM = tuple(int(p) for p in scipy.__version__.split(".")[:2]) >= (1, 16)
-
-
 # ----------------------------------------------------------------------------- Fréchet distance
 
-def _sqrtm(A: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Matrix square root of A, silently; also returns True if A looked singular / the root is not finite."""
-    if _SCIPY_NEW_SQRTM:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
-            X = scipy.linalg.sqrtm(A)
-        singular = any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught)  # singular or ill-conditioned
-    else:
-        X, _ = scipy.linalg.sqrtm(A, disp=False)
-        singular = False
-    return X, singular or not np.isfinite(X).all()
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((S1 S2)^(1/2)) for positive semi-definite S1, S2 (D, D).
+
+    S1 S2 = R (R S2) with R = S1^(1/2) has the eigenvalues of the symmetric PSD R S2 R, so the
+    trace of its principal square root is the sum of their square roots. Only symmetric
+    eigen-solvers run: singular covariances (fewer samples than dimensions) need no eps offset,
+    and rounding's tiny negative eigenvalues are clipped to 0."""
+    w, Q = np.linalg.eigh(sigma1)
+    R = (Q * np.sqrt(np.clip(w, 0.0, None))) @ Q.T                      # (D, D) S1^(1/2)
+    lam = np.linalg.eigvalsh(R @ sigma2 @ R)                             # (D,) eigenvalues of S1 S2
+    return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrtm(S1 S2)) between N(mu1, S1) and N(mu2, S2)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -71,22 +63,16 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     D = mu1.shape[0]
     if sigma1.shape != (D, D) or sigma2.shape != (D, D):
         raise ValueError(f"covariances must be ({D}, {D}), got {sigma1.shape} and {sigma2.shape}")
+    for name, S in (("S1", sigma1), ("S2", sigma2)):
+        if not np.isfinite(S).all():
+            raise ValueError(f"{name} is not finite")
+        w = np.linalg.eigvalsh(S)
+        if w[0] < -1e-6 * max(1.0, w[-1]):                              # rounding stays far below this
+            raise ValueError(f"{name} is not positive semi-definite (eigenvalue {w[0]:.3g}): sqrtm(S1 S2) would "
+                             f"have a large imaginary component")
 
     diff = mu1 - mu2                                                  # (D,)
-    covmean, bad = _sqrtm(sigma1 @ sigma2)                            # (D, D)
-    if bad:  # singular product: regularise both covariances, as pytorch-fid does
-        offset = np.eye(D) * eps
-        covmean, _ = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if not np.isfinite(covmean).all():
-        raise ValueError("sqrtm(S1 S2) is not finite even after adding eps * I")
-    if np.iscomplexobj(covmean):
-        max_imag = np.max(np.abs(np.diagonal(covmean).imag))
-        if max_imag > 1e-3:
-            raise ValueError(f"sqrtm(S1 S2) has a large imaginary component {max_imag:.3g}")
-        covmean = covmean.real
-
-    fid = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)
-    return float(fid)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_product(sigma1, sigma2))
 
 
 # ----------------------------------------------------------------------------- feature network

@@ -114,9 +114,11 @@ class FeatureNet(nn.Module):
 
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, K), features (B, D)) in one pass."""
-        h = self.body(x)                                  # (B, 4w, H/8, W/8)
-        h = h.mean(dim=(2, 3))                            # (B, 4w)
-        feats = F.relu(self.fc_feat(h))                   # (B, D)
+        return self.head(self.body(x))
+
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The body's last feature map h (B, 4w, H/8, W/8) -> (logits (B, K), features (B, D))."""
+        feats = F.relu(self.fc_feat(h.mean(dim=(2, 3))))  # (B, D)
         logits = self.fc_out(self.dropout(feats))         # (B, K)
         return logits, feats
 

@@ -1022,8 +1022,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             maps = backbone(fake)                                            # the frozen classifier's feature maps
             logits_fake = D(maps, labels)                                    # (B, P)
             r_adv = reward.reward(logits_fake)                               # (B,)
-            pooled = F.relu(classifier.fc_feat(maps[-1].mean(dim=(2, 3))))   # its head on the same pass (eval: no dropout)
-            r_fid = reward.fidelity_reward(classifier.fc_out(pooled), labels)  # (B,)
+            r_fid = reward.fidelity_reward(classifier.head(maps[-1])[0], labels)   # its head on the same pass: (B,)
             if base is not None:
                 R = reward.blended_reward(r_adv, r_fid, lam)
             elif c.pi_reward == "fid":                                       # chunks of the global batch

@@ -917,11 +917,11 @@ def refined_nat(pipe: Pipeline, labels: torch.Tensor, T: int, make, seed: int, r
     return images, train.all_sum(pipe.forwards - before) / len(labels)
 
 
-def study_table(pipe: Pipeline, rows: dict, samples: int, stem: str, note: str, indep=None) -> list[dict]:
+def study_table(pipe: Pipeline, ref: RealFeatures, rows: dict, samples: int, stem: str, note: str,
+                indep=None) -> list[dict]:
     """Evaluate rows {name: (fn(labels, seed) -> (images, forwards per image), cache suffix)} over
     EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md.
     indep: images -> FID on the independent feature network (a column of its own)."""
-    ref = RealFeatures(pipe)
     labels = balanced_labels(samples, pipe.cfg.num_classes)
     cache_path = os.path.join(pipe.run_dir, f"{stem}_cache.json")
     cache = train.read_json(cache_path, {})
@@ -994,7 +994,8 @@ def refine_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, k_rep
     rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = (gen(repeat=k_repeat[0], lookahead=k_look), fp)
     rows[f"control: repeat {k_repeat[0]}, random pick"] = (gen(repeat=k_repeat[0], random_pick=True), fp)
     rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp + "|pick=stream")
-    w_0 = get_w0(pipe, RealFeatures(pipe), sweep_samples)
+    ref = RealFeatures(pipe)
+    w_0 = get_w0(pipe, ref, sweep_samples)
     for k in k_repeat:                                                  # repeat k costs k x the forwards of T steps
         Tk = k * T
         try:
@@ -1004,7 +1005,7 @@ def refine_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, k_rep
             make_k, fp_k = (lambda Tk=Tk: nat.heuristic_schedule(Tk, ADANAT_TAU2_0, w_0)), ""
             name = f"control: AdaNAT heuristic at T={Tk} (same forwards as repeat {k}; no policy_T{Tk}.pt)"
         rows[name] = ((lambda y, s, Tk=Tk, m=make_k: refined_nat(pipe, y, Tk, m, s)), fp_k)
-    study_table(pipe, rows, samples, f"refine_T{T}", f"Inference-time refinement at T = {T}.")
+    study_table(pipe, ref, rows, samples, f"refine_T{T}", f"Inference-time refinement at T = {T}.")
 
 
 def blend_schedule(pipe: Pipeline, T: int, lam: float):
@@ -1029,7 +1030,7 @@ def blend_study(pipe: Pipeline, samples: int, T: int, lams: list[float], classes
     FID / precision / recall per lam, and for two classes a 4x4 grid per lam side by side."""
     makes = {lam: blend_schedule(pipe, T, lam) for lam in lams}
     rows = {f"lam = {lam:g}": ((lambda y, s, m=m: refined_nat(pipe, y, T, m, s)), fp) for lam, (m, fp) in makes.items()}
-    table = study_table(pipe, rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
+    table = study_table(pipe, RealFeatures(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
     panels = [{"title": key, "series": [{"x": lams, "y": [r[key] for r in table], "color": color,
                                           "band": ([r[key] - r[key + "_sd"] for r in table], [r[key] + r[key + "_sd"] for r in table])}]}
               for key, color in (("fid", (200, 60, 30)), ("precision", (30, 90, 200)), ("recall", (20, 140, 60)))]
@@ -1051,14 +1052,13 @@ def blend_study(pipe: Pipeline, samples: int, T: int, lams: list[float], classes
     print("wrote", path, f"(classes {list(classes)} top to bottom; lam = {', '.join(f'{l:g}' for l in lams)} left to right)")
 
 
-def independent_fid(pipe: Pipeline):
+def independent_fid(pipe: Pipeline, ref: RealFeatures):
     """images -> FID against the test images on featnet2 (another architecture and seed than the
     FID network; stage featnet2): the reward-hacking study's check on an FID-trained policy."""
     if not os.path.exists(os.path.join(pipe.run_dir, "featnet2.pt")):
         raise train.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
                               f"{pipe.run_dir} --stage featnet2")
     net = train.build_model(pipe.run_dir, "featnet2", pipe.device)
-    ref = RealFeatures(pipe)
     mu, sigma = fid.statistics(fid.extract(net, data.to_float(ref.test_images), device=pipe.device)[0])
     return lambda images: fid.fid_from_features(fid.extract(net, images, device=pipe.device)[0], mu, sigma)
 
@@ -1067,7 +1067,8 @@ def hacking_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, per_
     """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
     static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
     FID of the FID network (what the "fid" reward optimised) and of the independent featnet2."""
-    w_0 = get_w0(pipe, RealFeatures(pipe), sweep_samples)
+    ref = RealFeatures(pipe)
+    w_0 = get_w0(pipe, ref, sweep_samples)
     rows = {f"AdaNAT heuristic (w_0={w_0:g})": ((lambda y, s: refined_nat(
         pipe, y, T, lambda: nat.heuristic_schedule(T, ADANAT_TAU2_0, w_0), s)), "")}
     for reward_name, kind in itertools.product(train.PI_REWARDS, ("policy", "static")):
@@ -1078,10 +1079,10 @@ def hacking_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, per_
     if len(rows) == 1:
         raise train.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
                               f"--reward fid (and fixed, adversarial; --stage static too)")
-    indep = independent_fid(pipe)
+    indep = independent_fid(pipe, ref)
     fp2 = f"|{train.fingerprint(pipe.run_dir, ('featnet2',))}"                 # a retrained featnet2: measured again
     rows = {name: (fn, suffix + fp2) for name, (fn, suffix) in rows.items()}
-    study_table(pipe, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.", indep=indep)
+    study_table(pipe, ref, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.", indep=indep)
     K = pipe.cfg.num_classes
     labels = torch.arange(K).repeat_interleave(per_class)
     C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size

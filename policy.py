@@ -45,20 +45,31 @@ EPS = 1e-3                               # heuristics are clamped into (EPS, 1-E
 
 @dataclass(frozen=True)
 class ActionSpec:
-    """The knobs of one step: names and squashing ("sigmoid" -> (0, 1), "softplus" -> (0, inf))."""
+    """The knobs of one step: names and squashing ("sigmoid" -> (0, 1), "softplus" -> (0, inf)),
+    and the knobs that change nothing at the last step (`dead_last`: the NAT's m, forced to 0, and
+    tau2, with nothing left to rank; the ODE sampler's f, since t' = 0 there)."""
     names: tuple
     squash: tuple
+    dead_last: tuple = ()
 
     @property
     def dim(self) -> int:
         return len(self.names)
 
+    def active(self, T: int, device=None) -> torch.Tensor:
+        """(T, D) bool: which knobs of which step act on the generation. Dead ones get no
+        exploration noise and stay out of the log-probabilities, the entropy and the anchor."""
+        mask = torch.ones(T, self.dim, dtype=torch.bool, device=device)
+        for name in self.dead_last:
+            mask[T - 1, self.names.index(name)] = False
+        return mask
+
     def is_sigmoid(self, device=None) -> torch.Tensor:
         return torch.tensor([s == "sigmoid" for s in self.squash], device=device)
 
 
-NAT_ACTIONS = ActionSpec(("m", "tau1", "tau2", "w"), ("sigmoid", "softplus", "softplus", "softplus"))
-FLOW_ACTIONS = ActionSpec(("f", "w"), ("sigmoid", "softplus"))      # samplers.py: t' = t (1 - f), guidance w
+NAT_ACTIONS = ActionSpec(("m", "tau1", "tau2", "w"), ("sigmoid", "softplus", "softplus", "softplus"), ("m", "tau2"))
+FLOW_ACTIONS = ActionSpec(("f", "w"), ("sigmoid", "softplus"), ("f",))   # samplers.py: t' = t (1 - f), guidance w
 ACTIONS = NAT_ACTIONS.names             # column order of nat.heuristic_table and of every (.., 4) NAT tensor
 
 
@@ -77,14 +88,16 @@ def inverse_activation(a: torch.Tensor, spec: ActionSpec = NAT_ACTIONS) -> torch
     return torch.where(spec.is_sigmoid(a.device), torch.log(p) - torch.log1p(-p), q + torch.log(-torch.expm1(-q)))
 
 
-def gaussian_logp(a: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
-    """log N(a; mu, sigma^2 I) summed over the last dim: (B, D), (B, D) -> (B,)."""
-    D = a.shape[-1]
-    return -((a - mu) ** 2).sum(-1) / (2 * sigma ** 2) - D * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+def gaussian_logp(a: torch.Tensor, mu: torch.Tensor, sigma: float, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log N(a; mu, sigma^2 I) summed over the last dim: (B, D), (B, D) -> (B,); with `active`
+    (B, D) bool, over the active dimensions only (the density of the knobs that act)."""
+    w = torch.ones_like(a) if active is None else active.to(a.dtype)
+    D = w.sum(-1)                                                       # (B,) active dimensions
+    return -(w * (a - mu) ** 2).sum(-1) / (2 * sigma ** 2) - D * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
 
 
-def gaussian_entropy(sigma: float, D: int = len(ACTIONS)) -> float:
-    """Entropy of N(mu, sigma^2 I_D): D (1/2 + 1/2 log 2 pi + log sigma)."""
+def gaussian_entropy(sigma: float, D=len(ACTIONS)):
+    """Entropy of N(mu, sigma^2 I_D): D (1/2 + 1/2 log 2 pi + log sigma); D an int or a (B,) tensor."""
     return D * (0.5 + 0.5 * math.log(2 * math.pi) + math.log(sigma))
 
 
@@ -171,9 +184,10 @@ class PolicySchedule:
 
     For nat.generate the actions are (m, tau1, tau2, w); for samplers.sample, `to_step` turns
     the executed (B, 2) actions [f, w] into (t_next, w) (to_step(t, state, a) -> tuple; by
-    default the columns of a). sigma > 0 samples o_t ~ N(eta(s_t), sigma^2) (training
-    rollouts), sigma = 0 takes the mean. With `record` a list, each step appends (features, t,
-    o, logp) for PPO. Resets its EMA at t = 0. state needs only `.features` (B, N, C).
+    default the columns of a). sigma > 0 samples o_t ~ N(eta(s_t), sigma^2) on the knobs that
+    act at step t (spec.active; the others take the mean) for training rollouts, sigma = 0 takes
+    the mean. With `record` a list, each step appends (features, t, o, logp) for PPO. Resets
+    its EMA at t = 0. state needs only `.features` (B, N, C).
     """
 
     def __init__(self, policy: nn.Module, h_pre: torch.Tensor, sigma: float = 0.0, beta_ema: float = 0.0,
@@ -195,9 +209,10 @@ class PolicySchedule:
         mu = self.policy(feats, tt)                                     # (B, D)
         o = mu
         if self.sigma > 0:
-            o = mu + self.sigma * torch.randn(mu.shape, device=mu.device, generator=self.generator)
+            active = self.spec.active(len(self.h_pre), mu.device)[tt]   # (B, D)
+            o = mu + self.sigma * torch.randn(mu.shape, device=mu.device, generator=self.generator) * active
         if self.record is not None:
-            self.record.append((feats, tt, o, gaussian_logp(o, mu, self.sigma) if self.sigma > 0 else None))
+            self.record.append((feats, tt, o, gaussian_logp(o, mu, self.sigma, active) if self.sigma > 0 else None))
         if self.base is not None:                                       # policy = the fidelity policy
             o = blend(self.base(feats, tt), o, self.lam)
         if t == 0:

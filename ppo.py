@@ -10,7 +10,11 @@ A_t = R_hat - V_old(s_t) (no GAE: one terminal reward). The loss:
 
 `ppo_update` runs K epochs over shuffled minibatches and stops early when the approximate
 KL, mean((rho - 1) - log rho) (Schulman's k3 estimator, as CleanRL logs it), passes
-`target_kl`. Health statistics: approx_kl, clipfrac, explained variance, entropy.
+`target_kl`. Health statistics: approx_kl, clipfrac, explained variance, entropy. `evaluate`
+may return a fourth term, a penalty added to the loss as it is (e.g. an anchor
+c ||eta(s)||^2 that keeps a residual policy near its start; logged as "penalty").
+`normalise(R, floor)` divides by max(std R, floor): with a floor, a batch whose rewards barely
+differ (a weak discriminator) takes a small step instead of one as large as a strong signal's.
 
 Usage:
     R_hat = normalise(R)                                              # (B,) terminal rewards
@@ -40,9 +44,9 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, 
     return loss, stats
 
 
-def normalise(R: torch.Tensor) -> torch.Tensor:
-    """(R - mean) / std over the batch (the returns PPO regresses and the advantages build on)."""
-    return (R - R.mean()) / (R.std() + 1e-8)
+def normalise(R: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """(R - mean) / max(std, floor) over the batch (the returns PPO regresses and the advantages build on)."""
+    return (R - R.mean()) / (R.std().clamp_min(floor) + 1e-8)
 
 
 def explained_variance(value: torch.Tensor, ret: torch.Tensor) -> float:
@@ -54,13 +58,15 @@ def explained_variance(value: torch.Tensor, ret: torch.Tensor) -> float:
 def ppo_update(evaluate: Callable, logp_old: torch.Tensor, adv: torch.Tensor, ret: torch.Tensor,
                optimizer: torch.optim.Optimizer, params: list, epochs: int = 5, minibatches: int = 1,
                target_kl: Optional[float] = 0.02, clip: float = 0.2, vf_coef: float = 0.5,
-               ent_coef: float = 0.01, max_grad_norm: float = 1.0,
+               ent_coef: float = 0.01, max_grad_norm: Optional[float] = 1.0,
                generator: Optional[torch.Generator] = None,
                mean_over_ranks: Callable[[float], float] = lambda x: x) -> dict:
     """K epochs of minibatch PPO over n transitions; returns the last minibatch's stats plus
     `epochs_run` and `stopped_early`.
 
-    evaluate(idx (n',) long) -> (logp_new, value, entropy), each (n',), with gradients.
+    evaluate(idx (n',) long) -> (logp_new, value, entropy), each (n',), with gradients, or
+    (logp_new, value, entropy, penalty) with a scalar penalty added to the loss.
+    target_kl, max_grad_norm: None (or 0) turns the KL stop and the gradient clip off.
     Data-parallel (each rank its own n transitions, gradients averaged by DDP):
     mean_over_ranks averages a float over the ranks, so the target-KL stop is decided on the
     global approx_kl, the same on every rank, and the stats returned are global."""
@@ -73,16 +79,19 @@ def ppo_update(evaluate: Callable, logp_old: torch.Tensor, adv: torch.Tensor, re
         kls = []
         for i in range(0, n, size):
             idx = perm[i:i + size]
-            logp_new, value, entropy = evaluate(idx)
+            logp_new, value, entropy, *penalty = evaluate(idx)
             loss, stats = ppo_loss(logp_new, logp_old[idx], adv[idx], value, ret[idx], entropy, clip, vf_coef, ent_coef)
+            if penalty:
+                loss = loss + penalty[0]
+                stats["penalty"] = penalty[0].item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
             optimizer.step()
             kls.append(stats["approx_kl"])
         epochs_run += 1
         kl = mean_over_ranks(sum(kls) / len(kls))
-        if target_kl is not None and kl > target_kl:
+        if target_kl and kl > target_kl:
             stopped = True
             break
     stats = {k: mean_over_ranks(v) for k, v in stats.items() if k != "approx_kl"}

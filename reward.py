@@ -5,23 +5,26 @@ the discriminator as the ranker of repeated sampling (§III-F1, Algorithm 2).
 A GAN discriminator trained at the same time as the policy, so the reward keeps moving and
 the policy cannot overfit it (a fixed FID or classifier reward gets hacked). Following
 StyleGAN-T / Projected GAN, D is small trainable heads on the feature maps of a *frozen*
-pretrained backbone (here a callable, e.g. the project's VQ encoder, never the FID feature
+pretrained backbone (a callable; here a separately trained classifier, never the FID feature
 network), one logit per spatial position per head, with a class projection:
 
     logit_{h,p} = phi_h(F_h(x))_p + <psi_h(F_h(x))_p, e(y)> / sqrt(d)      (per head h, position p)
-    L_D = mean softplus(-logit(real)) + mean softplus(logit(fake))         (non-saturating BCE)
-    r(x, y) = sigmoid(mean_{h,p} logit_{h,p})                              (the policy's reward)
+    L_D = 1/H sum_h [mean_p softplus(-logit_h(real)) + mean_p softplus(logit_h(fake))]   (non-saturating BCE)
+    r(x, y) = sigmoid(1/H sum_h mean_p logit_{h,p})                        (the policy's reward, per sample)
 
+Every head weighs the same in the loss and the reward, whatever its number of positions (a
+16x16 map would otherwise outvote a 4x4 one 16 to 1). D's reals are real training images.
 Heads: spectral-normalised 1x1 conv -> LeakyReLU(0.2) -> residual spectral-normalised 3x3
-conv -> LeakyReLU, then the 1x1 logit and projection convs. Real and fake images both pass
-through differentiable augmentation (DiffAugment: translation by up to 1/8 of the size and
-a cutout of half the size) before the backbone, so D cannot memorise the real set.
+conv -> LeakyReLU, then the 1x1 logit and projection convs. Score with D in eval mode (in
+training mode every forward also advances the spectral norms' power iteration). Real and fake
+images can pass through differentiable augmentation (DiffAugment: translation by up to 1/8 of
+the size and a cutout of half the size) before the backbone, so D cannot memorise the real set.
 
 Usage:
     D = ProjectedDiscriminator(channels=[24, 48, 32], num_classes=10)
     feats = backbone(diff_augment(x, g))                 # list of (B, C_h, H_h, W_h)
     loss = d_loss(D(backbone(aug(real)), y_r), D(backbone(aug(fake)), y_f)); loss.backward()
-    r = reward(D(backbone(fake), y))                     # (B,) in (0, 1)
+    D.eval(); r = reward(D(backbone(fake), y))           # (B,) in (0, 1)
 """
 import math
 from typing import Optional
@@ -53,26 +56,36 @@ class Head(nn.Module):
 
 
 class ProjectedDiscriminator(nn.Module):
-    """Heads on several depths of a frozen backbone: features list -> all logits (B, P)."""
+    """Heads on several depths of a frozen backbone: features list -> per-head logits [(B, P_h)]."""
 
     def __init__(self, channels: list[int], num_classes: int, width: int = 64, cmap_dim: int = 32):
         super().__init__()
         self.heads = nn.ModuleList(Head(C, num_classes, width, cmap_dim) for C in channels)
 
-    def forward(self, features: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
         if len(features) != len(self.heads):
             raise ValueError(f"the backbone gave {len(features)} feature maps, the discriminator has {len(self.heads)} heads")
-        return torch.cat([h(f, labels) for h, f in zip(self.heads, features)], dim=1)
+        return [h(f, labels) for h, f in zip(self.heads, features)]
 
 
-def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Non-saturating BCE over every position logit: softplus(-real) + softplus(fake)."""
-    return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+def rows(logits: list[torch.Tensor], idx) -> list[torch.Tensor]:
+    """The same rows (a slice or an index tensor) of every head's logits."""
+    return [l[idx] for l in logits]
 
 
-def reward(logits: torch.Tensor) -> torch.Tensor:
-    """(B, P) logits -> (B,) reward sigmoid(mean logit), the probability D gives to 'real'."""
-    return torch.sigmoid(logits.mean(1))
+def score(logits: list[torch.Tensor]) -> torch.Tensor:
+    """[(B, P_h)] per-head position logits -> (B,) D's score: the mean over heads of each head's mean logit."""
+    return torch.stack([l.float().mean(1) for l in logits], 1).mean(1)
+
+
+def d_loss(logits_real: list[torch.Tensor], logits_fake: list[torch.Tensor]) -> torch.Tensor:
+    """Non-saturating BCE over every position logit, softplus(-real) + softplus(fake), each head weighted equally."""
+    return sum(F.softplus(-r).mean() + F.softplus(f).mean() for r, f in zip(logits_real, logits_fake)) / len(logits_real)
+
+
+def reward(logits: list[torch.Tensor]) -> torch.Tensor:
+    """[(B, P_h)] logits -> (B,) reward sigmoid(score), the probability D gives to 'real'."""
+    return torch.sigmoid(score(logits))
 
 
 def fidelity_reward(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -93,9 +106,9 @@ def best_of(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.arange(n, device=scores.device) * k + scores.view(n, k).argmax(1)
 
 
-def accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> float:
-    """Fraction of images D classifies right (mean logit > 0 means 'real'), reals and fakes equally weighted."""
-    return 0.5 * ((logits_real.mean(1) > 0).float().mean() + (logits_fake.mean(1) < 0).float().mean()).item()
+def accuracy(logits_real: list[torch.Tensor], logits_fake: list[torch.Tensor]) -> float:
+    """Fraction of images D classifies right (score > 0 means 'real'), reals and fakes equally weighted."""
+    return 0.5 * ((score(logits_real) > 0).float().mean() + (score(logits_fake) < 0).float().mean()).item()
 
 
 def diff_augment(x: torch.Tensor, generator: Optional[torch.Generator] = None, shift: float = 0.125,
@@ -135,6 +148,7 @@ if __name__ == "__main__":
     for step in range(100):
         loss = d_loss(D(backbone(diff_augment(real)), y), D(backbone(diff_augment(fake)), y))
         opt.zero_grad(); loss.backward(); opt.step()
+    D.eval()
     with torch.no_grad():
         acc = accuracy(D(backbone(real), y), D(backbone(fake), y))
     print(f"D loss {loss.item():.3f}, accuracy {acc:.2f}")

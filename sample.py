@@ -220,41 +220,74 @@ def plot_training(history: list[dict], path: str, name: str) -> None:
 
 
 class RealFeatures:
-    """Feature-network features of real images: the 10 000 test images and 10 000 training images.
+    """Feature-network features of real images: the 10 000 test images and 10 000 training images;
+    and the two references every table adds beside FID against the test images: FID against the
+    tokenizer's reconstructions of the test images (`recon_*`; a generator that matched the token
+    distribution exactly would score 0 there) and FID on the independent network featnet2
+    (`net2`, `test2_*`, `train2_*`; when featnet2.pt is trained).
 
-    Cached in <run_dir>/fid_ref.pt, keyed by the feature network's fingerprint."""
+    Cached in <run_dir>/fid_ref.pt, keyed by the fingerprints of the networks involved."""
 
     def __init__(self, pipe: Pipeline):
         path = os.path.join(pipe.run_dir, "fid_ref.pt")
-        key = train.fingerprint(pipe.run_dir, ("featnet",))
+        done = lambda s: os.path.exists(os.path.join(pipe.run_dir, f"{s}.pt")) and train.load_ckpt(
+            os.path.join(pipe.run_dir, f"{s}.pt")).get("done")
+        nets = tuple(s for s in ("featnet", "vq", "featnet2") if s == "featnet" or done(s))
+        key = train.fingerprint(pipe.run_dir, nets)
         try:
             cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
         except Exception:
             cached = None                                                  # unreadable cache: recompute
+        self.net2 = train.build_model(pipe.run_dir, "featnet2", pipe.device) if "featnet2" in nets else None
         if cached is None or cached.get("key") != key:
-            c = pipe.config
-            x_test, y_test, _ = data.load_dataset(c["data"], "test", c["img_size"], c["channels"], c["seed"])
-            x_train, y_train, _ = data.load_dataset(c["data"], "train", c["img_size"], c["channels"], c["seed"])
-            pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]
-            test_feats, _ = fid.extract(pipe.featnet, data.to_float(x_test), device=pipe.device)
-            train_feats, train_logits = fid.extract(pipe.featnet, data.to_float(x_train[pick]), device=pipe.device)
-            cached = {"key": key, "test_images": x_test, "test_labels": y_test, "test_feats": test_feats,
-                      "train_feats": train_feats, "train_correct": train_logits.argmax(1) == y_train[pick]}
+            cached = self._compute(pipe, key, nets)
             train.save_ckpt(path, cached)
         self.test_images, self.test_labels = cached["test_images"], cached["test_labels"]   # uint8, long
         self.test_feats, self.train_feats = cached["test_feats"], cached["train_feats"]     # (N, D)
         self.train_correct = cached["train_correct"]                                        # (N,) bool
         self.device = pipe.device                                          # where precision / recall run
+        self.key = key
         self.test_mu, self.test_sigma = fid.statistics(self.test_feats)
         self.train_mu, self.train_sigma = fid.statistics(self.train_feats)
+        stats = lambda k: fid.statistics(cached[k]) if k in cached else (None, None)
+        self.recon_mu, self.recon_sigma = stats("recon_feats")
+        self.test2_mu, self.test2_sigma = stats("test2_feats")
+        self.train2_mu, self.train2_sigma = stats("train2_feats")
+
+    def _compute(self, pipe, key: str, nets: tuple) -> dict:
+        c = pipe.config
+        x_test, y_test, _ = data.load_dataset(c["data"], "test", c["img_size"], c["channels"], c["seed"])
+        x_train, y_train, _ = data.load_dataset(c["data"], "train", c["img_size"], c["channels"], c["seed"])
+        pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]
+        test, train_x = data.to_float(x_test), data.to_float(x_train[pick])
+        test_feats, _ = fid.extract(pipe.featnet, test, device=pipe.device)
+        train_feats, train_logits = fid.extract(pipe.featnet, train_x, device=pipe.device)
+        out = {"key": key, "test_images": x_test, "test_labels": y_test, "test_feats": test_feats,
+               "train_feats": train_feats, "train_correct": train_logits.argmax(1) == y_train[pick]}
+        if "vq" in nets:                                                   # the tokenizer's reconstructions of test
+            vq = getattr(pipe, "vq", None) or train.build_model(pipe.run_dir, "vq", pipe.device)
+            with torch.no_grad():
+                recon = torch.cat([vq.detokenize(vq.tokenize(test[i:i + 500].to(pipe.device))).float().cpu()
+                                   for i in range(0, len(test), 500)])
+            out["recon_feats"] = fid.extract(pipe.featnet, recon, device=pipe.device)[0]
+        if self.net2 is not None:
+            out["test2_feats"] = fid.extract(self.net2, test, device=pipe.device)[0]
+            out["train2_feats"] = fid.extract(self.net2, train_x, device=pipe.device)[0]
+        return out
 
 
 def metrics(pipe: Pipeline, ref: RealFeatures, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """FID / precision / recall against the test images, and conditional accuracy."""
+    """FID / precision / recall against the test images and conditional accuracy; FID against the
+    tokenizer's reconstructions of the test images ("fid_recon") and on featnet2 ("fid2") when there are."""
     feats, logits = fid.extract(pipe.featnet, images, device=pipe.device)
     P, R = fid.precision_recall(ref.test_feats, feats, k=3, device=ref.device)
-    return {"fid": fid.fid_from_features(feats, ref.test_mu, ref.test_sigma),
-            "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
+    out = {"fid": fid.fid_from_features(feats, ref.test_mu, ref.test_sigma),
+           "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
+    if ref.recon_mu is not None:
+        out["fid_recon"] = fid.fid_from_features(feats, ref.recon_mu, ref.recon_sigma)
+    if ref.net2 is not None:
+        out["fid2"] = fid.fid_from_features(fid.extract(ref.net2, images, device=pipe.device)[0], ref.test2_mu, ref.test2_sigma)
+    return out
 
 
 def candidate_fids(pipe: Pipeline, ref: RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -378,11 +411,34 @@ def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int], sweep_samples: i
     return rows
 
 
+METRIC_KEYS = ("fid", "fid_recon", "fid2", "precision", "recall", "cond_acc")
+
+
+REF_NOTE = ("; FID vs recon: against the tokenizer's reconstructions of the test images (the schedule's effect "
+            "without the tokenizer's); featnet2: FID on the independent feature network")
+
+
+def metric_head(ref: "RealFeatures") -> str:
+    """The metric columns of every table: FID vs test, vs the tokenizer's reconstructions, on featnet2, P, R, acc."""
+    return ("FID | " + ("FID vs recon | " if ref.recon_mu is not None else "") +
+            ("featnet2 FID | " if ref.net2 is not None else "") + "precision | recall | cond. acc. |")
+
+
+def metric_cells(r: dict, ref: "RealFeatures") -> str:
+    """One row's metric cells for metric_head (mean ± sd when the row has an sd)."""
+    v = lambda k: f"{r[k]:.2f} ± {r[k + '_sd']:.2f}" if k + "_sd" in r else (f"{r[k]:.2f}" if k in r else "–")
+    return (f"{v('fid')} | " + (f"{v('fid_recon')} | " if ref.recon_mu is not None else "") +
+            (f"{v('fid2')} | " if ref.net2 is not None else "") +
+            f"{r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} |")
+
+
 def seed_summary(runs: list[dict], actions: tuple) -> dict:
     """Mean and sd over the seeds' results of each metric; a policy's per-step action spread
     (from the first seed)."""
     row = {}
-    for k in ("fid", "precision", "recall", "cond_acc", "images_per_s"):
+    for k in (*METRIC_KEYS, "images_per_s"):
+        if not all(k in r for r in runs):
+            continue
         v = np.array([r[k] for r in runs])
         row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
     if "actions_sd" in runs[0]:
@@ -405,10 +461,15 @@ def measure(pipe, ref: "RealFeatures", labels: torch.Tensor, sched, generate, to
 
 
 def train_reference(ref: "RealFeatures", n: int) -> dict:
-    """The metric's own noise: n real training images against the test set."""
+    """The metric's own noise: n real training images against the test set (and its reconstructions, featnet2)."""
     P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3, device=ref.device)
-    return {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
-            "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
+    out = {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
+           "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
+    if ref.recon_mu is not None:
+        out["fid_recon"] = fid.fid_from_features(ref.train_feats[:n], ref.recon_mu, ref.recon_sigma)
+    if ref.net2 is not None:
+        out["fid2"] = fid.frechet_distance(ref.train2_mu, ref.train2_sigma, ref.test2_mu, ref.test2_sigma)
+    return out
 
 
 def time_round_robin(fns: list, device: torch.device, repeats: int) -> dict:
@@ -435,8 +496,8 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     rows = schedule_rows(pipe, w_0, steps, sweep_samples)
     cache_path = os.path.join(pipe.run_dir, "eval_cache.json")
     cache = train.read_json(cache_path, {})
-    if cache.get("fingerprint") != pipe.eval_key:
-        cache = {"fingerprint": pipe.eval_key}                         # other weights, device or chunking: start over
+    if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
+        cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}          # other weights, device or chunking: start over
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = balanced_labels(samples, pipe.cfg.num_classes)
 
@@ -475,14 +536,14 @@ def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int)
     train.write_json(os.path.join(pipe.run_dir, "eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint,
                       "device": str(pipe.device), "nat_params": sum(p.numel() for p in pipe.net.parameters())})
+    head = f"| schedule | T | {metric_head(ref)} images/s |"
     md = [f"{samples} samples per row and seed, seeds {list(EVAL_SEEDS)}; FID, precision and recall against the "
-          f"{n} test images in this run's feature space; images/s on {pipe.device} (generation only).", "",
-          "| schedule | T | FID | precision | recall | cond. acc. | images/s |", "|---|---|---|---|---|---|---|"]
+          f"{n} test images in this run's feature space{REF_NOTE}; images/s on {pipe.device} (generation only).", "",
+          head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in refs.items():
-        md.append(f"| {name} | – | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} | – |")
+        md.append(f"| {name} | – | {metric_cells(r, ref)} – |")
     for r in table:
-        md.append(f"| {r['schedule']} | {r['T']} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | {r['precision']:.3f} | "
-                  f"{r['recall']:.3f} | {r['cond_acc']:.3f} | {r['images_per_s']:.0f} |")
+        md.append(f"| {r['schedule']} | {r['T']} | {metric_cells(r, ref)} {r['images_per_s']:.0f} |")
     write_text(os.path.join(pipe.run_dir, "eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
 
@@ -728,8 +789,8 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
     rows = flow_rows(pipe, w_0, nfes)
     cache_path = os.path.join(pipe.run_dir, f"{name_}_eval_cache.json")
     cache = train.read_json(cache_path, {})
-    if cache.get("fingerprint") != pipe.eval_key:
-        cache = {"fingerprint": pipe.eval_key}
+    if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
+        cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = balanced_labels(samples, pipe.cfg.num_classes)
     refs = {"real training images vs test": train_reference(ref, n)}
@@ -753,15 +814,14 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
     table.sort(key=lambda r: r["nfe_budget"])
     train.write_json(os.path.join(pipe.run_dir, f"{name_}_eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint, "device": str(pipe.device)})
+    head = f"| schedule | T | NFE | {metric_head(ref)} images/s |"
     md = [f"{name_} path: {samples} samples per row and seed, seeds {list(EVAL_SEEDS)}; FID, precision and recall against "
-          f"the {n} test images; NFE = network evaluations per image (a guided pair in one batch counts as one); "
-          f"images/s on {pipe.device}.", "",
-          "| schedule | T | NFE | FID | precision | recall | cond. acc. | images/s |", "|---|---|---|---|---|---|---|---|"]
+          f"the {n} test images{REF_NOTE}; NFE = network evaluations per image (a guided pair in one batch counts as one); "
+          f"images/s on {pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in refs.items():
-        md.append(f"| {name} | – | – | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} | – |")
+        md.append(f"| {name} | – | – | {metric_cells(r, ref)} – |")
     for r in table:
-        md.append(f"| {r['schedule']} | {r['T']} | {r['nfe']:g} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | {r['precision']:.3f} | "
-                  f"{r['recall']:.3f} | {r['cond_acc']:.3f} | {r['images_per_s']:.0f} |")
+        md.append(f"| {r['schedule']} | {r['T']} | {r['nfe']:g} | {metric_cells(r, ref)} {r['images_per_s']:.0f} |")
     write_text(os.path.join(pipe.run_dir, f"{name_}_eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
 
@@ -859,7 +919,7 @@ class Refiner:
     next states of a NAT step (look-ahead, nat.generate). Both are the checkpoint's last weights
     (the policy's are its best by training FID)."""
 
-    def __init__(self, pipe, file: str):
+    def __init__(self, pipe, file: str, disc: str = "disc"):
         path = os.path.join(pipe.run_dir, f"{file}.pt")
         if not os.path.exists(path):
             raise train.UserError(f"{path} not found: refinement uses a trained policy's discriminator and critic; "
@@ -870,7 +930,10 @@ class Refiner:
         self.V.to(pipe.device).eval()
         self.backbone, channels = train.classifier_backbone(train.build_model(pipe.run_dir, "backbone", pipe.device))
         self.D = reward.ProjectedDiscriminator(channels, pipe.cfg.num_classes)
-        self.D.load_state_dict(ck["disc"])
+        if disc not in ck:
+            raise train.UserError(f"{path} has no {disc!r}: the discriminator after its warm-up is kept from this "
+                                  f"version on; retrain that policy (delete the file)")
+        self.D.load_state_dict(ck[disc])
         self.D.to(pipe.device).eval()
         self.device = pipe.device
 
@@ -885,6 +948,73 @@ class Refiner:
     def value(self, features: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """V(s_t) of states seen through the generator's features (B, N, C), t (B,) -> (B,)."""
         return self.V(features, t).float()
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation of two equal-length sequences (ties: their order of appearance)."""
+    rank = lambda v: np.argsort(np.argsort(np.asarray(v, dtype=float), kind="stable"), kind="stable").astype(float)
+    return float(np.corrcoef(rank(x), rank(y))[0, 1])
+
+
+def perturbed(table: torch.Tensor, seed: int, scale: float = 0.5) -> torch.Tensor:
+    """A (T, 4) schedule moved by fixed Gaussian noise of sd `scale` in pre-activation space on
+    the knobs that act (policy.NAT_ACTIONS.active): a nearby schedule that exploration could reach."""
+    T = table.shape[0]
+    noise = torch.randn(T, 4, generator=torch.Generator().manual_seed(seed)) * policy.NAT_ACTIONS.active(T)
+    return policy.activation(policy.inverse_activation(table) + scale * noise)
+
+
+def reward_check(pipe: Pipeline, samples: int, sweep_samples: int, T: int = 4) -> dict:
+    """reward_check.md / .json: before PPO is spent on the reward, does it rank schedules as FID does?
+    Eight fixed T-step schedules (MaskGIT, AdaNAT's heuristic, the searched table and the searched
+    family, and one perturbation of each), `samples` images each (seed 1, balanced labels), scored by
+    the discriminator of policy_T{T}.pt as it was after its warm-up, and measured by FID against
+    training-set statistics on the FID network and on featnet2, precision and recall (against the
+    training features). Reports Spearman rho(mean reward, -FID) per network and rho(FID, FID2)."""
+    ref = RealFeatures(pipe)
+    if ref.net2 is None:
+        raise train.UserError(f"the reward check measures FID on two networks: train featnet2 with python train.py "
+                              f"--run-dir {pipe.run_dir} --stage featnet2")
+    w_0 = get_w0(pipe, ref, sweep_samples)
+    tables = {"MaskGIT": nat.heuristic_table(T, **MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})":
+              nat.heuristic_table(T, ADANAT_TAU2_0, w_0)}
+    for name, stage in (("search", "search"), ("param", "param-search")):
+        found = searched_table(pipe, name, T)
+        if found is None:
+            raise train.UserError(f"the reward check compares the searched schedules too: run python train.py --run-dir "
+                                  f"{pipe.run_dir} --stage {stage} --set search_T={T}")
+        tables[SEARCH_ROWS[name]] = found[0].float()
+    for i, (name, table) in enumerate(list(tables.items())):
+        tables[f"{name}, perturbed"] = perturbed(table, seed=i)
+    scorer = Refiner(pipe, train.policy_file("policy", "heuristic", T), disc="disc_warmup")
+    labels = balanced_labels(samples, pipe.cfg.num_classes)
+    rows = []
+    for name, table in tqdm(tables.items(), desc="reward check", disable=not train.DIST.main):
+        images = pipe.decode(pipe.generate(labels, T, nat.table_schedule(table), seed=1))
+        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
+        P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
+        rows.append({"schedule": name, "table": table.tolist(), "reward": scorer.score(images, labels).mean().item(),
+                     "fid": fid.fid_from_features(feats, ref.train_mu, ref.train_sigma),
+                     "fid2": fid.fid_from_features(fid.extract(ref.net2, images, device=pipe.device)[0],
+                                                   ref.train2_mu, ref.train2_sigma), "precision": P, "recall": R})
+    rho = {"featnet": spearman([r["reward"] for r in rows], [-r["fid"] for r in rows]),
+           "featnet2": spearman([r["reward"] for r in rows], [-r["fid2"] for r in rows])}
+    out = {"T": T, "samples": samples, "rows": rows, "spearman": rho,
+           "spearman_fid_fid2": spearman([r["fid"] for r in rows], [r["fid2"] for r in rows]),
+           "d_acc_warmup": train.load_ckpt(os.path.join(pipe.run_dir, f"{train.policy_file('policy', 'heuristic', T)}.pt"))
+           .get("d_acc_warmup"), "fingerprint": pipe.fingerprint}
+    train.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
+    md = [f"Reward check at T = {T}: {samples} samples per schedule (seed 1); the discriminator of policy_T{T}.pt after its "
+          f"warm-up (held-out accuracy {out['d_acc_warmup']}); FID against training-set statistics on the FID network "
+          f"and on featnet2; precision and recall against training features.", "",
+          "| schedule | mean reward | FID | featnet2 FID | precision | recall |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['schedule']} | {r['reward']:.4f} | {r['fid']:.2f} | {r['fid2']:.2f} | {r['precision']:.3f} | "
+           f"{r['recall']:.3f} |" for r in rows]
+    md += ["", f"Spearman rho(mean reward, -FID): FID network {rho['featnet']:.3f}, featnet2 {rho['featnet2']:.3f}; "
+               f"rho(FID, featnet2 FID) = {out['spearman_fid_fid2']:.3f}."]
+    write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return out
 
 
 def refine(make_images, labels: torch.Tensor, repeat: int, score_fn) -> torch.Tensor:
@@ -917,16 +1047,14 @@ def refined_nat(pipe: Pipeline, labels: torch.Tensor, T: int, make, seed: int, r
     return images, train.all_sum(pipe.forwards - before) / len(labels)
 
 
-def study_table(pipe: Pipeline, ref: RealFeatures, rows: dict, samples: int, stem: str, note: str,
-                indep=None) -> list[dict]:
+def study_table(pipe: Pipeline, ref: RealFeatures, rows: dict, samples: int, stem: str, note: str) -> list[dict]:
     """Evaluate rows {name: (fn(labels, seed) -> (images, forwards per image), cache suffix)} over
-    EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md.
-    indep: images -> FID on the independent feature network (a column of its own)."""
+    EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md."""
     labels = balanced_labels(samples, pipe.cfg.num_classes)
     cache_path = os.path.join(pipe.run_dir, f"{stem}_cache.json")
     cache = train.read_json(cache_path, {})
-    if cache.get("fingerprint") != pipe.eval_key:
-        cache = {"fingerprint": pipe.eval_key}
+    if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
+        cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}
     bar = tqdm([(name, s) for name in rows for s in EVAL_SEEDS], desc=stem, disable=not train.DIST.main)
     for name, s in bar:
         fn, suffix = rows[name]
@@ -934,34 +1062,23 @@ def study_table(pipe: Pipeline, ref: RealFeatures, rows: dict, samples: int, ste
         if key not in cache:
             t0 = time.time()
             images, forwards = fn(labels, s)
-            res = {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
-                   **metrics(pipe, ref, images, labels)}
-            if indep is not None:
-                res["fid_indep"] = indep(images)
-            cache[key] = res
+            cache[key] = {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
+                          **metrics(pipe, ref, images, labels)}
             train.write_json(cache_path, cache)
         bar.set_postfix(fid=f"{cache[key]['fid']:.2f}")
     table = []
     for name, (_, suffix) in rows.items():
         runs = [cache[f"{name}|seed{s}|{samples}{suffix}"] for s in EVAL_SEEDS]
-        row = {"schedule": name, "samples": samples, "seeds": list(EVAL_SEEDS), **seed_summary(runs, ()),
-               "forwards": runs[0]["forwards"]}
-        if indep is not None:
-            v = np.array([r["fid_indep"] for r in runs])
-            row["fid_indep"], row["fid_indep_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-        table.append(row)
+        table.append({"schedule": name, "samples": samples, "seeds": list(EVAL_SEEDS), **seed_summary(runs, ()),
+                      "forwards": runs[0]["forwards"]})
     train.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
                                                                    "device": str(pipe.device)})
-    head = "| schedule | FID | " + ("FID (independent net) | " if indep else "") + \
-           "precision | recall | cond. acc. | forwards/image | images/s |"
+    head = f"| schedule | {metric_head(ref)} forwards/image | images/s |"
     md = [f"{note} {samples} samples per row and seed, seeds {list(EVAL_SEEDS)}; FID, precision and recall against the "
-          f"test images; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
+          f"test images{REF_NOTE}; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
           f"{pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in table:
-        md.append(f"| {r['schedule']} | {r['fid']:.2f} ± {r['fid_sd']:.2f} | " +
-                  (f"{r['fid_indep']:.2f} ± {r['fid_indep_sd']:.2f} | " if indep else "") +
-                  f"{r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} | {r['forwards']:.1f} | "
-                  f"{r['images_per_s']:.1f} |")
+        md.append(f"| {r['schedule']} | {metric_cells(r, ref)} {r['forwards']:.1f} | {r['images_per_s']:.1f} |")
     write_text(os.path.join(pipe.run_dir, f"{stem}.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return table
@@ -1052,17 +1169,6 @@ def blend_study(pipe: Pipeline, samples: int, T: int, lams: list[float], classes
     print("wrote", path, f"(classes {list(classes)} top to bottom; lam = {', '.join(f'{l:g}' for l in lams)} left to right)")
 
 
-def independent_fid(pipe: Pipeline, ref: RealFeatures):
-    """images -> FID against the test images on featnet2 (another architecture and seed than the
-    FID network; stage featnet2): the reward-hacking study's check on an FID-trained policy."""
-    if not os.path.exists(os.path.join(pipe.run_dir, "featnet2.pt")):
-        raise train.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
-                              f"{pipe.run_dir} --stage featnet2")
-    net = train.build_model(pipe.run_dir, "featnet2", pipe.device)
-    mu, sigma = fid.statistics(fid.extract(net, data.to_float(ref.test_images), device=pipe.device)[0])
-    return lambda images: fid.fid_from_features(fid.extract(net, images, device=pipe.device)[0], mu, sigma)
-
-
 def hacking_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, per_class: int = 8) -> None:
     """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
     static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
@@ -1079,10 +1185,10 @@ def hacking_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, per_
     if len(rows) == 1:
         raise train.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
                               f"--reward fid (and fixed, adversarial; --stage static too)")
-    indep = independent_fid(pipe, ref)
-    fp2 = f"|{train.fingerprint(pipe.run_dir, ('featnet2',))}"                 # a retrained featnet2: measured again
-    rows = {name: (fn, suffix + fp2) for name, (fn, suffix) in rows.items()}
-    study_table(pipe, ref, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.", indep=indep)
+    if ref.net2 is None:
+        raise train.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
+                              f"{pipe.run_dir} --stage featnet2")
+    study_table(pipe, ref, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.")
     K = pipe.cfg.num_classes
     labels = torch.arange(K).repeat_interleave(per_class)
     C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
@@ -1143,10 +1249,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lam", default=None, help="comma-separated lam values of the fidelity blend, e.g. 0,0.25,0.5,0.75,1: "
                    "table, curve and grids at --grid-steps (blend_T<T>.*)")
     p.add_argument("--hacking", action="store_true", help="the reward-hacking table at --grid-steps: hacking_T<T>.json/.md")
+    p.add_argument("--reward-check", action="store_true", help="does the warm-up discriminator rank 8 fixed T = 4 "
+                   "schedules as FID does? reward_check.md/.json")
+    p.add_argument("--check-samples", type=int, default=2000, help="samples per schedule of --reward-check")
     args = p.parse_args(argv)
     try:
-        if args.samples < 10 or args.sweep_samples < 10:
-            raise train.UserError("--samples and --sweep-samples must be at least 10 (k-NN precision/recall needs k < n)")
+        if min(args.samples, args.sweep_samples, args.check_samples) < 10:
+            raise train.UserError("--samples, --sweep-samples and --check-samples must be at least 10 "
+                                  "(k-NN precision/recall needs k < n)")
         if args.batch is not None and args.batch <= 0:
             raise train.UserError(f"--batch {args.batch}: must be positive")
         try:
@@ -1218,9 +1328,12 @@ def main(argv: list[str] | None = None) -> None:
             blend_study(pipe, args.samples, args.grid_steps, lams)
         if args.hacking:
             hacking_study(pipe, args.samples, args.grid_steps, args.sweep_samples)
+        if args.reward_check:
+            reward_check(pipe, args.check_samples, args.sweep_samples)
         if args.repeat > 1 or args.lookahead > 1:
             refined_grid(pipe, args.grid_steps, args.repeat, args.lookahead)
-        elif not (args.bench or args.eval or args.sweep_w or args.plot or args.refine or lams or args.hacking):
+        elif not (args.bench or args.eval or args.sweep_w or args.plot or args.refine or lams or args.hacking
+                  or args.reward_check):
             grids(pipe, args.grid_steps)
     except (train.UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -88,6 +88,8 @@ class TrainConfig:
     vq_restart_every: int = 100      # dead-code restart period (steps); off in the last 20% of training
     gan_weight: float = 0.0          # hinge patch-GAN generator weight (0: off)
     gan_start: int = 0               # steps of plain reconstruction before the GAN starts
+    vq_perceptual: float = 0.0       # weight of the perceptual loss L_P on the backbone classifier's
+                                     # feature maps (never the FID network's); > 0 needs the backbone stage first
     # --- featnet: the FID feature network
     feat_steps: int = 1500
     feat_batch: int = 128
@@ -138,26 +140,34 @@ class TrainConfig:
     pi_batch: int = 256              # trajectories per iteration
     pi_group: int = 4                # G > 1: groups of G trajectories share label and generation randomness and
                                      # differ only in exploration; advantage = reward - group mean (GRPO-style)
+    pi_recipe: str = "ours"          # "official": the AdaNAT release's PPO (OFFICIAL_RECIPE overrides those keys)
     pi_lr: float = 1e-4              # Adam lr of the adaptive policy and its critic (AdaNAT: 1e-5 at 4096 traj.)
     pi_static_lr: float = 3e-3       # Adam lr of the static table and its per-step values
     pi_epochs: int = 5               # PPO epochs per iteration (K)
     pi_minibatches: int = 4          # minibatches per epoch
-    pi_target_kl: float = 0.03       # stop the epochs of an iteration once approx_kl passes this
+    pi_target_kl: float = 0.03       # stop the epochs of an iteration once approx_kl passes this (0: off)
+    pi_grad_clip: float = 1.0        # gradient-norm clip of the PPO steps (0: off)
     pi_clip: float = 0.2
     pi_vf_coef: float = 0.5
     pi_ent_coef: float = 0.01
-    pi_sigma0: float = 0.6           # exploration std in pre-activation space, linearly annealed ...
-    pi_sigma1: float = 0.3           # ... to this at the last iteration
+    pi_anchor: float = 1.0           # anchor: + pi_anchor * mean ||eta(s)||^2 (active knobs) keeps the residual
+                                     # near its start (an L2 penalty; a KL to the start up to 1 / (2 sigma^2))
+    pi_adv_floor: float = 0.05       # advantages / returns divided by max(batch std, this): a weak D gives small steps
+    pi_sigma0: float = 0.15          # exploration std in pre-activation space (~ the search's epsilon: 0.15 moves m
+    pi_sigma1: float = 0.1           # by ~0.04 = 2.4 of 64 tokens, w by ~0.15), annealed to pi_sigma1 ...
+    pi_sigma_schedule: str = "linear"   # ... linearly over the iterations, or "step": pi_sigma1 from the half on
     pi_beta_ema: float = 0.5         # action smoothing of the `smooth` stage (AdaGen Eq. 12)
     pi_width: int = 128              # adaptive policy: features -> width, conv, -> hidden
     pi_hidden: int = 256
     pi_d_lr: float = 1e-3            # discriminator: Adam(lr, betas (0.5, 0.999)) (AdaNAT: 1e-4 over 1000 iterations)
-    pi_d_steps: int = 4              # D steps per iteration, on the iteration's own rollouts
+    pi_d_steps: int = 4              # D steps per iteration ...
+    pi_d_replay: int = 4             # ... each on pi_batch fakes drawn from the last pi_d_replay iterations' rollouts
+    pi_d_fresh: bool = False         # ... or each on a fresh rollout of the current policy (the AdaNAT release)
     pi_d_warmup: int = 5             # first iterations train D only (the reward must mean something) ...
-    pi_d_warmup_steps: int = 20      # ... with this many D steps each
-    pi_d_real: str = "recon"         # reals for D: "recon" (tokenizer reconstructions) or "raw" images
+    pi_d_warmup_steps: int = 20      # ... with this many D steps each; D then is saved as "disc_warmup"
+    pi_d_real: str = "raw"           # reals for D: "raw" training images, or "recon" (their tokenizer reconstructions)
     pi_fid_every: int = 6            # iterations between FID checks (training-set statistics; best kept)
-    pi_fid_samples: int = 1000       # samples per FID check
+    pi_fid_samples: int = 5000       # samples per FID check
     pi_sweep_samples: int = 2000     # samples per w_0 candidate of the heuristic the residual starts from
     pi_reward: str = "adversarial"   # the policy's reward (AdaGen §III-D): "adversarial" (D, trained alongside),
                                      # "fixed" (log p(y|x) under the frozen backbone classifier), or "fid" (minus the
@@ -196,7 +206,7 @@ PRESETS: dict[str, dict] = {
                  search_T=(4,), search_updates=2, search_param_updates=2, search_samples=40,
                  pr_budget=2, pr_steps=5, pr_samples=40,
                  flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5, flow_pi_nfe=(4,),
-                 feat2_steps=30, feat2_width=8, feat2_dim=16, pi_fid_chunk=4),
+                 feat2_steps=30, feat2_width=8, feat2_dim=16, pi_fid_chunk=4, vq_perceptual=0.1),
     # the default: fits in ~40 minutes on 2 CPU cores
     "small": dict(),
     # one GPU, a few minutes to an hour
@@ -207,7 +217,25 @@ PRESETS: dict[str, dict] = {
                  flow_steps=30000, flow_batch=512, flow_lr=6e-4, flow_warmup=1000, flow_dim=384, flow_depth=8,
                  flow_heads=6, feat2_steps=4000),
 }
-STAGES = ["vq", "featnet", "nat", "search", "param-search", "backbone", "policy", "static", "smooth"]
+# the AdaNAT release's PPO (`--set pi_recipe=official`): lr 1e-5, K = 5 full-batch epochs, sigma 0.6 then 0.3
+# from the half on, no KL stop, no gradient clip, advantages divided by the batch std, no anchor
+OFFICIAL_RECIPE = dict(pi_lr=1e-5, pi_static_lr=1e-5, pi_epochs=5, pi_minibatches=1, pi_sigma0=0.6, pi_sigma1=0.3,
+                       pi_sigma_schedule="step", pi_target_kl=0.0, pi_grad_clip=0.0, pi_anchor=0.0, pi_adv_floor=0.0)
+
+
+def recipe(c: "TrainConfig") -> "TrainConfig":
+    """The config a policy stage trains with: c, or c with OFFICIAL_RECIPE's keys when pi_recipe = official."""
+    return dataclasses.replace(c, **OFFICIAL_RECIPE) if c.pi_recipe == "official" else c
+
+
+def sigma_at(c: "TrainConfig", it: int) -> float:
+    """Exploration std of iteration `it`: linear pi_sigma0 -> pi_sigma1, or a step at the half."""
+    if c.pi_sigma_schedule == "step":
+        return c.pi_sigma0 if it < c.pi_iters // 2 else c.pi_sigma1
+    return c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
+
+
+STAGES = ["backbone", "vq", "featnet", "featnet2", "nat", "search", "param-search", "policy", "static", "smooth"]
 
 
 class UserError(Exception):
@@ -491,8 +519,9 @@ def train_loop(name: str, ck_path: str, state: dict, modules: dict, step_fn, tot
             metrics = step_fn(step)
             state["step"] = step + 1
             if step % c.log_every == 0 or step + 1 == total:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
-                log(stage=name, step=step + 1, **{k: round(float(v), 6) for k, v in metrics.items()})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if not isinstance(v, list)})
+                log(stage=name, step=step + 1, **{k: v if isinstance(v, list) else round(float(v), 6)
+                                                  for k, v in metrics.items()})
             if time.time() - last_save > c.ckpt_every_s:
                 save_ckpt(ck_path, snapshot())
                 last_save = time.time()
@@ -544,6 +573,11 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
     # overwrite the per-rank usage counts with rank 0's buffers
     net = DistributedDataParallel(model, broadcast_buffers=False) if DIST.world > 1 else model
     disc_dp = data_parallel(disc, device) if disc is not None else None
+    if c.vq_perceptual > 0:                            # L_P on the frozen backbone classifier (not the FID network)
+        if not os.path.exists(os.path.join(run_dir, "backbone.pt")):
+            raise UserError(f"vq_perceptual > 0 needs the backbone classifier: run python train.py --run-dir {run_dir} "
+                            f"--stage backbone first")
+        percep, _ = classifier_backbone(build_model(run_dir, "backbone", device).requires_grad_(False), grad=True)
 
     def step_fn(step: int) -> dict:
         for grp in opt.param_groups:
@@ -552,7 +586,14 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
         x_rec, codes, vq_loss, z_e = net(x)
         rec = (x_rec - x).abs().mean() + F.mse_loss(x_rec, x)
         loss = rec + vq_loss
-        out = {"loss": all_mean(loss.detach()).item(), "mse": all_mean(F.mse_loss(x_rec, x).detach()).item()}
+        out = {"mse": all_mean(F.mse_loss(x_rec, x).detach()).item()}
+        if c.vq_perceptual > 0:
+            with torch.no_grad():
+                f_x = percep(x)
+            l_p = vqgan.perceptual_loss(f_x, percep(x_rec))
+            loss = loss + c.vq_perceptual * l_p
+            out["percep"] = all_mean(l_p.detach()).item()
+        out["loss"] = all_mean(loss.detach()).item()
         if disc is not None and step >= c.gan_start:
             g_loss = vqgan.hinge_g_loss(disc(x_rec))                     # D's gradients here are zeroed below
             loss = loss + c.gan_weight * g_loss
@@ -799,21 +840,22 @@ def load_policy(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]
     return pi.to(device).eval(), ck["config"]
 
 
-def classifier_backbone(net: fid.FeatureNet):
-    """A frozen classifier as the discriminator's backbone: x -> its feature map after each of
-    the three pooling stages, (B, w, S/2, S/2), (B, 2w, S/4, S/4), (B, 4w, S/8, S/8), and their
-    channel counts. (The frozen VQ encoder was tried first: D reached only ~55% held-out accuracy.)"""
+def classifier_backbone(net: fid.FeatureNet, grad: bool = False):
+    """A frozen classifier as the discriminator's backbone (and the tokenizer's perceptual
+    network): x -> its feature map after each of the three pooling stages, (B, w, S/2, S/2),
+    (B, 2w, S/4, S/4), (B, 4w, S/8, S/8), and their channel counts; gradients flow to x only
+    with grad=True. (The frozen VQ encoder was tried first: D reached only ~55% held-out accuracy.)"""
     layers = list(net.body)
     taps = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.MaxPool2d)]
     w = net.cfg.width
 
-    @torch.no_grad()
     def backbone(x: torch.Tensor) -> list[torch.Tensor]:
         feats, h = [], x
-        for i, layer in enumerate(layers):
-            h = layer(h)
-            if i in taps:
-                feats.append(h)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            for i, layer in enumerate(layers):
+                h = layer(h)
+                if i in taps:
+                    feats.append(h)
         return feats
     return backbone, [w, 2 * w, 4 * w]
 
@@ -947,7 +989,9 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     sigmoid score, "fixed" r_fid = log p(y|x) under the frozen backbone classifier, "fid" minus
     the FID (vs training statistics, FID network) of the chunk of pi_fid_chunk trajectories."""
     import sample
+    c = recipe(c)                                                         # pi_recipe = official: the release's PPO
     T, spec = task.T, task.spec
+    active = spec.active(T, device)                                       # (T, D) knobs that act
     h_pre = policy.inverse_activation(task.h, spec).to(device)
     pcfg = {**policy_config(c, kind, T, task.h, task.C, task.N), "spec": list(spec.names), **task.extra}
     pi, V = (m.to(device) for m in build_policy(pcfg))
@@ -984,7 +1028,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     state = {"history": [], "best": None, "best_fid": None, **resume(path, pcfg, modules), "config": pcfg, "done": False}
     beta_ema = pcfg["beta_ema"]
 
-    # reals for D: 10 000 training images (the NAT: their tokenizer reconstructions by default) and 1 000 held out
+    # reals for D: 10 000 training images (pi_d_real = recon: their tokenizer reconstructions) and 1 000 held out
     x_real, y_real = task.reals()
     n_hold = min(1000, len(x_real) // 10)
     f_hold, y_hold = backbone(x_real[:n_hold].to(device)), y_real[:n_hold].to(device)   # the backbone is frozen
@@ -1003,24 +1047,43 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         state["history"].append({"iter": 0, "train_fid": state["best_fid"]})
         print(f"{name}: start = {task.start}, training-set FID {state['best_fid']:.2f}")
 
+    def explore(n: int, sigma: float, g: torch.Generator):
+        """n trajectories of the exploring policy (labels in groups of G; the blend's lam per group):
+        (labels (n,), lam (n,) or None, generate_fn(labels, schedule))."""
+        y = torch.randint(0, task.num_classes, (n // c.pi_group,), device=device, generator=g).repeat_interleave(c.pi_group)
+        lam = None
+        if base is not None:                                                 # one lam per group of G
+            lam = torch.rand(n // c.pi_group, device=device, generator=g).repeat_interleave(c.pi_group)
+        return y, lam, lambda y_, sched: task.generate(y_, sched, g, c.pi_group)
+
+    def d_fakes(k: int, sigma: float, g: torch.Generator, g_cpu: torch.Generator):
+        """D's k-th batch of fakes (B): with pi_d_fresh the iteration's rollout, then fresh rollouts of the
+        current policy (the AdaNAT release); else B drawn from the replay of the last pi_d_replay rollouts."""
+        if c.pi_d_fresh:
+            if k == 0:
+                return (v.to(device) for v in state["replay"][-1])
+            y, lam, gen = explore(B, sigma, g)
+            with torch.no_grad():
+                return task.to_images(gen(y, policy.PolicySchedule(pi, h_pre, sigma, beta_ema, g, spec=spec,
+                                                                   to_step=task.to_step, base=base, lam=lam))), y
+        xs, ys = (torch.cat(v) for v in zip(*state["replay"]))
+        i = torch.randint(0, len(xs), (B,), generator=g_cpu)
+        return xs[i].to(device), ys[i].to(device)
+
     def step_fn(it: int) -> dict:
-        sigma = c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
+        sigma = sigma_at(c, it)
         seed = c.seed * 100003 + it + 1_000_003 * DIST.rank                    # per iteration (resumable) and rank
         g = torch.Generator(device).manual_seed(seed)
         g_cpu = torch.Generator().manual_seed(seed)
         G = c.pi_group
-        labels = torch.randint(0, task.num_classes, (B // G,), device=device, generator=g).repeat_interleave(G)
-        pi.eval(), V.eval()
+        pi.eval(), V.eval(), D.eval()                                        # D scores in eval mode (spectral norms fixed)
         t0 = time.time()
-        lam = None
-        if base is not None:                                                 # one lam per group of G
-            lam = torch.rand(len(labels) // G, device=device, generator=g).repeat_interleave(G)
-        ro = policy.rollout(pi, V, lambda y, sched: task.generate(y, sched, g, G), labels, h_pre, sigma, beta_ema, g,
-                            spec, task.to_step, base, lam)
+        labels, lam, gen = explore(B, sigma, g)
+        ro = policy.rollout(pi, V, gen, labels, h_pre, sigma, beta_ema, g, spec, task.to_step, base, lam)
         with torch.no_grad():
             fake = task.to_images(ro.final)                                  # (B, C, H, W)
             maps = backbone(fake)                                            # the frozen classifier's feature maps
-            logits_fake = D(maps, labels)                                    # (B, P)
+            logits_fake = D(maps, labels)                                    # [(B, P_h)] per head
             r_adv = reward.reward(logits_fake)                               # (B,)
             r_fid = reward.fidelity_reward(classifier.head(maps[-1])[0], labels)   # its head on the same pass: (B,)
             if base is not None:
@@ -1034,41 +1097,31 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         mean = lambda x: all_mean(torch.as_tensor(x, dtype=torch.float32, device=device)).item()
         out = {"reward": mean(R.mean()), "r_adv": mean(r_adv.mean()), "r_fid": mean(r_fid.mean()), "d_acc": mean(d_acc),
                "sigma": sigma, "sec_rollout": time.time() - t0}
+        if it == c.pi_d_warmup:                                              # D after its warm-up: kept for the reward check
+            state["disc_warmup"], state["d_acc_warmup"] = copy.deepcopy(D.state_dict()), out["d_acc"]
+            print(f"{name}: D's held-out accuracy after its warm-up: {out['d_acc']:.3f}")
         t0 = time.time()
         if it >= c.pi_d_warmup:                                              # PPO (Eq. 10-11)
-            R_all = all_cat(R)                                               # normalised over the global batch
-            ret = my_rows(ppo.normalise(R_all)).repeat(T)                    # (T*B,) step-major
-            if G == 1:
-                adv = ret - ro.value                                         # AdaNAT: R_hat - V_old
-            else:                                                            # the group's mean as the baseline
-                A = (R_all.view(-1, G) - R_all.view(-1, G).mean(1, keepdim=True)).flatten()
-                adv = my_rows(A / (A.std() + 1e-8)).repeat(T)
-            ent = policy.gaussian_entropy(sigma, spec.dim)
-            pi.train(), V.train()
-
-            def evaluate(idx):
-                mu = pi_dp(ro.features[idx], ro.t[idx])
-                return (policy.gaussian_logp(ro.o[idx], mu, sigma), V_dp(ro.features[idx], ro.t[idx]),
-                        torch.full_like(ret[idx], ent))
-            stats = ppo.ppo_update(evaluate, ro.logp, adv, ret, opt, params, c.pi_epochs, c.pi_minibatches,
-                                   c.pi_target_kl, c.pi_clip, c.pi_vf_coef, c.pi_ent_coef, generator=g_cpu,
-                                   mean_over_ranks=mean)
-            stats["explained_var"] = ppo.explained_variance(all_cat(ro.value), all_cat(ret))
-            out.update({k: float(v) for k, v in stats.items()})
+            out.update(ppo_step(ro, all_cat(R), sigma, g_cpu))
         out["sec_ppo"], t0 = time.time() - t0, time.time()
-        for k in range(c.pi_d_steps if it >= c.pi_d_warmup else c.pi_d_warmup_steps):   # D on this rollout's samples
+        state["replay"] = (state.get("replay") or [])[-(c.pi_d_replay - 1):] if c.pi_d_replay > 1 else []
+        state["replay"].append((fake.cpu(), labels.cpu()))                   # this rollout joins D's replay
+        D.train()
+        for k in range(c.pi_d_steps if it >= c.pi_d_warmup else c.pi_d_warmup_steps):
             # translation only: a cutout made D learn slower here (held-out acc. 0.65 vs 0.68 after 100 steps)
             i = torch.randint(0, len(x_real), (B,), generator=g_cpu)
             xr, yr = x_real[i].to(device), y_real[i].to(device)
-            xr, xf = reward.diff_augment(xr, g, cutout=0.0), reward.diff_augment(fake, g, cutout=0.0)
-            both = D_dp(backbone(torch.cat([xr, xf])), torch.cat([yr, labels]))
-            loss = reward.d_loss(both[:B], both[B:])                         # one forward: one DDP gradient sync
+            xf, yf = d_fakes(k, sigma, g, g_cpu)
+            xr, xf = reward.diff_augment(xr, g, cutout=0.0), reward.diff_augment(xf, g, cutout=0.0)
+            both = D_dp(backbone(torch.cat([xr, xf])), torch.cat([yr, yf]))
+            loss = reward.d_loss(reward.rows(both, slice(0, B)), reward.rows(both, slice(B, None)))   # one DDP sync
             d_opt.zero_grad(set_to_none=True)
             loss.backward()
             d_opt.step()
         out["d_loss"], out["sec_d"] = mean(loss.detach()), time.time() - t0
         for j, a in enumerate(spec.names):                                   # per-sample spread of each action
             out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
+        out["act_mean"] = [[round(v, 5) for v in row] for row in ro.actions.mean(1).tolist()]   # (T, D) per step
         record = {"iter": it + 1, **out}
         if (it + 1) % c.pi_fid_every == 0 or it + 1 == c.pi_iters:
             pi.eval()
@@ -1078,8 +1131,37 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         state["history"].append(record)
         return out
 
+    def ppo_step(ro: policy.Rollout, R_all: torch.Tensor, sigma: float, g_cpu: torch.Generator) -> dict:
+        """Advantages and the PPO update (Eq. 10-11) on one rollout; R_all (global B,) terminal rewards.
+        Returns and advantages are divided by max(batch std, pi_adv_floor); the anchor pulls the
+        mean residual eta(s) toward 0, i.e. the policy toward its start schedule."""
+        G, floor = c.pi_group, c.pi_adv_floor
+        ret = my_rows(ppo.normalise(R_all, floor)).repeat(T)                 # (T*B,) step-major
+        if G == 1:
+            adv = ret - ro.value                                             # AdaNAT: R_hat - V_old
+        else:                                                                # the group's mean as the baseline
+            A = (R_all.view(-1, G) - R_all.view(-1, G).mean(1, keepdim=True)).flatten()
+            adv = my_rows(A / (A.std().clamp_min(floor) + 1e-8)).repeat(T)
+        act = active[ro.t]                                                   # (T*B, D)
+        pi.train(), V.train()
+
+        def evaluate(idx):
+            mu = pi_dp(ro.features[idx], ro.t[idx])                          # (n, D)
+            anchor = c.pi_anchor * ((mu * act[idx]) ** 2).sum(-1).mean()
+            return (policy.gaussian_logp(ro.o[idx], mu, sigma, act[idx]), V_dp(ro.features[idx], ro.t[idx]),
+                    policy.gaussian_entropy(sigma, act[idx].sum(-1)), anchor)
+        stats = ppo.ppo_update(evaluate, ro.logp, adv, ret, opt, params, c.pi_epochs, c.pi_minibatches,
+                               c.pi_target_kl, c.pi_clip, c.pi_vf_coef, c.pi_ent_coef, c.pi_grad_clip, generator=g_cpu,
+                               mean_over_ranks=lambda x: all_mean(torch.tensor(float(x), device=device)).item())
+        stats["explained_var"] = ppo.explained_variance(all_cat(ro.value), all_cat(ret))
+        with torch.no_grad():                                                # how far the mean residual has moved
+            mu = pi(ro.features, ro.t)
+            stats["residual_rms"] = (((mu * act) ** 2).sum() / act.sum()).sqrt()
+        return {k: float(v) for k, v in stats.items()}
+
     state = train_loop(name, path, state, modules, step_fn, c.pi_iters, dataclasses.replace(c, log_every=1), log)
     state["done"] = True
+    state.pop("replay", None)                                               # D's replay is only needed to resume
     save_ckpt(path, state)
     sample.plot_training(state["history"], os.path.join(run_dir, f"{name}_curve.png"), name)
     which = "training-set FID at lam = 1 (last weights kept)" if kind == "fidelity" else "best training-set FID"
@@ -1344,7 +1426,7 @@ STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbo
              "featnet2": stage_featnet2, "fidelity": stage_policies("fidelity")}
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
 FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
-OPTIONAL_STAGES = ["pr-search", "featnet2", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
+OPTIONAL_STAGES = ["pr-search", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
 STAGES_ALL = STAGES + OPTIONAL_STAGES
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
 
@@ -1435,7 +1517,12 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     if c.pi_fid_chunk < 2:
         raise UserError(f"pi_fid_chunk {c.pi_fid_chunk}: an FID needs at least 2 samples per chunk")
     if c.pi_d_real not in ("recon", "raw"):
-        raise UserError(f"pi_d_real {c.pi_d_real!r}: use recon or raw")
+        raise UserError(f"pi_d_real {c.pi_d_real!r}: use raw or recon")
+    if c.pi_recipe not in ("ours", "official") or c.pi_sigma_schedule not in ("linear", "step"):
+        raise UserError(f"pi_recipe {c.pi_recipe!r} / pi_sigma_schedule {c.pi_sigma_schedule!r}: use ours or official / "
+                        f"linear or step")
+    if c.pi_d_replay < 1 or c.pi_anchor < 0 or c.pi_adv_floor < 0 or c.vq_perceptual < 0:
+        raise UserError("pi_d_replay must be >= 1 and pi_anchor, pi_adv_floor, vq_perceptual >= 0")
     if not c.pi_T or any(T < 2 for T in c.pi_T):
         raise UserError(f"pi_T {c.pi_T}: decoding step counts of at least 2, e.g. --set pi_T=4,8")
     if not c.search_T or any(T < 2 for T in c.search_T):

@@ -12,6 +12,8 @@ the image. Losses (the training loop lives in train.py):
     L_vq     = ||sg[z_e] - z_q||^2 + beta ||z_e - sg[z_q]||^2     (codebook + commitment;
                its forward value is (1 + beta) * mse(z_e, z_q))
     L_rec    = |x - G(z_q)|  or  (x - G(z_q))^2        (the caller picks)
+    L_P      = perceptual distance of x and G(z_q) on a frozen classifier's feature maps
+               (`perceptual_loss`, LPIPS-style; VQGAN §3.1 uses LPIPS)
     hinge GAN (optional, patch discriminator D, after gan_start steps, weight gan_weight):
     L_D      = 1/2 [ mean relu(1 - D(x)) + mean relu(1 + D(x_rec)) ]
     L_G      = -mean D(x_rec)
@@ -309,6 +311,22 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Generator (decoder) hinge loss: -mean D(x_rec)."""
     return -logits_fake.mean()
+
+
+def perceptual_loss(feats_x: list[torch.Tensor], feats_rec: list[torch.Tensor]) -> torch.Tensor:
+    """LPIPS-style perceptual loss (Zhang et al. 2018, unweighted; VQGAN's L_P) on a frozen
+    classifier's feature maps: each map unit-normalised over channels, squared distance summed
+    over channels, averaged over positions, then over the L maps:
+
+        L_P = 1/L sum_l mean_{ij} || n(f_l(x))_ij - n(f_l(x_rec))_ij ||^2,   n(f) = f / ||f||_channels
+
+    feats_x, feats_rec: lists of (B, C_l, H_l, W_l) maps of x (no gradient needed) and of x_rec."""
+    loss = 0.0
+    for a, b in zip(feats_x, feats_rec):
+        a = a / (a.norm(dim=1, keepdim=True) + 1e-8)
+        b = b / (b.norm(dim=1, keepdim=True) + 1e-8)
+        loss = loss + ((a - b) ** 2).sum(1).mean()
+    return loss / len(feats_x)
 
 
 def codebook_stats(codes: torch.Tensor, K: int) -> dict:

@@ -28,13 +28,15 @@ def run_dir(tmp_path_factory):
 def test_train_writes_everything(run_dir):
     policies = [f"{k}_T4" for k in ("policy", "static", "smooth")]
     searches = ["search_T4", "param_T4"]
-    for f in ["config.json", "log.jsonl", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json"] + \
+    for f in ["config.json", "log.jsonl", "vq.pt", "featnet.pt", "featnet2.pt", "nat.pt", "backbone.pt", "sweep_w.json"] + \
              [f"{p}.pt" for p in policies + searches] + [f"{p}_curve.png" for p in policies + searches] + \
              [f"{p}.json" for p in searches]:
         assert os.path.exists(os.path.join(run_dir, f)), f
     records = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
-    assert {r["stage"] for r in records} == {"vq", "featnet", "nat", "search", "param-search", "backbone", "policy",
-                                             "static", "smooth"} | set(policies) | set(searches)
+    assert {r["stage"] for r in records} == {"vq", "featnet", "featnet2", "nat", "search", "param-search", "backbone",
+                                             "policy", "static", "smooth"} | set(policies) | set(searches)
+    vq_records = [r for r in records if r["stage"] == "vq" and "percep" in r]
+    assert vq_records and all(r["percep"] >= 0 for r in vq_records)      # the perceptual loss on the backbone
     for name, C in (("search_T4", 1 + 4 * 4 - 2), ("param_T4", 1 + 6)):
         ck = torch.load(os.path.join(run_dir, f"{name}.pt"), weights_only=True)
         summary = json.load(open(os.path.join(run_dir, f"{name}.json")))
@@ -52,6 +54,9 @@ def test_train_writes_everything(run_dir):
         ppo_records = [r for r in records if r["stage"] == p and "approx_kl" in r]
         assert len(ppo_records) == 3                                     # 4 iterations, the first trains D only
         assert all(0 <= r["d_acc"] <= 1 and 0 < r["reward"] < 1 for r in ppo_records)
+        assert all(len(r["act_mean"]) == 4 and len(r["act_mean"][0]) == 4 and r["residual_rms"] >= 0 and
+                   "penalty" in r for r in ppo_records)                  # the mean action per step, the anchor
+        assert "disc_warmup" in ck and 0 <= ck["d_acc_warmup"] <= 1 and "replay" not in ck
     assert ck["config"]["beta_ema"] == 0.5 and ck["config"]["kind"] == "smooth"
     for stage in ("vq", "featnet", "nat"):
         ck = torch.load(os.path.join(run_dir, f"{stage}.pt"), weights_only=True)   # plain types + tensors
@@ -203,7 +208,7 @@ def test_adagen_refinement_blend_and_reward_study(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["schedule"]: row for row in json.load(open(d / "hacking_T4.json"))["rows"]}
     assert {"adaptive, adversarial reward", "adaptive, fixed reward", "static, fid reward"} <= set(rows)
-    assert all(row["fid_indep"] >= 0 for row in rows.values())
+    assert all(row["fid2"] >= 0 and row["fid_recon"] >= 0 for row in rows.values())
     r = run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--repeat", "2", "--lookahead", "2")
     assert r.returncode == 0 and "28.0 generator forwards per image" in r.stdout, r.stderr[-2000:]
     for f in ("blend_T4_curve.png", "blend_grids_T4.png", "hacking_grids_T4.png", "samples_adaptive_repeat2_lookahead2_T4.png"):
@@ -277,6 +282,15 @@ def test_sample_grid_eval_bench(run_dir):
     adaptive = [r for r in ev["rows"] if r["schedule"].startswith("adaptive policy")][0]
     assert adaptive["T"] == 4 and len(adaptive["actions_sd_per_step"]) == 4
     assert os.path.exists(os.path.join(run_dir, "eval.md")) and os.path.exists(os.path.join(run_dir, "sweep_w.json"))
+    assert all(r["fid_recon"] >= 0 and r["fid2"] >= 0 for r in ev["rows"])          # FID vs reconstructions, featnet2
+    assert ev["reference"]["tokenizer reconstructions of test vs test (floor)"]["fid_recon"] < 1e-2   # ~0: the same images
+    assert "| FID vs recon | featnet2 FID |" in open(os.path.join(run_dir, "eval.md")).read()
+    r = run("sample.py", "--run-dir", run_dir, "--reward-check", "--check-samples", "20", "--sweep-samples", "30")
+    assert r.returncode == 0, r.stderr[-2000:]
+    check = json.load(open(os.path.join(run_dir, "reward_check.json")))
+    assert len(check["rows"]) == 8 and set(check["spearman"]) == {"featnet", "featnet2"}
+    assert all(-1 <= v <= 1 for v in check["spearman"].values()) and -1 <= check["spearman_fid_fid2"] <= 1
+    assert os.path.exists(os.path.join(run_dir, "reward_check.md"))
     r = run("sample.py", "--run-dir", run_dir, "--bench", "--batch", "16", "--grid-steps", "4")
     assert r.returncode == 0 and "decoding overhead" in r.stdout, r.stderr[-2000:]
     assert "policy cost" in r.stdout                                   # the adaptive policy's share of generation

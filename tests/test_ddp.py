@@ -21,9 +21,9 @@ def run(*args, n=1, script="train.py"):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """vq, featnet, nat and backbone, each on 2 processes."""
+    """backbone, vq (its perceptual loss reads the backbone), featnet and nat, each on 2 processes."""
     d = tmp_path_factory.mktemp("ddp") / "run"
-    for stage in ("vq", "featnet", "nat", "backbone"):
+    for stage in ("backbone", "vq", "featnet", "nat"):
         r = run("--preset", "test", "--run-dir", str(d), "--stage", stage, n=2)
         assert r.returncode == 0, (stage, r.stderr[-3000:])
     return d

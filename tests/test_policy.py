@@ -104,9 +104,25 @@ def test_rollout_records_what_ppo_needs():
     assert ro.actions.shape == (T, B, 4) and (ro.final != cfg.mask_id).all()
     with torch.no_grad():
         mu = pi(ro.features, ro.t)
-        assert torch.allclose(ro.logp, policy.gaussian_logp(ro.o, mu, 0.5), atol=1e-5)
+        active = policy.NAT_ACTIONS.active(T)[ro.t]                          # (T*B, 4)
+        assert torch.allclose(ro.logp, policy.gaussian_logp(ro.o, mu, 0.5, active), atol=1e-5)
         assert torch.allclose(ro.value, V(ro.features, ro.t))
+        last = ro.t == T - 1                                                 # m and tau2 change nothing there:
+        assert torch.allclose(ro.o[last][:, [0, 2]], mu[last][:, [0, 2]], atol=1e-6)   # no noise on them
     assert ro.o.std() > 0.3                                                  # exploration noise is there
+
+
+def test_dead_knobs_are_masked_out_of_the_log_probability():
+    spec = policy.NAT_ACTIONS
+    active = spec.active(3)
+    assert active[:2].all() and active[2].tolist() == [False, True, False, True]
+    assert policy.FLOW_ACTIONS.active(2).tolist() == [[True, True], [False, True]]
+    a, mu = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.zeros(1, 4)
+    # by hand: only tau1 and w count, sigma = 1: -(4 + 16) / 2 - 2 * 0.5 log(2 pi)
+    want = -(4.0 + 16.0) / 2 - 2 * 0.5 * math.log(2 * math.pi)
+    assert policy.gaussian_logp(a, mu, 1.0, active[2:3]).item() == pytest.approx(want)
+    assert policy.gaussian_entropy(1.0, active.sum(-1)).tolist() == pytest.approx(
+        [4 * (0.5 + 0.5 * math.log(2 * math.pi))] * 2 + [2 * (0.5 + 0.5 * math.log(2 * math.pi))])
 
 
 def test_policy_rejects_non_square_grids():

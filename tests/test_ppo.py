@@ -47,3 +47,27 @@ def test_update_stops_at_target_kl():
     s = ppo.ppo_update(ev, logp_old, adv, adv, torch.optim.SGD([mu], lr=1e-3), [mu], epochs=5, minibatches=2,
                        target_kl=0.01)
     assert not s["stopped_early"] and s["epochs_run"] == 5
+
+
+def test_normalise_floor_keeps_a_weak_signal_small():
+    R = torch.tensor([0.50, 0.51, 0.49, 0.50])                   # a weak discriminator: rewards barely differ
+    assert ppo.normalise(R).abs().max() > 1.0                    # plain std: as large as any strong signal
+    n = ppo.normalise(R, floor=0.1)                              # floor 0.1 > std 0.008: (R - 0.5) / 0.1
+    assert torch.allclose(n, (R - 0.5) / 0.1, atol=1e-5)
+    big = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert torch.allclose(ppo.normalise(big, floor=0.1), ppo.normalise(big))   # a floor below the std changes nothing
+
+
+def test_update_adds_the_penalty_and_can_run_unclipped():
+    """An anchor c mu^2 alone (zero advantages) pulls mu back to 0: gradient 2 c mu, by hand."""
+    mu = torch.tensor([1.0], requires_grad=True)
+    zeros = torch.zeros(8)
+    ev = lambda idx: (zeros[idx] + 0 * mu, torch.zeros(len(idx)), torch.zeros(len(idx)), 0.5 * (mu ** 2).sum())
+    s = ppo.ppo_update(ev, zeros, zeros, zeros, torch.optim.SGD([mu], lr=0.1), [mu], epochs=1, minibatches=1,
+                       target_kl=None, max_grad_norm=None)
+    assert mu.item() == pytest.approx(1.0 - 0.1 * 2 * 0.5 * 1.0)     # one SGD step on 0.5 mu^2
+    assert s["penalty"] == pytest.approx(0.5) and s["grad_norm"] == pytest.approx(1.0)
+    mu.data.fill_(100.0)
+    ppo.ppo_update(ev, zeros, zeros, zeros, torch.optim.SGD([mu], lr=0.1), [mu], epochs=1, minibatches=1,
+                   target_kl=0, max_grad_norm=0)                  # 0: no clip (a clip of 1 would move it by 0.1)
+    assert mu.item() == pytest.approx(100.0 - 0.1 * 100.0)

@@ -31,8 +31,31 @@ def test_discriminator_loss_decreases_on_an_easy_split():
 
 
 def test_loss_at_zero_logits_is_2_log_2():
-    z = torch.zeros(4, 10)
+    z = [torch.zeros(4, 10), torch.zeros(4, 3)]
     assert abs(reward.d_loss(z, z).item() - 2 * math.log(2)) < 1e-6
+
+
+def test_every_head_weighs_the_same():
+    # head 1: 16 positions of logit 2, head 2: one position of logit -2 -> score 0 (not (32 - 2) / 17)
+    logits = [torch.full((3, 16), 2.0), torch.full((3, 1), -2.0)]
+    assert torch.allclose(reward.score(logits), torch.zeros(3))
+    assert torch.allclose(reward.reward(logits), torch.full((3,), 0.5))
+    # loss: mean over heads of each head's BCE, by hand
+    real, fake = [torch.full((1, 4), 1.0), torch.full((1, 1), 3.0)], [torch.full((1, 4), -1.0), torch.full((1, 1), 0.0)]
+    sp = lambda v: math.log1p(math.exp(v))
+    by_hand = 0.5 * ((sp(-1.0) + sp(-1.0)) + (sp(-3.0) + sp(0.0)))
+    assert abs(reward.d_loss(real, fake).item() - by_hand) < 1e-6
+
+
+def test_scoring_in_eval_mode_leaves_the_discriminator_unchanged():
+    torch.manual_seed(0)
+    D = reward.ProjectedDiscriminator([2], num_classes=2, width=8)
+    f, y = [torch.randn(5, 2, 4, 4)], torch.randint(0, 2, (5,))
+    D.eval()
+    with torch.no_grad():
+        first = reward.score(D(f, y))
+        again = reward.score(D(f, y))
+    assert torch.equal(first, again)                     # training mode would step the spectral norms' power iteration
 
 
 def test_diff_augment_translates_and_cuts_out():

@@ -22,6 +22,7 @@ Usage:
     stats = ppo_update(evaluate, logp_old, adv, ret, optimizer, params, epochs=5, minibatches=4)
     # evaluate(idx) -> (logp_new (n,), value (n,), entropy (n,)) for the transitions idx
 """
+import math
 from typing import Callable, Optional
 
 import torch
@@ -67,6 +68,7 @@ def ppo_update(evaluate: Callable, logp_old: torch.Tensor, adv: torch.Tensor, re
     evaluate(idx (n',) long) -> (logp_new, value, entropy), each (n',), with gradients, or
     (logp_new, value, entropy, penalty) with a scalar penalty added to the loss.
     target_kl, max_grad_norm: None (or 0) turns the KL stop and the gradient clip off.
+    A non-finite loss term or gradient norm raises FloatingPointError before the optimiser step.
     Data-parallel (each rank its own n transitions, gradients averaged by DDP):
     mean_over_ranks averages a float over the ranks, so the target-KL stop is decided on the
     global approx_kl, the same on every rank, and the stats returned are global."""
@@ -87,6 +89,9 @@ def ppo_update(evaluate: Callable, logp_old: torch.Tensor, adv: torch.Tensor, re
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
+            bad = [k for k in ("pg_loss", "v_loss", "penalty", "grad_norm") if not math.isfinite(stats.get(k, 0.0))]
+            if bad:                                                     # before the step: the parameters stay finite
+                raise FloatingPointError(f"PPO {bad[0]} ({stats[bad[0]]})")
             optimizer.step()
             kls.append(stats["approx_kl"])
         epochs_run += 1

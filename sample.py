@@ -48,12 +48,26 @@ MASKGIT = dict(tau2_0=4.5, w_0=0.0)
 ADANAT_TAU2_0 = 1.0
 
 
+def in_rows(fn, rows: int | None, *args: torch.Tensor) -> torch.Tensor:
+    """fn(*args) on at most `rows` rows at a time, concatenated: the same result in less memory (the
+    random numbers of a generation are drawn for the whole chunk, outside fn)."""
+    n = args[0].shape[0]
+    if not rows or n <= rows:
+        return fn(*args)
+    parts = [fn(*(a[i:i + rows] for a in args)) for i in range(0, n, rows)]
+    if isinstance(parts[0], tuple):                                         # e.g. the NAT's (logits, features)
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
+
+
 class Pipeline:
     """The trained models of a run folder, and generation through them."""
 
-    def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int | None = None):
+    def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int | None = None,
+                 rows: int | None = None):
         batch = batch or (4096 if device.type == "cuda" else 500)       # rows per generator batch (x2 with CFG)
         self.run_dir, self.device, self.bf16, self.batch = run_dir, device, bf16, batch
+        self.rows = rows or None                                           # rows per forward (memory); None: whole batches
         self.config = train.read_json(os.path.join(run_dir, "config.json"))
         if not isinstance(self.config, dict):
             raise train.UserError(f"{run_dir}/config.json is unreadable: re-run python train.py --run-dir {run_dir}")
@@ -77,7 +91,7 @@ class Pipeline:
     def logits_fn(self, tokens: torch.Tensor, labels: torch.Tensor):
         self.forwards += tokens.shape[0]                                   # image-forwards of the generator so far
         with train.autocast(self.device, self.bf16):
-            return self.forward(tokens, labels)
+            return in_rows(self.forward, self.rows, tokens, labels)
 
     def generate(self, labels: torch.Tensor, T: int, schedule: nat.Schedule, seed: int, guided: bool = True,
                  progress: bool = False, group: int = 1, dedup: bool = False, lookahead: int = 1,
@@ -401,7 +415,7 @@ def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int], sweep_samples: i
             rows.setdefault(label, {})[T] = (make, True, f"|{fp}", None)
     beta_dir = os.path.join(pipe.run_dir, "beta")                      # the pr-search stage's full generator
     if os.path.exists(os.path.join(beta_dir, "nat.pt")) and train.load_ckpt(os.path.join(beta_dir, "nat.pt")).get("done"):
-        bp = Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch)
+        bp = Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch, pipe.rows)
         a, b = bp.cfg.alpha, bp.cfg.beta
         w_b = get_w0(bp, RealFeatures(bp), sweep_samples)
         prefix = f"Beta({a:.3g}, {b:.3g})-trained NAT: "
@@ -651,12 +665,14 @@ FLOW_INTERVAL = (0.1, 0.8)           # guidance only for t in (0.1, 0.8] (Kynkaa
 class FlowPipeline:
     """The continuous generator of a run folder (flow.pt or vp.pt, EMA weights) and the feature network."""
 
-    def __init__(self, run_dir: str, device: torch.device, path: str = "flow", bf16: bool = True, batch: int | None = None):
+    def __init__(self, run_dir: str, device: torch.device, path: str = "flow", bf16: bool = True, batch: int | None = None,
+                 rows: int | None = None):
         if not os.path.exists(os.path.join(run_dir, f"{path}.pt")):
             raise train.UserError(f"{run_dir}/{path}.pt not found: train it with python train.py --run-dir {run_dir} "
                                   f"--stage flow --path {path}")
         self.run_dir, self.device, self.bf16 = run_dir, device, bf16
         self.batch = batch or (4096 if device.type == "cuda" else 500)
+        self.rows = rows or None                                           # rows per forward (memory), as Pipeline's
         self.config = train.read_json(os.path.join(run_dir, "config.json"))
         self.net = train.build_model(run_dir, path, device, weights="ema")
         self.cfg: nat.FlowConfig = self.net.cfg
@@ -669,7 +685,7 @@ class FlowPipeline:
     def velocity_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
         self.forwards += x.shape[0]                                        # image-forwards of the network so far
         with train.autocast(self.device, self.bf16):
-            return self.net(x, t, labels)
+            return in_rows(self.net, self.rows, x, t, labels)
 
     def generate(self, labels: torch.Tensor, T: int, schedule: samplers.Schedule, solver: str, seed: int,
                  guided: bool = True, group: int = 1) -> torch.Tensor:
@@ -1237,6 +1253,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-steps", default="4,8,16", help="comma-separated T values for --eval")
     p.add_argument("--grid-steps", type=int, default=8, help="T of the grids and of --bench")
     p.add_argument("--batch", type=int, default=None, help="generation batch (default 500 CPU, 4096 GPU; bench: 256 CPU, 1024 GPU)")
+    p.add_argument("--rows", type=int, default=None, help="rows per generator forward (default: the whole --batch); "
+                   "lower it after an out-of-memory error: the random numbers are keyed by --batch, the images do not change")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (with --bench: eager, then compiled)")
     p.add_argument("--flow", default=None, choices=list(samplers.PATHS),
@@ -1257,8 +1275,8 @@ def main(argv: list[str] | None = None) -> None:
         if min(args.samples, args.sweep_samples, args.check_samples) < 10:
             raise train.UserError("--samples, --sweep-samples and --check-samples must be at least 10 "
                                   "(k-NN precision/recall needs k < n)")
-        if args.batch is not None and args.batch <= 0:
-            raise train.UserError(f"--batch {args.batch}: must be positive")
+        if args.batch is not None and args.batch <= 0 or args.rows is not None and args.rows <= 0:
+            raise train.UserError(f"--batch {args.batch} / --rows {args.rows}: must be positive")
         try:
             steps = [int(s) for s in args.decode_steps.split(",")]
         except ValueError:
@@ -1293,7 +1311,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise train.UserError(f"{', '.join(nat_only)}: NAT only (the ODE's steps are deterministic, and the "
                                       f"refinement table, the blend and the reward study are built for the NAT); "
                                       f"--flow takes --repeat")
-            fpipe = FlowPipeline(args.run_dir, device, args.flow, bf16=not args.no_bf16, batch=args.batch)
+            fpipe = FlowPipeline(args.run_dir, device, args.flow, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
             if args.eval:
                 evaluate_flow(fpipe, args.samples, nfes, args.sweep_samples)
             if args.plot:
@@ -1306,7 +1324,7 @@ def main(argv: list[str] | None = None) -> None:
             elif not (args.eval or args.plot or args.bench):
                 flow_grids(fpipe, max(nfes))
             return
-        pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch)
+        pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
         if args.bench:
             bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
             if args.compile:
@@ -1338,6 +1356,14 @@ def main(argv: list[str] | None = None) -> None:
     except (train.UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError:
+        rows = args.rows or args.batch or (4096 if torch.cuda.is_available() else 500)
+        print(f"error: out of memory generating {rows} rows per forward: lower --rows, e.g. --rows {max(1, rows // 2)} "
+              f"(the images do not change; finished rows are kept in the caches)", file=sys.stderr)
+        sys.exit(train.FAULT_EXIT)
+    except train.RunFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(train.FAULT_EXIT)
     except KeyboardInterrupt:
         print("\ninterrupted; finished evaluation rows are kept in eval_cache.json", file=sys.stderr)
         sys.exit(130)

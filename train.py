@@ -73,6 +73,8 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True                # bf16 autocast for the transformer on CUDA (ignored on CPU)
     compile: bool = False            # torch.compile the generators' training forward (--compile)
+    gen_rows: int = 0                # rows per generator forward in generation (0: the chunk size); lower it after an
+                                     # out-of-memory error: the random numbers are keyed by chunk, the samples do not change
     ckpt_every_s: float = 300.0      # seconds between checkpoints inside a stage
     log_every: int = 50              # steps between log.jsonl records
     # --- vq: the tokenizer
@@ -238,6 +240,14 @@ def sigma_at(c: "TrainConfig", it: int) -> float:
 STAGES = ["backbone", "vq", "featnet", "featnet2", "nat", "search", "param-search", "policy", "static", "smooth"]
 
 
+FAULT_EXIT = 3          # exit code of a run fault (non-finite values, a failed write, out of memory); bad input: 2
+
+
+class RunFault(Exception):
+    """A fault of a running stage (non-finite loss, failed checkpoint write, out of memory): one
+    line on stderr, exit code FAULT_EXIT; the last good checkpoint stays loadable."""
+
+
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
 
@@ -370,13 +380,27 @@ def rank_batch(global_batch: int, name: str) -> int:
     return global_batch // DIST.world
 
 
-def save_ckpt(path: str, obj: dict) -> None:
-    """Atomic write: a temp file in the same folder, then os.replace (rank 0 only)."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) then os.replace(tmp, path) (rank 0 only): an interrupt never leaves a truncated
+    file. A failed write (disk full, permission) removes the temp file, leaves `path` as it was
+    and raises RunFault naming the path and the reason."""
     if not DIST.main:
         return
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        was = "the previous file is intact" if os.path.exists(path) else "nothing was written"
+        raise RunFault(f"could not write {path}: {e.strerror or e} ({was}); free space or fix the folder's permissions, "
+                       f"then re-run the same command to resume") from None
+
+
+def save_ckpt(path: str, obj: dict) -> None:
+    """Atomic checkpoint write (temp file + os.replace, rank 0 only); see atomic_write."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_ckpt(path: str, expect_config: dict | None = None) -> dict:
@@ -455,12 +479,22 @@ def fingerprint(run_dir: str, stages: tuple = ("vq", "featnet", "nat")) -> str:
 
 
 def write_json(path: str, obj) -> None:
-    """Atomic JSON write (temp file + os.replace): an interrupt never leaves a truncated file. Rank 0 only."""
-    if not DIST.main:
-        return
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """Atomic JSON write (temp file + os.replace, rank 0 only); see atomic_write."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
+def finite_json(v):
+    """v with every non-finite float replaced by None: json.dumps then writes null, valid JSON (not NaN)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [finite_json(x) for x in v]
+    if isinstance(v, dict):
+        return {k: finite_json(x) for k, x in v.items()}
+    return v
 
 
 def read_json(path: str, default=None):
@@ -482,7 +516,7 @@ class Logger:
         if not DIST.main:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 1), **record}) + "\n")
+            f.write(json.dumps(finite_json({"time": round(time.time(), 1), **record}), allow_nan=False) + "\n")
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -511,12 +545,36 @@ def train_loop(name: str, ck_path: str, state: dict, modules: dict, step_fn, tot
         state.update({k: m.state_dict() for k, m in modules.items()}, rng=torch.get_rng_state())
         return state
 
-    last_save, t0 = time.time(), time.time()
+    def fault(what: str, step: int, advice: str, note: str = "") -> RunFault:
+        """Save the state before this step if it is finite (else keep the last checkpoint); the one-line error."""
+        bar.close()
+        if all_finite(snapshot()):
+            save_ckpt(ck_path, state)
+            kept = f"its last good state (step {state['step']}) is saved in {ck_path}"
+        else:
+            kept = f"nothing non-finite was saved: the last checkpoint in {ck_path} is kept" if os.path.exists(ck_path) \
+                else "nothing was saved"
+        return RunFault(f"{name}: {what} at step {step + 1}{note}; {kept}. {advice}")
+
+    last_save, t0, last_loss = time.time(), time.time(), None
+    lr_key, batch_key = fault_keys(name)
     bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc=name, dynamic_ncols=True,
                disable=not DIST.main)
     try:
         for step in bar:
-            metrics = step_fn(step)
+            try:
+                metrics = step_fn(step)
+            except FloatingPointError as e:                          # a step_fn found a non-finite value before its update
+                value = getattr(c, lr_key)
+                raise fault(f"non-finite {e}", step,
+                            f"Try a lower learning rate in a new run folder (a run folder's config is fixed), e.g. "
+                            f"--set {lr_key}={value / 10:g} --run-dir <new>; or, if the fault was transient, re-run "
+                            f"the same command to resume",
+                            f" (last finite loss {last_loss:.6g})" if last_loss is not None else "") from None
+            except torch.OutOfMemoryError:
+                raise fault("out of memory", step, f"Lower the batch: {oom_advice(c, batch_key)}; or, if memory was "
+                            f"short only for a while, re-run the same command to resume") from None
+            last_loss = metrics.get("loss", last_loss)
             state["step"] = step + 1
             if step % c.log_every == 0 or step + 1 == total:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if not isinstance(v, list)})
@@ -535,6 +593,49 @@ def train_loop(name: str, ck_path: str, state: dict, modules: dict, step_fn, tot
     state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - t0
     save_ckpt(ck_path, snapshot())                     # trained weights are safe before the final evaluation
     return state
+
+
+def all_finite(obj) -> bool:
+    """True when every floating-point tensor in a (nested) checkpoint dict is finite."""
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(all_finite(v) for v in obj)
+    return True
+
+
+def check_finite(**values: float) -> None:
+    """Raise FloatingPointError naming the first non-finite value (a float the loop has already
+    synchronised for its log, so the check costs no extra host synchronisation)."""
+    for k, v in values.items():
+        if not math.isfinite(v):
+            raise FloatingPointError(f"{k} ({v})")
+
+
+def fault_keys(name: str) -> tuple[str, str]:
+    """(learning-rate key, batch key) of the stage a train_loop runs (for a fault's advice)."""
+    keys = {"vq": ("vq_lr", "vq_batch"), "nat": ("nat_lr", "nat_batch"), "flow": ("flow_lr", "flow_batch"),
+            "vp": ("flow_lr", "flow_batch")}
+    if name in keys:
+        return keys[name]
+    if name in ("featnet", "featnet2", "backbone"):
+        return "feat_lr", "feat_batch"
+    if "search" in name or name.startswith("param_"):
+        return "search_lr", "gen_rows"
+    return ("pi_static_lr" if "static" in name else "pi_lr"), "pi_batch"
+
+
+def oom_advice(c: "TrainConfig", key: str) -> str:
+    """What to lower after an out-of-memory error, for the batch key of the stage."""
+    if key == "gen_rows":
+        now = f"gen_rows = {c.gen_rows}" if c.gen_rows else "gen_rows = 0 (whole chunks: 500 rows on CPU, 4096 on CUDA)"
+        return (f"generating at {now}: set fewer rows per generator forward, e.g. --set gen_rows=128; it splits the "
+                f"forwards only, so the samples do not change")
+    value = getattr(c, key)
+    extra = "" if key != "pi_batch" else ", or lower gen_rows (rows per generator forward; the samples do not change)"
+    return f"at {key} = {value}: lower it in a new run folder, e.g. --set {key}={max(1, value // 2)} --run-dir <new>{extra}"
 
 
 def resume(ck_path: str, model_cfg: dict, modules: dict) -> dict:
@@ -594,6 +695,7 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
             loss = loss + c.vq_perceptual * l_p
             out["percep"] = all_mean(l_p.detach()).item()
         out["loss"] = all_mean(loss.detach()).item()
+        check_finite(loss=out["loss"])                                   # before the update (a value logged anyway)
         if disc is not None and step >= c.gan_start:
             g_loss = vqgan.hinge_g_loss(disc(x_rec))                     # D's gradients here are zeroed below
             loss = loss + c.gan_weight * g_loss
@@ -604,10 +706,11 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
         if disc is not None and step >= c.gan_start:
             logits = disc_dp(torch.cat([x, x_rec.detach()]))              # one forward: one DDP gradient sync
             d_loss = vqgan.hinge_d_loss(*logits.chunk(2))
+            out["d_loss"] = d_loss.item()
+            check_finite(d_loss=out["d_loss"])
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
-            out["d_loss"] = d_loss.item()
         if (step + 1) % c.vq_restart_every == 0 and step < 0.8 * c.vq_steps:
             out["restarted"] = model.vq.restart_dead_codes(z_e.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim))
         return out
@@ -675,11 +778,13 @@ def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Lo
         net.train()
         logits = net(x)
         loss = F.cross_entropy(logits, yb.to(device))
+        loss_v = all_mean(loss.detach()).item()
+        check_finite(loss=loss_v)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         acc = (logits.argmax(1).cpu() == yb).float().mean()
-        return {"loss": all_mean(loss.detach()).item(), "acc": all_mean(acc.to(device)).item()}
+        return {"loss": loss_v, "acc": all_mean(acc.to(device)).item()}
 
     state = train_loop(name, path, state, modules, step_fn, steps, c, log)
     _, logits = fid.extract(model, data.to_float(x_test), device=device)
@@ -703,18 +808,21 @@ def tokenize_dataset(vq: vqgan.VQModel, x: torch.Tensor, y: torch.Tensor, device
 
 
 def generator_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
-                   step: int, decay: float) -> float:
-    """Backward, clip the gradient norm to 1, step, update the EMA weights (decay warmed up as
-    (1 + step) / (10 + step)); returns the gradient norm before clipping."""
+                   step: int, decay: float) -> dict:
+    """Backward, clip the gradient norm to 1, check loss and norm for finite values, step, update
+    the EMA weights (decay warmed up as (1 + step) / (10 + step)); returns {"loss" (mean over
+    ranks), "grad_norm" (before clipping)}."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    out = {"loss": all_mean(loss.detach()).item(), "grad_norm": gn.item()}
+    check_finite(**out)                                                   # before the update, no extra synchronisation
     opt.step()
     d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for pe, p in zip(ema.parameters(), model.parameters()):
             pe.lerp_(p, 1 - d)
-    return gn.item()
+    return out
 
 
 def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
@@ -746,8 +854,8 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -
         net.train()
         with autocast(device, c.bf16):
             loss = nat.masked_token_loss(net, v.to(device), y.to(device))
-        grad_norm = generator_step(model, ema, opt, loss, step, c.ema_decay)
-        return {"loss": all_mean(loss.detach()).item(), "lr": lr, "grad_norm": grad_norm}
+        out = generator_step(model, ema, opt, loss, step, c.ema_decay)
+        return {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
 
     state = train_loop("nat", path, state, modules, step_fn, c.nat_steps, c, log)
     state["done"] = True
@@ -797,8 +905,8 @@ def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) 
         model.train()
         with autocast(device, c.bf16):
             loss = samplers.training_loss(loss_fn, path_obj, x, y.to(device), gd)
-        grad_norm = generator_step(model, ema, opt, loss, step, c.ema_decay)
-        return {"loss": all_mean(loss.detach()).item(), "lr": lr, "grad_norm": grad_norm}
+        out = generator_step(model, ema, opt, loss, step, c.ema_decay)
+        return {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
 
     state = train_loop(name, path, state, modules, step_fn, c.flow_steps, c, log)
     state["done"] = True
@@ -920,7 +1028,7 @@ def real_images(c: TrainConfig, n: int = 11000) -> tuple[torch.Tensor, torch.Ten
 def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: int):
     """(task, pipeline, RealFeatures) of the NAT MDP for T decoding steps (AdaNAT)."""
     import sample                                   # the sampling pipeline (sample.py imports train)
-    pipe = sample.Pipeline(run_dir, device, c.bf16)
+    pipe = sample.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
     ref = sample.RealFeatures(pipe)
     w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
     cfg = pipe.cfg
@@ -947,7 +1055,7 @@ def flow_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, nfe
     steps whose network evaluations fit in `nfe`, starting from the uniform grid with constant
     guidance w_0 (the AdaGen release's DiT/SiT start); D's reals are raw training images."""
     import sample
-    pipe = sample.FlowPipeline(run_dir, device, c.flow_path, c.bf16)
+    pipe = sample.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
     ref = sample.RealFeatures(pipe)
     w_0 = sample.flow_sweep_w(pipe, ref, c.pi_sweep_samples)
     solver, cfg = c.flow_pi_solver, pipe.cfg
@@ -1097,6 +1205,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         mean = lambda x: all_mean(torch.as_tensor(x, dtype=torch.float32, device=device)).item()
         out = {"reward": mean(R.mean()), "r_adv": mean(r_adv.mean()), "r_fid": mean(r_fid.mean()), "d_acc": mean(d_acc),
                "sigma": sigma, "sec_rollout": time.time() - t0}
+        check_finite(reward=out["reward"])
         if it == c.pi_d_warmup:                                              # D after its warm-up: kept for the reward check
             state["disc_warmup"], state["d_acc_warmup"] = copy.deepcopy(D.state_dict()), out["d_acc"]
             print(f"{name}: D's held-out accuracy after its warm-up: {out['d_acc']:.3f}")
@@ -1119,6 +1228,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             loss.backward()
             d_opt.step()
         out["d_loss"], out["sec_d"] = mean(loss.detach()), time.time() - t0
+        check_finite(d_loss=out["d_loss"])                                   # a non-finite D is never saved (train_loop)
         for j, a in enumerate(spec.names):                                   # per-sample spread of each action
             out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
         out["act_mean"] = [[round(v, 5) for v in row] for row in ro.actions.mean(1).tolist()]   # (T, D) per step
@@ -1142,6 +1252,8 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         else:                                                                # the group's mean as the baseline
             A = (R_all.view(-1, G) - R_all.view(-1, G).mean(1, keepdim=True)).flatten()
             adv = my_rows(A / (A.std().clamp_min(floor) + 1e-8)).repeat(T)
+        adv_abs = all_mean(adv.abs().mean()).item()                          # the step size PPO is given
+        check_finite(advantage=adv_abs)
         act = active[ro.t]                                                   # (T*B, D)
         pi.train(), V.train()
 
@@ -1157,7 +1269,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         with torch.no_grad():                                                # how far the mean residual has moved
             mu = pi(ro.features, ro.t)
             stats["residual_rms"] = (((mu * act) ** 2).sum() / act.sum()).sqrt()
-        return {k: float(v) for k, v in stats.items()}
+        return {"adv_abs": adv_abs, **{k: float(v) for k, v in stats.items()}}
 
     state = train_loop(name, path, state, modules, step_fn, c.pi_iters, dataclasses.replace(c, log_every=1), log)
     state["done"] = True
@@ -1218,14 +1330,14 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     import sample
     if kind == "flow":
         nfe, solver = T, c.flow_pi_solver
-        pipe = sample.FlowPipeline(run_dir, device, c.flow_path, c.bf16)
+        pipe = sample.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
         ref = sample.RealFeatures(pipe)
         T = samplers.steps_for_nfe(solver, nfe)
         h = samplers.grid_table(samplers.uniform_grid(T), sample.flow_sweep_w(pipe, ref, c.pi_sweep_samples))  # (T, 2)
         candidate_fids = lambda tables, labels, seed: sample.flow_candidate_fids(pipe, ref, tables, labels, seed, solver)
         name, columns = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w")
     else:
-        pipe = sample.Pipeline(run_dir, device, c.bf16)
+        pipe = sample.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
         ref = sample.RealFeatures(pipe)
         w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
         h = nat.heuristic_table(T, sample.ADANAT_TAU2_0, w_0)                # (T, 4)
@@ -1268,6 +1380,8 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         before = pipe.forwards
         values = candidate_fids(torch.stack([to_table(x) for x in X]), labels, c.search_seed)
         state["forwards"] += int(all_sum(pipe.forwards - before))          # image-forwards run on all ranks (CFG: 2 per step)
+        if not torch.isfinite(values).all():                               # before the update (CPU values)
+            raise FloatingPointError(f"candidate FID ({values.tolist()})")
         return values
 
     def step_fn(k: int) -> dict:
@@ -1365,7 +1479,7 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     budget). With pr_final, the chosen p(r) then trains the full generator in beta/ and the
     schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows)."""
     import sample
-    pipe = sample.Pipeline(run_dir, device, c.bf16)
+    pipe = sample.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
     ref = sample.RealFeatures(pipe)
     found = sample.searched_table(pipe, "search", c.pr_T)
     table = found[0] if found else nat.heuristic_table(c.pr_T, sample.ADANAT_TAU2_0, sample.get_w0(pipe, ref, c.pi_sweep_samples))
@@ -1383,7 +1497,7 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         if not (os.path.exists(ck) and load_ckpt(ck).get("done")):
             stage_nat(c2, d, device, Logger(d))
             barrier()                                                       # rank 0's nat.pt before anyone reads it
-        value = float(sample.candidate_fids(sample.Pipeline(d, device, c.bf16), ref, table[None], labels, c.search_seed)[0])
+        value = float(sample.candidate_fids(sample.Pipeline(d, device, c.bf16, rows=c.gen_rows), ref, table[None], labels, c.search_seed)[0])
         log(stage="pr-search", candidate=sub, train_fid=value, **changes)
         print(f"pr-search: {sub}: training-set FID {value:.2f} (T={c.pr_T}, {c.pr_samples} samples)")
         return value
@@ -1538,7 +1652,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         now = to_plain(c)
         # pi_*, search_*, flow_*, feat2_* keys are free: each of their checkpoints carries (and on resume checks) its own copy
         diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_", "flow_", "feat2_"))
-                      and k not in ("ckpt_every_s", "log_every", "compile") and saved[k] != now[k])
+                      and k not in ("ckpt_every_s", "log_every", "compile", "gen_rows") and saved[k] != now[k])
         if diff:
             raise UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "
                             f"use another --run-dir, or the same flags as before")
@@ -1587,12 +1701,18 @@ def main(argv: list[str] | None = None) -> None:
             if DIST.world > 1:                                         # each rank its own random stream
                 torch.manual_seed(c.seed + 1_000_003 * DIST.rank + STAGES_ALL.index(s))
             t0 = time.time()
-            STAGE_FNS[s](c, run_dir, device, log)
+            try:
+                STAGE_FNS[s](c, run_dir, device, log)
+            except torch.OutOfMemoryError:                             # outside a training loop (data, final evaluation)
+                raise RunFault(f"{s}: out of memory ({oom_advice(c, fault_keys(s)[1])})") from None
             barrier()                                                  # its files are written before the next stage reads them
             log(stage=s, wall_seconds=round(time.time() - t0, 1))
     except (UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFault as e:                                              # every rank stops with the same line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(FAULT_EXIT)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

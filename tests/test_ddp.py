@@ -45,6 +45,23 @@ def test_nat_stage_on_two_processes_writes_once_and_resumes(run_dir, tmp_path):
     assert torch.load(d / "nat.pt", weights_only=True)["step"] == 30
 
 
+def test_a_fault_on_two_processes_stops_both_with_one_message(run_dir, tmp_path):
+    """A learning rate that blows up: the loss checked is the mean over the ranks, so both ranks stop
+    at the same step with the same line and exit code 3, within the timeout (no hang)."""
+    d = tmp_path / "fault"
+    d.mkdir()
+    for f in ("config.json", "vq.pt"):
+        shutil.copy(run_dir / f, d / f)
+    cfg = json.load(open(d / "config.json"))
+    cfg["nat_lr"] = 1e30
+    json.dump(cfg, open(d / "config.json", "w"))
+    r = run("--run-dir", str(d), "--stage", "nat", n=2)
+    assert r.returncode != 0
+    errors = [line[line.index("error: "):] for line in r.stderr.splitlines() if "error: nat: non-finite" in line]
+    assert len(errors) == 2 and errors[0] == errors[1], r.stderr[-3000:]          # one line per rank, the same
+    assert "exitcode  : 3" in r.stderr and "Traceback" not in r.stderr.split("error: ")[0]
+
+
 GENERATE = """
 import sys, torch
 sys.path.insert(0, {root!r})

@@ -8,7 +8,7 @@ Implements
   cross-entropy with label smoothing on the masked positions; the class token is replaced
   by a null class 10% of the time so that classifier-free guidance works at sampling;
 - one parallel-decoding step with per-sample actions a_t = (m, tau1, tau2, w) (AdaNAT §3.2,
-  Eq. 1-4, and its Eq. 5 action): guided logits l = l_c + w (l_c - l_u); every [MASK]
+  whose decoding equations are unnumbered, and the §4.2 action, Eq. 5): guided logits l = l_c + w (l_c - l_u); every [MASK]
   position is sampled from softmax(l / tau1); confidence c_i = log p(v_i = v_hat_i) under
   softmax(l) (+inf for tokens decoded earlier); the floor(N m) least confident positions,
   ranked by c + tau2 * Gumbel (the Gumbel-top-k trick), are masked again;

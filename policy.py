@@ -1,4 +1,4 @@
-"""Generation policies for the NAT and ODE-sampler MDPs (AdaNAT §3.2-3.3, Eq. 9; AdaGen §III-C,
+"""Generation policies for the NAT and ODE-sampler MDPs (AdaNAT §4.2, Eq. 4-9; AdaGen §III-C,
 §III-E Eq. 12, §III-F2 Eq. 14, App. B).
 
 The MDP: state s_t = (t, v^(t)) observed through the frozen generator's final-LayerNorm

@@ -1,4 +1,5 @@
-"""Proximal policy optimisation for the generation MDP (Schulman et al. 2017; AdaNAT §3.3, Eq. 10-11).
+"""Proximal policy optimisation for the generation MDP (Schulman et al. 2017; AdaNAT §4.2, Eq. 10-12;
+AdaNAT App. A).
 
 The reward arrives only at the end of a trajectory and gamma = 1, so every step t of
 trajectory b has the same return R_b. Returns are normalised over the batch,

@@ -1,4 +1,4 @@
-"""The adversarial reward model r_psi (AdaNAT §3.3 Eq. 12; AdaGen §III-D): a projected discriminator;
+"""The adversarial reward model r_psi (AdaNAT §4.3, Eq. 13-14; AdaGen §III-D): a projected discriminator;
 and the rest of AdaGen's rewards: the fixed fidelity reward and its blend (§III-F2, Eq. 15), and
 the discriminator as the ranker of repeated sampling (§III-F1, Algorithm 2).
 
@@ -17,8 +17,9 @@ Every head weighs the same in the loss and the reward, whatever its number of po
 Heads: spectral-normalised 1x1 conv -> LeakyReLU(0.2) -> residual spectral-normalised 3x3
 conv -> LeakyReLU, then the 1x1 logit and projection convs. Score with D in eval mode (in
 training mode every forward also advances the spectral norms' power iteration). Real and fake
-images can pass through differentiable augmentation (DiffAugment: translation by up to 1/8 of
-the size and a cutout of half the size) before the backbone, so D cannot memorise the real set.
+images pass through differentiable augmentation before the backbone, so D cannot memorise the
+real set (DiffAugment: translation by up to 1/8 of the size, and optionally a cutout of half the
+size; the policy stages use translation only).
 
 Usage:
     D = ProjectedDiscriminator(channels=[24, 48, 32], num_classes=10)

@@ -1210,7 +1210,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             state["disc_warmup"], state["d_acc_warmup"] = copy.deepcopy(D.state_dict()), out["d_acc"]
             print(f"{name}: D's held-out accuracy after its warm-up: {out['d_acc']:.3f}")
         t0 = time.time()
-        if it >= c.pi_d_warmup:                                              # PPO (Eq. 10-11)
+        if it >= c.pi_d_warmup:                                              # PPO (AdaNAT Eq. 11-12)
             out.update(ppo_step(ro, all_cat(R), sigma, g_cpu))
         out["sec_ppo"], t0 = time.time() - t0, time.time()
         state["replay"] = (state.get("replay") or [])[-(c.pi_d_replay - 1):] if c.pi_d_replay > 1 else []
@@ -1242,7 +1242,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         return out
 
     def ppo_step(ro: policy.Rollout, R_all: torch.Tensor, sigma: float, g_cpu: torch.Generator) -> dict:
-        """Advantages and the PPO update (Eq. 10-11) on one rollout; R_all (global B,) terminal rewards.
+        """Advantages (AdaNAT Eq. 12) and the PPO update (Eq. 11) on one rollout; R_all (global B,) terminal rewards.
         Returns and advantages are divided by max(batch std, pi_adv_floor); the anchor pulls the
         mean residual eta(s) toward 0, i.e. the policy toward its start schedule."""
         G, floor = c.pi_group, c.pi_adv_floor

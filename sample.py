@@ -30,368 +30,56 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import data
+import ddp
 import fid
 import nat
 import policy
 import reward
+import pipeline
+import plots
+import runs
 import samplers
-import train
 
-EVAL_SEEDS = (1, 2, 3)       # sampling seeds of the final table; the w_0 sweep uses seed 0
-W0_GRID = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
 # The hand-written schedules (nat.heuristic_table): MaskGIT's, and AdaNAT's whose w_0 is swept.
-MASKGIT = dict(tau2_0=4.5, w_0=0.0)
-ADANAT_TAU2_0 = 1.0
-
-
-def in_rows(fn, rows: int | None, *args: torch.Tensor) -> torch.Tensor:
-    """fn(*args) on at most `rows` rows at a time, concatenated: the same result in less memory (the
-    random numbers of a generation are drawn for the whole chunk, outside fn)."""
-    n = args[0].shape[0]
-    if not rows or n <= rows:
-        return fn(*args)
-    parts = [fn(*(a[i:i + rows] for a in args)) for i in range(0, n, rows)]
-    if isinstance(parts[0], tuple):                                         # e.g. the NAT's (logits, features)
-        return tuple(torch.cat(p) for p in zip(*parts))
-    return torch.cat(parts)
-
-
-class Pipeline:
-    """The trained models of a run folder, and generation through them."""
-
-    def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int | None = None,
-                 rows: int | None = None):
-        batch = batch or (4096 if device.type == "cuda" else 500)       # rows per generator batch (x2 with CFG)
-        self.run_dir, self.device, self.bf16, self.batch = run_dir, device, bf16, batch
-        self.rows = rows or None                                           # rows per forward (memory); None: whole batches
-        self.config = train.read_json(os.path.join(run_dir, "config.json"))
-        if not isinstance(self.config, dict):
-            raise train.UserError(f"{run_dir}/config.json is unreadable: re-run python train.py --run-dir {run_dir}")
-        self.vq = train.build_model(run_dir, "vq", device)
-        self.net = train.build_model(run_dir, "nat", device, weights="ema")
-        self.forward = self.net                                            # or its torch.compile (compile())
-        self.cfg: nat.NATConfig = self.net.cfg
-        self.featnet = train.build_model(run_dir, "featnet", device)
-        if (self.cfg.vocab_size, self.cfg.num_tokens) != (self.vq.cfg.codebook_size, self.vq.num_tokens):
-            raise train.UserError(f"{run_dir}: nat.pt expects {self.cfg.vocab_size} codes x {self.cfg.num_tokens} tokens but "
-                                  f"vq.pt makes {self.vq.cfg.codebook_size} x {self.vq.num_tokens}; retrain the nat stage")
-        self.forwards = 0
-        # identifies weights + numerics: cached results are reused only for the same fingerprint
-        self.fingerprint = f"{train.fingerprint(run_dir)}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
-        self.eval_key = f"{self.fingerprint}|chunk={self.batch}"             # + how randomness is keyed: table caches
-
-    def compile(self) -> None:
-        """Generate through torch.compile of the transformer from now on (sample.py --compile)."""
-        self.forward = torch.compile(self.net)
-
-    def logits_fn(self, tokens: torch.Tensor, labels: torch.Tensor):
-        self.forwards += tokens.shape[0]                                   # image-forwards of the generator so far
-        with train.autocast(self.device, self.bf16):
-            return in_rows(self.forward, self.rows, tokens, labels)
-
-    def generate(self, labels: torch.Tensor, T: int, schedule: nat.Schedule, seed: int, guided: bool = True,
-                 progress: bool = False, group: int = 1, dedup: bool = False, lookahead: int = 1,
-                 score_fn=None) -> torch.Tensor:
-        """Generate tokens (n, N) for labels (n,) in chunks of `batch` rows, with any schedule (a
-        heuristic table, a policy); each chunk's random numbers are keyed by (seed, chunk index) and
-        the chunks are shared over the ranks of a torchrun job, so any number of processes makes
-        the same tokens. guided=False skips the null-class forward (the schedule's w is ignored).
-        group = G: consecutive blocks of G rows share their random numbers (nat.decode_step).
-        dedup: one forward per distinct (tokens, label) row of a step (see `dedup_logits_fn`).
-        lookahead, score_fn: nat.generate's look-ahead sampling (k candidates per transition)."""
-        null = self.cfg.null_label if guided else None
-        step = max(group, self.batch // group * group)                     # whole groups per chunk
-        fn = dedup_logits_fn(self.logits_fn) if dedup else self.logits_fn
-
-        def run_chunk(j: int) -> torch.Tensor:                             # chunk j: rows [j step, (j + 1) step)
-            g = torch.Generator(self.device).manual_seed(train.chunk_seed(seed, j))
-            y = labels[j * step:(j + 1) * step].to(self.device)
-            return nat.generate(fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g, group,
-                                lookahead, score_fn).cpu()
-        return torch.cat(sharded_with_actions(-(-len(labels) // step), run_chunk, schedule, f"T={T}", progress))
-
-    def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int) -> torch.Tensor:
-        """Generate tokens (n, N) for labels (n,) with the heuristic schedule (tau2_0, w_0)."""
-        return self.generate(labels, T, nat.heuristic_schedule(T, tau2_0=tau2_0, w_0=w_0), seed, guided=w_0 != 0)
-
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Decode tokens (n, N) to float images (n, C, H, W) in [-1, 1] on the CPU."""
-        return torch.cat([self.vq.detokenize(tokens[i:i + self.batch].to(self.device)).float().cpu()
-                          for i in range(0, len(tokens), self.batch)])
-
-
-def sharded_with_actions(n_chunks: int, run_chunk, schedule, desc: str = "", progress: bool = False) -> list:
-    """train.sharded over the chunks of a generation; a PolicySchedule's executed actions are
-    gathered with them, in chunk order, so its actions() cover every sample on every rank."""
-    if not isinstance(schedule, policy.PolicySchedule):
-        return train.sharded(n_chunks, run_chunk, desc, progress)
-    outs = train.sharded(n_chunks, lambda j: (run_chunk(j), torch.stack(schedule.executed).cpu()), desc, progress)
-    actions = [a for _, a in outs]                                     # (T, rows, D) per chunk
-    schedule.finished, schedule.executed = actions[:-1], list(actions[-1])
-    return [out for out, _ in outs]
-
-
-def dedup_logits_fn(logits_fn):
-    """logits_fn run once per distinct (tokens, label) row, its outputs copied to the duplicates.
-
-    In a search update the candidates that perturb step t decode steps 0..t-1 exactly like the
-    unperturbed schedule (same random numbers), so at step t only 1 + (candidates perturbed
-    earlier) rows are distinct: about half the generator forwards of the update are skipped."""
-    def fn(tokens: torch.Tensor, labels: torch.Tensor):
-        key = torch.cat([tokens, labels[:, None]], 1)                     # (B, N+1)
-        uniq, inv = torch.unique(key, dim=0, return_inverse=True)         # (U, N+1), (B,)
-        logits, feats = logits_fn(uniq[:, :-1], uniq[:, -1])
-        return logits[inv], feats[inv]
-    return fn
-
-
-def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    return torch.arange(n) % num_classes
-
-
-def write_text(path: str, text: str) -> None:
-    """A text file, written by rank 0 alone in a torchrun job."""
-    if train.DIST.main:
-        with open(path, "w") as f:
-            f.write(text)
-
-
-def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 3) -> None:
-    """images (n, C, H, W) in [-1, 1] -> a PNG with `nrow` images per row."""
-    x = data.to_uint8(images)                                           # (n, C, H, W)
-    n, C, H, W = x.shape
-    rows = (n + nrow - 1) // nrow
-    canvas = torch.full((C, rows * (H + 2) + 2, nrow * (W + 2) + 2), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        canvas[:, 2 + r * (H + 2):2 + r * (H + 2) + H, 2 + col * (W + 2):2 + col * (W + 2) + W] = x[i]
-    arr = canvas.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if C == 1 else arr)
-    if train.DIST.main:                                                 # rank 0 writes in a torchrun job
-        img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
-def plot_panels(path: str, panels: list[dict], title: str = "", size: tuple = (300, 200)) -> None:
-    """Line plots drawn with Pillow, one panel each, side by side.
-
-    panel = {"title": str, "series": [{"x": [...], "y": [...], "color": (r, g, b),
-             "dashed": bool, "band": (lo list, hi list) or None, "label": str}]}"""
-    from PIL import ImageDraw
-    W, H = size
-    ml, mr, mt, mb = 46, 10, 22, 22                                       # margins: left, right, top, bottom
-    img = Image.new("RGB", (W * len(panels), H + (18 if title else 0)), "white")
-    d = ImageDraw.Draw(img)
-    if title:
-        d.text((6, 2), title, fill="black")
-    for p_i, panel in enumerate(panels):
-        ox, oy = p_i * W, 18 if title else 0
-        xs = [x for s in panel["series"] for x in s["x"]]
-        ys = [y for s in panel["series"] for y in s["y"] if y == y]
-        ys += [v for s in panel["series"] if s.get("band") for part in s["band"] for v in part]
-        if not xs or not ys:
-            continue
-        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        y0, y1 = min(ys), max(ys)
-        pad = (y1 - y0) * 0.05 or abs(y0) * 0.05 or 1.0
-        y0, y1 = y0 - pad, y1 + pad
-        px = lambda x: ox + ml + (x - x0) / (x1 - x0) * (W - ml - mr)
-        py = lambda y: oy + mt + (y1 - y) / (y1 - y0) * (H - mt - mb)
-        d.rectangle([ox + ml, oy + mt, ox + W - mr, oy + H - mb], outline=(160, 160, 160))
-        d.text((ox + ml, oy + 6), panel["title"], fill="black")
-        d.text((ox + 2, oy + mt - 4), f"{y1:.3g}", fill=(90, 90, 90))
-        d.text((ox + 2, oy + H - mb - 8), f"{y0:.3g}", fill=(90, 90, 90))
-        d.text((ox + ml, oy + H - mb + 4), f"{x0:g}", fill=(90, 90, 90))
-        d.text((ox + W - mr - 24, oy + H - mb + 4), f"{x1:g}", fill=(90, 90, 90))
-        for s in panel["series"]:
-            if s.get("band"):
-                lo, hi = s["band"]
-                poly = [(px(x), py(v)) for x, v in zip(s["x"], hi)] + [(px(x), py(v)) for x, v in reversed(list(zip(s["x"], lo)))]
-                d.polygon(poly, fill=tuple(int(255 - (255 - c) * 0.25) for c in s["color"]))
-            pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if y == y]
-            for k, (a, b) in enumerate(zip(pts, pts[1:])):
-                if not s.get("dashed") or k % 2 == 0:
-                    d.line([a, b], fill=s["color"], width=2)
-            if len(pts) == 1 or s.get("dashed"):
-                for x, y in pts:
-                    d.ellipse([x - 2, y - 2, x + 2, y + 2], outline=s["color"])
-    if train.DIST.main:
-        img.save(path)
-
-
-def plot_training(history: list[dict], path: str, name: str) -> None:
-    """The policy stage's curve: reward, D accuracy, training-set FID and approx_kl per iteration."""
-    panels = []
-    for key, color in (("reward", (200, 60, 30)), ("d_acc", (30, 90, 200)), ("train_fid", (20, 140, 60)),
-                       ("approx_kl", (120, 60, 160))):
-        pts = [(r["iter"], r[key]) for r in history if key in r]
-        panels.append({"title": key, "series": [{"x": [p[0] for p in pts], "y": [p[1] for p in pts], "color": color}]})
-    plot_panels(path, panels, title=f"{name}: per PPO iteration (train_fid vs training-set statistics)")
-
-
-class RealFeatures:
-    """Feature-network features of real images: the 10 000 test images and 10 000 training images;
-    and the two references every table adds beside FID against the test images: FID against the
-    tokenizer's reconstructions of the test images (`recon_*`; a generator that matched the token
-    distribution exactly would score 0 there) and FID on the independent network featnet2
-    (`net2`, `test2_*`, `train2_*`; when featnet2.pt is trained).
-
-    Cached in <run_dir>/fid_ref.pt, keyed by the fingerprints of the networks involved."""
-
-    def __init__(self, pipe: Pipeline):
-        path = os.path.join(pipe.run_dir, "fid_ref.pt")
-        done = lambda s: os.path.exists(os.path.join(pipe.run_dir, f"{s}.pt")) and train.load_ckpt(
-            os.path.join(pipe.run_dir, f"{s}.pt")).get("done")
-        nets = tuple(s for s in ("featnet", "vq", "featnet2") if s == "featnet" or done(s))
-        key = train.fingerprint(pipe.run_dir, nets)
-        try:
-            cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
-        except Exception:
-            cached = None                                                  # unreadable cache: recompute
-        self.net2 = train.build_model(pipe.run_dir, "featnet2", pipe.device) if "featnet2" in nets else None
-        if cached is None or cached.get("key") != key:
-            cached = self._compute(pipe, key, nets)
-            train.save_ckpt(path, cached)
-        self.test_images, self.test_labels = cached["test_images"], cached["test_labels"]   # uint8, long
-        self.test_feats, self.train_feats = cached["test_feats"], cached["train_feats"]     # (N, D)
-        self.train_correct = cached["train_correct"]                                        # (N,) bool
-        self.device = pipe.device                                          # where precision / recall run
-        self.key = key
-        self.test_mu, self.test_sigma = fid.statistics(self.test_feats)
-        self.train_mu, self.train_sigma = fid.statistics(self.train_feats)
-        stats = lambda k: fid.statistics(cached[k]) if k in cached else (None, None)
-        self.recon_mu, self.recon_sigma = stats("recon_feats")
-        self.test2_mu, self.test2_sigma = stats("test2_feats")
-        self.train2_mu, self.train2_sigma = stats("train2_feats")
-
-    def _compute(self, pipe, key: str, nets: tuple) -> dict:
-        c = pipe.config
-        x_test, y_test, _ = data.load_dataset(c["data"], "test", c["img_size"], c["channels"], c["seed"])
-        x_train, y_train, _ = data.load_dataset(c["data"], "train", c["img_size"], c["channels"], c["seed"])
-        pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]
-        test, train_x = data.to_float(x_test), data.to_float(x_train[pick])
-        test_feats, _ = fid.extract(pipe.featnet, test, device=pipe.device)
-        train_feats, train_logits = fid.extract(pipe.featnet, train_x, device=pipe.device)
-        out = {"key": key, "test_images": x_test, "test_labels": y_test, "test_feats": test_feats,
-               "train_feats": train_feats, "train_correct": train_logits.argmax(1) == y_train[pick]}
-        if "vq" in nets:                                                   # the tokenizer's reconstructions of test
-            vq = getattr(pipe, "vq", None) or train.build_model(pipe.run_dir, "vq", pipe.device)
-            with torch.no_grad():
-                recon = torch.cat([vq.detokenize(vq.tokenize(test[i:i + 500].to(pipe.device))).float().cpu()
-                                   for i in range(0, len(test), 500)])
-            out["recon_feats"] = fid.extract(pipe.featnet, recon, device=pipe.device)[0]
-        if self.net2 is not None:
-            out["test2_feats"] = fid.extract(self.net2, test, device=pipe.device)[0]
-            out["train2_feats"] = fid.extract(self.net2, train_x, device=pipe.device)[0]
-        return out
-
-
-def metrics(pipe: Pipeline, ref: RealFeatures, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """FID / precision / recall against the test images and conditional accuracy; FID against the
-    tokenizer's reconstructions of the test images ("fid_recon") and on featnet2 ("fid2") when there are."""
-    feats, logits = fid.extract(pipe.featnet, images, device=pipe.device)
-    P, R = fid.precision_recall(ref.test_feats, feats, k=3, device=ref.device)
-    out = {"fid": fid.fid_from_features(feats, ref.test_mu, ref.test_sigma),
-           "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
-    if ref.recon_mu is not None:
-        out["fid_recon"] = fid.fid_from_features(feats, ref.recon_mu, ref.recon_sigma)
-    if ref.net2 is not None:
-        out["fid2"] = fid.fid_from_features(fid.extract(ref.net2, images, device=pipe.device)[0], ref.test2_mu, ref.test2_sigma)
-    return out
-
-
-def candidate_fids(pipe: Pipeline, ref: RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
-                   progress: bool = False) -> torch.Tensor:
-    """FID against *training* statistics of C schedules, tables (C, T, 4), on the same labels (n,)
-    and the same random numbers (common random numbers: candidate c of sample i decodes with
-    sample i's draws). All C x n generations run as few large batches (rows interleaved)."""
-    C, T, _ = tables.shape
-    n = len(labels)
-    tok = pipe.generate(labels.repeat_interleave(C), T, nat.table_schedule(tables), seed, group=C, progress=progress,
-                        dedup=True)
-    feats, _ = fid.extract(pipe.featnet, pipe.decode(tok), device=pipe.device)                 # (n*C, D)
-    feats = feats.view(n, C, -1)
-    return torch.tensor([fid.fid_from_features(feats[:, k], ref.train_mu, ref.train_sigma) for k in range(C)])
-
-
-def sweep_w(pipe: Pipeline, ref: RealFeatures, samples: int, T: int = 8) -> dict:
-    """Pick w_0 of AdaNAT's heuristic (tau2_0 = 1, w = w_0 t/T) by FID against *training* statistics."""
-    labels = balanced_labels(samples, pipe.cfg.num_classes)
-    results = {}
-    bar = tqdm(W0_GRID, desc=f"w_0 sweep (T={T}, {samples} samples)", disable=not train.DIST.main)
-    for w_0 in bar:
-        images = pipe.decode(pipe.generate_tokens(labels, T, ADANAT_TAU2_0, w_0, seed=0))
-        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
-        results[w_0] = fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
-        bar.set_postfix(fid=f"{results[w_0]:.2f}")
-    best = min(results, key=results.get)
-    if best == max(W0_GRID):
-        print(f"warning: the best w_0 is the largest of the grid {W0_GRID}; extend W0_GRID in sample.py")
-    out = {"fingerprint": pipe.fingerprint, "T": T, "samples": samples, "grid": list(W0_GRID), "tau2_0": ADANAT_TAU2_0,
-           "train_fid": {str(k): v for k, v in results.items()}, "w_0": best}
-    train.write_json(os.path.join(pipe.run_dir, "sweep_w.json"), out)
-    train.barrier()                                                    # written before any rank reads it again
-    print(f"w_0 sweep (FID vs training set, T={T}): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()) + f" -> w_0 = {best}")
-    return out
-
-
-def get_w0(pipe: Pipeline, ref: RealFeatures, samples: int) -> float:
-    """The swept w_0 of this run's weights, sweeping first when there is none (or it is stale)."""
-    saved = train.read_json(os.path.join(pipe.run_dir, "sweep_w.json"), {})
-    if (saved.get("fingerprint"), saved.get("samples"), saved.get("grid")) == (pipe.fingerprint, samples, list(W0_GRID)):
-        return saved["w_0"]
-    return sweep_w(pipe, ref, samples)["w_0"]
 
 
 POLICY_ROWS = {"static": "learned static (PPO, no state)", "policy": "adaptive policy (PPO)",
                "smooth": "adaptive + smoothing (PPO, beta_ema={beta_ema:g})"}
 
 
-def policy_schedule(pipe: Pipeline, kind: str, T: int, start: str = "heuristic",
+def policy_schedule(pipe: pipeline.Pipeline, kind: str, T: int, start: str = "heuristic",
                     reward_name: str = "adversarial") -> tuple | None:
-    """(make_schedule, config, fingerprint) of the trained `kind` policy for T whose residual
-    starts from `start` (train.PI_STARTS), trained on `reward_name`, or None if there is none."""
-    name = train.policy_file(kind, start, T, reward_name)
+    """(make_schedule, config, runs.fingerprint) of the trained `kind` policy for T whose residual
+    starts from `start` (pipeline.PI_STARTS), trained on `reward_name`, or None if there is none."""
+    name = pipeline.policy_file(kind, start, T, reward_name)
     path = os.path.join(pipe.run_dir, f"{name}.pt")
     if not os.path.exists(path):
         return None
-    pi, cfg = train.load_policy(path, pipe.device)
+    pi, cfg = pipeline.load_policy(path, pipe.device)
     h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
     make = lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"])
-    return make, cfg, train.fingerprint(pipe.run_dir, (name,))
+    return make, cfg, runs.fingerprint(pipe.run_dir, (name,))
 
 
 SEARCH_ROWS = {"param": "parametric family (searched, 6 shape parameters)", "search": "AutoNAT search (free T x 4 table)"}
 
 
-def searched_table(pipe: Pipeline, name: str, T: int) -> tuple | None:
-    """(table (T, 4), config, fingerprint) of a finished search `name` ("search" or "param") for T, or None."""
-    path = os.path.join(pipe.run_dir, f"{name}_T{T}.pt")
-    if not os.path.exists(path):
-        return None
-    ck = train.load_ckpt(path)
-    if not ck.get("done"):
-        return None
-    return ck["table"], ck["config"], train.fingerprint(pipe.run_dir, (f"{name}_T{T}",))
-
-
-def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int], sweep_samples: int = 2000) -> dict:
+def schedule_rows(pipe: pipeline.Pipeline, w_0: float, steps: list[int], sweep_samples: int = 2000) -> dict:
     """name -> {T: (make_schedule, guided, key, generator)}: the heuristics, every finished search
     and every trained policy for these T, in the order of the comparison (DESIGN.md); then the
-    Beta-trained generator of the pr-search stage (generator = its Pipeline; else None, this run's)."""
+    Beta-trained generator of the pr-search stage (generator = its pipeline.Pipeline; else None, this run's)."""
     rows = {"MaskGIT (cos m, tau2_0=4.5, no CFG)":
-            {T: (lambda T=T: nat.heuristic_schedule(T, **MASKGIT), False, "", None) for T in steps},
+            {T: (lambda T=T: nat.heuristic_schedule(T, **pipeline.MASKGIT), False, "", None) for T in steps},
             f"AdaNAT heuristic (tau2_0=1, w_0={w_0:g})":
-            {T: (lambda T=T: nat.heuristic_schedule(T, ADANAT_TAU2_0, w_0), True, "", None) for T in steps}}
+            {T: (lambda T=T: nat.heuristic_schedule(T, pipeline.ADANAT_TAU2_0, w_0), True, "", None) for T in steps}}
 
-    def add_searches(p: Pipeline, prefix: str, gen):
+    def add_searches(p: pipeline.Pipeline, prefix: str, gen):
         for name, label in SEARCH_ROWS.items():
             for T in steps:
-                found = searched_table(p, name, T)
+                found = pipeline.searched_table(p, name, T)
                 if found is None:
                     continue
                 table, cfg, fp = found
@@ -401,7 +89,7 @@ def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int], sweep_samples: i
                 rows.setdefault(prefix + label, {})[T] = (lambda table=table: nat.table_schedule(table), True, key, gen)
 
     add_searches(pipe, "", None)
-    for start, kind in itertools.product(train.PI_STARTS, POLICY_ROWS):
+    for start, kind in itertools.product(pipeline.PI_STARTS, POLICY_ROWS):
         for T in steps:
             found = policy_schedule(pipe, kind, T, start)
             if found is None:
@@ -411,16 +99,16 @@ def schedule_rows(pipe: Pipeline, w_0: float, steps: list[int], sweep_samples: i
                 print(f"warning: {kind}_T{T}.pt started from w_0 other than {w_0:g} (the sweep changed since)")
             label = POLICY_ROWS[kind].format(beta_ema=cfg["beta_ema"])
             if start != "heuristic":
-                label = label[:-1] + f", on {train.PI_STARTS[start]})"
+                label = label[:-1] + f", on {pipeline.PI_STARTS[start]})"
             rows.setdefault(label, {})[T] = (make, True, f"|{fp}", None)
     beta_dir = os.path.join(pipe.run_dir, "beta")                      # the pr-search stage's full generator
-    if os.path.exists(os.path.join(beta_dir, "nat.pt")) and train.load_ckpt(os.path.join(beta_dir, "nat.pt")).get("done"):
-        bp = Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch, pipe.rows)
+    if os.path.exists(os.path.join(beta_dir, "nat.pt")) and runs.load_ckpt(os.path.join(beta_dir, "nat.pt")).get("done"):
+        bp = pipeline.Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch, pipe.rows)
         a, b = bp.cfg.alpha, bp.cfg.beta
-        w_b = get_w0(bp, RealFeatures(bp), sweep_samples)
+        w_b = pipeline.get_w0(bp, pipeline.RealFeatures(bp), sweep_samples)
         prefix = f"Beta({a:.3g}, {b:.3g})-trained NAT: "
         rows[prefix + f"AdaNAT heuristic (w_0={w_b:g})"] = {
-            T: (lambda T=T: nat.heuristic_schedule(T, ADANAT_TAU2_0, w_b), True, f"|beta|{bp.fingerprint}", bp) for T in steps}
+            T: (lambda T=T: nat.heuristic_schedule(T, pipeline.ADANAT_TAU2_0, w_b), True, f"|beta|{bp.fingerprint}", bp) for T in steps}
         add_searches(bp, prefix, bp)
     return rows
 
@@ -432,13 +120,13 @@ REF_NOTE = ("; FID vs recon: against the tokenizer's reconstructions of the test
             "without the tokenizer's); featnet2: FID on the independent feature network")
 
 
-def metric_head(ref: "RealFeatures") -> str:
+def metric_head(ref: "pipeline.RealFeatures") -> str:
     """The metric columns of every table: FID vs test, vs the tokenizer's reconstructions, on featnet2, P, R, acc."""
     return ("FID | " + ("FID vs recon | " if ref.recon_mu is not None else "") +
             ("featnet2 FID | " if ref.net2 is not None else "") + "precision | recall | cond. acc. |")
 
 
-def metric_cells(r: dict, ref: "RealFeatures") -> str:
+def metric_cells(r: dict, ref: "pipeline.RealFeatures") -> str:
     """One row's metric cells for metric_head (mean ± sd when the row has an sd)."""
     v = lambda k: f"{r[k]:.2f} ± {r[k + '_sd']:.2f}" if k + "_sd" in r else (f"{r[k]:.2f}" if k in r else "–")
     return (f"{v('fid')} | " + (f"{v('fid_recon')} | " if ref.recon_mu is not None else "") +
@@ -446,44 +134,32 @@ def metric_cells(r: dict, ref: "RealFeatures") -> str:
             f"{r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} |")
 
 
-def seed_summary(runs: list[dict], actions: tuple) -> dict:
+def seed_summary(per_seed: list[dict], actions: tuple) -> dict:
     """Mean and sd over the seeds' results of each metric; a policy's per-step action spread
     (from the first seed)."""
     row = {}
     for k in (*METRIC_KEYS, "images_per_s"):
-        if not all(k in r for r in runs):
+        if not all(k in r for r in per_seed):
             continue
-        v = np.array([r[k] for r in runs])
+        v = np.array([r[k] for r in per_seed])
         row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    if "actions_sd" in runs[0]:
+    if "actions_sd" in per_seed[0]:
         row["actions"] = list(actions)
-        row["actions_mean_per_step"], row["actions_sd_per_step"] = runs[0]["actions_mean"], runs[0]["actions_sd"]
+        row["actions_mean_per_step"], row["actions_sd_per_step"] = per_seed[0]["actions_mean"], per_seed[0]["actions_sd"]
     return row
 
 
-def measure(pipe, ref: "RealFeatures", labels: torch.Tensor, sched, generate, to_images=lambda x: x) -> dict:
+def measure(pipe, ref: "pipeline.RealFeatures", labels: torch.Tensor, sched, generate, to_images=lambda x: x) -> dict:
     """One table cell: generate(sched) timed (generation only), then FID / precision / recall /
     conditional accuracy of to_images(output); a policy's per-step action spread too."""
     t0 = time.time()
     out = generate(sched)
     res = {"images_per_s": len(labels) / (time.time() - t0)}
-    res.update(metrics(pipe, ref, to_images(out), labels))
+    res.update(pipeline.metrics(pipe, ref, to_images(out), labels))
     if isinstance(sched, policy.PolicySchedule):
         a = sched.actions()                                               # (T, n, D)
         res.update(actions_mean=a.mean(1).tolist(), actions_sd=a.std(1).tolist())
     return res
-
-
-def train_reference(ref: "RealFeatures", n: int) -> dict:
-    """The metric's own noise: n real training images against the test set (and its reconstructions, featnet2)."""
-    P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3, device=ref.device)
-    out = {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
-           "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
-    if ref.recon_mu is not None:
-        out["fid_recon"] = fid.fid_from_features(ref.train_feats[:n], ref.recon_mu, ref.recon_sigma)
-    if ref.net2 is not None:
-        out["fid2"] = fid.frechet_distance(ref.train2_mu, ref.train2_sigma, ref.test2_mu, ref.test2_sigma)
-    return out
 
 
 def time_round_robin(fns: list, device: torch.device, repeats: int) -> dict:
@@ -503,91 +179,91 @@ def time_round_robin(fns: list, device: torch.device, repeats: int) -> dict:
     return {name: min(ts) for name, ts in times.items()}
 
 
-def evaluate(pipe: Pipeline, samples: int, steps: list[int], sweep_samples: int) -> None:
+def evaluate(pipe: pipeline.Pipeline, samples: int, steps: list[int], sweep_samples: int) -> None:
     """The evaluation table (eval.json, eval.md), resuming from eval_cache.json."""
-    ref = RealFeatures(pipe)
-    w_0 = get_w0(pipe, ref, sweep_samples)
+    ref = pipeline.RealFeatures(pipe)
+    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     rows = schedule_rows(pipe, w_0, steps, sweep_samples)
     cache_path = os.path.join(pipe.run_dir, "eval_cache.json")
-    cache = train.read_json(cache_path, {})
+    cache = runs.read_json(cache_path, {})
     if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
         cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}          # other weights, device or chunking: start over
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
-    labels = balanced_labels(samples, pipe.cfg.num_classes)
+    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
 
     # reference rows: real training images, and tokenizer reconstructions of the test images
     refs = {}
     key = f"ref|train|{n}"
     if key not in cache:
-        cache[key] = train_reference(ref, n)
+        cache[key] = pipeline.train_reference(ref, n)
     refs["real training images vs test"] = cache[key]
     key = f"ref|recon|{n}"
     if key not in cache:
         x = data.to_float(ref.test_images[:n])
         recon = pipe.decode(torch.cat([pipe.vq.tokenize(x[i:i + 500].to(pipe.device)).cpu() for i in range(0, n, 500)]))
-        cache[key] = metrics(pipe, ref, recon, ref.test_labels[:n])
+        cache[key] = pipeline.metrics(pipe, ref, recon, ref.test_labels[:n])
     refs["tokenizer reconstructions of test vs test (floor)"] = cache[key]
-    train.write_json(cache_path, cache)
+    runs.write_json(cache_path, cache)
 
-    jobs = [(name, T, s) for name in rows for T in rows[name] for s in EVAL_SEEDS]
-    bar = tqdm(jobs, desc="eval", disable=not train.DIST.main)
+    jobs = [(name, T, s) for name in rows for T in rows[name] for s in pipeline.EVAL_SEEDS]
+    bar = tqdm(jobs, desc="eval", disable=not ddp.DIST.main)
     for name, T, s in bar:
         make, guided, suffix, gen = rows[name][T]
         key = f"{name}|T{T}|seed{s}|{samples}{suffix}"
         if key not in cache:                                            # same tokenizer + featnet for every row
             cache[key] = measure(pipe, ref, labels, make(),
                                  lambda sched: (gen or pipe).generate(labels, T, sched, seed=s, guided=guided), pipe.decode)
-            train.write_json(cache_path, cache)
+            runs.write_json(cache_path, cache)
         bar.set_postfix(T=T, fid=f"{cache[key]['fid']:.2f}")
 
     table = []
     for name in rows:
         for T, (_, _, suffix, _) in rows[name].items():
-            runs = [cache[f"{name}|T{T}|seed{s}|{samples}{suffix}"] for s in EVAL_SEEDS]
-            table.append({"schedule": name, "T": T, "samples": samples, "seeds": list(EVAL_SEEDS),
-                          **seed_summary(runs, policy.ACTIONS)})
+            per_seed = [cache[f"{name}|T{T}|seed{s}|{samples}{suffix}"] for s in pipeline.EVAL_SEEDS]
+            table.append({"schedule": name, "T": T, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS),
+                          **seed_summary(per_seed, policy.ACTIONS)})
     table.sort(key=lambda r: r["T"])
-    train.write_json(os.path.join(pipe.run_dir, "eval.json"),
+    runs.write_json(os.path.join(pipe.run_dir, "eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint,
                       "device": str(pipe.device), "nat_params": sum(p.numel() for p in pipe.net.parameters())})
     head = f"| schedule | T | {metric_head(ref)} images/s |"
-    md = [f"{samples} samples per row and seed, seeds {list(EVAL_SEEDS)}; FID, precision and recall against the "
+    md = [f"{samples} samples per row and seed, seeds {list(pipeline.EVAL_SEEDS)}; FID, precision and recall against the "
           f"{n} test images in this run's feature space{REF_NOTE}; images/s on {pipe.device} (generation only).", "",
           head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in refs.items():
         md.append(f"| {name} | – | {metric_cells(r, ref)} – |")
     for r in table:
         md.append(f"| {r['schedule']} | {r['T']} | {metric_cells(r, ref)} {r['images_per_s']:.0f} |")
-    write_text(os.path.join(pipe.run_dir, "eval.md"), "\n".join(md) + "\n")
+    runs.write_text(os.path.join(pipe.run_dir, "eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
 
 
-def grids(pipe: Pipeline, T: int, per_class: int = 10) -> None:
+def grids(pipe: pipeline.Pipeline, T: int, per_class: int = 10) -> None:
     """One PNG per heuristic, a row per class: samples_maskgit_T{T}.png, samples_adanat_T{T}.png.
 
     AdaNAT's w_0 comes from the sweep when it has run (sample.py --sweep-w), else 2."""
     K = pipe.cfg.num_classes
     labels = torch.arange(K).repeat_interleave(per_class)
-    saved = train.read_json(os.path.join(pipe.run_dir, "sweep_w.json"), {})
+    saved = runs.read_json(os.path.join(pipe.run_dir, "sweep_w.json"), {})
     w_0 = saved["w_0"] if saved.get("fingerprint") == pipe.fingerprint else 2.0
-    for name, h in {"maskgit": MASKGIT, "adanat": dict(tau2_0=ADANAT_TAU2_0, w_0=w_0)}.items():
+    for name, h in {"maskgit": pipeline.MASKGIT, "adanat": dict(tau2_0=pipeline.ADANAT_TAU2_0, w_0=w_0)}.items():
         path = os.path.join(pipe.run_dir, f"samples_{name}_T{T}.png")
-        save_grid(pipe.decode(pipe.generate_tokens(labels, T, h["tau2_0"], h["w_0"], seed=0)), path, nrow=per_class)
+        plots.save_grid(pipe.decode(pipe.generate_tokens(labels, T, h["tau2_0"], h["w_0"], seed=0)), path, nrow=per_class)
         print("wrote", path)
 
 
-def plot_policy(pipe: Pipeline, T: int, samples: int = 1000, per_class: int = 6) -> None:
+def plot_policy(pipe: pipeline.Pipeline, T: int, samples: int = 1000, per_class: int = 6) -> None:
     """policy_actions_T{T}.png: the adaptive policy's actions per step (mean and +-1 sd over
     samples, one panel per action; AdaNAT's heuristic dashed), and heuristic_vs_adaptive_T{T}.png:
     each class's samples from the heuristic (left) and the adaptive policy (right), same seed."""
     found = policy_schedule(pipe, "policy", T)
     if found is None:
-        raise train.UserError(f"{pipe.run_dir}/policy_T{T}.pt not found: train it with python train.py --stage policy "
+        raise runs.UserError(f"{pipe.run_dir}/policy_T{T}.pt not found: train it with python train.py --stage policy "
                               f"--run-dir {pipe.run_dir} --set pi_T={T}")
     make, cfg, _ = found
     h = policy.activation(policy.inverse_activation(torch.tensor(cfg["heuristic"])))   # (T, 4), as executed
     sched = make()
-    pipe.generate(balanced_labels(samples, pipe.cfg.num_classes), T, sched, seed=0)
+    pipe.generate(pipeline.balanced_labels(samples, pipe.cfg.num_classes), T, sched, seed=0)
     a = sched.actions()                                                            # (T, n, 4)
     mean, sd, steps = a.mean(1), a.std(1), list(range(T))
     panels = [{"title": name, "series": [
@@ -596,26 +272,26 @@ def plot_policy(pipe: Pipeline, T: int, samples: int = 1000, per_class: int = 6)
         {"x": steps, "y": h[:, j].tolist(), "color": (60, 60, 60), "dashed": True}]}
         for j, name in enumerate(policy.ACTIONS)]
     path = os.path.join(pipe.run_dir, f"policy_actions_T{T}.png")
-    plot_panels(path, panels, title=f"adaptive policy, T={T}: mean +- sd over {samples} samples per step "
+    plots.plot_panels(path, panels, title=f"adaptive policy, T={T}: mean +- sd over {samples} samples per step "
                                     f"(x: step t); dashed: the heuristic it started from")
     print("wrote", path)
     K = pipe.cfg.num_classes
     labels = torch.arange(K).repeat_interleave(per_class)
     w_0 = cfg["heuristic"][-1][3] * T / (T - 1)
-    left = pipe.decode(pipe.generate_tokens(labels, T, ADANAT_TAU2_0, w_0, seed=0)).view(K, per_class, -1)
+    left = pipe.decode(pipe.generate_tokens(labels, T, pipeline.ADANAT_TAU2_0, w_0, seed=0)).view(K, per_class, -1)
     right = pipe.decode(pipe.generate(labels, T, make(), seed=0)).view(K, per_class, -1)
     C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
     gap = torch.ones(K, 1, C * S * S)                                               # a white column between
     both = torch.cat([left, gap, right], dim=1).view(-1, C, S, S)
     path = os.path.join(pipe.run_dir, f"heuristic_vs_adaptive_T{T}.png")
-    save_grid(both, path, nrow=2 * per_class + 1)
+    plots.save_grid(both, path, nrow=2 * per_class + 1)
     print("wrote", path, f"(left: heuristic tau2_0=1, w_0={w_0:g}; right: adaptive policy; one class per row)")
 
 
-def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
+def bench(pipe: pipeline.Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
     """images/s of `generate` (AdaNAT's heuristic, w_0 = 2, with CFG) vs the same T bare forwards of 2B rows."""
-    labels = balanced_labels(batch, pipe.cfg.num_classes).to(pipe.device)
-    sched = nat.heuristic_schedule(T, tau2_0=ADANAT_TAU2_0, w_0=2.0)
+    labels = pipeline.balanced_labels(batch, pipe.cfg.num_classes).to(pipe.device)
+    sched = nat.heuristic_schedule(T, tau2_0=pipeline.ADANAT_TAU2_0, w_0=2.0)
     g = torch.Generator(pipe.device).manual_seed(0)
     tokens = torch.randint(0, pipe.cfg.vocab_size, (2 * batch, pipe.cfg.num_tokens), device=pipe.device)
     y2 = torch.cat([labels, torch.full_like(labels, pipe.cfg.null_label)])
@@ -658,112 +334,31 @@ def bench(pipe: Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
 
 # ----------------------------------------------------------------------------- the continuous generator
 
-FLOW_W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
-FLOW_INTERVAL = (0.1, 0.8)           # guidance only for t in (0.1, 0.8] (Kynkaanniemi et al. 2024)
 
-
-class FlowPipeline:
-    """The continuous generator of a run folder (flow.pt or vp.pt, EMA weights) and the feature network."""
-
-    def __init__(self, run_dir: str, device: torch.device, path: str = "flow", bf16: bool = True, batch: int | None = None,
-                 rows: int | None = None):
-        if not os.path.exists(os.path.join(run_dir, f"{path}.pt")):
-            raise train.UserError(f"{run_dir}/{path}.pt not found: train it with python train.py --run-dir {run_dir} "
-                                  f"--stage flow --path {path}")
-        self.run_dir, self.device, self.bf16 = run_dir, device, bf16
-        self.batch = batch or (4096 if device.type == "cuda" else 500)
-        self.rows = rows or None                                           # rows per forward (memory), as Pipeline's
-        self.config = train.read_json(os.path.join(run_dir, "config.json"))
-        self.net = train.build_model(run_dir, path, device, weights="ema")
-        self.cfg: nat.FlowConfig = self.net.cfg
-        self.path = samplers.PATHS[path]
-        self.featnet = train.build_model(run_dir, "featnet", device)
-        self.forwards = 0
-        self.fingerprint = f"{train.fingerprint(run_dir, (path, 'featnet'))}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
-        self.eval_key = f"{self.fingerprint}|chunk={self.batch}"
-
-    def velocity_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
-        self.forwards += x.shape[0]                                        # image-forwards of the network so far
-        with train.autocast(self.device, self.bf16):
-            return in_rows(self.net, self.rows, x, t, labels)
-
-    def generate(self, labels: torch.Tensor, T: int, schedule: samplers.Schedule, solver: str, seed: int,
-                 guided: bool = True, group: int = 1) -> torch.Tensor:
-        """Images (n, C, H, W) in [-1, 1] on the CPU: T solver steps from seeded noise, in chunks of
-        `batch` rows keyed by (seed, chunk) and shared over the ranks of a torchrun job;
-        group = G: consecutive blocks of G rows start from the same noise (common random numbers)."""
-        c = self.cfg
-        step = max(group, self.batch // group * group)                     # whole groups per chunk
-
-        def run_chunk(j: int) -> torch.Tensor:
-            g = torch.Generator(self.device).manual_seed(train.chunk_seed(seed, j))
-            y = labels[j * step:(j + 1) * step].to(self.device)
-            x = torch.randn((len(y) // group, c.channels, c.img_size, c.img_size), device=self.device,
-                            generator=g).repeat_interleave(group, 0)
-            x = samplers.sample(self.velocity_fn, x, y, T, schedule, solver, c.null_label if guided else None, self.path)
-            return x.clamp(-1, 1).float().cpu()
-        return torch.cat(sharded_with_actions(-(-len(labels) // step), run_chunk, schedule))
-
-
-def flow_candidate_fids(pipe: FlowPipeline, ref: RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
-                        solver: str) -> torch.Tensor:
-    """FID against *training* statistics of C sampler schedules, tables (C, T, 2) of [t_next, w],
-    on the same labels (n,) and noise; all C x n generations interleaved in a few batches."""
-    C, T, _ = tables.shape
-    n = len(labels)
-    images = pipe.generate(labels.repeat_interleave(C), T, samplers.table_schedule(tables), solver, seed, group=C)
-    feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
-    feats = feats.view(n, C, -1)                                           # (n, C, D)
-    return torch.tensor([fid.fid_from_features(feats[:, k], ref.train_mu, ref.train_sigma) for k in range(C)])
-
-
-def flow_sweep_w(pipe: FlowPipeline, ref: RealFeatures, samples: int, nfe: int = 8) -> float:
-    """w_0 of constant guidance (Euler, uniform grid, `nfe` steps) by FID against *training*
-    statistics; cached in <path>_sweep_w.json."""
-    out_path = os.path.join(pipe.run_dir, f"{pipe.path.name}_sweep_w.json")
-    saved = train.read_json(out_path, {})
-    if (saved.get("fingerprint"), saved.get("samples"), saved.get("grid")) == (pipe.fingerprint, samples, list(FLOW_W_GRID)):
-        return saved["w_0"]
-    labels = balanced_labels(samples, pipe.cfg.num_classes)
-    results = {}
-    for w_0 in tqdm(FLOW_W_GRID, desc=f"{pipe.path.name} w_0 sweep (Euler, NFE {nfe}, {samples} samples)",
-                     disable=not train.DIST.main):
-        images = pipe.generate(labels, nfe, samplers.heuristic_schedule(samplers.uniform_grid(nfe), w_0), "euler", seed=0)
-        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
-        results[w_0] = fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
-    best = min(results, key=results.get)
-    train.write_json(out_path, {"fingerprint": pipe.fingerprint, "samples": samples, "grid": list(FLOW_W_GRID),
-                                "train_fid": {str(k): v for k, v in results.items()}, "w_0": best})
-    train.barrier()
-    print(f"{pipe.path.name} w_0 sweep (FID vs training set): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items())
-          + f" -> w_0 = {best}")
-    return best
-
-
-def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
+def flow_rows(pipe: pipeline.FlowPipeline, w_0: float, nfes: list[int]) -> dict:
     """name -> {nfe: (make_schedule, solver, T, cache-key suffix)}: every solver on every heuristic
     grid with constant guidance w_0, each solver on the uniform grid with guidance in
-    FLOW_INTERVAL, then the searched table and the PPO policies found in the run folder (their
-    suffix: the checkpoint's fingerprint, so a retrained one is evaluated again)."""
+    pipeline.FLOW_INTERVAL, then the searched table and the PPO policies found in the run folder (their
+    suffix: the checkpoint's runs.fingerprint, so a retrained one is evaluated again)."""
     rows = {}
     for solver in samplers.SOLVERS:
         for grid in samplers.GRIDS:
             rows[f"{solver}, {grid} grid, w={w_0:g}"] = {
                 n: (lambda T=samplers.steps_for_nfe(solver, n), grid=grid: samplers.heuristic_schedule(
                     samplers.GRIDS[grid](T, pipe.path), w_0), solver, samplers.steps_for_nfe(solver, n), "") for n in nfes}
-        lo, hi = FLOW_INTERVAL
+        lo, hi = pipeline.FLOW_INTERVAL
         rows[f"{solver}, uniform grid, w={w_0:g} for t in ({lo:g}, {hi:g}]"] = {
-            n: (lambda T=samplers.steps_for_nfe(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, FLOW_INTERVAL),
+            n: (lambda T=samplers.steps_for_nfe(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, pipeline.FLOW_INTERVAL),
                 solver, samplers.steps_for_nfe(solver, n), "") for n in nfes}
     for n in nfes:                                                     # the searched T x [t_next, w] table
         name = f"{pipe.path.name}_search_nfe{n}"
         path = os.path.join(pipe.run_dir, f"{name}.pt")
-        ck = train.load_ckpt(path) if os.path.exists(path) else {}
+        ck = runs.load_ckpt(path) if os.path.exists(path) else {}
         if ck.get("done"):
             solver = ck["config"]["solver"]
             rows.setdefault(f"searched grid + guidance (AutoNAT's search, {solver})", {})[n] = (
                 lambda table=ck["table"]: samplers.table_schedule(table), solver, ck["config"]["T"],
-                f"|{train.fingerprint(pipe.run_dir, (name,))}")
+                f"|{runs.fingerprint(pipe.run_dir, (name,))}")
     for kind in POLICY_ROWS:                                           # the PPO-trained schedules
         for n in nfes:
             found = flow_policy_schedule(pipe, kind, n)
@@ -772,46 +367,46 @@ def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
     return rows
 
 
-def flow_policy_schedule(pipe: FlowPipeline, kind: str, nfe: int) -> tuple | None:
+def flow_policy_schedule(pipe: pipeline.FlowPipeline, kind: str, nfe: int) -> tuple | None:
     """(row name, make_schedule, solver, T, cache-key suffix) of the trained `kind` flow policy for
     the NFE budget, or None if there is none."""
-    file = train.flow_policy_file(pipe.path.name, kind, nfe)
+    file = pipeline.flow_policy_file(pipe.path.name, kind, nfe)
     path = os.path.join(pipe.run_dir, f"{file}.pt")
     if not os.path.exists(path):
         return None
-    pi, cfg = train.load_policy(path, pipe.device)
+    pi, cfg = pipeline.load_policy(path, pipe.device)
     h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"]), policy.FLOW_ACTIONS).to(pipe.device)
     make = lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"], spec=policy.FLOW_ACTIONS,
                                          to_step=samplers.actions_to_step(cfg["T"]))
     name = POLICY_ROWS[kind].format(beta_ema=cfg["beta_ema"])[:-1] + f", {cfg['solver']})"
-    return name, make, cfg["solver"], cfg["T"], f"|{train.fingerprint(pipe.run_dir, (file,))}"
+    return name, make, cfg["solver"], cfg["T"], f"|{runs.fingerprint(pipe.run_dir, (file,))}"
 
 
-def adaptive_flow_policy(pipe: FlowPipeline, nfe: int) -> tuple:
+def adaptive_flow_policy(pipe: pipeline.FlowPipeline, nfe: int) -> tuple:
     """(make_schedule, solver, T) of the adaptive flow policy for the NFE budget; a clear error if there is none."""
     found = flow_policy_schedule(pipe, "policy", nfe)
     if found is None:
-        raise train.UserError(f"{pipe.run_dir}/{train.flow_policy_file(pipe.path.name, 'policy', nfe)}.pt not found: "
+        raise runs.UserError(f"{pipe.run_dir}/{pipeline.flow_policy_file(pipe.path.name, 'policy', nfe)}.pt not found: "
                               f"train it with python train.py --stage flow-policy --run-dir {pipe.run_dir}")
     return found[1:4]
 
 
-def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_samples: int) -> None:
+def evaluate_flow(pipe: pipeline.FlowPipeline, samples: int, nfes: list[int], sweep_samples: int) -> None:
     """The continuous generator's table (<path>_eval.json, <path>_eval.md), resumable through
     <path>_eval_cache.json: FID / precision / recall against the test images, NFE per image."""
     name_ = pipe.path.name
-    ref = RealFeatures(pipe)
-    w_0 = flow_sweep_w(pipe, ref, sweep_samples)
+    ref = pipeline.RealFeatures(pipe)
+    w_0 = pipeline.flow_sweep_w(pipe, ref, sweep_samples)
     rows = flow_rows(pipe, w_0, nfes)
     cache_path = os.path.join(pipe.run_dir, f"{name_}_eval_cache.json")
-    cache = train.read_json(cache_path, {})
+    cache = runs.read_json(cache_path, {})
     if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
         cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
-    labels = balanced_labels(samples, pipe.cfg.num_classes)
-    refs = {"real training images vs test": train_reference(ref, n)}
-    jobs = [(name, nfe, s) for name in rows for nfe in rows[name] for s in EVAL_SEEDS]
-    bar = tqdm(jobs, desc=f"{name_} eval", disable=not train.DIST.main)
+    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
+    refs = {"real training images vs test": pipeline.train_reference(ref, n)}
+    jobs = [(name, nfe, s) for name in rows for nfe in rows[name] for s in pipeline.EVAL_SEEDS]
+    bar = tqdm(jobs, desc=f"{name_} eval", disable=not ddp.DIST.main)
     for name, nfe, s in bar:
         make, solver, T, suffix = rows[name][nfe]
         key = f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}"
@@ -819,42 +414,42 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
             before = pipe.forwards
             cache[key] = measure(pipe, ref, labels, make(), lambda sched: pipe.generate(labels, T, sched, solver, seed=s))
             cache[key]["nfe"] = (pipe.forwards - before) / (2 * samples)        # a guided pair counts once
-            train.write_json(cache_path, cache)
+            runs.write_json(cache_path, cache)
         bar.set_postfix(nfe=nfe, fid=f"{cache[key]['fid']:.2f}")
     table = []
     for name in rows:
         for nfe, (_, solver, T, suffix) in rows[name].items():
-            runs = [cache[f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}"] for s in EVAL_SEEDS]
-            table.append({"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": runs[0]["nfe"],
-                          "samples": samples, "seeds": list(EVAL_SEEDS), **seed_summary(runs, policy.FLOW_ACTIONS.names)})
+            per_seed = [cache[f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}"] for s in pipeline.EVAL_SEEDS]
+            table.append({"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": per_seed[0]["nfe"],
+                          "samples": samples, "seeds": list(pipeline.EVAL_SEEDS), **seed_summary(per_seed, policy.FLOW_ACTIONS.names)})
     table.sort(key=lambda r: r["nfe_budget"])
-    train.write_json(os.path.join(pipe.run_dir, f"{name_}_eval.json"),
+    runs.write_json(os.path.join(pipe.run_dir, f"{name_}_eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint, "device": str(pipe.device)})
     head = f"| schedule | T | NFE | {metric_head(ref)} images/s |"
-    md = [f"{name_} path: {samples} samples per row and seed, seeds {list(EVAL_SEEDS)}; FID, precision and recall against "
+    md = [f"{name_} path: {samples} samples per row and seed, seeds {list(pipeline.EVAL_SEEDS)}; FID, precision and recall against "
           f"the {n} test images{REF_NOTE}; NFE = network evaluations per image (a guided pair in one batch counts as one); "
           f"images/s on {pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in refs.items():
         md.append(f"| {name} | – | – | {metric_cells(r, ref)} – |")
     for r in table:
         md.append(f"| {r['schedule']} | {r['T']} | {r['nfe']:g} | {metric_cells(r, ref)} {r['images_per_s']:.0f} |")
-    write_text(os.path.join(pipe.run_dir, f"{name_}_eval.md"), "\n".join(md) + "\n")
+    runs.write_text(os.path.join(pipe.run_dir, f"{name_}_eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
 
 
-def flow_grids(pipe: FlowPipeline, nfe: int, per_class: int = 10) -> None:
+def flow_grids(pipe: pipeline.FlowPipeline, nfe: int, per_class: int = 10) -> None:
     """<path>_samples_nfe<nfe>.png: a row per class, DPM-Solver++(2S) on the uniform grid with the swept w_0."""
-    saved = train.read_json(os.path.join(pipe.run_dir, f"{pipe.path.name}_sweep_w.json"), {})
+    saved = runs.read_json(os.path.join(pipe.run_dir, f"{pipe.path.name}_sweep_w.json"), {})
     w_0 = saved["w_0"] if saved.get("fingerprint") == pipe.fingerprint else 1.0
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
     T = samplers.steps_for_nfe("dpmpp2s", nfe)
     images = pipe.generate(labels, T, samplers.heuristic_schedule(samplers.uniform_grid(T), w_0), "dpmpp2s", seed=0)
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_samples_nfe{nfe}.png")
-    save_grid(images, path, nrow=per_class)
+    plots.save_grid(images, path, nrow=per_class)
     print("wrote", path)
 
 
-def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_class: int = 6, lines: int = 24) -> None:
+def plot_flow_policy(pipe: pipeline.FlowPipeline, nfe: int, samples: int = 1000, per_class: int = 6, lines: int = 24) -> None:
     """<path>_policy_grids_nfe<nfe>.png: the adaptive policy's per-sample time grids t_k (thin lines:
     `lines` samples; red: mean +- sd; dashed: the uniform grid it started from) and guidance w per
     step; <path>_heuristic_vs_adaptive_nfe<nfe>.png: each class's samples from the start schedule
@@ -862,7 +457,7 @@ def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_clas
     make, solver, T = adaptive_flow_policy(pipe, nfe)
     sched = make()
     h = policy.activation(sched.h_pre.cpu(), policy.FLOW_ACTIONS)                   # (T, 2) the start, as executed
-    pipe.generate(balanced_labels(samples, pipe.cfg.num_classes), T, sched, solver, seed=0)
+    pipe.generate(pipeline.balanced_labels(samples, pipe.cfg.num_classes), T, sched, solver, seed=0)
     a = sched.actions()                                                            # (T, n, 2) executed [f, w]
     t = samplers.grid_of_fractions(a[:, :, 0])                                    # (T + 1, n) per-sample grids
     t_h = samplers.grid_of_fractions(h[:, :1])                                     # (T + 1, 1) the start's grid
@@ -878,7 +473,7 @@ def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_clas
                    "band": ((w.mean(1) - w.std(1)).tolist(), (w.mean(1) + w.std(1)).tolist())},
                   {"x": steps[:-1], "y": h[:, 1].tolist(), "color": (60, 60, 60), "dashed": True}]}]
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_policy_grids_nfe{nfe}.png")
-    plot_panels(path, panels, size=(360, 240), title=f"adaptive policy, {solver}, T={T} (NFE {nfe}): {samples} samples; "
+    plots.plot_panels(path, panels, size=(360, 240), title=f"adaptive policy, {solver}, T={T} (NFE {nfe}): {samples} samples; "
                                                      f"dashed: the start schedule")
     print("wrote", path)
     K = pipe.cfg.num_classes
@@ -889,17 +484,17 @@ def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_clas
     C, S = pipe.cfg.channels, pipe.cfg.img_size
     both = torch.cat([left, torch.ones(K, 1, C * S * S), right], dim=1).view(-1, C, S, S)
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_heuristic_vs_adaptive_nfe{nfe}.png")
-    save_grid(both, path, nrow=2 * per_class + 1)
+    plots.save_grid(both, path, nrow=2 * per_class + 1)
     print("wrote", path, "(left: the start schedule; right: the adaptive policy; one class per row)")
 
 
-def flow_bench(pipe: FlowPipeline, batch: int, nfe: int = 8, repeats: int = 3) -> dict:
+def flow_bench(pipe: pipeline.FlowPipeline, batch: int, nfe: int = 8, repeats: int = 3) -> dict:
     """The adaptive flow policy's cost: its T forwards vs the network's T guided forwards (2B rows),
     both on the same batch; and images/s of sampling with the policy vs the uniform grid."""
-    file = train.flow_policy_file(pipe.path.name, "policy", nfe)
+    file = pipeline.flow_policy_file(pipe.path.name, "policy", nfe)
     make, solver, T = adaptive_flow_policy(pipe, nfe)
     c = pipe.cfg
-    labels = balanced_labels(batch, c.num_classes).to(pipe.device)
+    labels = pipeline.balanced_labels(batch, c.num_classes).to(pipe.device)
     x = torch.randn((2 * batch, c.channels, c.img_size, c.img_size), device=pipe.device)
     y2 = torch.cat([labels, torch.full_like(labels, c.null_label)])
     t2 = torch.full((2 * batch,), 0.5, device=pipe.device)
@@ -938,16 +533,16 @@ class Refiner:
     def __init__(self, pipe, file: str, disc: str = "disc"):
         path = os.path.join(pipe.run_dir, f"{file}.pt")
         if not os.path.exists(path):
-            raise train.UserError(f"{path} not found: refinement uses a trained policy's discriminator and critic; "
+            raise runs.UserError(f"{path} not found: refinement uses a trained policy's discriminator and critic; "
                                   f"train it with python train.py --run-dir {pipe.run_dir} --stage policy")
-        ck = train.load_ckpt(path)
-        _, self.V = train.build_policy(ck["config"])
+        ck = runs.load_ckpt(path)
+        _, self.V = pipeline.build_policy(ck["config"])
         self.V.load_state_dict(ck["critic"])
         self.V.to(pipe.device).eval()
-        self.backbone, channels = train.classifier_backbone(train.build_model(pipe.run_dir, "backbone", pipe.device))
+        self.backbone, channels = pipeline.classifier_backbone(pipeline.build_model(pipe.run_dir, "backbone", pipe.device))
         self.D = reward.ProjectedDiscriminator(channels, pipe.cfg.num_classes)
         if disc not in ck:
-            raise train.UserError(f"{path} has no {disc!r}: the discriminator after its warm-up is kept from this "
+            raise runs.UserError(f"{path} has no {disc!r}: the discriminator after its warm-up is kept from this "
                                   f"version on; retrain that policy (delete the file)")
         self.D.load_state_dict(ck[disc])
         self.D.to(pipe.device).eval()
@@ -980,32 +575,32 @@ def perturbed(table: torch.Tensor, seed: int, scale: float = 0.5) -> torch.Tenso
     return policy.activation(policy.inverse_activation(table) + scale * noise)
 
 
-def reward_check(pipe: Pipeline, samples: int, sweep_samples: int, T: int = 4) -> dict:
+def reward_check(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, T: int = 4) -> dict:
     """reward_check.md / .json: before PPO is spent on the reward, does it rank schedules as FID does?
     Eight fixed T-step schedules (MaskGIT, AdaNAT's heuristic, the searched table and the searched
     family, and one perturbation of each), `samples` images each (seed 1, balanced labels), scored by
     the discriminator of policy_T{T}.pt as it was after its warm-up, and measured by FID against
     training-set statistics on the FID network and on featnet2, precision and recall (against the
     training features). Reports Spearman rho(mean reward, -FID) per network and rho(FID, FID2)."""
-    ref = RealFeatures(pipe)
+    ref = pipeline.RealFeatures(pipe)
     if ref.net2 is None:
-        raise train.UserError(f"the reward check measures FID on two networks: train featnet2 with python train.py "
+        raise runs.UserError(f"the reward check measures FID on two networks: train featnet2 with python train.py "
                               f"--run-dir {pipe.run_dir} --stage featnet2")
-    w_0 = get_w0(pipe, ref, sweep_samples)
-    tables = {"MaskGIT": nat.heuristic_table(T, **MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})":
-              nat.heuristic_table(T, ADANAT_TAU2_0, w_0)}
+    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
+    tables = {"MaskGIT": nat.heuristic_table(T, **pipeline.MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})":
+              nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)}
     for name, stage in (("search", "search"), ("param", "param-search")):
-        found = searched_table(pipe, name, T)
+        found = pipeline.searched_table(pipe, name, T)
         if found is None:
-            raise train.UserError(f"the reward check compares the searched schedules too: run python train.py --run-dir "
+            raise runs.UserError(f"the reward check compares the searched schedules too: run python train.py --run-dir "
                                   f"{pipe.run_dir} --stage {stage} --set search_T={T}")
         tables[SEARCH_ROWS[name]] = found[0].float()
     for i, (name, table) in enumerate(list(tables.items())):
         tables[f"{name}, perturbed"] = perturbed(table, seed=i)
-    scorer = Refiner(pipe, train.policy_file("policy", "heuristic", T), disc="disc_warmup")
-    labels = balanced_labels(samples, pipe.cfg.num_classes)
+    scorer = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T), disc="disc_warmup")
+    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
     rows = []
-    for name, table in tqdm(tables.items(), desc="reward check", disable=not train.DIST.main):
+    for name, table in tqdm(tables.items(), desc="reward check", disable=not ddp.DIST.main):
         images = pipe.decode(pipe.generate(labels, T, nat.table_schedule(table), seed=1))
         feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
         P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
@@ -1017,9 +612,9 @@ def reward_check(pipe: Pipeline, samples: int, sweep_samples: int, T: int = 4) -
            "featnet2": spearman([r["reward"] for r in rows], [-r["fid2"] for r in rows])}
     out = {"T": T, "samples": samples, "rows": rows, "spearman": rho,
            "spearman_fid_fid2": spearman([r["fid"] for r in rows], [r["fid2"] for r in rows]),
-           "d_acc_warmup": train.load_ckpt(os.path.join(pipe.run_dir, f"{train.policy_file('policy', 'heuristic', T)}.pt"))
+           "d_acc_warmup": runs.load_ckpt(os.path.join(pipe.run_dir, f"{pipeline.policy_file('policy', 'heuristic', T)}.pt"))
            .get("d_acc_warmup"), "fingerprint": pipe.fingerprint}
-    train.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
+    runs.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
     md = [f"Reward check at T = {T}: {samples} samples per schedule (seed 1); the discriminator of policy_T{T}.pt after its "
           f"warm-up (held-out accuracy {out['d_acc_warmup']}); FID against training-set statistics on the FID network "
           f"and on featnet2; precision and recall against training features.", "",
@@ -1028,7 +623,7 @@ def reward_check(pipe: Pipeline, samples: int, sweep_samples: int, T: int = 4) -
            f"{r['recall']:.3f} |" for r in rows]
     md += ["", f"Spearman rho(mean reward, -FID): FID network {rho['featnet']:.3f}, featnet2 {rho['featnet2']:.3f}; "
                f"rho(FID, featnet2 FID) = {out['spearman_fid_fid2']:.3f}."]
-    write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
+    runs.write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return out
 
@@ -1051,7 +646,7 @@ def random_scores(seed: int):
     return lambda x, *_: torch.rand(x.shape[0], generator=g).to(x.device)
 
 
-def refined_nat(pipe: Pipeline, labels: torch.Tensor, T: int, make, seed: int, repeat: int = 1, lookahead: int = 1,
+def refined_nat(pipe: pipeline.Pipeline, labels: torch.Tensor, T: int, make, seed: int, repeat: int = 1, lookahead: int = 1,
                 refiner: Refiner | None = None, random_pick: bool = False) -> tuple[torch.Tensor, float]:
     """NAT images (n, C, H, W) with repeated sampling (D) and look-ahead (V), or their random-pick
     control, and the generator forwards per image that it took (counted; a guided step is 2 rows)."""
@@ -1060,18 +655,18 @@ def refined_nat(pipe: Pipeline, labels: torch.Tensor, T: int, make, seed: int, r
     before = pipe.forwards
     images = refine(lambda y: pipe.decode(pipe.generate(y, T, make(), seed, lookahead=lookahead, score_fn=score_state)),
                     labels, repeat, score_img)
-    return images, train.all_sum(pipe.forwards - before) / len(labels)
+    return images, ddp.all_sum(pipe.forwards - before) / len(labels)
 
 
-def study_table(pipe: Pipeline, ref: RealFeatures, rows: dict, samples: int, stem: str, note: str) -> list[dict]:
+def study_table(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, rows: dict, samples: int, stem: str, note: str) -> list[dict]:
     """Evaluate rows {name: (fn(labels, seed) -> (images, forwards per image), cache suffix)} over
-    EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md."""
-    labels = balanced_labels(samples, pipe.cfg.num_classes)
+    pipeline.EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md."""
+    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
     cache_path = os.path.join(pipe.run_dir, f"{stem}_cache.json")
-    cache = train.read_json(cache_path, {})
+    cache = runs.read_json(cache_path, {})
     if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
         cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}
-    bar = tqdm([(name, s) for name in rows for s in EVAL_SEEDS], desc=stem, disable=not train.DIST.main)
+    bar = tqdm([(name, s) for name in rows for s in pipeline.EVAL_SEEDS], desc=stem, disable=not ddp.DIST.main)
     for name, s in bar:
         fn, suffix = rows[name]
         key = f"{name}|seed{s}|{samples}{suffix}"
@@ -1079,46 +674,46 @@ def study_table(pipe: Pipeline, ref: RealFeatures, rows: dict, samples: int, ste
             t0 = time.time()
             images, forwards = fn(labels, s)
             cache[key] = {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
-                          **metrics(pipe, ref, images, labels)}
-            train.write_json(cache_path, cache)
+                          **pipeline.metrics(pipe, ref, images, labels)}
+            runs.write_json(cache_path, cache)
         bar.set_postfix(fid=f"{cache[key]['fid']:.2f}")
     table = []
     for name, (_, suffix) in rows.items():
-        runs = [cache[f"{name}|seed{s}|{samples}{suffix}"] for s in EVAL_SEEDS]
-        table.append({"schedule": name, "samples": samples, "seeds": list(EVAL_SEEDS), **seed_summary(runs, ()),
-                      "forwards": runs[0]["forwards"]})
-    train.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
+        per_seed = [cache[f"{name}|seed{s}|{samples}{suffix}"] for s in pipeline.EVAL_SEEDS]
+        table.append({"schedule": name, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS), **seed_summary(per_seed, ()),
+                      "forwards": per_seed[0]["forwards"]})
+    runs.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
                                                                    "device": str(pipe.device)})
     head = f"| schedule | {metric_head(ref)} forwards/image | images/s |"
-    md = [f"{note} {samples} samples per row and seed, seeds {list(EVAL_SEEDS)}; FID, precision and recall against the "
+    md = [f"{note} {samples} samples per row and seed, seeds {list(pipeline.EVAL_SEEDS)}; FID, precision and recall against the "
           f"test images{REF_NOTE}; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
           f"{pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in table:
         md.append(f"| {r['schedule']} | {metric_cells(r, ref)} {r['forwards']:.1f} | {r['images_per_s']:.1f} |")
-    write_text(os.path.join(pipe.run_dir, f"{stem}.md"), "\n".join(md) + "\n")
+    runs.write_text(os.path.join(pipe.run_dir, f"{stem}.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return table
 
 
-def adaptive_nat_policy(pipe: Pipeline, T: int, kind: str = "policy", reward_name: str = "adversarial"):
+def adaptive_nat_policy(pipe: pipeline.Pipeline, T: int, kind: str = "policy", reward_name: str = "adversarial"):
     """(make_schedule, cache-key suffix) of a trained NAT policy; a clear error if there is none."""
     found = policy_schedule(pipe, kind, T, "heuristic", reward_name)
     if found is None:
-        raise train.UserError(f"{pipe.run_dir}/{train.policy_file(kind, 'heuristic', T, reward_name)}.pt not found: "
+        raise runs.UserError(f"{pipe.run_dir}/{pipeline.policy_file(kind, 'heuristic', T, reward_name)}.pt not found: "
                               f"train it with python train.py --run-dir {pipe.run_dir} --stage {kind}"
                               + (f" --reward {reward_name}" if reward_name != "adversarial" else "") + f" --set pi_T={T}")
     make, _, fp = found
     return make, f"|{fp}"
 
 
-def refine_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, k_repeat: tuple = (2, 3),
+def refine_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: int, k_repeat: tuple = (2, 3),
                  k_look: int = 2) -> None:
     """refine_T{T}.json / .md (AdaGen §III-F1, Tables IX-X): the adaptive policy alone, with
     repeated sampling (D), look-ahead (V) and both; the same candidates picked at random; and
     the same forwards spent on more steps instead (policy_T{T'}.pt if trained, else AdaNAT's
     heuristic at T', said in the row's name)."""
     make, fp = adaptive_nat_policy(pipe, T)
-    refiner = Refiner(pipe, train.policy_file("policy", "heuristic", T))
+    refiner = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T))
     gen = lambda **kw: lambda y, s: refined_nat(pipe, y, T, make, s, refiner=refiner, **kw)
     rows = {"adaptive": (gen(), fp)}
     for k in k_repeat:
@@ -1127,48 +722,48 @@ def refine_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, k_rep
     rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = (gen(repeat=k_repeat[0], lookahead=k_look), fp)
     rows[f"control: repeat {k_repeat[0]}, random pick"] = (gen(repeat=k_repeat[0], random_pick=True), fp)
     rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp + "|pick=stream")
-    ref = RealFeatures(pipe)
-    w_0 = get_w0(pipe, ref, sweep_samples)
+    ref = pipeline.RealFeatures(pipe)
+    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     for k in k_repeat:                                                  # repeat k costs k x the forwards of T steps
         Tk = k * T
         try:
             make_k, fp_k = adaptive_nat_policy(pipe, Tk)
             name = f"control: adaptive policy at T={Tk} (same forwards as repeat {k})"
-        except train.UserError:
-            make_k, fp_k = (lambda Tk=Tk: nat.heuristic_schedule(Tk, ADANAT_TAU2_0, w_0)), ""
+        except runs.UserError:
+            make_k, fp_k = (lambda Tk=Tk: nat.heuristic_schedule(Tk, pipeline.ADANAT_TAU2_0, w_0)), ""
             name = f"control: AdaNAT heuristic at T={Tk} (same forwards as repeat {k}; no policy_T{Tk}.pt)"
         rows[name] = ((lambda y, s, Tk=Tk, m=make_k: refined_nat(pipe, y, Tk, m, s)), fp_k)
     study_table(pipe, ref, rows, samples, f"refine_T{T}", f"Inference-time refinement at T = {T}.")
 
 
-def blend_schedule(pipe: Pipeline, T: int, lam: float):
+def blend_schedule(pipe: pipeline.Pipeline, T: int, lam: float):
     """(make_schedule, suffix) of AdaGen's fidelity blend (Eq. 14) at lam: fidelity_T{T}.pt on policy_T{T}.pt."""
-    file = train.policy_file("fidelity", "heuristic", T)
+    file = pipeline.policy_file("fidelity", "heuristic", T)
     path = os.path.join(pipe.run_dir, f"{file}.pt")
     if not os.path.exists(path):
-        raise train.UserError(f"{path} not found: train it with python train.py --run-dir {pipe.run_dir} --stage fidelity "
+        raise runs.UserError(f"{path} not found: train it with python train.py --run-dir {pipe.run_dir} --stage fidelity "
                               f"--set pi_T={T} (after --stage policy)")
-    pi_fid, cfg = train.load_policy(path, pipe.device)
-    base, base_cfg = train.load_policy(os.path.join(pipe.run_dir, f"{cfg['base']}.pt"), pipe.device)
+    pi_fid, cfg = pipeline.load_policy(path, pipe.device)
+    base, base_cfg = pipeline.load_policy(os.path.join(pipe.run_dir, f"{cfg['base']}.pt"), pipe.device)
     if base_cfg["heuristic"] != cfg["heuristic"]:
-        raise train.UserError(f"{path} and {cfg['base']}.pt start from different schedules (the w_0 sweep changed "
+        raise runs.UserError(f"{path} and {cfg['base']}.pt start from different schedules (the w_0 sweep changed "
                               f"between them): retrain the fidelity stage")
     h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
     make = lambda: policy.PolicySchedule(pi_fid, h_pre, base=base, lam=lam)
-    return make, f"|{train.fingerprint(pipe.run_dir, (file, cfg['base']))}"
+    return make, f"|{runs.fingerprint(pipe.run_dir, (file, cfg['base']))}"
 
 
-def blend_study(pipe: Pipeline, samples: int, T: int, lams: list[float], classes: tuple = (0, 7), per_class: int = 16) -> None:
+def blend_study(pipe: pipeline.Pipeline, samples: int, T: int, lams: list[float], classes: tuple = (0, 7), per_class: int = 16) -> None:
     """blend_T{T}.json / .md / _curve.png and blend_grids_T{T}.png (AdaGen §III-F2, Figure 13):
     FID / precision / recall per lam, and for two classes a 4x4 grid per lam side by side."""
     makes = {lam: blend_schedule(pipe, T, lam) for lam in lams}
     rows = {f"lam = {lam:g}": ((lambda y, s, m=m: refined_nat(pipe, y, T, m, s)), fp) for lam, (m, fp) in makes.items()}
-    table = study_table(pipe, RealFeatures(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
+    table = study_table(pipe, pipeline.RealFeatures(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
     panels = [{"title": key, "series": [{"x": lams, "y": [r[key] for r in table], "color": color,
                                           "band": ([r[key] - r[key + "_sd"] for r in table], [r[key] + r[key + "_sd"] for r in table])}]}
               for key, color in (("fid", (200, 60, 30)), ("precision", (30, 90, 200)), ("recall", (20, 140, 60)))]
     path = os.path.join(pipe.run_dir, f"blend_T{T}_curve.png")
-    plot_panels(path, panels, title=f"fidelity blend, T={T}: x = lam (0: the adaptive policy, 1: the fidelity policy)")
+    plots.plot_panels(path, panels, title=f"fidelity blend, T={T}: x = lam (0: the adaptive policy, 1: the fidelity policy)")
     print("wrote", path)
     side = int(per_class ** 0.5)
     C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
@@ -1181,28 +776,28 @@ def blend_study(pipe: Pipeline, samples: int, T: int, lams: list[float], classes
         blocks.append(torch.ones(1, blocks[-1].shape[1], C, S, S))                   # a white row between classes
     grid = torch.cat(blocks[:-1]).reshape(-1, C, S, S)
     path = os.path.join(pipe.run_dir, f"blend_grids_T{T}.png")
-    save_grid(grid, path, nrow=len(lams) * (side + 1))
+    plots.save_grid(grid, path, nrow=len(lams) * (side + 1))
     print("wrote", path, f"(classes {list(classes)} top to bottom; lam = {', '.join(f'{l:g}' for l in lams)} left to right)")
 
 
-def hacking_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, per_class: int = 8) -> None:
+def hacking_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: int, per_class: int = 8) -> None:
     """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
     static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
     FID of the FID network (what the "fid" reward optimised) and of the independent featnet2."""
-    ref = RealFeatures(pipe)
-    w_0 = get_w0(pipe, ref, sweep_samples)
+    ref = pipeline.RealFeatures(pipe)
+    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     rows = {f"AdaNAT heuristic (w_0={w_0:g})": ((lambda y, s: refined_nat(
-        pipe, y, T, lambda: nat.heuristic_schedule(T, ADANAT_TAU2_0, w_0), s)), "")}
-    for reward_name, kind in itertools.product(train.PI_REWARDS, ("policy", "static")):
-        if os.path.exists(os.path.join(pipe.run_dir, f"{train.policy_file(kind, 'heuristic', T, reward_name)}.pt")):
+        pipe, y, T, lambda: nat.heuristic_schedule(T, pipeline.ADANAT_TAU2_0, w_0), s)), "")}
+    for reward_name, kind in itertools.product(pipeline.PI_REWARDS, ("policy", "static")):
+        if os.path.exists(os.path.join(pipe.run_dir, f"{pipeline.policy_file(kind, 'heuristic', T, reward_name)}.pt")):
             make, fp = adaptive_nat_policy(pipe, T, kind, reward_name)
             rows[f"{'adaptive' if kind == 'policy' else 'static'}, {reward_name} reward"] = (
                 (lambda y, s, m=make: refined_nat(pipe, y, T, m, s)), fp)
     if len(rows) == 1:
-        raise train.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
+        raise runs.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
                               f"--reward fid (and fixed, adversarial; --stage static too)")
     if ref.net2 is None:
-        raise train.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
+        raise runs.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
                               f"{pipe.run_dir} --stage featnet2")
     study_table(pipe, ref, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.")
     K = pipe.cfg.num_classes
@@ -1211,33 +806,33 @@ def hacking_study(pipe: Pipeline, samples: int, T: int, sweep_samples: int, per_
     panels = [fn(labels, 0)[0].view(K, per_class, C, S, S) for fn, _ in rows.values()]     # seed 0, one class a row
     spaced = [torch.cat([p, torch.ones(K, 1, C, S, S)], dim=1) for p in panels]
     path = os.path.join(pipe.run_dir, f"hacking_grids_T{T}.png")
-    save_grid(torch.cat(spaced, dim=1).reshape(-1, C, S, S), path, nrow=len(panels) * (per_class + 1))
+    plots.save_grid(torch.cat(spaced, dim=1).reshape(-1, C, S, S), path, nrow=len(panels) * (per_class + 1))
     print("wrote", path, "(left to right: " + "; ".join(rows) + "; one class per row)")
 
 
-def refined_grid(pipe: Pipeline, T: int, repeat: int, lookahead: int, per_class: int = 10) -> None:
+def refined_grid(pipe: pipeline.Pipeline, T: int, repeat: int, lookahead: int, per_class: int = 10) -> None:
     """samples_adaptive_repeat<k>_lookahead<k>_T<T>.png: the adaptive policy with refinement, a row per class."""
     make, _ = adaptive_nat_policy(pipe, T)
-    refiner = Refiner(pipe, train.policy_file("policy", "heuristic", T))
+    refiner = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T))
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
     images, forwards = refined_nat(pipe, labels, T, make, 0, repeat, lookahead, refiner)
     path = os.path.join(pipe.run_dir, f"samples_adaptive_repeat{repeat}_lookahead{lookahead}_T{T}.png")
-    save_grid(images, path, nrow=per_class)
+    plots.save_grid(images, path, nrow=per_class)
     print("wrote", path, f"({forwards:.1f} generator forwards per image)")
 
 
-def flow_refined_grid(pipe: FlowPipeline, nfe: int, repeat: int, per_class: int = 10) -> None:
+def flow_refined_grid(pipe: pipeline.FlowPipeline, nfe: int, repeat: int, per_class: int = 10) -> None:
     """<path>_samples_adaptive_repeat<k>_nfe<n>.png: the adaptive flow policy with repeated sampling
     (its discriminator keeps the best of k), a row per class. The ODE is deterministic given the
     noise, so there is no look-ahead here: candidates differ only in their starting noise."""
     make, solver, T = adaptive_flow_policy(pipe, nfe)
-    refiner = Refiner(pipe, train.flow_policy_file(pipe.path.name, "policy", nfe))
+    refiner = Refiner(pipe, pipeline.flow_policy_file(pipe.path.name, "policy", nfe))
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
     before = pipe.forwards
     images = refine(lambda y: pipe.generate(y, T, make(), solver, seed=0), labels, repeat, refiner.score)
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_samples_adaptive_repeat{repeat}_nfe{nfe}.png")
-    save_grid(images, path, nrow=per_class)
-    print("wrote", path, f"({train.all_sum(pipe.forwards - before) / len(labels):.1f} network rows per image)")
+    plots.save_grid(images, path, nrow=per_class)
+    print("wrote", path, f"({ddp.all_sum(pipe.forwards - before) / len(labels):.1f} network rows per image)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1273,45 +868,45 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         if min(args.samples, args.sweep_samples, args.check_samples) < 10:
-            raise train.UserError("--samples, --sweep-samples and --check-samples must be at least 10 "
+            raise runs.UserError("--samples, --sweep-samples and --check-samples must be at least 10 "
                                   "(k-NN precision/recall needs k < n)")
         if args.batch is not None and args.batch <= 0 or args.rows is not None and args.rows <= 0:
-            raise train.UserError(f"--batch {args.batch} / --rows {args.rows}: must be positive")
+            raise runs.UserError(f"--batch {args.batch} / --rows {args.rows}: must be positive")
         try:
             steps = [int(s) for s in args.decode_steps.split(",")]
         except ValueError:
-            raise train.UserError(f"--decode-steps {args.decode_steps!r}: expected integers like 4,8,16") from None
+            raise runs.UserError(f"--decode-steps {args.decode_steps!r}: expected integers like 4,8,16") from None
         if any(T <= 0 for T in steps) or args.grid_steps <= 0:
-            raise train.UserError("decoding step counts must be positive")
+            raise runs.UserError("decoding step counts must be positive")
         if args.repeat < 1 or args.lookahead < 1:
-            raise train.UserError("--repeat and --lookahead count candidates: at least 1")
+            raise runs.UserError("--repeat and --lookahead count candidates: at least 1")
         try:
             lams = [float(v) for v in args.lam.split(",")] if args.lam else []
         except ValueError:
-            raise train.UserError(f"--lam {args.lam!r}: expected numbers like 0,0.5,1") from None
+            raise runs.UserError(f"--lam {args.lam!r}: expected numbers like 0,0.5,1") from None
         if any(not 0 <= v <= 1 for v in lams):
-            raise train.UserError(f"--lam {args.lam}: lam blends two policies, each value in [0, 1]")
+            raise runs.UserError(f"--lam {args.lam}: lam blends two policies, each value in [0, 1]")
         if not os.path.exists(os.path.join(args.run_dir, "config.json")):
-            raise train.UserError(f"{args.run_dir} is not a run folder (no config.json): train first with "
+            raise runs.UserError(f"{args.run_dir} is not a run folder (no config.json): train first with "
                                   f"python train.py --run-dir {args.run_dir}")
-        device = train.init_distributed(train.pick_device(args.device))   # torchrun: generations shared over ranks
-        if not train.DIST.main:
+        device = ddp.init_distributed(runs.pick_device(args.device))   # torchrun: generations shared over ranks
+        if not ddp.DIST.main:
             sys.stdout = open(os.devnull, "w")
         torch.backends.cuda.matmul.allow_tf32 = True
         if args.flow:
             try:
                 nfes = [int(v) for v in args.nfe.split(",")]
             except ValueError:
-                raise train.UserError(f"--nfe {args.nfe!r}: expected integers like 4,8") from None
+                raise runs.UserError(f"--nfe {args.nfe!r}: expected integers like 4,8") from None
             if any(v < 1 for v in nfes):
-                raise train.UserError("--nfe budgets must be positive")
+                raise runs.UserError("--nfe budgets must be positive")
             nat_only = [f for f, on in (("--lookahead", args.lookahead > 1), ("--refine", args.refine), ("--lam", lams),
                                          ("--hacking", args.hacking)) if on]
             if nat_only:
-                raise train.UserError(f"{', '.join(nat_only)}: NAT only (the ODE's steps are deterministic, and the "
+                raise runs.UserError(f"{', '.join(nat_only)}: NAT only (the ODE's steps are deterministic, and the "
                                       f"refinement table, the blend and the reward study are built for the NAT); "
                                       f"--flow takes --repeat")
-            fpipe = FlowPipeline(args.run_dir, device, args.flow, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
+            fpipe = pipeline.FlowPipeline(args.run_dir, device, args.flow, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
             if args.eval:
                 evaluate_flow(fpipe, args.samples, nfes, args.sweep_samples)
             if args.plot:
@@ -1324,7 +919,7 @@ def main(argv: list[str] | None = None) -> None:
             elif not (args.eval or args.plot or args.bench):
                 flow_grids(fpipe, max(nfes))
             return
-        pipe = Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
+        pipe = pipeline.Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
         if args.bench:
             bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
             if args.compile:
@@ -1333,7 +928,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.compile:
             pipe.compile()
         if args.sweep_w:
-            sweep_w(pipe, RealFeatures(pipe), args.sweep_samples)
+            pipeline.sweep_w(pipe, pipeline.RealFeatures(pipe), args.sweep_samples)
         if args.eval:
             evaluate(pipe, args.samples, steps, args.sweep_samples)
         if args.plot:
@@ -1353,17 +948,17 @@ def main(argv: list[str] | None = None) -> None:
         elif not (args.bench or args.eval or args.sweep_w or args.plot or args.refine or lams or args.hacking
                   or args.reward_check):
             grids(pipe, args.grid_steps)
-    except (train.UserError, data.DataError) as e:
+    except (runs.UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except torch.OutOfMemoryError:
         rows = args.rows or args.batch or (4096 if torch.cuda.is_available() else 500)
         print(f"error: out of memory generating {rows} rows per forward: lower --rows, e.g. --rows {max(1, rows // 2)} "
               f"(the images do not change; finished rows are kept in the caches)", file=sys.stderr)
-        sys.exit(train.FAULT_EXIT)
-    except train.RunFault as e:
+        sys.exit(runs.FAULT_EXIT)
+    except runs.RunFault as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(train.FAULT_EXIT)
+        sys.exit(runs.FAULT_EXIT)
     except KeyboardInterrupt:
         print("\ninterrupted; finished evaluation rows are kept in eval_cache.json", file=sys.stderr)
         sys.exit(130)

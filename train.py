@@ -33,7 +33,6 @@ plain types and tensors, `torch.load(path, weights_only=True)` loads them, and e
 its model's config so that sample.py rebuilds every model from the files alone.
 """
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -53,11 +52,15 @@ from tqdm import tqdm
 
 import autonat
 import data
+import ddp
 import fid
 import nat
+import pipeline
+import plots
 import policy
 import ppo
 import reward
+import runs
 import samplers
 import vqgan
 
@@ -71,7 +74,7 @@ class TrainConfig:
     img_size: int = 32
     channels: int = 1
     seed: int = 0
-    bf16: bool = True                # bf16 autocast for the transformer on CUDA (ignored on CPU)
+    bf16: bool = True                # bf16 runs.autocast for the transformer on CUDA (ignored on CPU)
     compile: bool = False            # torch.compile the generators' training forward (--compile)
     gen_rows: int = 0                # rows per generator forward in generation (0: the chunk size); lower it after an
                                      # out-of-memory error: the random numbers are keyed by chunk, the samples do not change
@@ -240,189 +243,10 @@ def sigma_at(c: "TrainConfig", it: int) -> float:
 STAGES = ["backbone", "vq", "featnet", "featnet2", "nat", "search", "param-search", "policy", "static", "smooth"]
 
 
-FAULT_EXIT = 3          # exit code of a run fault (non-finite values, a failed write, out of memory); bad input: 2
-
-
-class RunFault(Exception):
-    """A fault of a running stage (non-finite loss, failed checkpoint write, out of memory): one
-    line on stderr, exit code FAULT_EXIT; the last good checkpoint stays loadable."""
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
-
-
 # ----------------------------------------------------------------------------- plumbing
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
-    if name.startswith("cuda:") and name[5:].isdigit() and int(name[5:]) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name}: {e}") from None
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA (TF32 is set in main); a no-op on CPU."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- data parallel (torchrun)
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun job; rank 0 of 1 without torchrun."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-DIST = Dist()
-
-
-def init_distributed(device: torch.device) -> torch.device:
-    """Join the job torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK (NCCL on CUDA, gloo on
-    the CPU), as nanoGPT's and DiT's train.py do, and return this rank's device (cuda:LOCAL_RANK).
-    Without torchrun: the single process of the same code. Rank 0 alone writes files."""
-    if "RANK" not in os.environ or dist.is_initialized():
-        return device
-    DIST.rank, DIST.world, DIST.local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if device.type == "cuda":
-        device = torch.device("cuda", DIST.local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def barrier() -> None:
-    if DIST.world > 1:
-        dist.barrier()
-
-
-def all_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean of x over the ranks (x itself in a single process)."""
-    if DIST.world == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x / DIST.world
-
-
-def all_sum(x: float) -> float:
-    """The sum of a number over the ranks (in float64: counts stay exact)."""
-    if DIST.world == 1:
-        return x
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None  # NCCL: GPU tensors
-    v = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(v)
-    return v.item()
-
-
-def all_cat(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's x (the same shape on each), concatenated in rank order along dim 0."""
-    if DIST.world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(DIST.world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def my_rows(x: torch.Tensor) -> torch.Tensor:
-    """This rank's share of a tensor gathered with all_cat."""
-    n = x.shape[0] // DIST.world
-    return x[DIST.rank * n:(DIST.rank + 1) * n]
-
-
-def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP around `model` in a torchrun job (gradients averaged over ranks in backward; rank 0's
-    weights broadcast at the start), the model itself in a single process."""
-    if DIST.world == 1:
-        return model
-    wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    wrapped.cfg = getattr(model, "cfg", None)                           # what the losses read off the model
-    return wrapped
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The seed of generation chunk `chunk` of a run seeded `seed`: sampling randomness is keyed by
-    (seed, chunk index), never by the process, so any number of ranks makes the same images."""
-    return seed * 1_000_003 + chunk
-
-
-def sharded(n_chunks: int, run_chunk: Callable, desc: str = "", progress: bool = False) -> list:
-    """[run_chunk(0), ..., run_chunk(n_chunks - 1)] on every rank: rank r runs the chunks
-    i = r mod world (whole chunks, so results do not depend on the process count) and the
-    results (CPU tensors) are gathered in chunk order."""
-    mine = {i: run_chunk(i) for i in tqdm(range(DIST.rank, n_chunks, DIST.world), desc=desc, leave=False,
-                                          disable=not (progress and DIST.main))}
-    if DIST.world > 1:
-        parts: list = [None] * DIST.world
-        dist.all_gather_object(parts, mine)
-        mine = {i: out for part in parts for i, out in part.items()}
-    return [mine[i] for i in range(n_chunks)]
-
-
-def rank_batch(global_batch: int, name: str) -> int:
-    """This rank's share of a preset's global batch."""
-    if global_batch % DIST.world:
-        raise UserError(f"{name} = {global_batch} does not split over {DIST.world} processes: use a multiple")
-    return global_batch // DIST.world
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) then os.replace(tmp, path) (rank 0 only): an interrupt never leaves a truncated
-    file. A failed write (disk full, permission) removes the temp file, leaves `path` as it was
-    and raises RunFault naming the path and the reason."""
-    if not DIST.main:
-        return
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        was = "the previous file is intact" if os.path.exists(path) else "nothing was written"
-        raise RunFault(f"could not write {path}: {e.strerror or e} ({was}); free space or fix the folder's permissions, "
-                       f"then re-run the same command to resume") from None
-
-
-def save_ckpt(path: str, obj: dict) -> None:
-    """Atomic checkpoint write (temp file + os.replace, rank 0 only); see atomic_write."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def load_ckpt(path: str, expect_config: dict | None = None) -> dict:
-    """Load a checkpoint with weights_only=True; clear errors for corrupt or mismatched files."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path} not found: run the stage that makes it (python train.py --run-dir {os.path.dirname(path)})") from None
-    except Exception as e:  # truncated zip, pickle error, ...
-        raise UserError(f"{path} is corrupt or not a checkpoint ({type(e).__name__}); delete it to retrain that stage") from None
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise UserError(f"{path} is not a checkpoint of this project (no 'model'/'config'); delete it to retrain that stage")
-    if expect_config is not None and ck["config"] != expect_config:
-        diff = sorted(k for k in set(ck["config"]) | set(expect_config) if ck["config"].get(k) != expect_config.get(k))
-        raise UserError(f"{path} was trained with another config (differs in {', '.join(diff)}); "
-                        f"use the run folder's own flags, another --run-dir, or delete the file to retrain")
-    return ck
-
-
-def to_plain(cfg) -> dict:
-    """A dataclass as a dict of plain types (tuples become lists, as in JSON)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def vq_config(c: TrainConfig) -> vqgan.VQConfig:
@@ -442,83 +266,6 @@ def nat_config(c: TrainConfig, num_classes: int, num_tokens: int, vocab_size: in
                          mask_dist=c.mask_dist, alpha=c.mask_alpha, beta=c.mask_beta)
 
 
-def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "model") -> torch.nn.Module:
-    """Rebuild a finished stage's model from its checkpoint alone (config + weights), in eval mode.
-
-    stage: "vq", "featnet", "featnet2", "backbone", "nat", "flow" or "vp"; weights: "model" or "ema" (the
-    generators' EMA weights)."""
-    path = os.path.join(run_dir, f"{stage}.pt")
-    ck = load_ckpt(path)
-    if not ck.get("done"):
-        raise UserError(f"{path} is unfinished (step {ck.get('step')}): finish it with python train.py --run-dir {run_dir}")
-    cfg = ck["config"]
-    try:
-        if stage == "vq":
-            model = vqgan.VQModel(vqgan.VQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])}))
-        elif stage in ("featnet", "featnet2", "backbone"):
-            model = fid.FeatureNet(fid.FeatureNetConfig(**cfg))
-        elif stage in samplers.PATHS:                                   # flow.pt, vp.pt
-            model = nat.FlowTransformer(nat.FlowConfig(**cfg))
-        else:
-            model = nat.NAT(nat.NATConfig(**cfg))
-        model.load_state_dict(ck[weights])
-    except (TypeError, KeyError, RuntimeError) as e:
-        raise UserError(f"{path} does not match this code's {stage} model ({type(e).__name__}: {str(e)[:120]}); "
-                        f"delete it to retrain that stage") from None
-    return model.to(device).eval()
-
-
-def fingerprint(run_dir: str, stages: tuple = ("vq", "featnet", "nat")) -> str:
-    """Identifies the trained models of a run folder (step and training time of each checkpoint),
-    so that cached evaluation results are never reused for other weights."""
-    parts = []
-    for s in stages:
-        ck = load_ckpt(os.path.join(run_dir, f"{s}.pt"))
-        parts.append(f"{s}:{ck.get('step')}:{round(ck.get('train_seconds', 0.0), 1)}")
-    return "|".join(parts)
-
-
-def write_json(path: str, obj) -> None:
-    """Atomic JSON write (temp file + os.replace, rank 0 only); see atomic_write."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    atomic_write(path, write)
-
-
-def finite_json(v):
-    """v with every non-finite float replaced by None: json.dumps then writes null, valid JSON (not NaN)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (list, tuple)):
-        return [finite_json(x) for x in v]
-    if isinstance(v, dict):
-        return {k: finite_json(x) for k, x in v.items()}
-    return v
-
-
-def read_json(path: str, default=None):
-    """JSON from path, or `default` when the file is missing or unreadable."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return default
-
-
-class Logger:
-    """Appends one JSON object per record to <run_dir>/log.jsonl."""
-
-    def __init__(self, run_dir: str):
-        self.path = os.path.join(run_dir, "log.jsonl")
-
-    def __call__(self, **record) -> None:
-        if not DIST.main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(finite_json({"time": round(time.time(), 1), **record}), allow_nan=False) + "\n")
-
-
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the base rate."""
     if step < warmup:
@@ -533,129 +280,9 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def train_loop(name: str, ck_path: str, state: dict, modules: dict, step_fn, total: int, c: TrainConfig,
-               log: Logger) -> dict:
-    """The loop every stage shares: tqdm bar, log.jsonl, checkpoints (periodic, final, on Ctrl-C).
-
-    state: the checkpoint dict, state["step"] = steps done (the loop resumes there);
-    modules: name -> module or optimizer, saved as state[name] = its state_dict();
-    step_fn(step) -> dict of floats trains one step in place.
-    """
-    def snapshot() -> dict:
-        state.update({k: m.state_dict() for k, m in modules.items()}, rng=torch.get_rng_state())
-        return state
-
-    def fault(what: str, step: int, advice: str, note: str = "") -> RunFault:
-        """Save the state before this step if it is finite (else keep the last checkpoint); the one-line error."""
-        bar.close()
-        if all_finite(snapshot()):
-            save_ckpt(ck_path, state)
-            kept = f"its last good state (step {state['step']}) is saved in {ck_path}"
-        else:
-            kept = f"nothing non-finite was saved: the last checkpoint in {ck_path} is kept" if os.path.exists(ck_path) \
-                else "nothing was saved"
-        return RunFault(f"{name}: {what} at step {step + 1}{note}; {kept}. {advice}")
-
-    last_save, t0, last_loss = time.time(), time.time(), None
-    lr_key, batch_key = fault_keys(name)
-    bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc=name, dynamic_ncols=True,
-               disable=not DIST.main)
-    try:
-        for step in bar:
-            try:
-                metrics = step_fn(step)
-            except FloatingPointError as e:                          # a step_fn found a non-finite value before its update
-                value = getattr(c, lr_key)
-                raise fault(f"non-finite {e}", step,
-                            f"Try a lower learning rate in a new run folder (a run folder's config is fixed), e.g. "
-                            f"--set {lr_key}={value / 10:g} --run-dir <new>; or, if the fault was transient, re-run "
-                            f"the same command to resume",
-                            f" (last finite loss {last_loss:.6g})" if last_loss is not None else "") from None
-            except torch.OutOfMemoryError:
-                raise fault("out of memory", step, f"Lower the batch: {oom_advice(c, batch_key)}; or, if memory was "
-                            f"short only for a while, re-run the same command to resume") from None
-            last_loss = metrics.get("loss", last_loss)
-            state["step"] = step + 1
-            if step % c.log_every == 0 or step + 1 == total:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if not isinstance(v, list)})
-                log(stage=name, step=step + 1, **{k: v if isinstance(v, list) else round(float(v), 6)
-                                                  for k, v in metrics.items()})
-            if time.time() - last_save > c.ckpt_every_s:
-                save_ckpt(ck_path, snapshot())
-                last_save = time.time()
-    except KeyboardInterrupt:
-        bar.close()
-        state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - t0
-        save_ckpt(ck_path, snapshot())
-        print(f"\ninterrupted: {name} saved at step {state['step']} in {ck_path}; re-run the same command to resume")
-        sys.exit(130)
-    bar.close()
-    state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - t0
-    save_ckpt(ck_path, snapshot())                     # trained weights are safe before the final evaluation
-    return state
-
-
-def all_finite(obj) -> bool:
-    """True when every floating-point tensor in a (nested) checkpoint dict is finite."""
-    if isinstance(obj, torch.Tensor):
-        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
-    if isinstance(obj, dict):
-        return all(all_finite(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return all(all_finite(v) for v in obj)
-    return True
-
-
-def check_finite(**values: float) -> None:
-    """Raise FloatingPointError naming the first non-finite value (a float the loop has already
-    synchronised for its log, so the check costs no extra host synchronisation)."""
-    for k, v in values.items():
-        if not math.isfinite(v):
-            raise FloatingPointError(f"{k} ({v})")
-
-
-def fault_keys(name: str) -> tuple[str, str]:
-    """(learning-rate key, batch key) of the stage a train_loop runs (for a fault's advice)."""
-    keys = {"vq": ("vq_lr", "vq_batch"), "nat": ("nat_lr", "nat_batch"), "flow": ("flow_lr", "flow_batch"),
-            "vp": ("flow_lr", "flow_batch")}
-    if name in keys:
-        return keys[name]
-    if name in ("featnet", "featnet2", "backbone"):
-        return "feat_lr", "feat_batch"
-    if "search" in name or name.startswith("param_"):
-        return "search_lr", "gen_rows"
-    return ("pi_static_lr" if "static" in name else "pi_lr"), "pi_batch"
-
-
-def oom_advice(c: "TrainConfig", key: str) -> str:
-    """What to lower after an out-of-memory error, for the batch key of the stage."""
-    if key == "gen_rows":
-        now = f"gen_rows = {c.gen_rows}" if c.gen_rows else "gen_rows = 0 (whole chunks: 500 rows on CPU, 4096 on CUDA)"
-        return (f"generating at {now}: set fewer rows per generator forward, e.g. --set gen_rows=128; it splits the "
-                f"forwards only, so the samples do not change")
-    value = getattr(c, key)
-    extra = "" if key != "pi_batch" else ", or lower gen_rows (rows per generator forward; the samples do not change)"
-    return f"at {key} = {value}: lower it in a new run folder, e.g. --set {key}={max(1, value // 2)} --run-dir <new>{extra}"
-
-
-def resume(ck_path: str, model_cfg: dict, modules: dict) -> dict:
-    """Load a stage checkpoint into `modules` (name -> module/optimizer) if one exists."""
-    if not os.path.exists(ck_path):
-        return {"step": 0}
-    ck = load_ckpt(ck_path, expect_config=model_cfg)
-    for k, m in modules.items():
-        m.load_state_dict(ck[k])
-    if "rng" in ck:
-        torch.set_rng_state(ck["rng"])
-        if DIST.world > 1:                              # ranks go on from rank 0's saved state, each its own way
-            torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,))) + DIST.rank)
-    print(f"resuming {os.path.basename(ck_path)} from step {ck['step']}")
-    return ck
-
-
 # ----------------------------------------------------------------------------- stages
 
-def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """Train the VQ tokenizer: L = |x - G(z_q)| + (x - G(z_q))^2 + L_vq (+ hinge GAN)."""
     x_train, _, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
     x_test, _, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
@@ -666,19 +293,19 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
     opt_d = torch.optim.Adam(disc.parameters(), lr=c.vq_lr, betas=(0.5, 0.9)) if disc else None
     modules = {"model": model, "optim": opt, **({"disc": disc, "optim_d": opt_d} if disc else {})}
     path = os.path.join(run_dir, "vq.pt")
-    state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 1 + state["step"] + 1000003 * DIST.rank)   # each rank its own batches
-    it = data.batches(x_train, y=torch.zeros(len(x_train), dtype=torch.long), batch_size=rank_batch(c.vq_batch, "vq_batch"),
+    state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
+    g = torch.Generator().manual_seed(c.seed + 1 + state["step"] + 1000003 * ddp.DIST.rank)   # each rank its own batches
+    it = data.batches(x_train, y=torch.zeros(len(x_train), dtype=torch.long), batch_size=runs.rank_batch(c.vq_batch, "vq_batch"),
                       generator=g, infinite=True)
     # torchrun: the quantizer syncs itself (usage summed, rank 0's codebook broadcast: vqgan.py), so DDP must not
     # overwrite the per-rank usage counts with rank 0's buffers
-    net = DistributedDataParallel(model, broadcast_buffers=False) if DIST.world > 1 else model
-    disc_dp = data_parallel(disc, device) if disc is not None else None
+    net = DistributedDataParallel(model, broadcast_buffers=False) if ddp.DIST.world > 1 else model
+    disc_dp = ddp.data_parallel(disc, device) if disc is not None else None
     if c.vq_perceptual > 0:                            # L_P on the frozen backbone classifier (not the FID network)
         if not os.path.exists(os.path.join(run_dir, "backbone.pt")):
-            raise UserError(f"vq_perceptual > 0 needs the backbone classifier: run python train.py --run-dir {run_dir} "
+            raise runs.UserError(f"vq_perceptual > 0 needs the backbone classifier: run python train.py --run-dir {run_dir} "
                             f"--stage backbone first")
-        percep, _ = classifier_backbone(build_model(run_dir, "backbone", device).requires_grad_(False), grad=True)
+        percep, _ = pipeline.classifier_backbone(pipeline.build_model(run_dir, "backbone", device).requires_grad_(False), grad=True)
 
     def step_fn(step: int) -> dict:
         for grp in opt.param_groups:
@@ -687,15 +314,15 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
         x_rec, codes, vq_loss, z_e = net(x)
         rec = (x_rec - x).abs().mean() + F.mse_loss(x_rec, x)
         loss = rec + vq_loss
-        out = {"mse": all_mean(F.mse_loss(x_rec, x).detach()).item()}
+        out = {"mse": ddp.all_mean(F.mse_loss(x_rec, x).detach()).item()}
         if c.vq_perceptual > 0:
             with torch.no_grad():
                 f_x = percep(x)
             l_p = vqgan.perceptual_loss(f_x, percep(x_rec))
             loss = loss + c.vq_perceptual * l_p
-            out["percep"] = all_mean(l_p.detach()).item()
-        out["loss"] = all_mean(loss.detach()).item()
-        check_finite(loss=out["loss"])                                   # before the update (a value logged anyway)
+            out["percep"] = ddp.all_mean(l_p.detach()).item()
+        out["loss"] = ddp.all_mean(loss.detach()).item()
+        runs.check_finite(loss=out["loss"])                                   # before the update (a value logged anyway)
         if disc is not None and step >= c.gan_start:
             g_loss = vqgan.hinge_g_loss(disc(x_rec))                     # D's gradients here are zeroed below
             loss = loss + c.gan_weight * g_loss
@@ -707,7 +334,7 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
             logits = disc_dp(torch.cat([x, x_rec.detach()]))              # one forward: one DDP gradient sync
             d_loss = vqgan.hinge_d_loss(*logits.chunk(2))
             out["d_loss"] = d_loss.item()
-            check_finite(d_loss=out["d_loss"])
+            runs.check_finite(d_loss=out["d_loss"])
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
@@ -715,7 +342,7 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
             out["restarted"] = model.vq.restart_dead_codes(z_e.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim))
         return out
 
-    state = train_loop("vq", path, state, modules, step_fn, c.vq_steps, c, log)
+    state = runs.train_loop("vq", path, state, modules, step_fn, c.vq_steps, c, log)
     # report on the held-out test set: reconstruction MSE, codebook usage, perplexity
     model.eval()
     codes, mse = [], 0.0
@@ -728,23 +355,23 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) ->
     stats = vqgan.codebook_stats(torch.cat(codes), cfg.codebook_size)
     state["metrics"] = {"test_mse": mse / x_test.numel(), **{f"test_{k}": float(v) for k, v in stats.items()}}
     state["done"] = True
-    save_ckpt(path, state)
+    runs.save_ckpt(path, state)
     log(stage="vq", final=True, **state["metrics"])
     print("vq:", json.dumps({k: round(v, 4) for k, v in state["metrics"].items()}))
 
 
-def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """Train the FID feature network as a classifier (flip + shift augmentation)."""
     train_classifier(c, run_dir, device, log, "featnet", dict(width=c.feat_width, feat_dim=c.feat_dim), c.feat_steps, 2)
 
 
-def stage_backbone(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+def stage_backbone(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """A second classifier (other width and seed, shorter training): the frozen backbone the
     policy's discriminator reads (reward.py). The FID network itself must not be the reward."""
     train_classifier(c, run_dir, device, log, "backbone", dict(width=c.bb_width, feat_dim=c.bb_dim), c.bb_steps, 7)
 
 
-def stage_featnet2(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+def stage_featnet2(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """An independent FID network for the reward-hacking study (AdaGen §III-D): another
     architecture (one conv per stage, average pooling, other widths) and seed, so that a policy
     trained on the FID network's own FID can be judged on features it never saw."""
@@ -752,7 +379,7 @@ def stage_featnet2(c: TrainConfig, run_dir: str, device: torch.device, log: Logg
                      dict(width=c.feat2_width, feat_dim=c.feat2_dim, convs=1, pool="avg"), c.feat2_steps, 13)
 
 
-def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, name: str, sizes: dict,
+def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, name: str, sizes: dict,
                      steps: int, seed_offset: int) -> None:
     """Train a fid.FeatureNet classifier of the given sizes into <name>.pt (Adam, flip + shift)."""
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
@@ -763,10 +390,10 @@ def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Lo
     opt = torch.optim.Adam(model.parameters(), lr=c.feat_lr)
     modules = {"model": model, "optim": opt}
     path = os.path.join(run_dir, f"{name}.pt")
-    state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + seed_offset + state["step"] + 1000003 * DIST.rank)
-    it = data.batches(x_train, y_train, rank_batch(c.feat_batch, "feat_batch"), g, infinite=True)
-    net = data_parallel(model, device)                    # (batch-norm statistics per rank, rank 0's buffers kept)
+    state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
+    g = torch.Generator().manual_seed(c.seed + seed_offset + state["step"] + 1000003 * ddp.DIST.rank)
+    it = data.batches(x_train, y_train, runs.rank_batch(c.feat_batch, "feat_batch"), g, infinite=True)
+    net = ddp.data_parallel(model, device)                    # (batch-norm statistics per rank, rank 0's buffers kept)
 
     def step_fn(step: int) -> dict:
         for grp in opt.param_groups:
@@ -778,20 +405,20 @@ def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Lo
         net.train()
         logits = net(x)
         loss = F.cross_entropy(logits, yb.to(device))
-        loss_v = all_mean(loss.detach()).item()
-        check_finite(loss=loss_v)
+        loss_v = ddp.all_mean(loss.detach()).item()
+        runs.check_finite(loss=loss_v)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         acc = (logits.argmax(1).cpu() == yb).float().mean()
-        return {"loss": loss_v, "acc": all_mean(acc.to(device)).item()}
+        return {"loss": loss_v, "acc": ddp.all_mean(acc.to(device)).item()}
 
-    state = train_loop(name, path, state, modules, step_fn, steps, c, log)
+    state = runs.train_loop(name, path, state, modules, step_fn, steps, c, log)
     _, logits = fid.extract(model, data.to_float(x_test), device=device)
     acc = (logits.argmax(1) == y_test).float().mean().item()
     state["metrics"] = {"test_acc": acc}
     state["done"] = True
-    save_ckpt(path, state)
+    runs.save_ckpt(path, state)
     log(stage=name, final=True, test_acc=acc)
     print(f"{name}: test accuracy {acc:.4f}")
 
@@ -800,7 +427,7 @@ def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: Lo
 def tokenize_dataset(vq: vqgan.VQModel, x: torch.Tensor, y: torch.Tensor, device: torch.device):
     """Tokens (2M, N) of the M images and of their mirror images (flip augmentation), labels (2M,)."""
     out = {False: [], True: []}
-    for i in tqdm(range(0, len(x), 1000), desc="tokenize", leave=False, disable=not DIST.main):
+    for i in tqdm(range(0, len(x), 1000), desc="tokenize", leave=False, disable=not ddp.DIST.main):
         xb = data.to_float(x[i:i + 1000]).to(device)
         for flip in (False, True):
             out[flip].append(vq.tokenize(xb.flip(-1) if flip else xb).cpu())
@@ -815,8 +442,8 @@ def generator_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.opti
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    out = {"loss": all_mean(loss.detach()).item(), "grad_norm": gn.item()}
-    check_finite(**out)                                                   # before the update, no extra synchronisation
+    out = {"loss": ddp.all_mean(loss.detach()).item(), "grad_norm": gn.item()}
+    runs.check_finite(**out)                                                   # before the update, no extra synchronisation
     opt.step()
     d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
@@ -825,10 +452,10 @@ def generator_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.opti
     return out
 
 
-def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """Train the NAT on tokens with the masked-token loss; keep an EMA of the weights."""
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    vq = build_model(run_dir, "vq", device)
+    vq = pipeline.build_model(run_dir, "vq", device)
     tokens, labels = tokenize_dataset(vq, x_train, y_train, device)         # (2M, N), (2M,)
     cfg = nat_config(c, num_classes, tokens.shape[1], vq.cfg.codebook_size)
     model = nat.NAT(cfg).to(device)
@@ -840,10 +467,10 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -
                             lr=c.nat_lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     modules = {"model": model, "ema": ema, "optim": opt}
     path = os.path.join(run_dir, "nat.pt")
-    state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 3 + state["step"] + 1000003 * DIST.rank)   # each rank its own batches
-    it = data.batches(tokens, labels, rank_batch(c.nat_batch, "nat_batch"), g, infinite=True)
-    net = data_parallel(model, device)
+    state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
+    g = torch.Generator().manual_seed(c.seed + 3 + state["step"] + 1000003 * ddp.DIST.rank)   # each rank its own batches
+    it = data.batches(tokens, labels, runs.rank_batch(c.nat_batch, "nat_batch"), g, infinite=True)
+    net = ddp.data_parallel(model, device)
     net = torch.compile(net) if c.compile else net
 
     def step_fn(step: int) -> dict:
@@ -852,14 +479,14 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -
             grp["lr"] = lr
         v, y = next(it)
         net.train()
-        with autocast(device, c.bf16):
+        with runs.autocast(device, c.bf16):
             loss = nat.masked_token_loss(net, v.to(device), y.to(device))
         out = generator_step(model, ema, opt, loss, step, c.ema_decay)
         return {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
 
-    state = train_loop("nat", path, state, modules, step_fn, c.nat_steps, c, log)
+    state = runs.train_loop("nat", path, state, modules, step_fn, c.nat_steps, c, log)
     state["done"] = True
-    save_ckpt(path, state)
+    runs.save_ckpt(path, state)
     print(f"nat: done, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 
@@ -870,13 +497,13 @@ def flow_config(c: TrainConfig, num_classes: int) -> nat.FlowConfig:
                           dim=c.flow_dim, depth=c.flow_depth, heads=c.flow_heads, path=c.flow_path)
 
 
-def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """Train the continuous generator on pixels (flow_path: rectified flow or VP diffusion, see
     samplers.py), with horizontal flips, class dropout for guidance and an EMA of the weights.
     Writes flow.pt (or vp.pt)."""
     name = c.flow_path
     path = os.path.join(run_dir, f"{name}.pt")
-    if os.path.exists(path) and load_ckpt(path).get("done"):
+    if os.path.exists(path) and runs.load_ckpt(path).get("done"):
         print(f"{name}: done ({path}), skipped")
         return
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
@@ -887,11 +514,11 @@ def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) 
     opt = torch.optim.AdamW(model.parameters(), lr=c.flow_lr, betas=(0.9, 0.99), weight_decay=c.flow_wd,
                             fused=device.type == "cuda")
     modules = {"model": model, "ema": ema, "optim": opt}
-    state = {**resume(path, to_plain(cfg), modules), "config": to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 11 + state["step"] + 1000003 * DIST.rank)   # each rank its own batches
-    gd = torch.Generator(device).manual_seed(c.seed + 12 + state["step"] + 1000003 * DIST.rank)
-    it = data.batches(x_train, y_train, rank_batch(c.flow_batch, "flow_batch"), g, infinite=True)
-    net = data_parallel(model, device)
+    state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
+    g = torch.Generator().manual_seed(c.seed + 11 + state["step"] + 1000003 * ddp.DIST.rank)   # each rank its own batches
+    gd = torch.Generator(device).manual_seed(c.seed + 12 + state["step"] + 1000003 * ddp.DIST.rank)
+    it = data.batches(x_train, y_train, runs.rank_batch(c.flow_batch, "flow_batch"), g, infinite=True)
+    net = ddp.data_parallel(model, device)
     loss_fn = nat.flow_net_fn(torch.compile(net) if c.compile else net, cfg.class_drop)
 
     def step_fn(step: int) -> dict:
@@ -903,14 +530,14 @@ def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) 
         flip = torch.rand(len(x), generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
         model.train()
-        with autocast(device, c.bf16):
+        with runs.autocast(device, c.bf16):
             loss = samplers.training_loss(loss_fn, path_obj, x, y.to(device), gd)
         out = generator_step(model, ema, opt, loss, step, c.ema_decay)
         return {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
 
-    state = train_loop(name, path, state, modules, step_fn, c.flow_steps, c, log)
+    state = runs.train_loop(name, path, state, modules, step_fn, c.flow_steps, c, log)
     state["done"] = True
-    save_ckpt(path, state)
+    runs.save_ckpt(path, state)
     print(f"{name}: done, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"python sample.py --run-dir {run_dir} --flow {name} draws its grids")
 
@@ -922,76 +549,19 @@ def policy_config(c: TrainConfig, kind: str, T: int, h: torch.Tensor, C: int, N:
     table its residual starts from, the network sizes and the training hyper-parameters."""
     return {"kind": kind, "T": T, "heuristic": h.tolist(), "C": C, "N": N,
             "beta_ema": c.pi_beta_ema if kind == "smooth" else 0.0,
-            **{k: v for k, v in to_plain(c).items() if k.startswith("pi_") and k not in ("pi_T", "pi_beta_ema")}}
-
-
-def build_policy(cfg: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(policy, critic) for a policy_config: adaptive network pair, or the static table pair."""
-    D = len(cfg.get("spec", policy.ACTIONS))                    # NAT checkpoints before the flow had no "spec"
-    if cfg["kind"] == "static":
-        return policy.StaticPolicy(cfg["T"], out_dim=D), policy.StaticPolicy(cfg["T"], out_dim=1)
-    make = lambda out: policy.AdaptivePolicy(cfg["T"], cfg["C"], cfg["N"], cfg["pi_width"], hidden=cfg["pi_hidden"], out_dim=out)
-    return make(D), make(1)
-
-
-def load_policy(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The policy of a finished policy checkpoint (its best-by-training-FID weights) and its config."""
-    ck = load_ckpt(path)
-    if not ck.get("done"):
-        raise UserError(f"{path} is unfinished (iteration {ck.get('step')}): finish it with python train.py")
-    try:
-        pi, _ = build_policy(ck["config"])
-        pi.load_state_dict(ck["best"])
-    except (TypeError, KeyError, RuntimeError) as e:
-        raise UserError(f"{path} does not match this code's policy ({type(e).__name__}: {str(e)[:120]}); "
-                        f"delete it to retrain that stage") from None
-    return pi.to(device).eval(), ck["config"]
-
-
-def classifier_backbone(net: fid.FeatureNet, grad: bool = False):
-    """A frozen classifier as the discriminator's backbone (and the tokenizer's perceptual
-    network): x -> its feature map after each of the three pooling stages, (B, w, S/2, S/2),
-    (B, 2w, S/4, S/4), (B, 4w, S/8, S/8), and their channel counts; gradients flow to x only
-    with grad=True. (The frozen VQ encoder was tried first: D reached only ~55% held-out accuracy.)"""
-    layers = list(net.body)
-    taps = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.MaxPool2d)]
-    w = net.cfg.width
-
-    def backbone(x: torch.Tensor) -> list[torch.Tensor]:
-        feats, h = [], x
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            for i, layer in enumerate(layers):
-                h = layer(h)
-                if i in taps:
-                    feats.append(h)
-        return feats
-    return backbone, [w, 2 * w, 4 * w]
-
-
-PI_STARTS = {"heuristic": "AdaNAT's heuristic", "search": "the AutoNAT table", "param": "the searched family"}
-
-
-PI_REWARDS = ("adversarial", "fixed", "fid")
-
-
-def policy_file(kind: str, start: str, T: int, reward_name: str = "adversarial") -> str:
-    """policy_T8; policy_search_T8 for a policy whose residual starts from the searched table;
-    policy_fixed_T8 / policy_fid_T8 for one trained on another reward (the reward-hacking study)."""
-    parts = [kind] + ([start] if start != "heuristic" else []) + ([reward_name] if reward_name != "adversarial" else [])
-    return "_".join(parts) + f"_T{T}"
+            **{k: v for k, v in runs.to_plain(c).items() if k.startswith("pi_") and k not in ("pi_T", "pi_beta_ema")}}
 
 
 def start_table(pipe, start: str, T: int, w_0: float) -> torch.Tensor:
     """The (T, 4) schedule a policy's zero residual reproduces: AdaNAT's heuristic (tau2_0 = 1,
     w = w_0 t/T), or a finished AutoNAT search of this run ("search": the free table, "param":
     the family), AdaNAT's "residual on the best hand-made schedule" taken one step further."""
-    import sample
     if start == "heuristic":
-        return nat.heuristic_table(T, sample.ADANAT_TAU2_0, w_0)
-    found = sample.searched_table(pipe, start, T)
+        return nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)
+    found = pipeline.searched_table(pipe, start, T)
     if found is None:
         stage = "search" if start == "search" else "param-search"
-        raise UserError(f"pi_start={start}: {pipe.run_dir} has no finished {start}_T{T}.pt; run python train.py "
+        raise runs.UserError(f"pi_start={start}: {pipe.run_dir} has no finished {start}_T{T}.pt; run python train.py "
                         f"--run-dir {pipe.run_dir} --stage {stage} --set search_T={T} first")
     table, cfg, _ = found
     if cfg["generator"] != pipe.fingerprint:
@@ -1026,11 +596,10 @@ def real_images(c: TrainConfig, n: int = 11000) -> tuple[torch.Tensor, torch.Ten
 
 
 def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: int):
-    """(task, pipeline, RealFeatures) of the NAT MDP for T decoding steps (AdaNAT)."""
-    import sample                                   # the sampling pipeline (sample.py imports train)
-    pipe = sample.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-    ref = sample.RealFeatures(pipe)
-    w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
+    """(task, pipeline, pipeline.RealFeatures) of the NAT MDP for T decoding steps (AdaNAT)."""
+    pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
+    ref = pipeline.RealFeatures(pipe)
+    w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
     cfg = pipe.cfg
 
     def reals():                                    # their tokenizer reconstructions by default
@@ -1040,8 +609,8 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
         return x, y
 
     task = PolicyTask(
-        name=policy_file(kind, c.pi_start, T, c.pi_reward), T=T, spec=policy.NAT_ACTIONS, h=start_table(pipe, c.pi_start, T, w_0),
-        start=f"{PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim, N=cfg.num_tokens, num_classes=cfg.num_classes,
+        name=pipeline.policy_file(kind, c.pi_start, T, c.pi_reward), T=T, spec=policy.NAT_ACTIONS, h=start_table(pipe, c.pi_start, T, w_0),
+        start=f"{pipeline.PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim, N=cfg.num_tokens, num_classes=cfg.num_classes,
         generate=lambda y, sched, g, G: nat.generate(pipe.logits_fn, y, T, sched, cfg.mask_id, cfg.num_tokens,
                                                      cfg.null_label, g, group=G),
         to_images=pipe.vq.detokenize,
@@ -1051,13 +620,12 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
 
 
 def flow_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, nfe: int):
-    """(task, pipeline, RealFeatures) of the ODE-sampler MDP (AdaGen): flow_pi_solver with the most
+    """(task, pipeline, pipeline.RealFeatures) of the ODE-sampler MDP (AdaGen): flow_pi_solver with the most
     steps whose network evaluations fit in `nfe`, starting from the uniform grid with constant
     guidance w_0 (the AdaGen release's DiT/SiT start); D's reals are raw training images."""
-    import sample
-    pipe = sample.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-    ref = sample.RealFeatures(pipe)
-    w_0 = sample.flow_sweep_w(pipe, ref, c.pi_sweep_samples)
+    pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
+    ref = pipeline.RealFeatures(pipe)
+    w_0 = pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples)
     solver, cfg = c.flow_pi_solver, pipe.cfg
     T = samplers.steps_for_nfe(solver, nfe)
     grid = samplers.uniform_grid(T)
@@ -1069,7 +637,7 @@ def flow_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, nfe
                                pipe.path).clamp(-1, 1)
 
     task = PolicyTask(
-        name=flow_policy_file(c.flow_path, kind, nfe, c.pi_reward), T=T, spec=policy.FLOW_ACTIONS, h=h,
+        name=pipeline.flow_policy_file(c.flow_path, kind, nfe, c.pi_reward), T=T, spec=policy.FLOW_ACTIONS, h=h,
         start=f"{solver}, uniform grid, w = {w_0:g}", C=cfg.dim, N=cfg.num_patches, num_classes=cfg.num_classes,
         generate=generate, to_images=lambda x: x,
         fid_images=lambda y, sched: pipe.generate(y, T, sched, solver, seed=0),
@@ -1078,11 +646,7 @@ def flow_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, nfe
     return task, pipe, ref
 
 
-def flow_policy_file(path: str, kind: str, nfe: int, reward_name: str = "adversarial") -> str:
-    return f"{path}_{kind}_nfe{nfe}" + (f"_{reward_name}" if reward_name != "adversarial" else "")
-
-
-def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, kind: str, task: PolicyTask,
+def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, kind: str, task: PolicyTask,
                  pipe, ref) -> None:
     """AdaNAT's / AdaGen's Algorithm 1 for one task: rollouts -> PPO update -> discriminator update.
 
@@ -1096,44 +660,43 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     The reward is c.pi_reward (the fidelity policy's r_adv is always D's): "adversarial" D's
     sigmoid score, "fixed" r_fid = log p(y|x) under the frozen backbone classifier, "fid" minus
     the FID (vs training statistics, FID network) of the chunk of pi_fid_chunk trajectories."""
-    import sample
     c = recipe(c)                                                         # pi_recipe = official: the release's PPO
     T, spec = task.T, task.spec
     active = spec.active(T, device)                                       # (T, D) knobs that act
     h_pre = policy.inverse_activation(task.h, spec).to(device)
     pcfg = {**policy_config(c, kind, T, task.h, task.C, task.N), "spec": list(spec.names), **task.extra}
-    pi, V = (m.to(device) for m in build_policy(pcfg))
-    classifier = build_model(run_dir, "backbone", device)                 # D's frozen backbone and r_fid's classifier
-    backbone, channels = classifier_backbone(classifier)
+    pi, V = (m.to(device) for m in pipeline.build_policy(pcfg))
+    classifier = pipeline.build_model(run_dir, "backbone", device)                 # D's frozen backbone and r_fid's classifier
+    backbone, channels = pipeline.classifier_backbone(classifier)
     D = reward.ProjectedDiscriminator(channels, task.num_classes).to(device)
     base = None
     if kind == "fidelity":
         base_name = task.name.replace("fidelity", "policy", 1)
         base_path = os.path.join(run_dir, f"{base_name}.pt")
         if not os.path.exists(base_path):
-            raise UserError(f"the fidelity stage blends with the adaptive policy {base_path}, which is missing: "
+            raise runs.UserError(f"the fidelity stage blends with the adaptive policy {base_path}, which is missing: "
                             f"run python train.py --run-dir {run_dir} --stage policy first")
-        base, base_cfg = load_policy(base_path, device)
+        base, base_cfg = pipeline.load_policy(base_path, device)
         if base_cfg["heuristic"] != task.h.tolist() or base_cfg["beta_ema"] != 0:
-            raise UserError(f"{base_path} starts from another schedule than this run's (the w_0 sweep changed since) or "
+            raise runs.UserError(f"{base_path} starts from another schedule than this run's (the w_0 sweep changed since) or "
                             f"smooths its actions: the blend needs both policies on the same start; retrain it")
         base.requires_grad_(False)
         pcfg["base"] = base_name
         if not os.path.exists(os.path.join(run_dir, f"{task.name}.pt")):   # start: the main policy, critic and D
-            main = load_ckpt(base_path)
+            main = runs.load_ckpt(base_path)
             pi.load_state_dict(main["best"]), V.load_state_dict(main["critic"]), D.load_state_dict(main["disc"])
     lr = c.pi_static_lr if kind == "static" else c.pi_lr
     params = list(pi.parameters()) + list(V.parameters())
-    pi_dp, V_dp, D_dp = (data_parallel(m, device) for m in (pi, V, D))        # torchrun: gradients averaged
-    B = rank_batch(c.pi_batch, "pi_batch")                                   # this rank's trajectories
+    pi_dp, V_dp, D_dp = (ddp.data_parallel(m, device) for m in (pi, V, D))        # torchrun: gradients averaged
+    B = runs.rank_batch(c.pi_batch, "pi_batch")                                   # this rank's trajectories
     if B % c.pi_group:
-        raise UserError(f"pi_group {c.pi_group} must divide each process's share of pi_batch ({B} of {c.pi_batch})")
+        raise runs.UserError(f"pi_group {c.pi_group} must divide each process's share of pi_batch ({B} of {c.pi_batch})")
     opt = torch.optim.Adam(params, lr=lr)
     d_opt = torch.optim.Adam(D.parameters(), lr=c.pi_d_lr, betas=(0.5, 0.999))
     modules = {"model": pi, "critic": V, "disc": D, "optim": opt, "d_optim": d_opt}
     name = task.name
     path = os.path.join(run_dir, f"{name}.pt")
-    state = {"history": [], "best": None, "best_fid": None, **resume(path, pcfg, modules), "config": pcfg, "done": False}
+    state = {"history": [], "best": None, "best_fid": None, **runs.resume(path, pcfg, modules), "config": pcfg, "done": False}
     beta_ema = pcfg["beta_ema"]
 
     # reals for D: 10 000 training images (pi_d_real = recon: their tokenizer reconstructions) and 1 000 held out
@@ -1141,7 +704,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     n_hold = min(1000, len(x_real) // 10)
     f_hold, y_hold = backbone(x_real[:n_hold].to(device)), y_real[:n_hold].to(device)   # the backbone is frozen
     x_real, y_real = x_real[n_hold:], y_real[n_hold:]
-    fid_labels = sample.balanced_labels(c.pi_fid_samples, task.num_classes)
+    fid_labels = pipeline.balanced_labels(c.pi_fid_samples, task.num_classes)
 
     def train_fid() -> float:
         """FID of the mean policy (seed 0, fixed labels) against training-set statistics."""
@@ -1180,10 +743,9 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
 
     def step_fn(it: int) -> dict:
         sigma = sigma_at(c, it)
-        seed = c.seed * 100003 + it + 1_000_003 * DIST.rank                    # per iteration (resumable) and rank
+        seed = c.seed * 100003 + it + 1_000_003 * ddp.DIST.rank                    # per iteration (resumable) and rank
         g = torch.Generator(device).manual_seed(seed)
         g_cpu = torch.Generator().manual_seed(seed)
-        G = c.pi_group
         pi.eval(), V.eval(), D.eval()                                        # D scores in eval mode (spectral norms fixed)
         t0 = time.time()
         labels, lam, gen = explore(B, sigma, g)
@@ -1197,21 +759,21 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             if base is not None:
                 R = reward.blended_reward(r_adv, r_fid, lam)
             elif c.pi_reward == "fid":                                       # chunks of the global batch
-                feats = all_cat(fid.extract(pipe.featnet, fake, device=device)[0].to(device)).cpu()
-                R = my_rows(chunk_fid_reward(feats, ref, c.pi_fid_chunk)).to(device)
+                feats = ddp.all_cat(fid.extract(pipe.featnet, fake, device=device)[0].to(device)).cpu()
+                R = ddp.my_rows(chunk_fid_reward(feats, ref, c.pi_fid_chunk)).to(device)
             else:
                 R = r_fid if c.pi_reward == "fixed" else r_adv
             d_acc = reward.accuracy(D(f_hold, y_hold), logits_fake)
-        mean = lambda x: all_mean(torch.as_tensor(x, dtype=torch.float32, device=device)).item()
+        mean = lambda x: ddp.all_mean(torch.as_tensor(x, dtype=torch.float32, device=device)).item()
         out = {"reward": mean(R.mean()), "r_adv": mean(r_adv.mean()), "r_fid": mean(r_fid.mean()), "d_acc": mean(d_acc),
                "sigma": sigma, "sec_rollout": time.time() - t0}
-        check_finite(reward=out["reward"])
+        runs.check_finite(reward=out["reward"])
         if it == c.pi_d_warmup:                                              # D after its warm-up: kept for the reward check
             state["disc_warmup"], state["d_acc_warmup"] = copy.deepcopy(D.state_dict()), out["d_acc"]
             print(f"{name}: D's held-out accuracy after its warm-up: {out['d_acc']:.3f}")
         t0 = time.time()
         if it >= c.pi_d_warmup:                                              # PPO (AdaNAT Eq. 11-12)
-            out.update(ppo_step(ro, all_cat(R), sigma, g_cpu))
+            out.update(ppo_step(ro, ddp.all_cat(R), sigma, g_cpu))
         out["sec_ppo"], t0 = time.time() - t0, time.time()
         state["replay"] = (state.get("replay") or [])[-(c.pi_d_replay - 1):] if c.pi_d_replay > 1 else []
         state["replay"].append((fake.cpu(), labels.cpu()))                   # this rollout joins D's replay
@@ -1228,7 +790,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             loss.backward()
             d_opt.step()
         out["d_loss"], out["sec_d"] = mean(loss.detach()), time.time() - t0
-        check_finite(d_loss=out["d_loss"])                                   # a non-finite D is never saved (train_loop)
+        runs.check_finite(d_loss=out["d_loss"])                                   # a non-finite D is never saved (runs.train_loop)
         for j, a in enumerate(spec.names):                                   # per-sample spread of each action
             out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
         out["act_mean"] = [[round(v, 5) for v in row] for row in ro.actions.mean(1).tolist()]   # (T, D) per step
@@ -1246,14 +808,14 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         Returns and advantages are divided by max(batch std, pi_adv_floor); the anchor pulls the
         mean residual eta(s) toward 0, i.e. the policy toward its start schedule."""
         G, floor = c.pi_group, c.pi_adv_floor
-        ret = my_rows(ppo.normalise(R_all, floor)).repeat(T)                 # (T*B,) step-major
+        ret = ddp.my_rows(ppo.normalise(R_all, floor)).repeat(T)                 # (T*B,) step-major
         if G == 1:
             adv = ret - ro.value                                             # AdaNAT: R_hat - V_old
         else:                                                                # the group's mean as the baseline
             A = (R_all.view(-1, G) - R_all.view(-1, G).mean(1, keepdim=True)).flatten()
-            adv = my_rows(A / (A.std().clamp_min(floor) + 1e-8)).repeat(T)
-        adv_abs = all_mean(adv.abs().mean()).item()                          # the step size PPO is given
-        check_finite(advantage=adv_abs)
+            adv = ddp.my_rows(A / (A.std().clamp_min(floor) + 1e-8)).repeat(T)
+        adv_abs = ddp.all_mean(adv.abs().mean()).item()                          # the step size PPO is given
+        runs.check_finite(advantage=adv_abs)
         act = active[ro.t]                                                   # (T*B, D)
         pi.train(), V.train()
 
@@ -1264,18 +826,18 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
                     policy.gaussian_entropy(sigma, act[idx].sum(-1)), anchor)
         stats = ppo.ppo_update(evaluate, ro.logp, adv, ret, opt, params, c.pi_epochs, c.pi_minibatches,
                                c.pi_target_kl, c.pi_clip, c.pi_vf_coef, c.pi_ent_coef, c.pi_grad_clip, generator=g_cpu,
-                               mean_over_ranks=lambda x: all_mean(torch.tensor(float(x), device=device)).item())
-        stats["explained_var"] = ppo.explained_variance(all_cat(ro.value), all_cat(ret))
+                               mean_over_ranks=lambda x: ddp.all_mean(torch.tensor(float(x), device=device)).item())
+        stats["explained_var"] = ppo.explained_variance(ddp.all_cat(ro.value), ddp.all_cat(ret))
         with torch.no_grad():                                                # how far the mean residual has moved
             mu = pi(ro.features, ro.t)
             stats["residual_rms"] = (((mu * act) ** 2).sum() / act.sum()).sqrt()
         return {"adv_abs": adv_abs, **{k: float(v) for k, v in stats.items()}}
 
-    state = train_loop(name, path, state, modules, step_fn, c.pi_iters, dataclasses.replace(c, log_every=1), log)
+    state = runs.train_loop(name, path, state, modules, step_fn, c.pi_iters, dataclasses.replace(c, log_every=1), log)
     state["done"] = True
-    state.pop("replay", None)                                               # D's replay is only needed to resume
-    save_ckpt(path, state)
-    sample.plot_training(state["history"], os.path.join(run_dir, f"{name}_curve.png"), name)
+    state.pop("replay", None)                                               # D's replay is only needed to runs.resume
+    runs.save_ckpt(path, state)
+    plots.plot_training(state["history"], os.path.join(run_dir, f"{name}_curve.png"), name)
     which = "training-set FID at lam = 1 (last weights kept)" if kind == "fidelity" else "best training-set FID"
     print(f"{name}: done, {which} {state['best_fid']:.2f} (start {state['history'][0]['train_fid']:.2f}); "
           f"curve in {name}_curve.png")
@@ -1297,12 +859,12 @@ def chunk_fid_reward(feats: torch.Tensor, ref, chunk: int) -> torch.Tensor:
 def stage_policies(kind: str, paradigm: str = "nat"):
     """The stage function for one policy kind: a policy per T in pi_T (the NAT) or per NFE budget
     in flow_pi_nfe (the ODE sampler), finished ones skipped."""
-    def stage(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+    def stage(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
         for n in (c.pi_T if paradigm == "nat" else c.flow_pi_nfe):
-            name = (policy_file(kind, c.pi_start, n, c.pi_reward) if paradigm == "nat"
-                    else flow_policy_file(c.flow_path, kind, n, c.pi_reward))
+            name = (pipeline.policy_file(kind, c.pi_start, n, c.pi_reward) if paradigm == "nat"
+                    else pipeline.flow_policy_file(c.flow_path, kind, n, c.pi_reward))
             path = os.path.join(run_dir, f"{name}.pt")
-            if os.path.exists(path) and load_ckpt(path).get("done"):
+            if os.path.exists(path) and runs.load_ckpt(path).get("done"):
                 print(f"{path}: done, skipped")
                 continue
             make = nat_task if paradigm == "nat" else flow_task
@@ -1316,7 +878,7 @@ SEARCH_KINDS = {"search": "free", "param-search": "param", "flow-search": "flow"
 SEARCH_FILES = {"free": "search", "param": "param"}              # -> <file>_T{T}.pt / .json / _curve.png
 
 
-def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Logger, kind: str, T: int) -> None:
+def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, kind: str, T: int) -> None:
     """AutoNAT §4.2 for one T: finite-difference gradient descent on training-set FID.
 
     kind "free": xi = the whole T x 4 table [m, tau1, tau2, w] (the paper's search);
@@ -1327,21 +889,20 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     flow: uniform grid, constant swept w_0). One update generates its 1 + A candidates (A
     perturbed coordinates) on the same labels and random numbers as one interleaved batch; the
     checkpoint is written after every update."""
-    import sample
     if kind == "flow":
         nfe, solver = T, c.flow_pi_solver
-        pipe = sample.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-        ref = sample.RealFeatures(pipe)
+        pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
+        ref = pipeline.RealFeatures(pipe)
         T = samplers.steps_for_nfe(solver, nfe)
-        h = samplers.grid_table(samplers.uniform_grid(T), sample.flow_sweep_w(pipe, ref, c.pi_sweep_samples))  # (T, 2)
-        candidate_fids = lambda tables, labels, seed: sample.flow_candidate_fids(pipe, ref, tables, labels, seed, solver)
+        h = samplers.grid_table(samplers.uniform_grid(T), pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples))  # (T, 2)
+        candidate_fids = lambda tables, labels, seed: pipeline.flow_candidate_fids(pipe, ref, tables, labels, seed, solver)
         name, columns = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w")
     else:
-        pipe = sample.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-        ref = sample.RealFeatures(pipe)
-        w_0 = sample.get_w0(pipe, ref, c.pi_sweep_samples)
-        h = nat.heuristic_table(T, sample.ADANAT_TAU2_0, w_0)                # (T, 4)
-        candidate_fids = lambda tables, labels, seed: sample.candidate_fids(pipe, ref, tables, labels, seed)
+        pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
+        ref = pipeline.RealFeatures(pipe)
+        w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
+        h = nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)                # (T, 4)
+        candidate_fids = lambda tables, labels, seed: pipeline.candidate_fids(pipe, ref, tables, labels, seed)
         name, columns = f"{SEARCH_FILES[kind]}_T{T}", autonat.COLUMNS
     K = h.shape[1]
     if kind in ("free", "flow"):
@@ -1353,7 +914,7 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         xi0 = project(autonat.table_to_xi(h))                              # = h, with m_{T-1} exactly 0
         updates = c.search_updates
     else:
-        xi0 = autonat.parametric_init(sample.ADANAT_TAU2_0, w_0)
+        xi0 = autonat.parametric_init(pipeline.ADANAT_TAU2_0, w_0)
         eps, lr = torch.full((len(autonat.PARAMS),), c.search_eps), torch.full((len(autonat.PARAMS),), c.search_lr)
         active = torch.ones(len(autonat.PARAMS), dtype=torch.bool)
         to_table = lambda theta: autonat.parametric_table(theta, T)
@@ -1364,7 +925,7 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
             "eps": eps.tolist(), "lr": lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip,
             "generator": pipe.fingerprint}
     if os.path.exists(path):
-        state = load_ckpt(path, expect_config=scfg)
+        state = runs.load_ckpt(path, expect_config=scfg)
         if state.get("final_step") == state["step"] < updates:            # extending a finished search
             state["history"].pop()                                        # its end point is update `step`'s start
             state["done"] = False
@@ -1373,13 +934,13 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     else:
         state = {"config": scfg, "step": 0, "model": {"xi": xi0, "v": torch.zeros_like(xi0)}, "best_xi": xi0,
                  "best_fid": math.inf, "history": [], "forwards": 0, "train_seconds": 0.0}
-    labels = sample.balanced_labels(c.search_samples, pipe.cfg.num_classes)
+    labels = pipeline.balanced_labels(c.search_samples, pipe.cfg.num_classes)
     C = 1 + int(active.sum())
 
     def F(X: torch.Tensor) -> torch.Tensor:                                # (C', D) -> (C',) training-set FIDs
         before = pipe.forwards
         values = candidate_fids(torch.stack([to_table(x) for x in X]), labels, c.search_seed)
-        state["forwards"] += int(all_sum(pipe.forwards - before))          # image-forwards run on all ranks (CFG: 2 per step)
+        state["forwards"] += int(ddp.all_sum(pipe.forwards - before))          # image-forwards run on all ranks (CFG: 2 per step)
         if not torch.isfinite(values).all():                               # before the update (CPU values)
             raise FloatingPointError(f"candidate FID ({values.tolist()})")
         return values
@@ -1397,7 +958,7 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         return out
 
     print(f"{name}: {C} candidates x {len(labels)} samples per update, {updates} updates")
-    state = train_loop(name, path, state, {}, step_fn, updates, dataclasses.replace(c, log_every=1, ckpt_every_s=0.0), log)
+    state = runs.train_loop(name, path, state, {}, step_fn, updates, dataclasses.replace(c, log_every=1, ckpt_every_s=0.0), log)
     if state.get("final_step") != state["step"]:                          # the last update's result, measured once
         # in the updates' batch layout (C rows per sample), so with the same random numbers as every F(xi)
         final = float(F(state["model"]["xi"].expand(C, -1))[0])
@@ -1407,7 +968,7 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
         state["final_step"] = state["step"]
     table = to_table(state["best_xi"])
     state.update(done=True, table=table)
-    save_ckpt(path, state)
+    runs.save_ckpt(path, state)
     start = state["history"][0]["train_fid"]
     summary = {"kind": kind, "T": T, "columns": list(columns), "table": table.tolist(),
                "start_table": h.tolist(), "train_fid_start": start, "train_fid_best": state["best_fid"],
@@ -1419,7 +980,7 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
                "device": str(device), "history": state["history"], "config": scfg}
     if kind == "param":
         summary["theta"] = dict(zip(autonat.PARAMS, state["best_xi"].tolist()))
-    write_json(os.path.join(run_dir, f"{name}.json"), summary)
+    runs.write_json(os.path.join(run_dir, f"{name}.json"), summary)
     ups = [r["update"] for r in state["history"]]
     panels = [{"title": "train FID per update (best: red)", "series": [
         {"x": ups, "y": [r["train_fid"] for r in state["history"]], "color": (40, 90, 200)},
@@ -1428,7 +989,7 @@ def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     panels += [{"title": f"{a} per step (start dashed)", "series": [
         {"x": steps, "y": h[:, j].tolist(), "color": (120, 120, 120), "dashed": True},
         {"x": steps, "y": table[:, j].tolist(), "color": (40, 90, 200)}]} for j, a in enumerate(columns)]
-    sample.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search")
+    plots.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search")
     print(f"{name}: training-set FID {start:.2f} -> {state['best_fid']:.2f} in {state['step']} updates, "
           f"{state['forwards'] / 1e6:.2f}M generator forwards, {state['train_seconds'] / 60:.1f} min; {name}.json")
 
@@ -1438,13 +999,13 @@ def stage_search(stage: str):
     `flow-search` (one per NFE budget in flow_pi_nfe)."""
     kind = SEARCH_KINDS[stage]
 
-    def run(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+    def run(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
         for T in (c.flow_pi_nfe if kind == "flow" else c.search_T):
             name = f"{c.flow_path}_search_nfe{T}" if kind == "flow" else f"{SEARCH_FILES[kind]}_T{T}"
             path = os.path.join(run_dir, f"{name}.pt")
             updates = c.search_param_updates if kind == "param" else c.search_updates
             if os.path.exists(path):
-                ck = load_ckpt(path)
+                ck = runs.load_ckpt(path)
                 if ck.get("done") and ck["step"] >= updates:
                     print(f"{name}: done ({path}), skipped")
                     continue
@@ -1454,21 +1015,21 @@ def stage_search(stage: str):
 
 def sub_run(c: TrainConfig, run_dir: str, sub: str, **changes) -> TrainConfig:
     """A run folder sharing this run's tokenizer and feature network (copied), its config = c + changes."""
-    if DIST.main:                                                           # one rank touches the files
+    if ddp.DIST.main:                                                           # one rank touches the files
         if os.path.exists(os.path.join(sub, "vq.pt")) and \
-                fingerprint(sub, ("vq", "featnet")) != fingerprint(run_dir, ("vq", "featnet")):
+                runs.fingerprint(sub, ("vq", "featnet")) != runs.fingerprint(run_dir, ("vq", "featnet")):
             shutil.rmtree(sub)                                              # made with another tokenizer: start over
         os.makedirs(sub, exist_ok=True)
         for f in ("vq.pt", "featnet.pt", "fid_ref.pt"):
             if os.path.exists(os.path.join(run_dir, f)) and not os.path.exists(os.path.join(sub, f)):
                 shutil.copyfile(os.path.join(run_dir, f), os.path.join(sub, f))
     c2 = dataclasses.replace(c, **changes)
-    write_json(os.path.join(sub, "config.json"), to_plain(c2))
-    barrier()
+    runs.write_json(os.path.join(sub, "config.json"), runs.to_plain(c2))
+    ddp.barrier()
     return c2
 
 
-def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
+def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """AutoNAT §4.3 and one round of its Algorithm 1, with short proxy trainings.
 
     Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>_s<steps>/
@@ -1478,57 +1039,56 @@ def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: Log
     trainings. A proxy of the default cosine p(r) is trained as the reference (outside the
     budget). With pr_final, the chosen p(r) then trains the full generator in beta/ and the
     schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows)."""
-    import sample
-    pipe = sample.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-    ref = sample.RealFeatures(pipe)
-    found = sample.searched_table(pipe, "search", c.pr_T)
-    table = found[0] if found else nat.heuristic_table(c.pr_T, sample.ADANAT_TAU2_0, sample.get_w0(pipe, ref, c.pi_sweep_samples))
-    labels = sample.balanced_labels(c.pr_samples, pipe.cfg.num_classes)
+    pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
+    ref = pipeline.RealFeatures(pipe)
+    found = pipeline.searched_table(pipe, "search", c.pr_T)
+    table = found[0] if found else nat.heuristic_table(c.pr_T, pipeline.ADANAT_TAU2_0, pipeline.get_w0(pipe, ref, c.pi_sweep_samples))
+    labels = pipeline.balanced_labels(c.pr_samples, pipe.cfg.num_classes)
     path = os.path.join(run_dir, "pr_search.json")
     setup = {"steps": c.pr_steps, "T": c.pr_T, "schedule": table.tolist(), "samples": c.pr_samples,
-             "seed": c.search_seed, "tokenizer": fingerprint(run_dir, ("vq", "featnet"))}
-    saved = read_json(path, {})
+             "seed": c.search_seed, "tokenizer": runs.fingerprint(run_dir, ("vq", "featnet"))}
+    saved = runs.read_json(path, {})
     results = saved if saved.get("setup") == setup else {"setup": setup, "cache": {}}
 
     def proxy_fid(sub: str, **changes) -> float:
         d = os.path.join(run_dir, "pr", sub)
         c2 = sub_run(c, run_dir, d, nat_steps=c.pr_steps, **changes)
         ck = os.path.join(d, "nat.pt")
-        if not (os.path.exists(ck) and load_ckpt(ck).get("done")):
-            stage_nat(c2, d, device, Logger(d))
-            barrier()                                                       # rank 0's nat.pt before anyone reads it
-        value = float(sample.candidate_fids(sample.Pipeline(d, device, c.bf16, rows=c.gen_rows), ref, table[None], labels, c.search_seed)[0])
+        if not (os.path.exists(ck) and runs.load_ckpt(ck).get("done")):
+            stage_nat(c2, d, device, runs.Logger(d))
+            ddp.barrier()                                                       # rank 0's nat.pt before anyone reads it
+        value = float(pipeline.candidate_fids(pipeline.Pipeline(d, device, c.bf16, rows=c.gen_rows), ref, table[None], labels, c.search_seed)[0])
         log(stage="pr-search", candidate=sub, train_fid=value, **changes)
         print(f"pr-search: {sub}: training-set FID {value:.2f} (T={c.pr_T}, {c.pr_samples} samples)")
         return value
 
     if "cosine_proxy" not in results:
         results["cosine_proxy"] = proxy_fid(f"cosine_s{c.pr_steps}", mask_dist="cosine")
-        write_json(path, results)
+        runs.write_json(path, results)
 
     def F(alpha: float, beta: float) -> float:
         value = proxy_fid(f"beta_{alpha:.4g}_{beta:.4g}_s{c.pr_steps}", mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
-        write_json(path, results)                       # the cache entry is added by the line search, after
+        runs.write_json(path, results)                       # the cache entry is added by the line search, after
         return value
 
     (alpha, beta), _ = autonat.beta_line_search(F, budget=c.pr_budget, cache=results["cache"])
     best = min(results["cache"].values())
     results.update(alpha=alpha, beta=beta, train_fid=best, trainings=len(results["cache"]))
-    write_json(path, results)
+    runs.write_json(path, results)
     print(f"pr-search: Beta(alpha={alpha:.3g}, beta={beta:.3g}), proxy FID {best:.2f} vs the cosine proxy's "
           f"{results['cosine_proxy']:.2f}, {len(results['cache'])} trainings of {c.pr_steps} steps; {path}")
     if c.pr_final:
         d = os.path.join(run_dir, "beta")
         c2 = sub_run(c, run_dir, d, mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
         ck = os.path.join(d, "nat.pt")
-        want = to_plain(nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
-        trained = load_ckpt(ck) if os.path.exists(ck) else None
+        want = runs.to_plain(nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
+        trained = runs.load_ckpt(ck) if os.path.exists(ck) else None
         if trained is not None and trained["config"] != want:
-            raise UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
+            raise runs.UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
         if not (trained and trained.get("done")):
-            stage_nat(c2, d, device, Logger(d))
-            barrier()
-        STAGE_FNS["search"](c2, d, device, Logger(d))                      # skips the T already searched
+            stage_nat(c2, d, device, runs.Logger(d))
+            ddp.barrier()
+        STAGE_FNS["search"](c2, d, device, runs.Logger(d))                      # skips the T already searched
         print(f"pr-search: the Beta-trained generator and its searched schedules are in {d}; sample.py --eval adds their rows")
 
 
@@ -1571,13 +1131,13 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     one experiment. Before that (e.g. after a wrong --data) anything may be fixed."""
     run_dir = args.run_dir or os.path.join("runs", args.preset or "small")
     config_path = os.path.join(run_dir, "config.json")
-    saved = read_json(config_path) if os.path.exists(config_path) else None
+    saved = runs.read_json(config_path) if os.path.exists(config_path) else None
     if os.path.exists(config_path) and not isinstance(saved, dict):
-        raise UserError(f"{config_path} is unreadable; delete it (and the run folder's checkpoints) to start over")
+        raise runs.UserError(f"{config_path} is unreadable; delete it (and the run folder's checkpoints) to start over")
     fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     preset = args.preset or (saved or {}).get("preset", "small")
     if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise runs.UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if saved is not None and saved.get("preset") == preset:       # keys missing from an older config: the preset's
         c = TrainConfig(**{**PRESETS[preset], **{k: v for k, v in saved.items() if k in fields}})
         c.vq_ch_mult, c.pi_T, c.search_T = tuple(c.vq_ch_mult), tuple(c.pi_T), tuple(c.search_T)
@@ -1587,11 +1147,11 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     for item in args.set or []:
         key, _, value = item.partition("=")
         if key not in fields or key == "preset":
-            raise UserError(f"--set {item}: unknown config key {key!r}; keys: {', '.join(k for k in fields if k != 'preset')}")
+            raise runs.UserError(f"--set {item}: unknown config key {key!r}; keys: {', '.join(k for k in fields if k != 'preset')}")
         try:
             setattr(c, key, parse_value(fields[key], value))
         except ValueError as e:
-            raise UserError(f"--set {item}: {e}") from None
+            raise runs.UserError(f"--set {item}: {e}") from None
     if args.data is not None:
         c.data = args.data
     c.flow_path, c.pi_reward, c.compile = args.path, args.reward, args.compile
@@ -1599,7 +1159,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         c.seed = args.seed
     if args.steps is not None:
         if args.steps <= 0:
-            raise UserError(f"--steps {args.steps}: must be a positive number of training steps")
+            raise runs.UserError(f"--steps {args.steps}: must be a positive number of training steps")
         for s in (STAGES if args.stage == "all" else [args.stage]):
             key = {"featnet": "feat_steps", "featnet2": "feat2_steps", "backbone": "bb_steps", "search": "search_updates", "flow-search": "search_updates",
                    "param-search": "search_param_updates", "pr-search": "pr_steps"}.get(s, "pi_iters" if s in POLICY_STAGES + FLOW_POLICY_STAGES else f"{s}_steps")
@@ -1608,53 +1168,53 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
                  "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches", "search_updates", "search_param_updates",
                  "search_samples", "search_eps_m", "search_eps", "flow_steps", "flow_batch"):
         if getattr(c, name) <= 0:
-            raise UserError(f"{name} = {getattr(c, name)}: must be positive")
+            raise runs.UserError(f"{name} = {getattr(c, name)}: must be positive")
     if c.mask_dist not in ("cosine", "beta"):
-        raise UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
+        raise runs.UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
     if c.pi_group < 1 or c.pi_batch % c.pi_group:
-        raise UserError(f"pi_group {c.pi_group} must be >= 1 and divide pi_batch {c.pi_batch}")
-    if c.pi_start not in PI_STARTS:
-        raise UserError(f"pi_start {c.pi_start!r}: use one of {', '.join(PI_STARTS)}")
+        raise runs.UserError(f"pi_group {c.pi_group} must be >= 1 and divide pi_batch {c.pi_batch}")
+    if c.pi_start not in pipeline.PI_STARTS:
+        raise runs.UserError(f"pi_start {c.pi_start!r}: use one of {', '.join(pipeline.PI_STARTS)}")
     if c.flow_pi_solver not in samplers.SOLVERS:
-        raise UserError(f"flow_pi_solver {c.flow_pi_solver!r}: use one of {', '.join(samplers.SOLVERS)}")
+        raise runs.UserError(f"flow_pi_solver {c.flow_pi_solver!r}: use one of {', '.join(samplers.SOLVERS)}")
     if not c.flow_pi_nfe or any(n < 2 or samplers.steps_for_nfe(c.flow_pi_solver, n) < 2 for n in c.flow_pi_nfe):
-        raise UserError(f"flow_pi_nfe {c.flow_pi_nfe}: budgets of at least 2 solver steps ({c.flow_pi_solver})")
+        raise runs.UserError(f"flow_pi_nfe {c.flow_pi_nfe}: budgets of at least 2 solver steps ({c.flow_pi_solver})")
     if c.flow_path not in samplers.PATHS:
-        raise UserError(f"flow_path {c.flow_path!r}: use one of {', '.join(samplers.PATHS)}")
+        raise runs.UserError(f"flow_path {c.flow_path!r}: use one of {', '.join(samplers.PATHS)}")
     if c.img_size % c.flow_patch:
-        raise UserError(f"flow_patch {c.flow_patch} must divide img_size {c.img_size}")
-    if c.pi_reward not in PI_REWARDS:
-        raise UserError(f"pi_reward {c.pi_reward!r}: use one of {', '.join(PI_REWARDS)}")
+        raise runs.UserError(f"flow_patch {c.flow_patch} must divide img_size {c.img_size}")
+    if c.pi_reward not in pipeline.PI_REWARDS:
+        raise runs.UserError(f"pi_reward {c.pi_reward!r}: use one of {', '.join(pipeline.PI_REWARDS)}")
     if args.stage == "fidelity" and c.pi_reward != "adversarial":
-        raise UserError(f"--stage {args.stage} --reward {c.pi_reward}: the fidelity policy's reward is the blend of "
+        raise runs.UserError(f"--stage {args.stage} --reward {c.pi_reward}: the fidelity policy's reward is the blend of "
                         f"the adversarial and the fixed reward (Eq. 15); drop --reward")
     if c.pi_fid_chunk < 2:
-        raise UserError(f"pi_fid_chunk {c.pi_fid_chunk}: an FID needs at least 2 samples per chunk")
+        raise runs.UserError(f"pi_fid_chunk {c.pi_fid_chunk}: an FID needs at least 2 samples per chunk")
     if c.pi_d_real not in ("recon", "raw"):
-        raise UserError(f"pi_d_real {c.pi_d_real!r}: use raw or recon")
+        raise runs.UserError(f"pi_d_real {c.pi_d_real!r}: use raw or recon")
     if c.pi_recipe not in ("ours", "official") or c.pi_sigma_schedule not in ("linear", "step"):
-        raise UserError(f"pi_recipe {c.pi_recipe!r} / pi_sigma_schedule {c.pi_sigma_schedule!r}: use ours or official / "
+        raise runs.UserError(f"pi_recipe {c.pi_recipe!r} / pi_sigma_schedule {c.pi_sigma_schedule!r}: use ours or official / "
                         f"linear or step")
     if c.pi_d_replay < 1 or c.pi_anchor < 0 or c.pi_adv_floor < 0 or c.vq_perceptual < 0:
-        raise UserError("pi_d_replay must be >= 1 and pi_anchor, pi_adv_floor, vq_perceptual >= 0")
+        raise runs.UserError("pi_d_replay must be >= 1 and pi_anchor, pi_adv_floor, vq_perceptual >= 0")
     if not c.pi_T or any(T < 2 for T in c.pi_T):
-        raise UserError(f"pi_T {c.pi_T}: decoding step counts of at least 2, e.g. --set pi_T=4,8")
+        raise runs.UserError(f"pi_T {c.pi_T}: decoding step counts of at least 2, e.g. --set pi_T=4,8")
     if not c.search_T or any(T < 2 for T in c.search_T):
-        raise UserError(f"search_T {c.search_T}: decoding step counts of at least 2, e.g. --set search_T=4,8")
+        raise runs.UserError(f"search_T {c.search_T}: decoding step counts of at least 2, e.g. --set search_T=4,8")
     if c.pr_budget < 1 or c.pr_steps < 1 or c.pr_T < 2 or c.pr_samples < 1:
-        raise UserError("pr_budget, pr_steps and pr_samples must be positive and pr_T >= 2")
+        raise runs.UserError("pr_budget, pr_steps and pr_samples must be positive and pr_T >= 2")
     if not (0 <= c.search_momentum < 1 and c.search_lr >= 0 and c.search_lr_m >= 0 and c.search_clip >= 0):
-        raise UserError("search_momentum must be in [0, 1), search_lr, search_lr_m and search_clip >= 0")
+        raise runs.UserError("search_momentum must be in [0, 1), search_lr, search_lr_m and search_clip >= 0")
     if not (c.pi_sigma0 > 0 and c.pi_sigma1 > 0 and 0 <= c.pi_beta_ema < 1):
-        raise UserError("pi_sigma0 and pi_sigma1 must be positive and pi_beta_ema in [0, 1)")
+        raise runs.UserError("pi_sigma0 and pi_sigma1 must be positive and pi_beta_ema in [0, 1)")
     trained = [s for s in STAGES if os.path.exists(os.path.join(run_dir, f"{s}.pt"))]
     if saved is not None and trained:
-        now = to_plain(c)
-        # pi_*, search_*, flow_*, feat2_* keys are free: each of their checkpoints carries (and on resume checks) its own copy
+        now = runs.to_plain(c)
+        # pi_*, search_*, flow_*, feat2_* keys are free: each of their checkpoints carries (and on runs.resume checks) its own copy
         diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_", "flow_", "feat2_"))
                       and k not in ("ckpt_every_s", "log_every", "compile", "gen_rows") and saved[k] != now[k])
         if diff:
-            raise UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "
+            raise runs.UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "
                             f"use another --run-dir, or the same flags as before")
     return c, run_dir
 
@@ -1671,53 +1231,53 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any TrainConfig field, e.g. --set nat_lr=5e-4")
     p.add_argument("--compile", action="store_true", help="torch.compile the nat / flow training forward")
     p.add_argument("--path", default="flow", choices=list(samplers.PATHS), help="the flow stage's probability path")
-    p.add_argument("--reward", default="adversarial", choices=PI_REWARDS,
+    p.add_argument("--reward", default="adversarial", choices=pipeline.PI_REWARDS,
                    help="the policy stages' reward (the reward-hacking study); other than adversarial: files *_<reward>_T*")
     args = p.parse_args(argv)
     try:
         if args.stage != "all" and args.stage not in STAGES + OPTIONAL_STAGES:
-            raise UserError(f"unknown stage {args.stage!r}: choose all or one of {', '.join(STAGES + OPTIONAL_STAGES)}")
+            raise runs.UserError(f"unknown stage {args.stage!r}: choose all or one of {', '.join(STAGES + OPTIONAL_STAGES)}")
         c, run_dir = build_config(args)
-        device = init_distributed(pick_device(args.device))
-        if not DIST.main:
+        device = ddp.init_distributed(runs.pick_device(args.device))
+        if not ddp.DIST.main:
             sys.stdout = open(os.devnull, "w")                         # one rank reports; errors still reach stderr
         os.makedirs(run_dir, exist_ok=True)
-        write_json(os.path.join(run_dir, "config.json"), to_plain(c))
-        torch.manual_seed(c.seed + DIST.rank)
+        runs.write_json(os.path.join(run_dir, "config.json"), runs.to_plain(c))
+        torch.manual_seed(c.seed + ddp.DIST.rank)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        log = Logger(run_dir)
-        if DIST.world > 1 and c.data != "synthetic":                   # one rank fetches the data set, if it must
-            if DIST.main:
+        log = runs.Logger(run_dir)
+        if ddp.DIST.world > 1 and c.data != "synthetic":                   # one rank fetches the data set, if it must
+            if ddp.DIST.main:
                 for split in ("train", "test"):
                     data.load_dataset(c.data, split, c.img_size, c.channels, c.seed)
-            barrier()
+            ddp.barrier()
         print(f"run folder {run_dir} | preset {c.preset} | device {device}")
         for s in (STAGES if args.stage == "all" else [args.stage]):
             path = os.path.join(run_dir, f"{s}.pt")
-            if s not in SKIPS_INSIDE and os.path.exists(path) and load_ckpt(path).get("done"):
+            if s not in SKIPS_INSIDE and os.path.exists(path) and runs.load_ckpt(path).get("done"):
                 print(f"{s}: done ({path}), skipped")
                 continue
-            if DIST.world > 1:                                         # each rank its own random stream
-                torch.manual_seed(c.seed + 1_000_003 * DIST.rank + STAGES_ALL.index(s))
+            if ddp.DIST.world > 1:                                         # each rank its own random stream
+                torch.manual_seed(c.seed + 1_000_003 * ddp.DIST.rank + STAGES_ALL.index(s))
             t0 = time.time()
             try:
                 STAGE_FNS[s](c, run_dir, device, log)
             except torch.OutOfMemoryError:                             # outside a training loop (data, final evaluation)
-                raise RunFault(f"{s}: out of memory ({oom_advice(c, fault_keys(s)[1])})") from None
-            barrier()                                                  # its files are written before the next stage reads them
+                raise runs.RunFault(f"{s}: out of memory ({runs.oom_advice(c, runs.fault_keys(s)[1])})") from None
+            ddp.barrier()                                                  # its files are written before the next stage reads them
             log(stage=s, wall_seconds=round(time.time() - t0, 1))
-    except (UserError, data.DataError) as e:
+    except (runs.UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except RunFault as e:                                              # every rank stops with the same line
+    except runs.RunFault as e:                                              # every rank stops with the same line
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(FAULT_EXIT)
+        sys.exit(runs.FAULT_EXIT)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    import train                    # run as the module `train`, the one sample.py imports: one UserError class
+    import train                    # run as the module `train`, the one sample.py imports: one runs.UserError class
     train.main()

@@ -1,0 +1,456 @@
+"""The generation pipeline that training and sampling share: trained models rebuilt from a run
+folder, chunked and sharded generation, real-feature statistics and the metrics of every table.
+
+- `build_model`, `build_policy`, `load_policy`, `classifier_backbone`: any stage's model from
+  its checkpoint alone (config + weights);
+- `Pipeline` (tokenizer + NAT + feature network) and `FlowPipeline` (the continuous generator):
+  generation in chunks whose random numbers are keyed by (seed, chunk), shared over the ranks
+  of a torchrun job, with `rows` per forward (memory) independent of the chunk (the images);
+- `RealFeatures`: feature statistics of the test and training images, of the tokenizer's
+  reconstructions of the test images, and on the independent network featnet2;
+- `metrics`: FID (vs test, vs reconstructions, featnet2), precision/recall, conditional accuracy;
+- the w_0 sweep of AdaNAT's heuristic and batched candidate FIDs (common random numbers).
+
+Usage:
+    pipe = Pipeline("runs/small", torch.device("cpu"))
+    tokens = pipe.generate(balanced_labels(1000, 10), 8, nat.heuristic_schedule(8, 1.0, 5.0), seed=1)
+    print(metrics(pipe, RealFeatures(pipe), pipe.decode(tokens), labels))
+"""
+import os
+
+import torch
+from tqdm import tqdm
+
+import data
+import ddp
+import fid
+import nat
+import policy
+import runs
+import samplers
+import vqgan
+
+
+def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "model") -> torch.nn.Module:
+    """Rebuild a finished stage's model from its checkpoint alone (config + weights), in eval mode.
+
+    stage: "vq", "featnet", "featnet2", "backbone", "nat", "flow" or "vp"; weights: "model" or "ema" (the
+    generators' EMA weights)."""
+    path = os.path.join(run_dir, f"{stage}.pt")
+    ck = runs.load_ckpt(path)
+    if not ck.get("done"):
+        raise runs.UserError(f"{path} is unfinished (step {ck.get('step')}): finish it with python train.py --run-dir {run_dir}")
+    cfg = ck["config"]
+    try:
+        if stage == "vq":
+            model = vqgan.VQModel(vqgan.VQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])}))
+        elif stage in ("featnet", "featnet2", "backbone"):
+            model = fid.FeatureNet(fid.FeatureNetConfig(**cfg))
+        elif stage in samplers.PATHS:                                   # flow.pt, vp.pt
+            model = nat.FlowTransformer(nat.FlowConfig(**cfg))
+        else:
+            model = nat.NAT(nat.NATConfig(**cfg))
+        model.load_state_dict(ck[weights])
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise runs.UserError(f"{path} does not match this code's {stage} model ({type(e).__name__}: {str(e)[:120]}); "
+                        f"delete it to retrain that stage") from None
+    return model.to(device).eval()
+
+
+def build_policy(cfg: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(policy, critic) for a policy_config: adaptive network pair, or the static table pair."""
+    D = len(cfg.get("spec", policy.ACTIONS))                    # NAT checkpoints before the flow had no "spec"
+    if cfg["kind"] == "static":
+        return policy.StaticPolicy(cfg["T"], out_dim=D), policy.StaticPolicy(cfg["T"], out_dim=1)
+    make = lambda out: policy.AdaptivePolicy(cfg["T"], cfg["C"], cfg["N"], cfg["pi_width"], hidden=cfg["pi_hidden"], out_dim=out)
+    return make(D), make(1)
+
+
+def load_policy(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The policy of a finished policy checkpoint (its best-by-training-FID weights) and its config."""
+    ck = runs.load_ckpt(path)
+    if not ck.get("done"):
+        raise runs.UserError(f"{path} is unfinished (iteration {ck.get('step')}): finish it with python train.py")
+    try:
+        pi, _ = build_policy(ck["config"])
+        pi.load_state_dict(ck["best"])
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise runs.UserError(f"{path} does not match this code's policy ({type(e).__name__}: {str(e)[:120]}); "
+                        f"delete it to retrain that stage") from None
+    return pi.to(device).eval(), ck["config"]
+
+
+def classifier_backbone(net: fid.FeatureNet, grad: bool = False):
+    """A frozen classifier as the discriminator's backbone (and the tokenizer's perceptual
+    network): x -> its feature map after each of the three pooling stages, (B, w, S/2, S/2),
+    (B, 2w, S/4, S/4), (B, 4w, S/8, S/8), and their channel counts; gradients flow to x only
+    with grad=True. (The frozen VQ encoder was tried first: D reached only ~55% held-out accuracy.)"""
+    layers = list(net.body)
+    taps = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.MaxPool2d)]
+    w = net.cfg.width
+
+    def backbone(x: torch.Tensor) -> list[torch.Tensor]:
+        feats, h = [], x
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            for i, layer in enumerate(layers):
+                h = layer(h)
+                if i in taps:
+                    feats.append(h)
+        return feats
+    return backbone, [w, 2 * w, 4 * w]
+
+
+PI_STARTS = {"heuristic": "AdaNAT's heuristic", "search": "the AutoNAT table", "param": "the searched family"}
+
+
+PI_REWARDS = ("adversarial", "fixed", "fid")
+
+
+def policy_file(kind: str, start: str, T: int, reward_name: str = "adversarial") -> str:
+    """policy_T8; policy_search_T8 for a policy whose residual starts from the searched table;
+    policy_fixed_T8 / policy_fid_T8 for one trained on another reward (the reward-hacking study)."""
+    parts = [kind] + ([start] if start != "heuristic" else []) + ([reward_name] if reward_name != "adversarial" else [])
+    return "_".join(parts) + f"_T{T}"
+
+
+def flow_policy_file(path: str, kind: str, nfe: int, reward_name: str = "adversarial") -> str:
+    return f"{path}_{kind}_nfe{nfe}" + (f"_{reward_name}" if reward_name != "adversarial" else "")
+
+
+EVAL_SEEDS = (1, 2, 3)       # sampling seeds of the final table; the w_0 sweep uses seed 0
+
+
+W0_GRID = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
+
+
+MASKGIT = dict(tau2_0=4.5, w_0=0.0)
+
+
+ADANAT_TAU2_0 = 1.0
+
+
+def in_rows(fn, rows: int | None, *args: torch.Tensor) -> torch.Tensor:
+    """fn(*args) on at most `rows` rows at a time, concatenated: the same result in less memory (the
+    random numbers of a generation are drawn for the whole chunk, outside fn)."""
+    n = args[0].shape[0]
+    if not rows or n <= rows:
+        return fn(*args)
+    parts = [fn(*(a[i:i + rows] for a in args)) for i in range(0, n, rows)]
+    if isinstance(parts[0], tuple):                                         # e.g. the NAT's (logits, features)
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
+
+
+class Pipeline:
+    """The trained models of a run folder, and generation through them."""
+
+    def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int | None = None,
+                 rows: int | None = None):
+        batch = batch or (4096 if device.type == "cuda" else 500)       # rows per generator batch (x2 with CFG)
+        self.run_dir, self.device, self.bf16, self.batch = run_dir, device, bf16, batch
+        self.rows = rows or None                                           # rows per forward (memory); None: whole batches
+        self.config = runs.read_json(os.path.join(run_dir, "config.json"))
+        if not isinstance(self.config, dict):
+            raise runs.UserError(f"{run_dir}/config.json is unreadable: re-run python train.py --run-dir {run_dir}")
+        self.vq = build_model(run_dir, "vq", device)
+        self.net = build_model(run_dir, "nat", device, weights="ema")
+        self.forward = self.net                                            # or its torch.compile (compile())
+        self.cfg: nat.NATConfig = self.net.cfg
+        self.featnet = build_model(run_dir, "featnet", device)
+        if (self.cfg.vocab_size, self.cfg.num_tokens) != (self.vq.cfg.codebook_size, self.vq.num_tokens):
+            raise runs.UserError(f"{run_dir}: nat.pt expects {self.cfg.vocab_size} codes x {self.cfg.num_tokens} tokens but "
+                                  f"vq.pt makes {self.vq.cfg.codebook_size} x {self.vq.num_tokens}; retrain the nat stage")
+        self.forwards = 0
+        # identifies weights + numerics: cached results are reused only for the same runs.fingerprint
+        self.fingerprint = f"{runs.fingerprint(run_dir)}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
+        self.eval_key = f"{self.fingerprint}|chunk={self.batch}"             # + how randomness is keyed: table caches
+
+    def compile(self) -> None:
+        """Generate through torch.compile of the transformer from now on (sample.py --compile)."""
+        self.forward = torch.compile(self.net)
+
+    def logits_fn(self, tokens: torch.Tensor, labels: torch.Tensor):
+        self.forwards += tokens.shape[0]                                   # image-forwards of the generator so far
+        with runs.autocast(self.device, self.bf16):
+            return in_rows(self.forward, self.rows, tokens, labels)
+
+    def generate(self, labels: torch.Tensor, T: int, schedule: nat.Schedule, seed: int, guided: bool = True,
+                 progress: bool = False, group: int = 1, dedup: bool = False, lookahead: int = 1,
+                 score_fn=None) -> torch.Tensor:
+        """Generate tokens (n, N) for labels (n,) in chunks of `batch` rows, with any schedule (a
+        heuristic table, a policy); each chunk's random numbers are keyed by (seed, chunk index) and
+        the chunks are shared over the ranks of a torchrun job, so any number of processes makes
+        the same tokens. guided=False skips the null-class forward (the schedule's w is ignored).
+        group = G: consecutive blocks of G rows share their random numbers (nat.decode_step).
+        dedup: one forward per distinct (tokens, label) row of a step (see `dedup_logits_fn`).
+        lookahead, score_fn: nat.generate's look-ahead sampling (k candidates per transition)."""
+        null = self.cfg.null_label if guided else None
+        step = max(group, self.batch // group * group)                     # whole groups per chunk
+        fn = dedup_logits_fn(self.logits_fn) if dedup else self.logits_fn
+
+        def run_chunk(j: int) -> torch.Tensor:                             # chunk j: rows [j step, (j + 1) step)
+            g = torch.Generator(self.device).manual_seed(ddp.chunk_seed(seed, j))
+            y = labels[j * step:(j + 1) * step].to(self.device)
+            return nat.generate(fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g, group,
+                                lookahead, score_fn).cpu()
+        return torch.cat(sharded_with_actions(-(-len(labels) // step), run_chunk, schedule, f"T={T}", progress))
+
+    def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int) -> torch.Tensor:
+        """Generate tokens (n, N) for labels (n,) with the heuristic schedule (tau2_0, w_0)."""
+        return self.generate(labels, T, nat.heuristic_schedule(T, tau2_0=tau2_0, w_0=w_0), seed, guided=w_0 != 0)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Decode tokens (n, N) to float images (n, C, H, W) in [-1, 1] on the CPU."""
+        return torch.cat([self.vq.detokenize(tokens[i:i + self.batch].to(self.device)).float().cpu()
+                          for i in range(0, len(tokens), self.batch)])
+
+
+def sharded_with_actions(n_chunks: int, run_chunk, schedule, desc: str = "", progress: bool = False) -> list:
+    """ddp.sharded over the chunks of a generation; a PolicySchedule's executed actions are
+    gathered with them, in chunk order, so its actions() cover every sample on every rank."""
+    if not isinstance(schedule, policy.PolicySchedule):
+        return ddp.sharded(n_chunks, run_chunk, desc, progress)
+    outs = ddp.sharded(n_chunks, lambda j: (run_chunk(j), torch.stack(schedule.executed).cpu()), desc, progress)
+    actions = [a for _, a in outs]                                     # (T, rows, D) per chunk
+    schedule.finished, schedule.executed = actions[:-1], list(actions[-1])
+    return [out for out, _ in outs]
+
+
+def dedup_logits_fn(logits_fn):
+    """logits_fn run once per distinct (tokens, label) row, its outputs copied to the duplicates.
+
+    In a search update the candidates that perturb step t decode steps 0..t-1 exactly like the
+    unperturbed schedule (same random numbers), so at step t only 1 + (candidates perturbed
+    earlier) rows are distinct: about half the generator forwards of the update are skipped."""
+    def fn(tokens: torch.Tensor, labels: torch.Tensor):
+        key = torch.cat([tokens, labels[:, None]], 1)                     # (B, N+1)
+        uniq, inv = torch.unique(key, dim=0, return_inverse=True)         # (U, N+1), (B,)
+        logits, feats = logits_fn(uniq[:, :-1], uniq[:, -1])
+        return logits[inv], feats[inv]
+    return fn
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n) % num_classes
+
+
+class RealFeatures:
+    """Feature-network features of real images: the 10 000 test images and 10 000 training images;
+    and the two references every table adds beside FID against the test images: FID against the
+    tokenizer's reconstructions of the test images (`recon_*`; a generator that matched the token
+    distribution exactly would score 0 there) and FID on the independent network featnet2
+    (`net2`, `test2_*`, `train2_*`; when featnet2.pt is trained).
+
+    Cached in <run_dir>/fid_ref.pt, keyed by the fingerprints of the networks involved."""
+
+    def __init__(self, pipe: Pipeline):
+        path = os.path.join(pipe.run_dir, "fid_ref.pt")
+        done = lambda s: os.path.exists(os.path.join(pipe.run_dir, f"{s}.pt")) and runs.load_ckpt(
+            os.path.join(pipe.run_dir, f"{s}.pt")).get("done")
+        nets = tuple(s for s in ("featnet", "vq", "featnet2") if s == "featnet" or done(s))
+        key = runs.fingerprint(pipe.run_dir, nets)
+        try:
+            cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
+        except Exception:
+            cached = None                                                  # unreadable cache: recompute
+        self.net2 = build_model(pipe.run_dir, "featnet2", pipe.device) if "featnet2" in nets else None
+        if cached is None or cached.get("key") != key:
+            cached = self._compute(pipe, key, nets)
+            runs.save_ckpt(path, cached)
+        self.test_images, self.test_labels = cached["test_images"], cached["test_labels"]   # uint8, long
+        self.test_feats, self.train_feats = cached["test_feats"], cached["train_feats"]     # (N, D)
+        self.train_correct = cached["train_correct"]                                        # (N,) bool
+        self.device = pipe.device                                          # where precision / recall run
+        self.key = key
+        self.test_mu, self.test_sigma = fid.statistics(self.test_feats)
+        self.train_mu, self.train_sigma = fid.statistics(self.train_feats)
+        stats = lambda k: fid.statistics(cached[k]) if k in cached else (None, None)
+        self.recon_mu, self.recon_sigma = stats("recon_feats")
+        self.test2_mu, self.test2_sigma = stats("test2_feats")
+        self.train2_mu, self.train2_sigma = stats("train2_feats")
+
+    def _compute(self, pipe, key: str, nets: tuple) -> dict:
+        c = pipe.config
+        x_test, y_test, _ = data.load_dataset(c["data"], "test", c["img_size"], c["channels"], c["seed"])
+        x_train, y_train, _ = data.load_dataset(c["data"], "train", c["img_size"], c["channels"], c["seed"])
+        pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]
+        test, train_x = data.to_float(x_test), data.to_float(x_train[pick])
+        test_feats, _ = fid.extract(pipe.featnet, test, device=pipe.device)
+        train_feats, train_logits = fid.extract(pipe.featnet, train_x, device=pipe.device)
+        out = {"key": key, "test_images": x_test, "test_labels": y_test, "test_feats": test_feats,
+               "train_feats": train_feats, "train_correct": train_logits.argmax(1) == y_train[pick]}
+        if "vq" in nets:                                                   # the tokenizer's reconstructions of test
+            vq = getattr(pipe, "vq", None) or build_model(pipe.run_dir, "vq", pipe.device)
+            with torch.no_grad():
+                recon = torch.cat([vq.detokenize(vq.tokenize(test[i:i + 500].to(pipe.device))).float().cpu()
+                                   for i in range(0, len(test), 500)])
+            out["recon_feats"] = fid.extract(pipe.featnet, recon, device=pipe.device)[0]
+        if self.net2 is not None:
+            out["test2_feats"] = fid.extract(self.net2, test, device=pipe.device)[0]
+            out["train2_feats"] = fid.extract(self.net2, train_x, device=pipe.device)[0]
+        return out
+
+
+def metrics(pipe: Pipeline, ref: RealFeatures, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """FID / precision / recall against the test images and conditional accuracy; FID against the
+    tokenizer's reconstructions of the test images ("fid_recon") and on featnet2 ("fid2") when there are."""
+    feats, logits = fid.extract(pipe.featnet, images, device=pipe.device)
+    P, R = fid.precision_recall(ref.test_feats, feats, k=3, device=ref.device)
+    out = {"fid": fid.fid_from_features(feats, ref.test_mu, ref.test_sigma),
+           "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
+    if ref.recon_mu is not None:
+        out["fid_recon"] = fid.fid_from_features(feats, ref.recon_mu, ref.recon_sigma)
+    if ref.net2 is not None:
+        out["fid2"] = fid.fid_from_features(fid.extract(ref.net2, images, device=pipe.device)[0], ref.test2_mu, ref.test2_sigma)
+    return out
+
+
+def train_reference(ref: "RealFeatures", n: int) -> dict:
+    """The metric's own noise: n real training images against the test set (and its reconstructions, featnet2)."""
+    P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3, device=ref.device)
+    out = {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
+           "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
+    if ref.recon_mu is not None:
+        out["fid_recon"] = fid.fid_from_features(ref.train_feats[:n], ref.recon_mu, ref.recon_sigma)
+    if ref.net2 is not None:
+        out["fid2"] = fid.frechet_distance(ref.train2_mu, ref.train2_sigma, ref.test2_mu, ref.test2_sigma)
+    return out
+
+
+def candidate_fids(pipe: Pipeline, ref: RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
+                   progress: bool = False) -> torch.Tensor:
+    """FID against *training* statistics of C schedules, tables (C, T, 4), on the same labels (n,)
+    and the same random numbers (common random numbers: candidate c of sample i decodes with
+    sample i's draws). All C x n generations run as few large batches (rows interleaved)."""
+    C, T, _ = tables.shape
+    n = len(labels)
+    tok = pipe.generate(labels.repeat_interleave(C), T, nat.table_schedule(tables), seed, group=C, progress=progress,
+                        dedup=True)
+    feats, _ = fid.extract(pipe.featnet, pipe.decode(tok), device=pipe.device)                 # (n*C, D)
+    feats = feats.view(n, C, -1)
+    return torch.tensor([fid.fid_from_features(feats[:, k], ref.train_mu, ref.train_sigma) for k in range(C)])
+
+
+def sweep_w(pipe: Pipeline, ref: RealFeatures, samples: int, T: int = 8) -> dict:
+    """Pick w_0 of AdaNAT's heuristic (tau2_0 = 1, w = w_0 t/T) by FID against *training* statistics."""
+    labels = balanced_labels(samples, pipe.cfg.num_classes)
+    results = {}
+    bar = tqdm(W0_GRID, desc=f"w_0 sweep (T={T}, {samples} samples)", disable=not ddp.DIST.main)
+    for w_0 in bar:
+        images = pipe.decode(pipe.generate_tokens(labels, T, ADANAT_TAU2_0, w_0, seed=0))
+        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
+        results[w_0] = fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
+        bar.set_postfix(fid=f"{results[w_0]:.2f}")
+    best = min(results, key=results.get)
+    if best == max(W0_GRID):
+        print(f"warning: the best w_0 is the largest of the grid {W0_GRID}; extend W0_GRID in pipeline.py")
+    out = {"fingerprint": pipe.fingerprint, "T": T, "samples": samples, "grid": list(W0_GRID), "tau2_0": ADANAT_TAU2_0,
+           "train_fid": {str(k): v for k, v in results.items()}, "w_0": best}
+    runs.write_json(os.path.join(pipe.run_dir, "sweep_w.json"), out)
+    ddp.barrier()                                                    # written before any rank reads it again
+    print(f"w_0 sweep (FID vs training set, T={T}): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()) + f" -> w_0 = {best}")
+    return out
+
+
+def get_w0(pipe: Pipeline, ref: RealFeatures, samples: int) -> float:
+    """The swept w_0 of this run's weights, sweeping first when there is none (or it is stale)."""
+    saved = runs.read_json(os.path.join(pipe.run_dir, "sweep_w.json"), {})
+    if (saved.get("fingerprint"), saved.get("samples"), saved.get("grid")) == (pipe.fingerprint, samples, list(W0_GRID)):
+        return saved["w_0"]
+    return sweep_w(pipe, ref, samples)["w_0"]
+
+
+def searched_table(pipe: Pipeline, name: str, T: int) -> tuple | None:
+    """(table (T, 4), config, runs.fingerprint) of a finished search `name` ("search" or "param") for T, or None."""
+    path = os.path.join(pipe.run_dir, f"{name}_T{T}.pt")
+    if not os.path.exists(path):
+        return None
+    ck = runs.load_ckpt(path)
+    if not ck.get("done"):
+        return None
+    return ck["table"], ck["config"], runs.fingerprint(pipe.run_dir, (f"{name}_T{T}",))
+
+
+FLOW_W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+FLOW_INTERVAL = (0.1, 0.8)           # guidance only for t in (0.1, 0.8] (Kynkaanniemi et al. 2024)
+
+
+class FlowPipeline:
+    """The continuous generator of a run folder (flow.pt or vp.pt, EMA weights) and the feature network."""
+
+    def __init__(self, run_dir: str, device: torch.device, path: str = "flow", bf16: bool = True, batch: int | None = None,
+                 rows: int | None = None):
+        if not os.path.exists(os.path.join(run_dir, f"{path}.pt")):
+            raise runs.UserError(f"{run_dir}/{path}.pt not found: train it with python train.py --run-dir {run_dir} "
+                                  f"--stage flow --path {path}")
+        self.run_dir, self.device, self.bf16 = run_dir, device, bf16
+        self.batch = batch or (4096 if device.type == "cuda" else 500)
+        self.rows = rows or None                                           # rows per forward (memory), as Pipeline's
+        self.config = runs.read_json(os.path.join(run_dir, "config.json"))
+        self.net = build_model(run_dir, path, device, weights="ema")
+        self.cfg: nat.FlowConfig = self.net.cfg
+        self.path = samplers.PATHS[path]
+        self.featnet = build_model(run_dir, "featnet", device)
+        self.forwards = 0
+        self.fingerprint = f"{runs.fingerprint(run_dir, (path, 'featnet'))}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
+        self.eval_key = f"{self.fingerprint}|chunk={self.batch}"
+
+    def velocity_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
+        self.forwards += x.shape[0]                                        # image-forwards of the network so far
+        with runs.autocast(self.device, self.bf16):
+            return in_rows(self.net, self.rows, x, t, labels)
+
+    def generate(self, labels: torch.Tensor, T: int, schedule: samplers.Schedule, solver: str, seed: int,
+                 guided: bool = True, group: int = 1) -> torch.Tensor:
+        """Images (n, C, H, W) in [-1, 1] on the CPU: T solver steps from seeded noise, in chunks of
+        `batch` rows keyed by (seed, chunk) and shared over the ranks of a torchrun job;
+        group = G: consecutive blocks of G rows start from the same noise (common random numbers)."""
+        c = self.cfg
+        step = max(group, self.batch // group * group)                     # whole groups per chunk
+
+        def run_chunk(j: int) -> torch.Tensor:
+            g = torch.Generator(self.device).manual_seed(ddp.chunk_seed(seed, j))
+            y = labels[j * step:(j + 1) * step].to(self.device)
+            x = torch.randn((len(y) // group, c.channels, c.img_size, c.img_size), device=self.device,
+                            generator=g).repeat_interleave(group, 0)
+            x = samplers.sample(self.velocity_fn, x, y, T, schedule, solver, c.null_label if guided else None, self.path)
+            return x.clamp(-1, 1).float().cpu()
+        return torch.cat(sharded_with_actions(-(-len(labels) // step), run_chunk, schedule))
+
+
+def flow_candidate_fids(pipe: FlowPipeline, ref: RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
+                        solver: str) -> torch.Tensor:
+    """FID against *training* statistics of C sampler schedules, tables (C, T, 2) of [t_next, w],
+    on the same labels (n,) and noise; all C x n generations interleaved in a few batches."""
+    C, T, _ = tables.shape
+    n = len(labels)
+    images = pipe.generate(labels.repeat_interleave(C), T, samplers.table_schedule(tables), solver, seed, group=C)
+    feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
+    feats = feats.view(n, C, -1)                                           # (n, C, D)
+    return torch.tensor([fid.fid_from_features(feats[:, k], ref.train_mu, ref.train_sigma) for k in range(C)])
+
+
+def flow_sweep_w(pipe: FlowPipeline, ref: RealFeatures, samples: int, nfe: int = 8) -> float:
+    """w_0 of constant guidance (Euler, uniform grid, `nfe` steps) by FID against *training*
+    statistics; cached in <path>_sweep_w.json."""
+    out_path = os.path.join(pipe.run_dir, f"{pipe.path.name}_sweep_w.json")
+    saved = runs.read_json(out_path, {})
+    if (saved.get("fingerprint"), saved.get("samples"), saved.get("grid")) == (pipe.fingerprint, samples, list(FLOW_W_GRID)):
+        return saved["w_0"]
+    labels = balanced_labels(samples, pipe.cfg.num_classes)
+    results = {}
+    for w_0 in tqdm(FLOW_W_GRID, desc=f"{pipe.path.name} w_0 sweep (Euler, NFE {nfe}, {samples} samples)",
+                     disable=not ddp.DIST.main):
+        images = pipe.generate(labels, nfe, samplers.heuristic_schedule(samplers.uniform_grid(nfe), w_0), "euler", seed=0)
+        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
+        results[w_0] = fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
+    best = min(results, key=results.get)
+    runs.write_json(out_path, {"fingerprint": pipe.fingerprint, "samples": samples, "grid": list(FLOW_W_GRID),
+                                "train_fid": {str(k): v for k, v in results.items()}, "w_0": best})
+    ddp.barrier()
+    print(f"{pipe.path.name} w_0 sweep (FID vs training set): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items())
+          + f" -> w_0 = {best}")
+    return best

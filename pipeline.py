@@ -17,7 +17,9 @@ Usage:
     print(metrics(pipe, RealFeatures(pipe), pipe.decode(tokens), labels))
 """
 import os
+import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -161,7 +163,7 @@ class Pipeline:
             raise runs.UserError(f"{run_dir}: nat.pt expects {self.cfg.vocab_size} codes x {self.cfg.num_tokens} tokens but "
                                   f"vq.pt makes {self.vq.cfg.codebook_size} x {self.vq.num_tokens}; retrain the nat stage")
         self.forwards = 0
-        # identifies weights + numerics: cached results are reused only for the same runs.fingerprint
+        # identifies weights + numerics: cached results are reused only for the same fingerprint
         self.fingerprint = f"{runs.fingerprint(run_dir)}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
         self.eval_key = f"{self.fingerprint}|chunk={self.batch}"             # + how randomness is keyed: table caches
 
@@ -207,7 +209,7 @@ class Pipeline:
 
 
 def sharded_with_actions(n_chunks: int, run_chunk, schedule, desc: str = "", progress: bool = False) -> list:
-    """ddp.sharded over the chunks of a generation; a PolicySchedule's executed actions are
+    """sharded over the chunks of a generation; a PolicySchedule's executed actions are
     gathered with them, in chunk order, so its actions() cover every sample on every rank."""
     if not isinstance(schedule, policy.PolicySchedule):
         return ddp.sharded(n_chunks, run_chunk, desc, progress)
@@ -362,7 +364,7 @@ def get_w0(pipe: Pipeline, ref: RealFeatures, samples: int) -> float:
 
 
 def searched_table(pipe: Pipeline, name: str, T: int) -> tuple | None:
-    """(table (T, 4), config, runs.fingerprint) of a finished search `name` ("search" or "param") for T, or None."""
+    """(table (T, 4), config, fingerprint) of a finished search `name` ("search" or "param") for T, or None."""
     path = os.path.join(pipe.run_dir, f"{name}_T{T}.pt")
     if not os.path.exists(path):
         return None
@@ -454,3 +456,73 @@ def flow_sweep_w(pipe: FlowPipeline, ref: RealFeatures, samples: int, nfe: int =
     print(f"{pipe.path.name} w_0 sweep (FID vs training set): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items())
           + f" -> w_0 = {best}")
     return best
+
+
+POLICY_ROWS = {"static": "learned static (PPO, no state)", "policy": "adaptive policy (PPO)",
+               "smooth": "adaptive + smoothing (PPO, beta_ema={beta_ema:g})"}
+
+
+def policy_schedule(pipe: Pipeline, kind: str, T: int, start: str = "heuristic",
+                    reward_name: str = "adversarial") -> tuple | None:
+    """(make_schedule, config, fingerprint) of the trained `kind` policy for T whose residual
+    starts from `start` (PI_STARTS), trained on `reward_name`, or None if there is none."""
+    name = policy_file(kind, start, T, reward_name)
+    path = os.path.join(pipe.run_dir, f"{name}.pt")
+    if not os.path.exists(path):
+        return None
+    pi, cfg = load_policy(path, pipe.device)
+    h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
+    make = lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"])
+    return make, cfg, runs.fingerprint(pipe.run_dir, (name,))
+
+
+SEARCH_ROWS = {"param": "parametric family (searched, 6 shape parameters)", "search": "AutoNAT search (free T x 4 table)"}
+
+
+METRIC_KEYS = ("fid", "fid_recon", "fid2", "precision", "recall", "cond_acc")
+
+
+REF_NOTE = ("; FID vs recon: against the tokenizer's reconstructions of the test images (the schedule's effect "
+            "without the tokenizer's); featnet2: FID on the independent feature network")
+
+
+def metric_head(ref: "RealFeatures") -> str:
+    """The metric columns of every table: FID vs test, vs the tokenizer's reconstructions, on featnet2, P, R, acc."""
+    return ("FID | " + ("FID vs recon | " if ref.recon_mu is not None else "") +
+            ("featnet2 FID | " if ref.net2 is not None else "") + "precision | recall | cond. acc. |")
+
+
+def metric_cells(r: dict, ref: "RealFeatures") -> str:
+    """One row's metric cells for metric_head (mean ± sd when the row has an sd)."""
+    v = lambda k: f"{r[k]:.2f} ± {r[k + '_sd']:.2f}" if k + "_sd" in r else (f"{r[k]:.2f}" if k in r else "–")
+    return (f"{v('fid')} | " + (f"{v('fid_recon')} | " if ref.recon_mu is not None else "") +
+            (f"{v('fid2')} | " if ref.net2 is not None else "") +
+            f"{r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} |")
+
+
+def seed_summary(per_seed: list[dict], actions: tuple) -> dict:
+    """Mean and sd over the seeds' results of each metric; a policy's per-step action spread
+    (from the first seed)."""
+    row = {}
+    for k in (*METRIC_KEYS, "images_per_s"):
+        if not all(k in r for r in per_seed):
+            continue
+        v = np.array([r[k] for r in per_seed])
+        row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    if "actions_sd" in per_seed[0]:
+        row["actions"] = list(actions)
+        row["actions_mean_per_step"], row["actions_sd_per_step"] = per_seed[0]["actions_mean"], per_seed[0]["actions_sd"]
+    return row
+
+
+def measure(pipe, ref: "RealFeatures", labels: torch.Tensor, sched, generate, to_images=lambda x: x) -> dict:
+    """One table cell: generate(sched) timed (generation only), then FID / precision / recall /
+    conditional accuracy of to_images(output); a policy's per-step action spread too."""
+    t0 = time.time()
+    out = generate(sched)
+    res = {"images_per_s": len(labels) / (time.time() - t0)}
+    res.update(metrics(pipe, ref, to_images(out), labels))
+    if isinstance(sched, policy.PolicySchedule):
+        a = sched.actions()                                               # (T, n, D)
+        res.update(actions_mean=a.mean(1).tolist(), actions_sd=a.std(1).tolist())
+    return res

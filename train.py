@@ -35,10 +35,10 @@ its model's config so that sample.py rebuilds every model from the files alone.
 import argparse
 import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -50,7 +50,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import autonat
 import data
 import ddp
 import fid
@@ -74,7 +73,7 @@ class TrainConfig:
     img_size: int = 32
     channels: int = 1
     seed: int = 0
-    bf16: bool = True                # bf16 runs.autocast for the transformer on CUDA (ignored on CPU)
+    bf16: bool = True                # bf16 autocast for the transformer on CUDA (ignored on CPU)
     compile: bool = False            # torch.compile the generators' training forward (--compile)
     gen_rows: int = 0                # rows per generator forward in generation (0: the chunk size); lower it after an
                                      # out-of-memory error: the random numbers are keyed by chunk, the samples do not change
@@ -492,55 +491,6 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logg
 
 # ----------------------------------------------------------------------------- flow (AdaGen, continuous)
 
-def flow_config(c: TrainConfig, num_classes: int) -> nat.FlowConfig:
-    return nat.FlowConfig(img_size=c.img_size, channels=c.channels, patch=c.flow_patch, num_classes=num_classes,
-                          dim=c.flow_dim, depth=c.flow_depth, heads=c.flow_heads, path=c.flow_path)
-
-
-def stage_flow(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
-    """Train the continuous generator on pixels (flow_path: rectified flow or VP diffusion, see
-    samplers.py), with horizontal flips, class dropout for guidance and an EMA of the weights.
-    Writes flow.pt (or vp.pt)."""
-    name = c.flow_path
-    path = os.path.join(run_dir, f"{name}.pt")
-    if os.path.exists(path) and runs.load_ckpt(path).get("done"):
-        print(f"{name}: done ({path}), skipped")
-        return
-    x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    cfg = flow_config(c, num_classes)
-    path_obj = samplers.PATHS[c.flow_path]
-    model = nat.FlowTransformer(cfg).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.flow_lr, betas=(0.9, 0.99), weight_decay=c.flow_wd,
-                            fused=device.type == "cuda")
-    modules = {"model": model, "ema": ema, "optim": opt}
-    state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 11 + state["step"] + 1000003 * ddp.DIST.rank)   # each rank its own batches
-    gd = torch.Generator(device).manual_seed(c.seed + 12 + state["step"] + 1000003 * ddp.DIST.rank)
-    it = data.batches(x_train, y_train, runs.rank_batch(c.flow_batch, "flow_batch"), g, infinite=True)
-    net = ddp.data_parallel(model, device)
-    loss_fn = nat.flow_net_fn(torch.compile(net) if c.compile else net, cfg.class_drop)
-
-    def step_fn(step: int) -> dict:
-        lr = lr_at(step, c.flow_steps, c.flow_lr, c.flow_warmup)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
-        x, y = next(it)
-        x = data.to_float(x)
-        flip = torch.rand(len(x), generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
-        model.train()
-        with runs.autocast(device, c.bf16):
-            loss = samplers.training_loss(loss_fn, path_obj, x, y.to(device), gd)
-        out = generator_step(model, ema, opt, loss, step, c.ema_decay)
-        return {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
-
-    state = runs.train_loop(name, path, state, modules, step_fn, c.flow_steps, c, log)
-    state["done"] = True
-    runs.save_ckpt(path, state)
-    print(f"{name}: done, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-          f"python sample.py --run-dir {run_dir} --flow {name} draws its grids")
-
 
 # ----------------------------------------------------------------------------- policies (AdaNAT)
 
@@ -596,7 +546,7 @@ def real_images(c: TrainConfig, n: int = 11000) -> tuple[torch.Tensor, torch.Ten
 
 
 def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: int):
-    """(task, pipeline, pipeline.RealFeatures) of the NAT MDP for T decoding steps (AdaNAT)."""
+    """(task, pipeline, RealFeatures) of the NAT MDP for T decoding steps (AdaNAT)."""
     pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
     ref = pipeline.RealFeatures(pipe)
     w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
@@ -616,33 +566,6 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
         to_images=pipe.vq.detokenize,
         fid_images=lambda y, sched: pipe.decode(pipe.generate(y, T, sched, seed=0)),
         reals=reals)
-    return task, pipe, ref
-
-
-def flow_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, nfe: int):
-    """(task, pipeline, pipeline.RealFeatures) of the ODE-sampler MDP (AdaGen): flow_pi_solver with the most
-    steps whose network evaluations fit in `nfe`, starting from the uniform grid with constant
-    guidance w_0 (the AdaGen release's DiT/SiT start); D's reals are raw training images."""
-    pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-    ref = pipeline.RealFeatures(pipe)
-    w_0 = pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples)
-    solver, cfg = c.flow_pi_solver, pipe.cfg
-    T = samplers.steps_for_nfe(solver, nfe)
-    grid = samplers.uniform_grid(T)
-    h = torch.stack([samplers.fractions(grid), samplers.guidance_table(grid, w_0)], 1)      # (T, 2) [f, w]
-
-    def generate(y, sched, g, G):
-        noise = torch.randn((len(y) // G, cfg.channels, cfg.img_size, cfg.img_size), device=device, generator=g)
-        return samplers.sample(pipe.velocity_fn, noise.repeat_interleave(G, 0), y, T, sched, solver, cfg.null_label,
-                               pipe.path).clamp(-1, 1)
-
-    task = PolicyTask(
-        name=pipeline.flow_policy_file(c.flow_path, kind, nfe, c.pi_reward), T=T, spec=policy.FLOW_ACTIONS, h=h,
-        start=f"{solver}, uniform grid, w = {w_0:g}", C=cfg.dim, N=cfg.num_patches, num_classes=cfg.num_classes,
-        generate=generate, to_images=lambda x: x,
-        fid_images=lambda y, sched: pipe.generate(y, T, sched, solver, seed=0),
-        reals=lambda: real_images(c), to_step=samplers.actions_to_step(T),
-        extra={"solver": solver, "nfe": nfe, "path": c.flow_path})
     return task, pipe, ref
 
 
@@ -790,7 +713,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
             loss.backward()
             d_opt.step()
         out["d_loss"], out["sec_d"] = mean(loss.detach()), time.time() - t0
-        runs.check_finite(d_loss=out["d_loss"])                                   # a non-finite D is never saved (runs.train_loop)
+        runs.check_finite(d_loss=out["d_loss"])                                   # a non-finite D is never saved (train_loop)
         for j, a in enumerate(spec.names):                                   # per-sample spread of each action
             out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
         out["act_mean"] = [[round(v, 5) for v in row] for row in ro.actions.mean(1).tolist()]   # (T, D) per step
@@ -835,7 +758,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
 
     state = runs.train_loop(name, path, state, modules, step_fn, c.pi_iters, dataclasses.replace(c, log_every=1), log)
     state["done"] = True
-    state.pop("replay", None)                                               # D's replay is only needed to runs.resume
+    state.pop("replay", None)                                               # D's replay is only needed to resume
     runs.save_ckpt(path, state)
     plots.plot_training(state["history"], os.path.join(run_dir, f"{name}_curve.png"), name)
     which = "training-set FID at lam = 1 (last weights kept)" if kind == "fidelity" else "best training-set FID"
@@ -856,253 +779,38 @@ def chunk_fid_reward(feats: torch.Tensor, ref, chunk: int) -> torch.Tensor:
     return R
 
 
-def stage_policies(kind: str, paradigm: str = "nat"):
-    """The stage function for one policy kind: a policy per T in pi_T (the NAT) or per NFE budget
-    in flow_pi_nfe (the ODE sampler), finished ones skipped."""
+def stage_policies(kind: str, make_task: Callable = None, counts: Callable = lambda c: c.pi_T,
+                   file: Callable = lambda c, kind, n: pipeline.policy_file(kind, c.pi_start, n, c.pi_reward)):
+    """The stage function for one policy kind: a policy per count (the NAT: T in pi_T; the ODE
+    sampler: NFE budgets, experiments/flow_train.py) built by make_task(c, run_dir, device, kind,
+    n) (default nat_task) and trained by train_policy; finished ones skipped."""
     def stage(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
-        for n in (c.pi_T if paradigm == "nat" else c.flow_pi_nfe):
-            name = (pipeline.policy_file(kind, c.pi_start, n, c.pi_reward) if paradigm == "nat"
-                    else pipeline.flow_policy_file(c.flow_path, kind, n, c.pi_reward))
-            path = os.path.join(run_dir, f"{name}.pt")
+        for n in counts(c):
+            path = os.path.join(run_dir, f"{file(c, kind, n)}.pt")
             if os.path.exists(path) and runs.load_ckpt(path).get("done"):
                 print(f"{path}: done, skipped")
                 continue
-            make = nat_task if paradigm == "nat" else flow_task
-            train_policy(c, run_dir, device, log, kind, *make(c, run_dir, device, kind, n))
+            train_policy(c, run_dir, device, log, kind, *(make_task or nat_task)(c, run_dir, device, kind, n))
     return stage
 
 
-# ----------------------------------------------------------------------------- AutoNAT search
-
-SEARCH_KINDS = {"search": "free", "param-search": "param", "flow-search": "flow"}   # stage -> what is searched
-SEARCH_FILES = {"free": "search", "param": "param"}              # -> <file>_T{T}.pt / .json / _curve.png
-
-
-def search_schedule(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, kind: str, T: int) -> None:
-    """AutoNAT §4.2 for one T: finite-difference gradient descent on training-set FID.
-
-    kind "free": xi = the whole T x 4 table [m, tau1, tau2, w] (the paper's search);
-    kind "param": theta = the six shape parameters of autonat.parametric_table;
-    kind "flow": the ODE sampler's T x [t_next, w] table, T = the steps of flow_pi_solver that
-    fit in the NFE budget `T` (AdaGen's continuous paradigm; the static-search baseline).
-    All start from the heuristic (NAT: AdaNAT's, tau2_0 = 1, w_0 from the training-FID sweep;
-    flow: uniform grid, constant swept w_0). One update generates its 1 + A candidates (A
-    perturbed coordinates) on the same labels and random numbers as one interleaved batch; the
-    checkpoint is written after every update."""
-    if kind == "flow":
-        nfe, solver = T, c.flow_pi_solver
-        pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-        ref = pipeline.RealFeatures(pipe)
-        T = samplers.steps_for_nfe(solver, nfe)
-        h = samplers.grid_table(samplers.uniform_grid(T), pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples))  # (T, 2)
-        candidate_fids = lambda tables, labels, seed: pipeline.flow_candidate_fids(pipe, ref, tables, labels, seed, solver)
-        name, columns = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w")
-    else:
-        pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-        ref = pipeline.RealFeatures(pipe)
-        w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
-        h = nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)                # (T, 4)
-        candidate_fids = lambda tables, labels, seed: pipeline.candidate_fids(pipe, ref, tables, labels, seed)
-        name, columns = f"{SEARCH_FILES[kind]}_T{T}", autonat.COLUMNS
-    K = h.shape[1]
-    if kind in ("free", "flow"):
-        eps = autonat.step_sizes(T, c.search_eps_m, c.search_eps, K)
-        lr = autonat.step_sizes(T, c.search_lr_m, c.search_lr, K)
-        active = autonat.free_coordinates(T, K)
-        to_table = lambda xi: autonat.xi_to_table(xi, K)
-        project = lambda xi: autonat.table_to_xi(autonat.project_table(autonat.xi_to_table(xi, K)))
-        xi0 = project(autonat.table_to_xi(h))                              # = h, with m_{T-1} exactly 0
-        updates = c.search_updates
-    else:
-        xi0 = autonat.parametric_init(pipeline.ADANAT_TAU2_0, w_0)
-        eps, lr = torch.full((len(autonat.PARAMS),), c.search_eps), torch.full((len(autonat.PARAMS),), c.search_lr)
-        active = torch.ones(len(autonat.PARAMS), dtype=torch.bool)
-        to_table = lambda theta: autonat.parametric_table(theta, T)
-        project = autonat.project_params
-        updates = c.search_param_updates
-    path = os.path.join(run_dir, f"{name}.pt")
-    scfg = {"kind": kind, "T": T, "start": h.tolist(), **({"solver": solver, "nfe": nfe} if kind == "flow" else {}), "samples": c.search_samples, "seed": c.search_seed,
-            "eps": eps.tolist(), "lr": lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip,
-            "generator": pipe.fingerprint}
-    if os.path.exists(path):
-        state = runs.load_ckpt(path, expect_config=scfg)
-        if state.get("final_step") == state["step"] < updates:            # extending a finished search
-            state["history"].pop()                                        # its end point is update `step`'s start
-            state["done"] = False
-            del state["final_step"]
-        print(f"resuming {name} from update {state['step']}")
-    else:
-        state = {"config": scfg, "step": 0, "model": {"xi": xi0, "v": torch.zeros_like(xi0)}, "best_xi": xi0,
-                 "best_fid": math.inf, "history": [], "forwards": 0, "train_seconds": 0.0}
-    labels = pipeline.balanced_labels(c.search_samples, pipe.cfg.num_classes)
-    C = 1 + int(active.sum())
-
-    def F(X: torch.Tensor) -> torch.Tensor:                                # (C', D) -> (C',) training-set FIDs
-        before = pipe.forwards
-        values = candidate_fids(torch.stack([to_table(x) for x in X]), labels, c.search_seed)
-        state["forwards"] += int(ddp.all_sum(pipe.forwards - before))          # image-forwards run on all ranks (CFG: 2 per step)
-        if not torch.isfinite(values).all():                               # before the update (CPU values)
-            raise FloatingPointError(f"candidate FID ({values.tolist()})")
-        return values
-
-    def step_fn(k: int) -> dict:
-        xi = state["model"]["xi"]
-        e = autonat.signed_steps(xi, eps, K=K) if kind != "param" else eps   # every candidate a valid schedule
-        new, v, values, g = autonat.fd_update(F, xi, state["model"]["v"], e, lr, project, c.search_momentum,
-                                              active, c.search_clip)          # values (C,): F(xi) first
-        if values[0] < state["best_fid"]:
-            state["best_fid"], state["best_xi"] = float(values[0]), xi.clone()
-        state["model"] = {"xi": new, "v": v}
-        out = {"train_fid": float(values[0]), "best_fid": state["best_fid"], "grad_norm": g.norm().item()}
-        state["history"].append({"update": k, **out, "grad": [round(x, 4) for x in g.tolist()]})
-        return out
-
-    print(f"{name}: {C} candidates x {len(labels)} samples per update, {updates} updates")
-    state = runs.train_loop(name, path, state, {}, step_fn, updates, dataclasses.replace(c, log_every=1, ckpt_every_s=0.0), log)
-    if state.get("final_step") != state["step"]:                          # the last update's result, measured once
-        # in the updates' batch layout (C rows per sample), so with the same random numbers as every F(xi)
-        final = float(F(state["model"]["xi"].expand(C, -1))[0])
-        if final < state["best_fid"]:
-            state["best_fid"], state["best_xi"] = final, state["model"]["xi"].clone()
-        state["history"].append({"update": state["step"], "train_fid": final, "best_fid": state["best_fid"]})
-        state["final_step"] = state["step"]
-    table = to_table(state["best_xi"])
-    state.update(done=True, table=table)
-    runs.save_ckpt(path, state)
-    start = state["history"][0]["train_fid"]
-    summary = {"kind": kind, "T": T, "columns": list(columns), "table": table.tolist(),
-               "start_table": h.tolist(), "train_fid_start": start, "train_fid_best": state["best_fid"],
-               "updates": state["step"], "candidates_per_update": C, "samples_per_candidate": len(labels),
-               "generator_forwards": state["forwards"],
-               "generator_forwards_without_dedup": (state["step"] + 1) * C * len(labels) * T * 2
-               if kind != "flow" else None,                                # the flow's candidates share no prefix
-               "minutes": state["train_seconds"] / 60,
-               "device": str(device), "history": state["history"], "config": scfg}
-    if kind == "param":
-        summary["theta"] = dict(zip(autonat.PARAMS, state["best_xi"].tolist()))
-    runs.write_json(os.path.join(run_dir, f"{name}.json"), summary)
-    ups = [r["update"] for r in state["history"]]
-    panels = [{"title": "train FID per update (best: red)", "series": [
-        {"x": ups, "y": [r["train_fid"] for r in state["history"]], "color": (40, 90, 200)},
-        {"x": ups, "y": [r["best_fid"] for r in state["history"]], "color": (200, 40, 40), "dashed": True}]}]
-    steps = list(range(T))
-    panels += [{"title": f"{a} per step (start dashed)", "series": [
-        {"x": steps, "y": h[:, j].tolist(), "color": (120, 120, 120), "dashed": True},
-        {"x": steps, "y": table[:, j].tolist(), "color": (40, 90, 200)}]} for j, a in enumerate(columns)]
-    plots.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search")
-    print(f"{name}: training-set FID {start:.2f} -> {state['best_fid']:.2f} in {state['step']} updates, "
-          f"{state['forwards'] / 1e6:.2f}M generator forwards, {state['train_seconds'] / 60:.1f} min; {name}.json")
-
-
-def stage_search(stage: str):
-    """The stage function of `search` / `param-search` (one search per T in search_T) and of
-    `flow-search` (one per NFE budget in flow_pi_nfe)."""
-    kind = SEARCH_KINDS[stage]
-
-    def run(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
-        for T in (c.flow_pi_nfe if kind == "flow" else c.search_T):
-            name = f"{c.flow_path}_search_nfe{T}" if kind == "flow" else f"{SEARCH_FILES[kind]}_T{T}"
-            path = os.path.join(run_dir, f"{name}.pt")
-            updates = c.search_param_updates if kind == "param" else c.search_updates
-            if os.path.exists(path):
-                ck = runs.load_ckpt(path)
-                if ck.get("done") and ck["step"] >= updates:
-                    print(f"{name}: done ({path}), skipped")
-                    continue
-            search_schedule(c, run_dir, device, log, kind, T)
-    return run
-
-
-def sub_run(c: TrainConfig, run_dir: str, sub: str, **changes) -> TrainConfig:
-    """A run folder sharing this run's tokenizer and feature network (copied), its config = c + changes."""
-    if ddp.DIST.main:                                                           # one rank touches the files
-        if os.path.exists(os.path.join(sub, "vq.pt")) and \
-                runs.fingerprint(sub, ("vq", "featnet")) != runs.fingerprint(run_dir, ("vq", "featnet")):
-            shutil.rmtree(sub)                                              # made with another tokenizer: start over
-        os.makedirs(sub, exist_ok=True)
-        for f in ("vq.pt", "featnet.pt", "fid_ref.pt"):
-            if os.path.exists(os.path.join(run_dir, f)) and not os.path.exists(os.path.join(sub, f)):
-                shutil.copyfile(os.path.join(run_dir, f), os.path.join(sub, f))
-    c2 = dataclasses.replace(c, **changes)
-    runs.write_json(os.path.join(sub, "config.json"), runs.to_plain(c2))
-    ddp.barrier()
-    return c2
-
-
-def stage_pr_search(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
-    """AutoNAT §4.3 and one round of its Algorithm 1, with short proxy trainings.
-
-    Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>_s<steps>/
-    (same tokenizer, data and seed) and is scored by the training-set FID of its samples at
-    T = pr_T under the searched schedule (search_T{pr_T}.pt, else AdaNAT's heuristic); the greedy
-    line search in (alpha/beta, beta) (autonat.beta_line_search) spends at most pr_budget
-    trainings. A proxy of the default cosine p(r) is trained as the reference (outside the
-    budget). With pr_final, the chosen p(r) then trains the full generator in beta/ and the
-    schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows)."""
-    pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-    ref = pipeline.RealFeatures(pipe)
-    found = pipeline.searched_table(pipe, "search", c.pr_T)
-    table = found[0] if found else nat.heuristic_table(c.pr_T, pipeline.ADANAT_TAU2_0, pipeline.get_w0(pipe, ref, c.pi_sweep_samples))
-    labels = pipeline.balanced_labels(c.pr_samples, pipe.cfg.num_classes)
-    path = os.path.join(run_dir, "pr_search.json")
-    setup = {"steps": c.pr_steps, "T": c.pr_T, "schedule": table.tolist(), "samples": c.pr_samples,
-             "seed": c.search_seed, "tokenizer": runs.fingerprint(run_dir, ("vq", "featnet"))}
-    saved = runs.read_json(path, {})
-    results = saved if saved.get("setup") == setup else {"setup": setup, "cache": {}}
-
-    def proxy_fid(sub: str, **changes) -> float:
-        d = os.path.join(run_dir, "pr", sub)
-        c2 = sub_run(c, run_dir, d, nat_steps=c.pr_steps, **changes)
-        ck = os.path.join(d, "nat.pt")
-        if not (os.path.exists(ck) and runs.load_ckpt(ck).get("done")):
-            stage_nat(c2, d, device, runs.Logger(d))
-            ddp.barrier()                                                       # rank 0's nat.pt before anyone reads it
-        value = float(pipeline.candidate_fids(pipeline.Pipeline(d, device, c.bf16, rows=c.gen_rows), ref, table[None], labels, c.search_seed)[0])
-        log(stage="pr-search", candidate=sub, train_fid=value, **changes)
-        print(f"pr-search: {sub}: training-set FID {value:.2f} (T={c.pr_T}, {c.pr_samples} samples)")
-        return value
-
-    if "cosine_proxy" not in results:
-        results["cosine_proxy"] = proxy_fid(f"cosine_s{c.pr_steps}", mask_dist="cosine")
-        runs.write_json(path, results)
-
-    def F(alpha: float, beta: float) -> float:
-        value = proxy_fid(f"beta_{alpha:.4g}_{beta:.4g}_s{c.pr_steps}", mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
-        runs.write_json(path, results)                       # the cache entry is added by the line search, after
-        return value
-
-    (alpha, beta), _ = autonat.beta_line_search(F, budget=c.pr_budget, cache=results["cache"])
-    best = min(results["cache"].values())
-    results.update(alpha=alpha, beta=beta, train_fid=best, trainings=len(results["cache"]))
-    runs.write_json(path, results)
-    print(f"pr-search: Beta(alpha={alpha:.3g}, beta={beta:.3g}), proxy FID {best:.2f} vs the cosine proxy's "
-          f"{results['cosine_proxy']:.2f}, {len(results['cache'])} trainings of {c.pr_steps} steps; {path}")
-    if c.pr_final:
-        d = os.path.join(run_dir, "beta")
-        c2 = sub_run(c, run_dir, d, mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
-        ck = os.path.join(d, "nat.pt")
-        want = runs.to_plain(nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
-        trained = runs.load_ckpt(ck) if os.path.exists(ck) else None
-        if trained is not None and trained["config"] != want:
-            raise runs.UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
-        if not (trained and trained.get("done")):
-            stage_nat(c2, d, device, runs.Logger(d))
-            ddp.barrier()
-        STAGE_FNS["search"](c2, d, device, runs.Logger(d))                      # skips the T already searched
-        print(f"pr-search: the Beta-trained generator and its searched schedules are in {d}; sample.py --eval adds their rows")
-
-
-STAGE_FNS = {"vq": stage_vq, "featnet": stage_featnet, "nat": stage_nat, "backbone": stage_backbone,
-             "search": stage_search("search"), "param-search": stage_search("param-search"), "pr-search": stage_pr_search,
-             "policy": stage_policies("policy"), "static": stage_policies("static"), "smooth": stage_policies("smooth"),
-             "flow": stage_flow, "flow-search": stage_search("flow-search"), "flow-policy": stage_policies("policy", "flow"),
-             "flow-static": stage_policies("static", "flow"), "flow-smooth": stage_policies("smooth", "flow"),
-             "featnet2": stage_featnet2, "fidelity": stage_policies("fidelity")}
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
+STAGE_FNS = {"backbone": stage_backbone, "vq": stage_vq, "featnet": stage_featnet, "featnet2": stage_featnet2, "nat": stage_nat,
+             **{kind: stage_policies(kind) for kind in POLICY_STAGES}}
+# the experiments' stages (experiments/): their module is imported only when one of them runs
+EXPERIMENT_STAGES = {**dict.fromkeys(("search", "param-search", "flow-search", "pr-search"), "experiments.search"),
+                     **dict.fromkeys(("flow", "flow-policy", "flow-static", "flow-smooth"), "experiments.flow_train")}
 FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
 OPTIONAL_STAGES = ["pr-search", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
 STAGES_ALL = STAGES + OPTIONAL_STAGES
-SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + tuple(SEARCH_KINDS) + ("pr-search", "flow")   # stages that skip their finished parts themselves
+SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + ("search", "param-search", "flow-search", "pr-search", "flow")   # stages that skip their finished parts themselves
+
+
+def stage_fn(name: str) -> Callable:
+    """The function of a stage: the core's, or an experiment's (its module imported now)."""
+    if name in STAGE_FNS:
+        return STAGE_FNS[name]
+    return importlib.import_module(EXPERIMENT_STAGES[name]).STAGES[name]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1210,7 +918,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     trained = [s for s in STAGES if os.path.exists(os.path.join(run_dir, f"{s}.pt"))]
     if saved is not None and trained:
         now = runs.to_plain(c)
-        # pi_*, search_*, flow_*, feat2_* keys are free: each of their checkpoints carries (and on runs.resume checks) its own copy
+        # pi_*, search_*, flow_*, feat2_* keys are free: each of their checkpoints carries (and on resume checks) its own copy
         diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_", "flow_", "feat2_"))
                       and k not in ("ckpt_every_s", "log_every", "compile", "gen_rows") and saved[k] != now[k])
         if diff:
@@ -1262,7 +970,7 @@ def main(argv: list[str] | None = None) -> None:
                 torch.manual_seed(c.seed + 1_000_003 * ddp.DIST.rank + STAGES_ALL.index(s))
             t0 = time.time()
             try:
-                STAGE_FNS[s](c, run_dir, device, log)
+                stage_fn(s)(c, run_dir, device, log)
             except torch.OutOfMemoryError:                             # outside a training loop (data, final evaluation)
                 raise runs.RunFault(f"{s}: out of memory ({runs.oom_advice(c, runs.fault_keys(s)[1])})") from None
             ddp.barrier()                                                  # its files are written before the next stage reads them
@@ -1279,5 +987,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import train                    # run as the module `train`, the one sample.py imports: one runs.UserError class
+    import train                    # run as the module `train`, the one sample.py imports: one UserError class
     train.main()

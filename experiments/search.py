@@ -1,0 +1,249 @@
+"""AutoNAT's searches as training stages (AutoNAT §4.2-4.3, Eq. 4-6, App. A.2; autonat.py holds the math).
+
+- search / param-search / flow-search: descend the training-set FID of a static schedule (the
+  free T x 4 table, a 6-parameter hand-written family, or the ODE sampler's [t_next, w] table)
+  by forward finite differences with momentum; every candidate of an update runs as one
+  interleaved batch with common random numbers; checkpointed after every update.
+- pr-search: the greedy Beta(alpha, beta) line search over the NAT's training mask-ratio
+  distribution, each candidate scored by a short proxy training; then one full training.
+
+Usage: python train.py --stage search | param-search | flow-search | pr-search --run-dir runs/small
+"""
+import dataclasses
+import math
+import os
+import shutil
+
+import torch
+
+import autonat
+import ddp
+import nat
+import pipeline
+import plots
+import runs
+import samplers
+import train
+
+
+SEARCH_KINDS = {"search": "free", "param-search": "param", "flow-search": "flow"}   # stage -> what is searched
+
+
+SEARCH_FILES = {"free": "search", "param": "param"}              # -> <file>_T{T}.pt / .json / _curve.png
+
+
+def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, kind: str, T: int) -> None:
+    """AutoNAT §4.2 for one T: finite-difference gradient descent on training-set FID.
+
+    kind "free": xi = the whole T x 4 table [m, tau1, tau2, w] (the paper's search);
+    kind "param": theta = the six shape parameters of autonat.parametric_table;
+    kind "flow": the ODE sampler's T x [t_next, w] table, T = the steps of flow_pi_solver that
+    fit in the NFE budget `T` (AdaGen's continuous paradigm; the static-search baseline).
+    All start from the heuristic (NAT: AdaNAT's, tau2_0 = 1, w_0 from the training-FID sweep;
+    flow: uniform grid, constant swept w_0). One update generates its 1 + A candidates (A
+    perturbed coordinates) on the same labels and random numbers as one interleaved batch; the
+    checkpoint is written after every update."""
+    if kind == "flow":
+        nfe, solver = T, c.flow_pi_solver
+        pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
+        ref = pipeline.RealFeatures(pipe)
+        T = samplers.steps_for_nfe(solver, nfe)
+        h = samplers.grid_table(samplers.uniform_grid(T), pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples))  # (T, 2)
+        candidate_fids = lambda tables, labels, seed: pipeline.flow_candidate_fids(pipe, ref, tables, labels, seed, solver)
+        name, columns = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w")
+    else:
+        pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
+        ref = pipeline.RealFeatures(pipe)
+        w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
+        h = nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)                # (T, 4)
+        candidate_fids = lambda tables, labels, seed: pipeline.candidate_fids(pipe, ref, tables, labels, seed)
+        name, columns = f"{SEARCH_FILES[kind]}_T{T}", autonat.COLUMNS
+    K = h.shape[1]
+    if kind in ("free", "flow"):
+        eps = autonat.step_sizes(T, c.search_eps_m, c.search_eps, K)
+        lr = autonat.step_sizes(T, c.search_lr_m, c.search_lr, K)
+        active = autonat.free_coordinates(T, K)
+        to_table = lambda xi: autonat.xi_to_table(xi, K)
+        project = lambda xi: autonat.table_to_xi(autonat.project_table(autonat.xi_to_table(xi, K)))
+        xi0 = project(autonat.table_to_xi(h))                              # = h, with m_{T-1} exactly 0
+        updates = c.search_updates
+    else:
+        xi0 = autonat.parametric_init(pipeline.ADANAT_TAU2_0, w_0)
+        eps, lr = torch.full((len(autonat.PARAMS),), c.search_eps), torch.full((len(autonat.PARAMS),), c.search_lr)
+        active = torch.ones(len(autonat.PARAMS), dtype=torch.bool)
+        to_table = lambda theta: autonat.parametric_table(theta, T)
+        project = autonat.project_params
+        updates = c.search_param_updates
+    path = os.path.join(run_dir, f"{name}.pt")
+    scfg = {"kind": kind, "T": T, "start": h.tolist(), **({"solver": solver, "nfe": nfe} if kind == "flow" else {}), "samples": c.search_samples, "seed": c.search_seed,
+            "eps": eps.tolist(), "lr": lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip,
+            "generator": pipe.fingerprint}
+    if os.path.exists(path):
+        state = runs.load_ckpt(path, expect_config=scfg)
+        if state.get("final_step") == state["step"] < updates:            # extending a finished search
+            state["history"].pop()                                        # its end point is update `step`'s start
+            state["done"] = False
+            del state["final_step"]
+        print(f"resuming {name} from update {state['step']}")
+    else:
+        state = {"config": scfg, "step": 0, "model": {"xi": xi0, "v": torch.zeros_like(xi0)}, "best_xi": xi0,
+                 "best_fid": math.inf, "history": [], "forwards": 0, "train_seconds": 0.0}
+    labels = pipeline.balanced_labels(c.search_samples, pipe.cfg.num_classes)
+    C = 1 + int(active.sum())
+
+    def F(X: torch.Tensor) -> torch.Tensor:                                # (C', D) -> (C',) training-set FIDs
+        before = pipe.forwards
+        values = candidate_fids(torch.stack([to_table(x) for x in X]), labels, c.search_seed)
+        state["forwards"] += int(ddp.all_sum(pipe.forwards - before))          # image-forwards run on all ranks (CFG: 2 per step)
+        if not torch.isfinite(values).all():                               # before the update (CPU values)
+            raise FloatingPointError(f"candidate FID ({values.tolist()})")
+        return values
+
+    def step_fn(k: int) -> dict:
+        xi = state["model"]["xi"]
+        e = autonat.signed_steps(xi, eps, K=K) if kind != "param" else eps   # every candidate a valid schedule
+        new, v, values, g = autonat.fd_update(F, xi, state["model"]["v"], e, lr, project, c.search_momentum,
+                                              active, c.search_clip)          # values (C,): F(xi) first
+        if values[0] < state["best_fid"]:
+            state["best_fid"], state["best_xi"] = float(values[0]), xi.clone()
+        state["model"] = {"xi": new, "v": v}
+        out = {"train_fid": float(values[0]), "best_fid": state["best_fid"], "grad_norm": g.norm().item()}
+        state["history"].append({"update": k, **out, "grad": [round(x, 4) for x in g.tolist()]})
+        return out
+
+    print(f"{name}: {C} candidates x {len(labels)} samples per update, {updates} updates")
+    state = runs.train_loop(name, path, state, {}, step_fn, updates, dataclasses.replace(c, log_every=1, ckpt_every_s=0.0), log)
+    if state.get("final_step") != state["step"]:                          # the last update's result, measured once
+        # in the updates' batch layout (C rows per sample), so with the same random numbers as every F(xi)
+        final = float(F(state["model"]["xi"].expand(C, -1))[0])
+        if final < state["best_fid"]:
+            state["best_fid"], state["best_xi"] = final, state["model"]["xi"].clone()
+        state["history"].append({"update": state["step"], "train_fid": final, "best_fid": state["best_fid"]})
+        state["final_step"] = state["step"]
+    table = to_table(state["best_xi"])
+    state.update(done=True, table=table)
+    runs.save_ckpt(path, state)
+    start = state["history"][0]["train_fid"]
+    summary = {"kind": kind, "T": T, "columns": list(columns), "table": table.tolist(),
+               "start_table": h.tolist(), "train_fid_start": start, "train_fid_best": state["best_fid"],
+               "updates": state["step"], "candidates_per_update": C, "samples_per_candidate": len(labels),
+               "generator_forwards": state["forwards"],
+               "generator_forwards_without_dedup": (state["step"] + 1) * C * len(labels) * T * 2
+               if kind != "flow" else None,                                # the flow's candidates share no prefix
+               "minutes": state["train_seconds"] / 60,
+               "device": str(device), "history": state["history"], "config": scfg}
+    if kind == "param":
+        summary["theta"] = dict(zip(autonat.PARAMS, state["best_xi"].tolist()))
+    runs.write_json(os.path.join(run_dir, f"{name}.json"), summary)
+    ups = [r["update"] for r in state["history"]]
+    panels = [{"title": "train FID per update (best: red)", "series": [
+        {"x": ups, "y": [r["train_fid"] for r in state["history"]], "color": (40, 90, 200)},
+        {"x": ups, "y": [r["best_fid"] for r in state["history"]], "color": (200, 40, 40), "dashed": True}]}]
+    steps = list(range(T))
+    panels += [{"title": f"{a} per step (start dashed)", "series": [
+        {"x": steps, "y": h[:, j].tolist(), "color": (120, 120, 120), "dashed": True},
+        {"x": steps, "y": table[:, j].tolist(), "color": (40, 90, 200)}]} for j, a in enumerate(columns)]
+    plots.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search")
+    print(f"{name}: training-set FID {start:.2f} -> {state['best_fid']:.2f} in {state['step']} updates, "
+          f"{state['forwards'] / 1e6:.2f}M generator forwards, {state['train_seconds'] / 60:.1f} min; {name}.json")
+
+
+def stage_search(stage: str):
+    """The stage function of `search` / `param-search` (one search per T in search_T) and of
+    `flow-search` (one per NFE budget in flow_pi_nfe)."""
+    kind = SEARCH_KINDS[stage]
+
+    def run(c: train.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+        for T in (c.flow_pi_nfe if kind == "flow" else c.search_T):
+            name = f"{c.flow_path}_search_nfe{T}" if kind == "flow" else f"{SEARCH_FILES[kind]}_T{T}"
+            path = os.path.join(run_dir, f"{name}.pt")
+            updates = c.search_param_updates if kind == "param" else c.search_updates
+            if os.path.exists(path):
+                ck = runs.load_ckpt(path)
+                if ck.get("done") and ck["step"] >= updates:
+                    print(f"{name}: done ({path}), skipped")
+                    continue
+            search_schedule(c, run_dir, device, log, kind, T)
+    return run
+
+
+def sub_run(c: train.TrainConfig, run_dir: str, sub: str, **changes) -> train.TrainConfig:
+    """A run folder sharing this run's tokenizer and feature network (copied), its config = c + changes."""
+    if ddp.DIST.main:                                                           # one rank touches the files
+        if os.path.exists(os.path.join(sub, "vq.pt")) and \
+                runs.fingerprint(sub, ("vq", "featnet")) != runs.fingerprint(run_dir, ("vq", "featnet")):
+            shutil.rmtree(sub)                                              # made with another tokenizer: start over
+        os.makedirs(sub, exist_ok=True)
+        for f in ("vq.pt", "featnet.pt", "fid_ref.pt"):
+            if os.path.exists(os.path.join(run_dir, f)) and not os.path.exists(os.path.join(sub, f)):
+                shutil.copyfile(os.path.join(run_dir, f), os.path.join(sub, f))
+    c2 = dataclasses.replace(c, **changes)
+    runs.write_json(os.path.join(sub, "config.json"), runs.to_plain(c2))
+    ddp.barrier()
+    return c2
+
+
+def stage_pr_search(c: train.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+    """AutoNAT §4.3 and one round of its Algorithm 1, with short proxy trainings.
+
+    Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>_s<steps>/
+    (same tokenizer, data and seed) and is scored by the training-set FID of its samples at
+    T = pr_T under the searched schedule (search_T{pr_T}.pt, else AdaNAT's heuristic); the greedy
+    line search in (alpha/beta, beta) (autonat.beta_line_search) spends at most pr_budget
+    trainings. A proxy of the default cosine p(r) is trained as the reference (outside the
+    budget). With pr_final, the chosen p(r) then trains the full generator in beta/ and the
+    schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows)."""
+    pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
+    ref = pipeline.RealFeatures(pipe)
+    found = pipeline.searched_table(pipe, "search", c.pr_T)
+    table = found[0] if found else nat.heuristic_table(c.pr_T, pipeline.ADANAT_TAU2_0, pipeline.get_w0(pipe, ref, c.pi_sweep_samples))
+    labels = pipeline.balanced_labels(c.pr_samples, pipe.cfg.num_classes)
+    path = os.path.join(run_dir, "pr_search.json")
+    setup = {"steps": c.pr_steps, "T": c.pr_T, "schedule": table.tolist(), "samples": c.pr_samples,
+             "seed": c.search_seed, "tokenizer": runs.fingerprint(run_dir, ("vq", "featnet"))}
+    saved = runs.read_json(path, {})
+    results = saved if saved.get("setup") == setup else {"setup": setup, "cache": {}}
+
+    def proxy_fid(sub: str, **changes) -> float:
+        d = os.path.join(run_dir, "pr", sub)
+        c2 = sub_run(c, run_dir, d, nat_steps=c.pr_steps, **changes)
+        ck = os.path.join(d, "nat.pt")
+        if not (os.path.exists(ck) and runs.load_ckpt(ck).get("done")):
+            train.stage_nat(c2, d, device, runs.Logger(d))
+            ddp.barrier()                                                       # rank 0's nat.pt before anyone reads it
+        value = float(pipeline.candidate_fids(pipeline.Pipeline(d, device, c.bf16, rows=c.gen_rows), ref, table[None], labels, c.search_seed)[0])
+        log(stage="pr-search", candidate=sub, train_fid=value, **changes)
+        print(f"pr-search: {sub}: training-set FID {value:.2f} (T={c.pr_T}, {c.pr_samples} samples)")
+        return value
+
+    if "cosine_proxy" not in results:
+        results["cosine_proxy"] = proxy_fid(f"cosine_s{c.pr_steps}", mask_dist="cosine")
+        runs.write_json(path, results)
+
+    def F(alpha: float, beta: float) -> float:
+        value = proxy_fid(f"beta_{alpha:.4g}_{beta:.4g}_s{c.pr_steps}", mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
+        runs.write_json(path, results)                       # the cache entry is added by the line search, after
+        return value
+
+    (alpha, beta), _ = autonat.beta_line_search(F, budget=c.pr_budget, cache=results["cache"])
+    best = min(results["cache"].values())
+    results.update(alpha=alpha, beta=beta, train_fid=best, trainings=len(results["cache"]))
+    runs.write_json(path, results)
+    print(f"pr-search: Beta(alpha={alpha:.3g}, beta={beta:.3g}), proxy FID {best:.2f} vs the cosine proxy's "
+          f"{results['cosine_proxy']:.2f}, {len(results['cache'])} trainings of {c.pr_steps} steps; {path}")
+    if c.pr_final:
+        d = os.path.join(run_dir, "beta")
+        c2 = sub_run(c, run_dir, d, mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
+        ck = os.path.join(d, "nat.pt")
+        want = runs.to_plain(train.nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
+        trained = runs.load_ckpt(ck) if os.path.exists(ck) else None
+        if trained is not None and trained["config"] != want:
+            raise runs.UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
+        if not (trained and trained.get("done")):
+            train.stage_nat(c2, d, device, runs.Logger(d))
+            ddp.barrier()
+        STAGES["search"](c2, d, device, runs.Logger(d))                      # skips the T already searched
+        print(f"pr-search: the Beta-trained generator and its searched schedules are in {d}; sample.py --eval adds their rows")
+
+STAGES = {"search": stage_search("search"), "param-search": stage_search("param-search"),
+          "flow-search": stage_search("flow-search"), "pr-search": stage_pr_search}

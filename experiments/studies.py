@@ -1,0 +1,324 @@
+"""The reward check and AdaGen's inference-time studies (AdaGen §III-D, §III-F1 Algorithm 2,
+§III-F2 Eq. 14-15).
+
+- reward_check: before PPO is spent on the adversarial reward, does the warm-up discriminator
+  rank fixed schedules as FID does (Spearman rho on two FID networks)?
+- refinement: repeated sampling (D picks among k candidates) and look-ahead (the critic picks
+  among k next states), with random-pick and more-steps controls, forwards counted;
+- the fidelity blend of two policies by lam; the reward-hacking table (FID on two networks).
+
+Usage: python sample.py --run-dir runs/small --reward-check | --refine | --lam 0,0.5,1 | --hacking
+"""
+import itertools
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import ddp
+import fid
+import nat
+import pipeline
+import plots
+import policy
+import reward
+import runs
+
+
+class Refiner:
+    """A trained policy checkpoint's auxiliary networks reused at sampling (AdaGen §III-F1): its
+    discriminator D ranks finished images (repeated sampling), its critic V ranks the candidate
+    next states of a NAT step (look-ahead, nat.generate). Both are the checkpoint's last weights
+    (the policy's are its best by training FID)."""
+
+    def __init__(self, pipe, file: str, disc: str = "disc"):
+        path = os.path.join(pipe.run_dir, f"{file}.pt")
+        if not os.path.exists(path):
+            raise runs.UserError(f"{path} not found: refinement uses a trained policy's discriminator and critic; "
+                                  f"train it with python train.py --run-dir {pipe.run_dir} --stage policy")
+        ck = runs.load_ckpt(path)
+        _, self.V = pipeline.build_policy(ck["config"])
+        self.V.load_state_dict(ck["critic"])
+        self.V.to(pipe.device).eval()
+        self.backbone, channels = pipeline.classifier_backbone(pipeline.build_model(pipe.run_dir, "backbone", pipe.device))
+        self.D = reward.ProjectedDiscriminator(channels, pipe.cfg.num_classes)
+        if disc not in ck:
+            raise runs.UserError(f"{path} has no {disc!r}: the discriminator after its warm-up is kept from this "
+                                  f"version on; retrain that policy (delete the file)")
+        self.D.load_state_dict(ck[disc])
+        self.D.to(pipe.device).eval()
+        self.device = pipe.device
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """D's reward of images (n, C, H, W) for labels (n,) -> (n,) on the CPU."""
+        return torch.cat([reward.reward(self.D(self.backbone(images[i:i + 500].to(self.device)),
+                                               labels[i:i + 500].to(self.device))).cpu()
+                          for i in range(0, len(images), 500)])
+
+    @torch.no_grad()
+    def value(self, features: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """V(s_t) of states seen through the generator's features (B, N, C), t (B,) -> (B,)."""
+        return self.V(features, t).float()
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation of two equal-length sequences (ties: their order of appearance)."""
+    rank = lambda v: np.argsort(np.argsort(np.asarray(v, dtype=float), kind="stable"), kind="stable").astype(float)
+    return float(np.corrcoef(rank(x), rank(y))[0, 1])
+
+
+def perturbed(table: torch.Tensor, seed: int, scale: float = 0.5) -> torch.Tensor:
+    """A (T, 4) schedule moved by fixed Gaussian noise of sd `scale` in pre-activation space on
+    the knobs that act (policy.NAT_ACTIONS.active): a nearby schedule that exploration could reach."""
+    T = table.shape[0]
+    noise = torch.randn(T, 4, generator=torch.Generator().manual_seed(seed)) * policy.NAT_ACTIONS.active(T)
+    return policy.activation(policy.inverse_activation(table) + scale * noise)
+
+
+def reward_check(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, T: int = 4) -> dict:
+    """reward_check.md / .json: before PPO is spent on the reward, does it rank schedules as FID does?
+    Eight fixed T-step schedules (MaskGIT, AdaNAT's heuristic, the searched table and the searched
+    family, and one perturbation of each), `samples` images each (seed 1, balanced labels), scored by
+    the discriminator of policy_T{T}.pt as it was after its warm-up, and measured by FID against
+    training-set statistics on the FID network and on featnet2, precision and recall (against the
+    training features). Reports Spearman rho(mean reward, -FID) per network and rho(FID, FID2)."""
+    ref = pipeline.RealFeatures(pipe)
+    if ref.net2 is None:
+        raise runs.UserError(f"the reward check measures FID on two networks: train featnet2 with python train.py "
+                              f"--run-dir {pipe.run_dir} --stage featnet2")
+    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
+    tables = {"MaskGIT": nat.heuristic_table(T, **pipeline.MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})":
+              nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)}
+    for name, stage in (("search", "search"), ("param", "param-search")):
+        found = pipeline.searched_table(pipe, name, T)
+        if found is None:
+            raise runs.UserError(f"the reward check compares the searched schedules too: run python train.py --run-dir "
+                                  f"{pipe.run_dir} --stage {stage} --set search_T={T}")
+        tables[pipeline.SEARCH_ROWS[name]] = found[0].float()
+    for i, (name, table) in enumerate(list(tables.items())):
+        tables[f"{name}, perturbed"] = perturbed(table, seed=i)
+    scorer = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T), disc="disc_warmup")
+    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
+    rows = []
+    for name, table in tqdm(tables.items(), desc="reward check", disable=not ddp.DIST.main):
+        images = pipe.decode(pipe.generate(labels, T, nat.table_schedule(table), seed=1))
+        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
+        P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
+        rows.append({"schedule": name, "table": table.tolist(), "reward": scorer.score(images, labels).mean().item(),
+                     "fid": fid.fid_from_features(feats, ref.train_mu, ref.train_sigma),
+                     "fid2": fid.fid_from_features(fid.extract(ref.net2, images, device=pipe.device)[0],
+                                                   ref.train2_mu, ref.train2_sigma), "precision": P, "recall": R})
+    rho = {"featnet": spearman([r["reward"] for r in rows], [-r["fid"] for r in rows]),
+           "featnet2": spearman([r["reward"] for r in rows], [-r["fid2"] for r in rows])}
+    out = {"T": T, "samples": samples, "rows": rows, "spearman": rho,
+           "spearman_fid_fid2": spearman([r["fid"] for r in rows], [r["fid2"] for r in rows]),
+           "d_acc_warmup": runs.load_ckpt(os.path.join(pipe.run_dir, f"{pipeline.policy_file('policy', 'heuristic', T)}.pt"))
+           .get("d_acc_warmup"), "fingerprint": pipe.fingerprint}
+    runs.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
+    md = [f"Reward check at T = {T}: {samples} samples per schedule (seed 1); the discriminator of policy_T{T}.pt after its "
+          f"warm-up (held-out accuracy {out['d_acc_warmup']}); FID against training-set statistics on the FID network "
+          f"and on featnet2; precision and recall against training features.", "",
+          "| schedule | mean reward | FID | featnet2 FID | precision | recall |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['schedule']} | {r['reward']:.4f} | {r['fid']:.2f} | {r['fid2']:.2f} | {r['precision']:.3f} | "
+           f"{r['recall']:.3f} |" for r in rows]
+    md += ["", f"Spearman rho(mean reward, -FID): FID network {rho['featnet']:.3f}, featnet2 {rho['featnet2']:.3f}; "
+               f"rho(FID, featnet2 FID) = {out['spearman_fid_fid2']:.3f}."]
+    runs.write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return out
+
+
+def refine(make_images, labels: torch.Tensor, repeat: int, score_fn) -> torch.Tensor:
+    """Repeated sampling (AdaGen Algorithm 2): make_images(labels repeated `repeat` times, each
+    request's candidates consecutive) -> images (n*k, ...); keep each request's candidate with the
+    highest score_fn(images, labels) (n*k,). repeat = 1 is plain sampling."""
+    y = labels.repeat_interleave(repeat)
+    images = make_images(y)
+    if repeat == 1:
+        return images
+    return images[reward.best_of(score_fn(images, y), repeat)]
+
+
+def random_scores(seed: int):
+    """The control of repeated sampling: a scorer that ranks finished candidates at random
+    (seeded; it runs on the gathered images, so every rank draws the same numbers)."""
+    g = torch.Generator().manual_seed(seed + 10007)
+    return lambda x, *_: torch.rand(x.shape[0], generator=g).to(x.device)
+
+
+def refined_nat(pipe: pipeline.Pipeline, labels: torch.Tensor, T: int, make, seed: int, repeat: int = 1, lookahead: int = 1,
+                refiner: Refiner | None = None, random_pick: bool = False) -> tuple[torch.Tensor, float]:
+    """NAT images (n, C, H, W) with repeated sampling (D) and look-ahead (V), or their random-pick
+    control, and the generator forwards per image that it took (counted; a guided step is 2 rows)."""
+    score_img = random_scores(seed) if random_pick else refiner.score if refiner else None
+    score_state = "random" if random_pick else refiner.value if refiner else None   # nat.generate's control
+    before = pipe.forwards
+    images = refine(lambda y: pipe.decode(pipe.generate(y, T, make(), seed, lookahead=lookahead, score_fn=score_state)),
+                    labels, repeat, score_img)
+    return images, ddp.all_sum(pipe.forwards - before) / len(labels)
+
+
+def study_table(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, rows: dict, samples: int, stem: str, note: str) -> list[dict]:
+    """Evaluate rows {name: (fn(labels, seed) -> (images, forwards per image), cache suffix)} over
+    EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md."""
+    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
+    cache_path = os.path.join(pipe.run_dir, f"{stem}_cache.json")
+    cache = runs.read_json(cache_path, {})
+    if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
+        cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}
+    bar = tqdm([(name, s) for name in rows for s in pipeline.EVAL_SEEDS], desc=stem, disable=not ddp.DIST.main)
+    for name, s in bar:
+        fn, suffix = rows[name]
+        key = f"{name}|seed{s}|{samples}{suffix}"
+        if key not in cache:
+            t0 = time.time()
+            images, forwards = fn(labels, s)
+            cache[key] = {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
+                          **pipeline.metrics(pipe, ref, images, labels)}
+            runs.write_json(cache_path, cache)
+        bar.set_postfix(fid=f"{cache[key]['fid']:.2f}")
+    table = []
+    for name, (_, suffix) in rows.items():
+        per_seed = [cache[f"{name}|seed{s}|{samples}{suffix}"] for s in pipeline.EVAL_SEEDS]
+        table.append({"schedule": name, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS), **pipeline.seed_summary(per_seed, ()),
+                      "forwards": per_seed[0]["forwards"]})
+    runs.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
+                                                                   "device": str(pipe.device)})
+    head = f"| schedule | {pipeline.metric_head(ref)} forwards/image | images/s |"
+    md = [f"{note} {samples} samples per row and seed, seeds {list(pipeline.EVAL_SEEDS)}; FID, precision and recall against the "
+          f"test images{pipeline.REF_NOTE}; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
+          f"{pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in table:
+        md.append(f"| {r['schedule']} | {pipeline.metric_cells(r, ref)} {r['forwards']:.1f} | {r['images_per_s']:.1f} |")
+    runs.write_text(os.path.join(pipe.run_dir, f"{stem}.md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return table
+
+
+def adaptive_nat_policy(pipe: pipeline.Pipeline, T: int, kind: str = "policy", reward_name: str = "adversarial"):
+    """(make_schedule, cache-key suffix) of a trained NAT policy; a clear error if there is none."""
+    found = pipeline.policy_schedule(pipe, kind, T, "heuristic", reward_name)
+    if found is None:
+        raise runs.UserError(f"{pipe.run_dir}/{pipeline.policy_file(kind, 'heuristic', T, reward_name)}.pt not found: "
+                              f"train it with python train.py --run-dir {pipe.run_dir} --stage {kind}"
+                              + (f" --reward {reward_name}" if reward_name != "adversarial" else "") + f" --set pi_T={T}")
+    make, _, fp = found
+    return make, f"|{fp}"
+
+
+def refine_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: int, k_repeat: tuple = (2, 3),
+                 k_look: int = 2) -> None:
+    """refine_T{T}.json / .md (AdaGen §III-F1, Tables IX-X): the adaptive policy alone, with
+    repeated sampling (D), look-ahead (V) and both; the same candidates picked at random; and
+    the same forwards spent on more steps instead (policy_T{T'}.pt if trained, else AdaNAT's
+    heuristic at T', said in the row's name)."""
+    make, fp = adaptive_nat_policy(pipe, T)
+    refiner = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T))
+    gen = lambda **kw: lambda y, s: refined_nat(pipe, y, T, make, s, refiner=refiner, **kw)
+    rows = {"adaptive": (gen(), fp)}
+    for k in k_repeat:
+        rows[f"adaptive + repeat {k} (D picks)"] = (gen(repeat=k), fp)
+    rows[f"adaptive + lookahead {k_look} (V picks)"] = (gen(lookahead=k_look), fp)
+    rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = (gen(repeat=k_repeat[0], lookahead=k_look), fp)
+    rows[f"control: repeat {k_repeat[0]}, random pick"] = (gen(repeat=k_repeat[0], random_pick=True), fp)
+    rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp + "|pick=stream")
+    ref = pipeline.RealFeatures(pipe)
+    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
+    for k in k_repeat:                                                  # repeat k costs k x the forwards of T steps
+        Tk = k * T
+        try:
+            make_k, fp_k = adaptive_nat_policy(pipe, Tk)
+            name = f"control: adaptive policy at T={Tk} (same forwards as repeat {k})"
+        except runs.UserError:
+            make_k, fp_k = (lambda Tk=Tk: nat.heuristic_schedule(Tk, pipeline.ADANAT_TAU2_0, w_0)), ""
+            name = f"control: AdaNAT heuristic at T={Tk} (same forwards as repeat {k}; no policy_T{Tk}.pt)"
+        rows[name] = ((lambda y, s, Tk=Tk, m=make_k: refined_nat(pipe, y, Tk, m, s)), fp_k)
+    study_table(pipe, ref, rows, samples, f"refine_T{T}", f"Inference-time refinement at T = {T}.")
+
+
+def blend_schedule(pipe: pipeline.Pipeline, T: int, lam: float):
+    """(make_schedule, suffix) of AdaGen's fidelity blend (Eq. 14) at lam: fidelity_T{T}.pt on policy_T{T}.pt."""
+    file = pipeline.policy_file("fidelity", "heuristic", T)
+    path = os.path.join(pipe.run_dir, f"{file}.pt")
+    if not os.path.exists(path):
+        raise runs.UserError(f"{path} not found: train it with python train.py --run-dir {pipe.run_dir} --stage fidelity "
+                              f"--set pi_T={T} (after --stage policy)")
+    pi_fid, cfg = pipeline.load_policy(path, pipe.device)
+    base, base_cfg = pipeline.load_policy(os.path.join(pipe.run_dir, f"{cfg['base']}.pt"), pipe.device)
+    if base_cfg["heuristic"] != cfg["heuristic"]:
+        raise runs.UserError(f"{path} and {cfg['base']}.pt start from different schedules (the w_0 sweep changed "
+                              f"between them): retrain the fidelity stage")
+    h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
+    make = lambda: policy.PolicySchedule(pi_fid, h_pre, base=base, lam=lam)
+    return make, f"|{runs.fingerprint(pipe.run_dir, (file, cfg['base']))}"
+
+
+def blend_study(pipe: pipeline.Pipeline, samples: int, T: int, lams: list[float], classes: tuple = (0, 7), per_class: int = 16) -> None:
+    """blend_T{T}.json / .md / _curve.png and blend_grids_T{T}.png (AdaGen §III-F2, Figure 13):
+    FID / precision / recall per lam, and for two classes a 4x4 grid per lam side by side."""
+    makes = {lam: blend_schedule(pipe, T, lam) for lam in lams}
+    rows = {f"lam = {lam:g}": ((lambda y, s, m=m: refined_nat(pipe, y, T, m, s)), fp) for lam, (m, fp) in makes.items()}
+    table = study_table(pipe, pipeline.RealFeatures(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
+    panels = [{"title": key, "series": [{"x": lams, "y": [r[key] for r in table], "color": color,
+                                          "band": ([r[key] - r[key + "_sd"] for r in table], [r[key] + r[key + "_sd"] for r in table])}]}
+              for key, color in (("fid", (200, 60, 30)), ("precision", (30, 90, 200)), ("recall", (20, 140, 60)))]
+    path = os.path.join(pipe.run_dir, f"blend_T{T}_curve.png")
+    plots.plot_panels(path, panels, title=f"fidelity blend, T={T}: x = lam (0: the adaptive policy, 1: the fidelity policy)")
+    print("wrote", path)
+    side = int(per_class ** 0.5)
+    C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
+    blocks = []                                                          # per class: the lam grids left to right
+    for cls in classes:
+        labels = torch.full((per_class,), cls)
+        grids = [pipe.decode(pipe.generate(labels, T, m(), seed=0)).view(side, side, C, S, S) for m, _ in makes.values()]
+        row = [torch.cat([g, torch.ones(side, 1, C, S, S)], dim=1) for g in grids]   # a white column after each
+        blocks.append(torch.cat(row, dim=1))
+        blocks.append(torch.ones(1, blocks[-1].shape[1], C, S, S))                   # a white row between classes
+    grid = torch.cat(blocks[:-1]).reshape(-1, C, S, S)
+    path = os.path.join(pipe.run_dir, f"blend_grids_T{T}.png")
+    plots.save_grid(grid, path, nrow=len(lams) * (side + 1))
+    print("wrote", path, f"(classes {list(classes)} top to bottom; lam = {', '.join(f'{l:g}' for l in lams)} left to right)")
+
+
+def hacking_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: int, per_class: int = 8) -> None:
+    """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
+    static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
+    FID of the FID network (what the "fid" reward optimised) and of the independent featnet2."""
+    ref = pipeline.RealFeatures(pipe)
+    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
+    rows = {f"AdaNAT heuristic (w_0={w_0:g})": ((lambda y, s: refined_nat(
+        pipe, y, T, lambda: nat.heuristic_schedule(T, pipeline.ADANAT_TAU2_0, w_0), s)), "")}
+    for reward_name, kind in itertools.product(pipeline.PI_REWARDS, ("policy", "static")):
+        if os.path.exists(os.path.join(pipe.run_dir, f"{pipeline.policy_file(kind, 'heuristic', T, reward_name)}.pt")):
+            make, fp = adaptive_nat_policy(pipe, T, kind, reward_name)
+            rows[f"{'adaptive' if kind == 'policy' else 'static'}, {reward_name} reward"] = (
+                (lambda y, s, m=make: refined_nat(pipe, y, T, m, s)), fp)
+    if len(rows) == 1:
+        raise runs.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
+                              f"--reward fid (and fixed, adversarial; --stage static too)")
+    if ref.net2 is None:
+        raise runs.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
+                              f"{pipe.run_dir} --stage featnet2")
+    study_table(pipe, ref, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.")
+    K = pipe.cfg.num_classes
+    labels = torch.arange(K).repeat_interleave(per_class)
+    C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
+    panels = [fn(labels, 0)[0].view(K, per_class, C, S, S) for fn, _ in rows.values()]     # seed 0, one class a row
+    spaced = [torch.cat([p, torch.ones(K, 1, C, S, S)], dim=1) for p in panels]
+    path = os.path.join(pipe.run_dir, f"hacking_grids_T{T}.png")
+    plots.save_grid(torch.cat(spaced, dim=1).reshape(-1, C, S, S), path, nrow=len(panels) * (per_class + 1))
+    print("wrote", path, "(left to right: " + "; ".join(rows) + "; one class per row)")
+
+
+def refined_grid(pipe: pipeline.Pipeline, T: int, repeat: int, lookahead: int, per_class: int = 10) -> None:
+    """samples_adaptive_repeat<k>_lookahead<k>_T<T>.png: the adaptive policy with refinement, a row per class."""
+    make, _ = adaptive_nat_policy(pipe, T)
+    refiner = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T))
+    labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
+    images, forwards = refined_nat(pipe, labels, T, make, 0, repeat, lookahead, refiner)
+    path = os.path.join(pipe.run_dir, f"samples_adaptive_repeat{repeat}_lookahead{lookahead}_T{T}.png")
+    plots.save_grid(images, path, nrow=per_class)
+    print("wrote", path, f"({forwards:.1f} generator forwards per image)")

@@ -50,6 +50,13 @@ def init_distributed(device: torch.device) -> torch.device:
     return device
 
 
+def current_device() -> torch.device:
+    """Where collectives run: this rank's GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if DIST.world > 1:
         dist.barrier()

@@ -37,7 +37,6 @@ import policy
 import pipeline
 import plots
 import runs
-import samplers
 from experiments import flow_sample, studies, throughput
 
 # The hand-written schedules (nat.heuristic_table): MaskGIT's, and AdaNAT's whose w_0 is swept.
@@ -204,13 +203,13 @@ def plot_policy(pipe: pipeline.Pipeline, T: int, samples: int = 1000, per_class:
 # ----------------------------------------------------------------------------- AdaGen §III-D and §III-F
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The core's flags; the experiments add theirs (experiments/studies.py, flow_sample.py, throughput.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", default="runs/small")
     p.add_argument("--device", default="auto")
     p.add_argument("--eval", action="store_true", help="the evaluation table")
     p.add_argument("--sweep-w", action="store_true", help="(re)run the w_0 sweep of AdaNAT's heuristic")
-    p.add_argument("--bench", action="store_true", help="images/s of generate vs bare forwards")
     p.add_argument("--plot", action="store_true", help="the adaptive policy's actions per step, and heuristic vs adaptive grids")
     p.add_argument("--samples", type=int, default=10000, help="samples per row and seed")
     p.add_argument("--sweep-samples", type=int, default=2000, help="samples per w_0 candidate")
@@ -221,102 +220,64 @@ def main(argv: list[str] | None = None) -> None:
                    "lower it after an out-of-memory error: the random numbers are keyed by --batch, the images do not change")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (with --bench: eager, then compiled)")
-    p.add_argument("--flow", default=None, choices=list(samplers.PATHS),
-                   help="the continuous generator (flow.pt / vp.pt) instead of the NAT: grids, or --eval at NFE --nfe")
-    p.add_argument("--nfe", default="4,8", help="comma-separated NFE budgets for --flow --eval")
-    p.add_argument("--repeat", type=int, default=1, help="grids of the adaptive policy with repeated sampling: "
-                   "k candidates per image, the policy's discriminator keeps one (NAT and --flow)")
-    p.add_argument("--lookahead", type=int, default=1, help="... with look-ahead: k candidates per NAT step, the critic keeps one")
-    p.add_argument("--refine", action="store_true", help="the refinement table at --grid-steps: refine_T<T>.json/.md")
-    p.add_argument("--lam", default=None, help="comma-separated lam values of the fidelity blend, e.g. 0,0.25,0.5,0.75,1: "
-                   "table, curve and grids at --grid-steps (blend_T<T>.*)")
-    p.add_argument("--hacking", action="store_true", help="the reward-hacking table at --grid-steps: hacking_T<T>.json/.md")
-    p.add_argument("--reward-check", action="store_true", help="does the warm-up discriminator rank 8 fixed T = 4 "
-                   "schedules as FID does? reward_check.md/.json")
-    p.add_argument("--check-samples", type=int, default=2000, help="samples per schedule of --reward-check")
-    args = p.parse_args(argv)
+    for experiment in (throughput, flow_sample, studies):
+        experiment.add_flags(p)
+    return p
+
+
+def check_args(args) -> list[int]:
+    """One clear line for a flag value that cannot work; returns the decoding step counts."""
+    if min(args.samples, args.sweep_samples, args.check_samples) < 10:
+        raise runs.UserError("--samples, --sweep-samples and --check-samples must be at least 10 "
+                             "(k-NN precision/recall needs k < n)")
+    if args.batch is not None and args.batch <= 0 or args.rows is not None and args.rows <= 0:
+        raise runs.UserError(f"--batch {args.batch} / --rows {args.rows}: must be positive")
     try:
-        if min(args.samples, args.sweep_samples, args.check_samples) < 10:
-            raise runs.UserError("--samples, --sweep-samples and --check-samples must be at least 10 "
-                                  "(k-NN precision/recall needs k < n)")
-        if args.batch is not None and args.batch <= 0 or args.rows is not None and args.rows <= 0:
-            raise runs.UserError(f"--batch {args.batch} / --rows {args.rows}: must be positive")
-        try:
-            steps = [int(s) for s in args.decode_steps.split(",")]
-        except ValueError:
-            raise runs.UserError(f"--decode-steps {args.decode_steps!r}: expected integers like 4,8,16") from None
-        if any(T <= 0 for T in steps) or args.grid_steps <= 0:
-            raise runs.UserError("decoding step counts must be positive")
-        if args.repeat < 1 or args.lookahead < 1:
-            raise runs.UserError("--repeat and --lookahead count candidates: at least 1")
-        try:
-            lams = [float(v) for v in args.lam.split(",")] if args.lam else []
-        except ValueError:
-            raise runs.UserError(f"--lam {args.lam!r}: expected numbers like 0,0.5,1") from None
-        if any(not 0 <= v <= 1 for v in lams):
-            raise runs.UserError(f"--lam {args.lam}: lam blends two policies, each value in [0, 1]")
-        if not os.path.exists(os.path.join(args.run_dir, "config.json")):
-            raise runs.UserError(f"{args.run_dir} is not a run folder (no config.json): train first with "
-                                  f"python train.py --run-dir {args.run_dir}")
+        steps = [int(s) for s in args.decode_steps.split(",")]
+    except ValueError:
+        raise runs.UserError(f"--decode-steps {args.decode_steps!r}: expected integers like 4,8,16") from None
+    if any(T <= 0 for T in steps) or args.grid_steps <= 0:
+        raise runs.UserError("decoding step counts must be positive")
+    if not os.path.exists(os.path.join(args.run_dir, "config.json")):
+        raise runs.UserError(f"{args.run_dir} is not a run folder (no config.json): train first with "
+                             f"python train.py --run-dir {args.run_dir}")
+    return steps
+
+
+def run_nat(args, device: torch.device, steps: list[int]) -> None:
+    """Everything sample.py does with the NAT of a run folder, as the flags ask."""
+    pipe = pipeline.Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
+    if args.bench:
+        throughput.bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
+    if args.compile:
+        pipe.compile()
+        if args.bench:
+            throughput.bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
+    if args.sweep_w:
+        pipeline.sweep_w(pipe, pipeline.RealFeatures(pipe), args.sweep_samples)
+    if args.eval:
+        evaluate(pipe, args.samples, steps, args.sweep_samples)
+    if args.plot:
+        for T in steps:
+            if os.path.exists(os.path.join(args.run_dir, f"policy_T{T}.pt")):
+                plot_policy(pipe, T)
+    if not (studies.run(args, pipe) or args.bench or args.eval or args.sweep_w or args.plot):
+        grids(pipe, args.grid_steps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        steps = check_args(args)
+        studies.check_args(args)
         device = ddp.init_distributed(runs.pick_device(args.device))   # torchrun: generations shared over ranks
         if not ddp.DIST.main:
             sys.stdout = open(os.devnull, "w")
         torch.backends.cuda.matmul.allow_tf32 = True
         if args.flow:
-            try:
-                nfes = [int(v) for v in args.nfe.split(",")]
-            except ValueError:
-                raise runs.UserError(f"--nfe {args.nfe!r}: expected integers like 4,8") from None
-            if any(v < 1 for v in nfes):
-                raise runs.UserError("--nfe budgets must be positive")
-            nat_only = [f for f, on in (("--lookahead", args.lookahead > 1), ("--refine", args.refine), ("--lam", lams),
-                                         ("--hacking", args.hacking)) if on]
-            if nat_only:
-                raise runs.UserError(f"{', '.join(nat_only)}: NAT only (the ODE's steps are deterministic, and the "
-                                      f"refinement table, the blend and the reward study are built for the NAT); "
-                                      f"--flow takes --repeat")
-            fpipe = pipeline.FlowPipeline(args.run_dir, device, args.flow, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
-            if args.eval:
-                flow_sample.evaluate_flow(fpipe, args.samples, nfes, args.sweep_samples)
-            if args.plot:
-                for nfe in nfes:
-                    flow_sample.plot_flow_policy(fpipe, nfe)
-            if args.bench:
-                flow_sample.flow_bench(fpipe, args.batch or (1024 if device.type == "cuda" else 256), max(nfes))
-            if args.repeat > 1:
-                flow_sample.flow_refined_grid(fpipe, max(nfes), args.repeat)
-            elif not (args.eval or args.plot or args.bench):
-                flow_sample.flow_grids(fpipe, max(nfes))
-            return
-        pipe = pipeline.Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
-        if args.bench:
-            throughput.bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
-            if args.compile:
-                pipe.compile()
-                throughput.bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
-        elif args.compile:
-            pipe.compile()
-        if args.sweep_w:
-            pipeline.sweep_w(pipe, pipeline.RealFeatures(pipe), args.sweep_samples)
-        if args.eval:
-            evaluate(pipe, args.samples, steps, args.sweep_samples)
-        if args.plot:
-            for T in steps:
-                if os.path.exists(os.path.join(args.run_dir, f"policy_T{T}.pt")):
-                    plot_policy(pipe, T)
-        if args.refine:
-            studies.refine_study(pipe, args.samples, args.grid_steps, args.sweep_samples)
-        if lams:
-            studies.blend_study(pipe, args.samples, args.grid_steps, lams)
-        if args.hacking:
-            studies.hacking_study(pipe, args.samples, args.grid_steps, args.sweep_samples)
-        if args.reward_check:
-            studies.reward_check(pipe, args.check_samples, args.sweep_samples)
-        if args.repeat > 1 or args.lookahead > 1:
-            studies.refined_grid(pipe, args.grid_steps, args.repeat, args.lookahead)
-        elif not (args.bench or args.eval or args.sweep_w or args.plot or args.refine or lams or args.hacking
-                  or args.reward_check):
-            grids(pipe, args.grid_steps)
+            flow_sample.run(args, device)
+        else:
+            run_nat(args, device, steps)
     except (runs.UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -569,192 +569,262 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
     return task, pipe, ref
 
 
-def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, kind: str, task: PolicyTask,
-                 pipe, ref) -> None:
-    """AdaNAT's / AdaGen's Algorithm 1 for one task: rollouts -> PPO update -> discriminator update.
+@dataclass
+class Learner:
+    """What Algorithm 1 trains and reads, for one task: the policy pi (eta_phi) and critic V, the
+    discriminator D (r_psi) on the frozen backbone classifier, their optimisers, D's reals."""
+    c: TrainConfig
+    task: PolicyTask
+    device: torch.device
+    pi: torch.nn.Module
+    V: torch.nn.Module
+    D: reward.ProjectedDiscriminator
+    opt: torch.optim.Optimizer
+    d_opt: torch.optim.Optimizer
+    classifier: torch.nn.Module          # the frozen backbone classifier (D's features, r_fid's logits)
+    backbone: Callable                   # images -> its feature maps
+    h_pre: torch.Tensor                  # (T, D) pre-activations of the start schedule
+    active: torch.Tensor                 # (T, D) knobs that act
+    beta_ema: float
+    B: int                               # this rank's trajectories per iteration
+    base: Optional[torch.nn.Module] = None   # the fidelity blend's frozen main policy
+    reals: tuple = ()                    # (x_real, y_real, f_hold, y_hold): D's reals, 1 000 held out (features)
 
-    kind: "policy" (adaptive), "static" (the learnable table), "smooth" (adaptive with EMA
-    action smoothing beta_ema = pi_beta_ema) or "fidelity" (AdaGen §III-F2: a second adaptive
-    policy blended with the frozen adaptive one by lam ~ U(0, 1) per trajectory group, Eq. 14,
-    rewarded (1 - lam) r_adv + lam r_fid, Eq. 15; it starts as a copy of the main policy, its
-    critic and D). The policy starts as a zero residual on task.h. Every pi_fid_every iterations
-    the mean policy's FID against *training* statistics is measured; the best weights are kept
-    (the fidelity policy: the last, since it is meant to trade FID for fidelity).
-    The reward is c.pi_reward (the fidelity policy's r_adv is always D's): "adversarial" D's
-    sigmoid score, "fixed" r_fid = log p(y|x) under the frozen backbone classifier, "fid" minus
-    the FID (vs training statistics, FID network) of the chunk of pi_fid_chunk trajectories."""
-    c = recipe(c)                                                         # pi_recipe = official: the release's PPO
+    def __post_init__(self):
+        self.pi_dp, self.V_dp, self.D_dp = (ddp.data_parallel(m, self.device) for m in (self.pi, self.V, self.D))
+
+    def schedule(self, sigma: float = 0.0, g: Optional[torch.Generator] = None, lam=None) -> policy.PolicySchedule:
+        """The policy as a schedule: the mean (sigma = 0) or exploring; with lam, blended with base (Eq. 14)."""
+        return policy.PolicySchedule(self.pi, self.h_pre, sigma, self.beta_ema, g, spec=self.task.spec,
+                                     to_step=self.task.to_step, base=self.base if lam is not None else None, lam=lam)
+
+    def explore(self, sigma: float, g: torch.Generator):
+        """B trajectories' labels (groups of pi_group share one; the blend's lam per group) and the generator."""
+        G = self.c.pi_group
+        y = torch.randint(0, self.task.num_classes, (self.B // G,), device=self.device, generator=g).repeat_interleave(G)
+        lam = None
+        if self.base is not None:
+            lam = torch.rand(self.B // G, device=self.device, generator=g).repeat_interleave(G)
+        return y, lam, lambda y_, sched: self.task.generate(y_, sched, g, G)
+
+
+def build_learner(c: TrainConfig, run_dir: str, device: torch.device, kind: str, task: PolicyTask) -> tuple:
+    """(Learner, its checkpoint config, modules to checkpoint) for a policy of `kind` on `task`."""
     T, spec = task.T, task.spec
-    active = spec.active(T, device)                                       # (T, D) knobs that act
-    h_pre = policy.inverse_activation(task.h, spec).to(device)
     pcfg = {**policy_config(c, kind, T, task.h, task.C, task.N), "spec": list(spec.names), **task.extra}
     pi, V = (m.to(device) for m in pipeline.build_policy(pcfg))
     classifier = pipeline.build_model(run_dir, "backbone", device)                 # D's frozen backbone and r_fid's classifier
     backbone, channels = pipeline.classifier_backbone(classifier)
     D = reward.ProjectedDiscriminator(channels, task.num_classes).to(device)
-    base = None
-    if kind == "fidelity":
-        base_name = task.name.replace("fidelity", "policy", 1)
-        base_path = os.path.join(run_dir, f"{base_name}.pt")
-        if not os.path.exists(base_path):
-            raise runs.UserError(f"the fidelity stage blends with the adaptive policy {base_path}, which is missing: "
-                            f"run python train.py --run-dir {run_dir} --stage policy first")
-        base, base_cfg = pipeline.load_policy(base_path, device)
-        if base_cfg["heuristic"] != task.h.tolist() or base_cfg["beta_ema"] != 0:
-            raise runs.UserError(f"{base_path} starts from another schedule than this run's (the w_0 sweep changed since) or "
-                            f"smooths its actions: the blend needs both policies on the same start; retrain it")
-        base.requires_grad_(False)
-        pcfg["base"] = base_name
-        if not os.path.exists(os.path.join(run_dir, f"{task.name}.pt")):   # start: the main policy, critic and D
-            main = runs.load_ckpt(base_path)
-            pi.load_state_dict(main["best"]), V.load_state_dict(main["critic"]), D.load_state_dict(main["disc"])
-    lr = c.pi_static_lr if kind == "static" else c.pi_lr
-    params = list(pi.parameters()) + list(V.parameters())
-    pi_dp, V_dp, D_dp = (ddp.data_parallel(m, device) for m in (pi, V, D))        # torchrun: gradients averaged
+    base = fidelity_base(run_dir, device, task, pcfg, (pi, V, D)) if kind == "fidelity" else None
     B = runs.rank_batch(c.pi_batch, "pi_batch")                                   # this rank's trajectories
     if B % c.pi_group:
         raise runs.UserError(f"pi_group {c.pi_group} must divide each process's share of pi_batch ({B} of {c.pi_batch})")
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(list(pi.parameters()) + list(V.parameters()), lr=c.pi_static_lr if kind == "static" else c.pi_lr)
     d_opt = torch.optim.Adam(D.parameters(), lr=c.pi_d_lr, betas=(0.5, 0.999))
+    L = Learner(c, task, device, pi, V, D, opt, d_opt, classifier, backbone, policy.inverse_activation(task.h, spec).to(device),
+                spec.active(T, device), pcfg["beta_ema"], B, base)
     modules = {"model": pi, "critic": V, "disc": D, "optim": opt, "d_optim": d_opt}
-    name = task.name
-    path = os.path.join(run_dir, f"{name}.pt")
-    state = {"history": [], "best": None, "best_fid": None, **runs.resume(path, pcfg, modules), "config": pcfg, "done": False}
-    beta_ema = pcfg["beta_ema"]
+    return L, pcfg, modules
 
-    # reals for D: 10 000 training images (pi_d_real = recon: their tokenizer reconstructions) and 1 000 held out
-    x_real, y_real = task.reals()
-    n_hold = min(1000, len(x_real) // 10)
-    f_hold, y_hold = backbone(x_real[:n_hold].to(device)), y_real[:n_hold].to(device)   # the backbone is frozen
-    x_real, y_real = x_real[n_hold:], y_real[n_hold:]
+
+def fidelity_base(run_dir: str, device: torch.device, task: PolicyTask, pcfg: dict, nets: tuple) -> torch.nn.Module:
+    """AdaGen §III-F2: the frozen adaptive policy the fidelity policy is blended with (Eq. 14); a new
+    fidelity policy, its critic and D start as copies of the adaptive policy's."""
+    base_name = task.name.replace("fidelity", "policy", 1)
+    base_path = os.path.join(run_dir, f"{base_name}.pt")
+    if not os.path.exists(base_path):
+        raise runs.UserError(f"the fidelity stage blends with the adaptive policy {base_path}, which is missing: "
+                             f"run python train.py --run-dir {run_dir} --stage policy first")
+    base, base_cfg = pipeline.load_policy(base_path, device)
+    if base_cfg["heuristic"] != task.h.tolist() or base_cfg["beta_ema"] != 0:
+        raise runs.UserError(f"{base_path} starts from another schedule than this run's (the w_0 sweep changed since) or "
+                             f"smooths its actions: the blend needs both policies on the same start; retrain it")
+    pcfg["base"] = base_name
+    if not os.path.exists(os.path.join(run_dir, f"{task.name}.pt")):   # start: the main policy, critic and D
+        main = runs.load_ckpt(base_path)
+        for net, key in zip(nets, ("best", "critic", "disc")):
+            net.load_state_dict(main[key])
+    return base.requires_grad_(False)
+
+
+def reward_hook(c: TrainConfig, kind: str, pipe, ref) -> Callable:
+    """The policy's reward R (B,) from (r_adv, r_fid, fake images, lam): D's score (AdaNAT Eq. 13) by
+    default; the fidelity blend (AdaGen Eq. 15); or, for the reward-hacking study, the fixed reward
+    r_fid = log p(y|x) or minus the FID of the trajectory's chunk (AdaGen §III-D)."""
+    if kind == "fidelity":
+        return lambda r_adv, r_fid, fake, lam: reward.blended_reward(r_adv, r_fid, lam)
+    if c.pi_reward == "fid":                                                  # chunks of the global batch
+        def chunk_fid(r_adv, r_fid, fake, lam):
+            feats = ddp.all_cat(fid.extract(pipe.featnet, fake, device=fake.device)[0].to(fake.device)).cpu()
+            return ddp.my_rows(chunk_fid_reward(feats, ref, c.pi_fid_chunk)).to(fake.device)
+        return chunk_fid
+    if c.pi_reward == "fixed":
+        return lambda r_adv, r_fid, fake, lam: r_fid
+    return lambda r_adv, r_fid, fake, lam: r_adv
+
+
+def advantages(c: TrainConfig, R_all: torch.Tensor, value: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(returns, advantages), each (T*B,) step-major, from the global batch's terminal rewards R_all:
+    R_hat = R normalised by max(std, pi_adv_floor), A = R_hat - V_old (AdaNAT Eq. 12; pi_group = 1) or
+    A = R minus its group's mean, divided the same way (GRPO-style; pi_group > 1)."""
+    G, floor = c.pi_group, c.pi_adv_floor
+    ret = ddp.my_rows(ppo.normalise(R_all, floor)).repeat(T)
+    if G == 1:
+        return ret, ret - value
+    A = (R_all.view(-1, G) - R_all.view(-1, G).mean(1, keepdim=True)).flatten()
+    return ret, ddp.my_rows(A / (A.std().clamp_min(floor) + 1e-8)).repeat(T)
+
+
+def rollout_and_reward(L: Learner, sigma: float, g: torch.Generator, reward_fn: Callable) -> tuple:
+    """Algorithm 1, steps 1-2: B trajectories of the exploring policy, decoded and scored by D in
+    eval mode. Returns (rollout, fake images, labels, R (B,), logged values)."""
+    L.pi.eval(), L.V.eval(), L.D.eval()                                  # D scores in eval mode (spectral norms fixed)
+    labels, lam, gen = L.explore(sigma, g)
+    ro = policy.rollout(L.pi, L.V, gen, labels, L.h_pre, sigma, L.beta_ema, g, L.task.spec, L.task.to_step, L.base, lam)
+    with torch.no_grad():
+        fake = L.task.to_images(ro.final)                                # (B, C, H, W)
+        maps = L.backbone(fake)                                          # the frozen classifier's feature maps
+        logits_fake = L.D(maps, labels)                                  # [(B, P_h)] per head
+        r_adv = reward.reward(logits_fake)                               # (B,)
+        r_fid = reward.fidelity_reward(L.classifier.head(maps[-1])[0], labels)   # its head on the same pass: (B,)
+        R = reward_fn(r_adv, r_fid, fake, lam)
+        f_hold, y_hold = L.reals[2:]
+        d_acc = reward.accuracy(L.D(f_hold, y_hold), logits_fake)
+    out = {"reward": mean_over_ranks(R.mean()), "r_adv": mean_over_ranks(r_adv.mean()),
+           "r_fid": mean_over_ranks(r_fid.mean()), "d_acc": mean_over_ranks(d_acc), "sigma": sigma}
+    runs.check_finite(reward=out["reward"])
+    return ro, fake, labels, R, out
+
+
+def mean_over_ranks(x) -> float:
+    """A number (or 0-d tensor) averaged over the ranks of a torchrun job."""
+    return ddp.all_mean(torch.as_tensor(x, dtype=torch.float32, device=ddp.current_device())).item()
+
+
+def ppo_step(L: Learner, ro: policy.Rollout, R_all: torch.Tensor, sigma: float, g_cpu: torch.Generator) -> dict:
+    """Algorithm 1, step 3: advantages (AdaNAT Eq. 12) and the PPO update (Eq. 11) on one rollout, with
+    the anchor pi_anchor * mean ||eta(s)||^2 pulling the residual toward its start schedule."""
+    c = L.c
+    ret, adv = advantages(c, R_all, ro.value, L.task.T)
+    adv_abs = mean_over_ranks(adv.abs().mean())                            # the step size PPO is given
+    runs.check_finite(advantage=adv_abs)
+    act = L.active[ro.t]                                                   # (T*B, D)
+    L.pi.train(), L.V.train()
+
+    def evaluate(idx):                                                     # through DDP: gradients averaged over ranks
+        mu = L.pi_dp(ro.features[idx], ro.t[idx])                          # (n, D)
+        anchor = c.pi_anchor * ((mu * act[idx]) ** 2).sum(-1).mean()
+        return (policy.gaussian_logp(ro.o[idx], mu, sigma, act[idx]), L.V_dp(ro.features[idx], ro.t[idx]),
+                policy.gaussian_entropy(sigma, act[idx].sum(-1)), anchor)
+    params = list(L.pi.parameters()) + list(L.V.parameters())
+    stats = ppo.ppo_update(evaluate, ro.logp, adv, ret, L.opt, params, c.pi_epochs, c.pi_minibatches, c.pi_target_kl,
+                           c.pi_clip, c.pi_vf_coef, c.pi_ent_coef, c.pi_grad_clip, generator=g_cpu,
+                           mean_over_ranks=mean_over_ranks)
+    stats["explained_var"] = ppo.explained_variance(ddp.all_cat(ro.value), ddp.all_cat(ret))
+    with torch.no_grad():                                                  # how far the mean residual has moved
+        mu = L.pi(ro.features, ro.t)
+        stats["residual_rms"] = (((mu * act) ** 2).sum() / act.sum()).sqrt()
+    return {"adv_abs": adv_abs, **{k: float(v) for k, v in stats.items()}}
+
+
+def d_update(L: Learner, state: dict, steps: int, sigma: float, g: torch.Generator, g_cpu: torch.Generator) -> float:
+    """Algorithm 1, step 4 (AdaNAT Eq. 14): `steps` Adam steps of D, real training images against
+    fakes from the replay of the last pi_d_replay rollouts (or, with pi_d_fresh, the iteration's
+    rollout and then fresh ones, as the AdaNAT release does). Translation-only augmentation (a
+    cutout made D learn slower here). Returns the last D loss, averaged over the ranks."""
+    x_real, y_real = L.reals[:2]
+    L.D.train()
+    for k in range(steps):
+        i = torch.randint(0, len(x_real), (L.B,), generator=g_cpu)
+        xr, yr = x_real[i].to(L.device), y_real[i].to(L.device)
+        if L.c.pi_d_fresh and k > 0:
+            yf, lam, gen = L.explore(sigma, g)
+            with torch.no_grad():
+                xf = L.task.to_images(gen(yf, L.schedule(sigma, g, lam)))
+        elif L.c.pi_d_fresh:
+            xf, yf = (v.to(L.device) for v in state["replay"][-1])
+        else:
+            xs, ys = (torch.cat(v) for v in zip(*state["replay"]))
+            j = torch.randint(0, len(xs), (L.B,), generator=g_cpu)
+            xf, yf = xs[j].to(L.device), ys[j].to(L.device)
+        xr, xf = reward.diff_augment(xr, g, cutout=0.0), reward.diff_augment(xf, g, cutout=0.0)
+        both = L.D_dp(L.backbone(torch.cat([xr, xf])), torch.cat([yr, yf]))
+        loss = reward.d_loss(reward.rows(both, slice(0, L.B)), reward.rows(both, slice(L.B, None)))   # one DDP sync
+        L.d_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        L.d_opt.step()
+    return mean_over_ranks(loss.detach())
+
+
+def algorithm1(L: Learner, state: dict, it: int, reward_fn: Callable) -> dict:
+    """One iteration of AdaNAT's Algorithm 1 (AdaGen's, with the ODE sampler's MDP): 1. roll out B
+    trajectories with the exploring policy, 2. reward the finished images, 3. advantages and the PPO
+    update (after D's warm-up), 4. update the discriminator. Returns the iteration's logged values."""
+    c, t0 = L.c, time.time()
+    sigma = sigma_at(c, it)
+    seed = c.seed * 100003 + it + 1_000_003 * ddp.DIST.rank                  # per iteration (resumable) and rank
+    g, g_cpu = torch.Generator(L.device).manual_seed(seed), torch.Generator().manual_seed(seed)
+    ro, fake, labels, R, out = rollout_and_reward(L, sigma, g, reward_fn)  # 1-2
+    out["sec_rollout"] = time.time() - t0
+    if it == c.pi_d_warmup:                                                # D after its warm-up: kept for the reward check
+        state["disc_warmup"], state["d_acc_warmup"] = copy.deepcopy(L.D.state_dict()), out["d_acc"]
+        print(f"{L.task.name}: D's held-out accuracy after its warm-up: {out['d_acc']:.3f}")
+    t0 = time.time()
+    if it >= c.pi_d_warmup:
+        out.update(ppo_step(L, ro, ddp.all_cat(R), sigma, g_cpu))          # 3
+    out["sec_ppo"], t0 = time.time() - t0, time.time()
+    state["replay"] = (state.get("replay") or [])[-(c.pi_d_replay - 1):] if c.pi_d_replay > 1 else []
+    state["replay"].append((fake.cpu(), labels.cpu()))                     # this rollout joins D's replay
+    out["d_loss"] = d_update(L, state, c.pi_d_steps if it >= c.pi_d_warmup else c.pi_d_warmup_steps, sigma, g, g_cpu)  # 4
+    out["sec_d"] = time.time() - t0
+    runs.check_finite(d_loss=out["d_loss"])                                # a non-finite D is never saved (train_loop)
+    for j, a in enumerate(L.task.spec.names):                              # per-sample spread of each action
+        out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
+    out["act_mean"] = [[round(v, 5) for v in row] for row in ro.actions.mean(1).tolist()]   # (T, D) per step
+    return out
+
+
+def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, kind: str, task: PolicyTask,
+                 pipe, ref) -> None:
+    """Train one policy of `kind` on `task` with Algorithm 1 (`algorithm1`), keeping the best weights.
+
+    kind: "policy" (adaptive), "static" (the learnable table), "smooth" (adaptive with EMA
+    action smoothing beta_ema = pi_beta_ema) or "fidelity" (AdaGen §III-F2: a second adaptive
+    policy blended with the frozen adaptive one by lam ~ U(0, 1) per trajectory group, Eq. 14,
+    rewarded (1 - lam) r_adv + lam r_fid, Eq. 15). The policy starts as a zero residual on
+    task.h. Every pi_fid_every iterations the mean policy's FID against *training* statistics is
+    measured; the best weights are kept (the fidelity policy: the last). The reward: reward_hook."""
+    c = recipe(c)                                                         # pi_recipe = official: the release's PPO
+    L, pcfg, modules = build_learner(c, run_dir, device, kind, task)
+    name, path = task.name, os.path.join(run_dir, f"{task.name}.pt")
+    state = {"history": [], "best": None, "best_fid": None, **runs.resume(path, pcfg, modules), "config": pcfg, "done": False}
+    x_real, y_real = task.reals()                  # D's reals: 10 000 training images (pi_d_real = recon: reconstructions)
+    n_hold = min(1000, len(x_real) // 10)          # ... and 1 000 held out for D's accuracy
+    L.reals = (x_real[n_hold:], y_real[n_hold:], L.backbone(x_real[:n_hold].to(device)), y_real[:n_hold].to(device))
     fid_labels = pipeline.balanced_labels(c.pi_fid_samples, task.num_classes)
 
     def train_fid() -> float:
         """FID of the mean policy (seed 0, fixed labels) against training-set statistics."""
-        sched = policy.PolicySchedule(pi, h_pre, beta_ema=beta_ema, spec=spec, to_step=task.to_step)
-        feats, _ = fid.extract(pipe.featnet, task.fid_images(fid_labels, sched), device=device)
+        feats, _ = fid.extract(pipe.featnet, task.fid_images(fid_labels, L.schedule()), device=device)
         return fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
 
     if state["best"] is None:                                   # iteration 0: the start schedule itself
-        state["best_fid"] = train_fid()
-        state["best"] = copy.deepcopy(pi.state_dict())
+        state["best_fid"], state["best"] = train_fid(), copy.deepcopy(L.pi.state_dict())
         state["history"].append({"iter": 0, "train_fid": state["best_fid"]})
         print(f"{name}: start = {task.start}, training-set FID {state['best_fid']:.2f}")
-
-    def explore(n: int, sigma: float, g: torch.Generator):
-        """n trajectories of the exploring policy (labels in groups of G; the blend's lam per group):
-        (labels (n,), lam (n,) or None, generate_fn(labels, schedule))."""
-        y = torch.randint(0, task.num_classes, (n // c.pi_group,), device=device, generator=g).repeat_interleave(c.pi_group)
-        lam = None
-        if base is not None:                                                 # one lam per group of G
-            lam = torch.rand(n // c.pi_group, device=device, generator=g).repeat_interleave(c.pi_group)
-        return y, lam, lambda y_, sched: task.generate(y_, sched, g, c.pi_group)
-
-    def d_fakes(k: int, sigma: float, g: torch.Generator, g_cpu: torch.Generator):
-        """D's k-th batch of fakes (B): with pi_d_fresh the iteration's rollout, then fresh rollouts of the
-        current policy (the AdaNAT release); else B drawn from the replay of the last pi_d_replay rollouts."""
-        if c.pi_d_fresh:
-            if k == 0:
-                return (v.to(device) for v in state["replay"][-1])
-            y, lam, gen = explore(B, sigma, g)
-            with torch.no_grad():
-                return task.to_images(gen(y, policy.PolicySchedule(pi, h_pre, sigma, beta_ema, g, spec=spec,
-                                                                   to_step=task.to_step, base=base, lam=lam))), y
-        xs, ys = (torch.cat(v) for v in zip(*state["replay"]))
-        i = torch.randint(0, len(xs), (B,), generator=g_cpu)
-        return xs[i].to(device), ys[i].to(device)
+    reward_fn = reward_hook(c, kind, pipe, ref)
 
     def step_fn(it: int) -> dict:
-        sigma = sigma_at(c, it)
-        seed = c.seed * 100003 + it + 1_000_003 * ddp.DIST.rank                    # per iteration (resumable) and rank
-        g = torch.Generator(device).manual_seed(seed)
-        g_cpu = torch.Generator().manual_seed(seed)
-        pi.eval(), V.eval(), D.eval()                                        # D scores in eval mode (spectral norms fixed)
-        t0 = time.time()
-        labels, lam, gen = explore(B, sigma, g)
-        ro = policy.rollout(pi, V, gen, labels, h_pre, sigma, beta_ema, g, spec, task.to_step, base, lam)
-        with torch.no_grad():
-            fake = task.to_images(ro.final)                                  # (B, C, H, W)
-            maps = backbone(fake)                                            # the frozen classifier's feature maps
-            logits_fake = D(maps, labels)                                    # [(B, P_h)] per head
-            r_adv = reward.reward(logits_fake)                               # (B,)
-            r_fid = reward.fidelity_reward(classifier.head(maps[-1])[0], labels)   # its head on the same pass: (B,)
-            if base is not None:
-                R = reward.blended_reward(r_adv, r_fid, lam)
-            elif c.pi_reward == "fid":                                       # chunks of the global batch
-                feats = ddp.all_cat(fid.extract(pipe.featnet, fake, device=device)[0].to(device)).cpu()
-                R = ddp.my_rows(chunk_fid_reward(feats, ref, c.pi_fid_chunk)).to(device)
-            else:
-                R = r_fid if c.pi_reward == "fixed" else r_adv
-            d_acc = reward.accuracy(D(f_hold, y_hold), logits_fake)
-        mean = lambda x: ddp.all_mean(torch.as_tensor(x, dtype=torch.float32, device=device)).item()
-        out = {"reward": mean(R.mean()), "r_adv": mean(r_adv.mean()), "r_fid": mean(r_fid.mean()), "d_acc": mean(d_acc),
-               "sigma": sigma, "sec_rollout": time.time() - t0}
-        runs.check_finite(reward=out["reward"])
-        if it == c.pi_d_warmup:                                              # D after its warm-up: kept for the reward check
-            state["disc_warmup"], state["d_acc_warmup"] = copy.deepcopy(D.state_dict()), out["d_acc"]
-            print(f"{name}: D's held-out accuracy after its warm-up: {out['d_acc']:.3f}")
-        t0 = time.time()
-        if it >= c.pi_d_warmup:                                              # PPO (AdaNAT Eq. 11-12)
-            out.update(ppo_step(ro, ddp.all_cat(R), sigma, g_cpu))
-        out["sec_ppo"], t0 = time.time() - t0, time.time()
-        state["replay"] = (state.get("replay") or [])[-(c.pi_d_replay - 1):] if c.pi_d_replay > 1 else []
-        state["replay"].append((fake.cpu(), labels.cpu()))                   # this rollout joins D's replay
-        D.train()
-        for k in range(c.pi_d_steps if it >= c.pi_d_warmup else c.pi_d_warmup_steps):
-            # translation only: a cutout made D learn slower here (held-out acc. 0.65 vs 0.68 after 100 steps)
-            i = torch.randint(0, len(x_real), (B,), generator=g_cpu)
-            xr, yr = x_real[i].to(device), y_real[i].to(device)
-            xf, yf = d_fakes(k, sigma, g, g_cpu)
-            xr, xf = reward.diff_augment(xr, g, cutout=0.0), reward.diff_augment(xf, g, cutout=0.0)
-            both = D_dp(backbone(torch.cat([xr, xf])), torch.cat([yr, yf]))
-            loss = reward.d_loss(reward.rows(both, slice(0, B)), reward.rows(both, slice(B, None)))   # one DDP sync
-            d_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            d_opt.step()
-        out["d_loss"], out["sec_d"] = mean(loss.detach()), time.time() - t0
-        runs.check_finite(d_loss=out["d_loss"])                                   # a non-finite D is never saved (train_loop)
-        for j, a in enumerate(spec.names):                                   # per-sample spread of each action
-            out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
-        out["act_mean"] = [[round(v, 5) for v in row] for row in ro.actions.mean(1).tolist()]   # (T, D) per step
+        out = algorithm1(L, state, it, reward_fn)
         record = {"iter": it + 1, **out}
         if (it + 1) % c.pi_fid_every == 0 or it + 1 == c.pi_iters:
-            pi.eval()
+            L.pi.eval()
             record["train_fid"] = out["train_fid"] = train_fid()
             if record["train_fid"] < state["best_fid"] or kind == "fidelity":
-                state["best_fid"], state["best"] = record["train_fid"], copy.deepcopy(pi.state_dict())
+                state["best_fid"], state["best"] = record["train_fid"], copy.deepcopy(L.pi.state_dict())
         state["history"].append(record)
         return out
-
-    def ppo_step(ro: policy.Rollout, R_all: torch.Tensor, sigma: float, g_cpu: torch.Generator) -> dict:
-        """Advantages (AdaNAT Eq. 12) and the PPO update (Eq. 11) on one rollout; R_all (global B,) terminal rewards.
-        Returns and advantages are divided by max(batch std, pi_adv_floor); the anchor pulls the
-        mean residual eta(s) toward 0, i.e. the policy toward its start schedule."""
-        G, floor = c.pi_group, c.pi_adv_floor
-        ret = ddp.my_rows(ppo.normalise(R_all, floor)).repeat(T)                 # (T*B,) step-major
-        if G == 1:
-            adv = ret - ro.value                                             # AdaNAT: R_hat - V_old
-        else:                                                                # the group's mean as the baseline
-            A = (R_all.view(-1, G) - R_all.view(-1, G).mean(1, keepdim=True)).flatten()
-            adv = ddp.my_rows(A / (A.std().clamp_min(floor) + 1e-8)).repeat(T)
-        adv_abs = ddp.all_mean(adv.abs().mean()).item()                          # the step size PPO is given
-        runs.check_finite(advantage=adv_abs)
-        act = active[ro.t]                                                   # (T*B, D)
-        pi.train(), V.train()
-
-        def evaluate(idx):
-            mu = pi_dp(ro.features[idx], ro.t[idx])                          # (n, D)
-            anchor = c.pi_anchor * ((mu * act[idx]) ** 2).sum(-1).mean()
-            return (policy.gaussian_logp(ro.o[idx], mu, sigma, act[idx]), V_dp(ro.features[idx], ro.t[idx]),
-                    policy.gaussian_entropy(sigma, act[idx].sum(-1)), anchor)
-        stats = ppo.ppo_update(evaluate, ro.logp, adv, ret, opt, params, c.pi_epochs, c.pi_minibatches,
-                               c.pi_target_kl, c.pi_clip, c.pi_vf_coef, c.pi_ent_coef, c.pi_grad_clip, generator=g_cpu,
-                               mean_over_ranks=lambda x: ddp.all_mean(torch.tensor(float(x), device=device)).item())
-        stats["explained_var"] = ppo.explained_variance(ddp.all_cat(ro.value), ddp.all_cat(ret))
-        with torch.no_grad():                                                # how far the mean residual has moved
-            mu = pi(ro.features, ro.t)
-            stats["residual_rms"] = (((mu * act) ** 2).sum() / act.sum()).sqrt()
-        return {"adv_abs": adv_abs, **{k: float(v) for k, v in stats.items()}}
 
     state = runs.train_loop(name, path, state, modules, step_fn, c.pi_iters, dataclasses.replace(c, log_every=1), log)
     state["done"] = True
@@ -832,6 +902,53 @@ def parse_value(field_type, text: str):
     return None if text.lower() == "none" else text
 
 
+def validate(c: TrainConfig, stage: str) -> None:
+    """One clear line (UserError) for a config value that cannot work."""
+    for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
+                 "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches", "search_updates", "search_param_updates",
+                 "search_samples", "search_eps_m", "search_eps", "flow_steps", "flow_batch"):
+        if getattr(c, name) <= 0:
+            raise runs.UserError(f"{name} = {getattr(c, name)}: must be positive")
+    if c.mask_dist not in ("cosine", "beta"):
+        raise runs.UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
+    if c.pi_group < 1 or c.pi_batch % c.pi_group:
+        raise runs.UserError(f"pi_group {c.pi_group} must be >= 1 and divide pi_batch {c.pi_batch}")
+    if c.pi_start not in pipeline.PI_STARTS:
+        raise runs.UserError(f"pi_start {c.pi_start!r}: use one of {', '.join(pipeline.PI_STARTS)}")
+    if c.flow_pi_solver not in samplers.SOLVERS:
+        raise runs.UserError(f"flow_pi_solver {c.flow_pi_solver!r}: use one of {', '.join(samplers.SOLVERS)}")
+    if not c.flow_pi_nfe or any(n < 2 or samplers.steps_for_nfe(c.flow_pi_solver, n) < 2 for n in c.flow_pi_nfe):
+        raise runs.UserError(f"flow_pi_nfe {c.flow_pi_nfe}: budgets of at least 2 solver steps ({c.flow_pi_solver})")
+    if c.flow_path not in samplers.PATHS:
+        raise runs.UserError(f"flow_path {c.flow_path!r}: use one of {', '.join(samplers.PATHS)}")
+    if c.img_size % c.flow_patch:
+        raise runs.UserError(f"flow_patch {c.flow_patch} must divide img_size {c.img_size}")
+    if c.pi_reward not in pipeline.PI_REWARDS:
+        raise runs.UserError(f"pi_reward {c.pi_reward!r}: use one of {', '.join(pipeline.PI_REWARDS)}")
+    if stage == "fidelity" and c.pi_reward != "adversarial":
+        raise runs.UserError(f"--stage {stage} --reward {c.pi_reward}: the fidelity policy's reward is the blend of "
+                        f"the adversarial and the fixed reward (Eq. 15); drop --reward")
+    if c.pi_fid_chunk < 2:
+        raise runs.UserError(f"pi_fid_chunk {c.pi_fid_chunk}: an FID needs at least 2 samples per chunk")
+    if c.pi_d_real not in ("recon", "raw"):
+        raise runs.UserError(f"pi_d_real {c.pi_d_real!r}: use raw or recon")
+    if c.pi_recipe not in ("ours", "official") or c.pi_sigma_schedule not in ("linear", "step"):
+        raise runs.UserError(f"pi_recipe {c.pi_recipe!r} / pi_sigma_schedule {c.pi_sigma_schedule!r}: use ours or official / "
+                        f"linear or step")
+    if c.pi_d_replay < 1 or c.pi_anchor < 0 or c.pi_adv_floor < 0 or c.vq_perceptual < 0:
+        raise runs.UserError("pi_d_replay must be >= 1 and pi_anchor, pi_adv_floor, vq_perceptual >= 0")
+    if not c.pi_T or any(T < 2 for T in c.pi_T):
+        raise runs.UserError(f"pi_T {c.pi_T}: decoding step counts of at least 2, e.g. --set pi_T=4,8")
+    if not c.search_T or any(T < 2 for T in c.search_T):
+        raise runs.UserError(f"search_T {c.search_T}: decoding step counts of at least 2, e.g. --set search_T=4,8")
+    if c.pr_budget < 1 or c.pr_steps < 1 or c.pr_T < 2 or c.pr_samples < 1:
+        raise runs.UserError("pr_budget, pr_steps and pr_samples must be positive and pr_T >= 2")
+    if not (0 <= c.search_momentum < 1 and c.search_lr >= 0 and c.search_lr_m >= 0 and c.search_clip >= 0):
+        raise runs.UserError("search_momentum must be in [0, 1), search_lr, search_lr_m and search_clip >= 0")
+    if not (c.pi_sigma0 > 0 and c.pi_sigma1 > 0 and 0 <= c.pi_beta_ema < 1):
+        raise runs.UserError("pi_sigma0 and pi_sigma1 must be positive and pi_beta_ema in [0, 1)")
+
+
 def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     """The run folder's config.json (else the preset), with the flags applied on top.
 
@@ -872,49 +989,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
             key = {"featnet": "feat_steps", "featnet2": "feat2_steps", "backbone": "bb_steps", "search": "search_updates", "flow-search": "search_updates",
                    "param-search": "search_param_updates", "pr-search": "pr_steps"}.get(s, "pi_iters" if s in POLICY_STAGES + FLOW_POLICY_STAGES else f"{s}_steps")
             setattr(c, key, args.steps)
-    for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
-                 "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches", "search_updates", "search_param_updates",
-                 "search_samples", "search_eps_m", "search_eps", "flow_steps", "flow_batch"):
-        if getattr(c, name) <= 0:
-            raise runs.UserError(f"{name} = {getattr(c, name)}: must be positive")
-    if c.mask_dist not in ("cosine", "beta"):
-        raise runs.UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
-    if c.pi_group < 1 or c.pi_batch % c.pi_group:
-        raise runs.UserError(f"pi_group {c.pi_group} must be >= 1 and divide pi_batch {c.pi_batch}")
-    if c.pi_start not in pipeline.PI_STARTS:
-        raise runs.UserError(f"pi_start {c.pi_start!r}: use one of {', '.join(pipeline.PI_STARTS)}")
-    if c.flow_pi_solver not in samplers.SOLVERS:
-        raise runs.UserError(f"flow_pi_solver {c.flow_pi_solver!r}: use one of {', '.join(samplers.SOLVERS)}")
-    if not c.flow_pi_nfe or any(n < 2 or samplers.steps_for_nfe(c.flow_pi_solver, n) < 2 for n in c.flow_pi_nfe):
-        raise runs.UserError(f"flow_pi_nfe {c.flow_pi_nfe}: budgets of at least 2 solver steps ({c.flow_pi_solver})")
-    if c.flow_path not in samplers.PATHS:
-        raise runs.UserError(f"flow_path {c.flow_path!r}: use one of {', '.join(samplers.PATHS)}")
-    if c.img_size % c.flow_patch:
-        raise runs.UserError(f"flow_patch {c.flow_patch} must divide img_size {c.img_size}")
-    if c.pi_reward not in pipeline.PI_REWARDS:
-        raise runs.UserError(f"pi_reward {c.pi_reward!r}: use one of {', '.join(pipeline.PI_REWARDS)}")
-    if args.stage == "fidelity" and c.pi_reward != "adversarial":
-        raise runs.UserError(f"--stage {args.stage} --reward {c.pi_reward}: the fidelity policy's reward is the blend of "
-                        f"the adversarial and the fixed reward (Eq. 15); drop --reward")
-    if c.pi_fid_chunk < 2:
-        raise runs.UserError(f"pi_fid_chunk {c.pi_fid_chunk}: an FID needs at least 2 samples per chunk")
-    if c.pi_d_real not in ("recon", "raw"):
-        raise runs.UserError(f"pi_d_real {c.pi_d_real!r}: use raw or recon")
-    if c.pi_recipe not in ("ours", "official") or c.pi_sigma_schedule not in ("linear", "step"):
-        raise runs.UserError(f"pi_recipe {c.pi_recipe!r} / pi_sigma_schedule {c.pi_sigma_schedule!r}: use ours or official / "
-                        f"linear or step")
-    if c.pi_d_replay < 1 or c.pi_anchor < 0 or c.pi_adv_floor < 0 or c.vq_perceptual < 0:
-        raise runs.UserError("pi_d_replay must be >= 1 and pi_anchor, pi_adv_floor, vq_perceptual >= 0")
-    if not c.pi_T or any(T < 2 for T in c.pi_T):
-        raise runs.UserError(f"pi_T {c.pi_T}: decoding step counts of at least 2, e.g. --set pi_T=4,8")
-    if not c.search_T or any(T < 2 for T in c.search_T):
-        raise runs.UserError(f"search_T {c.search_T}: decoding step counts of at least 2, e.g. --set search_T=4,8")
-    if c.pr_budget < 1 or c.pr_steps < 1 or c.pr_T < 2 or c.pr_samples < 1:
-        raise runs.UserError("pr_budget, pr_steps and pr_samples must be positive and pr_T >= 2")
-    if not (0 <= c.search_momentum < 1 and c.search_lr >= 0 and c.search_lr_m >= 0 and c.search_clip >= 0):
-        raise runs.UserError("search_momentum must be in [0, 1), search_lr, search_lr_m and search_clip >= 0")
-    if not (c.pi_sigma0 > 0 and c.pi_sigma1 > 0 and 0 <= c.pi_beta_ema < 1):
-        raise runs.UserError("pi_sigma0 and pi_sigma1 must be positive and pi_beta_ema in [0, 1)")
+    validate(c, args.stage)
     trained = [s for s in STAGES if os.path.exists(os.path.join(run_dir, f"{s}.pt"))]
     if saved is not None and trained:
         now = runs.to_plain(c)

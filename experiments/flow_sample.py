@@ -217,3 +217,39 @@ def flow_refined_grid(pipe: pipeline.FlowPipeline, nfe: int, repeat: int, per_cl
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_samples_adaptive_repeat{repeat}_nfe{nfe}.png")
     plots.save_grid(images, path, nrow=per_class)
     print("wrote", path, f"({ddp.all_sum(pipe.forwards - before) / len(labels):.1f} network rows per image)")
+
+
+def add_flags(p) -> None:
+    """sample.py's flags of the continuous generator."""
+    p.add_argument("--flow", default=None, choices=list(samplers.PATHS),
+                   help="the continuous generator (flow.pt / vp.pt) instead of the NAT: grids, or --eval at NFE --nfe")
+    p.add_argument("--nfe", default="4,8", help="comma-separated NFE budgets for --flow --eval")
+
+
+def run(args, device: torch.device) -> None:
+    """Everything sample.py --flow does, as the flags ask."""
+    try:
+        nfes = [int(v) for v in args.nfe.split(",")]
+    except ValueError:
+        raise runs.UserError(f"--nfe {args.nfe!r}: expected integers like 4,8") from None
+    if any(v < 1 for v in nfes):
+        raise runs.UserError("--nfe budgets must be positive")
+    nat_only = [f for f, on in (("--lookahead", args.lookahead > 1), ("--refine", args.refine), ("--lam", args.lams),
+                                 ("--hacking", args.hacking), ("--reward-check", args.reward_check)) if on]
+    if nat_only:
+        raise runs.UserError(f"{', '.join(nat_only)}: NAT only (the ODE's steps are deterministic, and the "
+                             f"refinement table, the blend and the reward study are built for the NAT); "
+                             f"--flow takes --repeat")
+    fpipe = pipeline.FlowPipeline(args.run_dir, device, args.flow, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
+    if args.eval:
+        evaluate_flow(fpipe, args.samples, nfes, args.sweep_samples)
+    if args.plot:
+        for nfe in nfes:
+            plot_flow_policy(fpipe, nfe)
+    if args.bench:
+        flow_bench(fpipe, args.batch or (1024 if device.type == "cuda" else 256), max(nfes))
+    if args.repeat > 1:
+        flow_refined_grid(fpipe, max(nfes), args.repeat)
+    elif not (args.eval or args.plot or args.bench):
+        flow_grids(fpipe, max(nfes))
+

@@ -13,6 +13,8 @@ import dataclasses
 import math
 import os
 import shutil
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -32,6 +34,58 @@ SEARCH_KINDS = {"search": "free", "param-search": "param", "flow-search": "flow"
 SEARCH_FILES = {"free": "search", "param": "param"}              # -> <file>_T{T}.pt / .json / _curve.png
 
 
+@dataclass
+class SearchProblem:
+    """What one search descends: the start schedule h, the candidates' FID function, the vector's
+    coordinates (steps eps, learning rates, which are active) and how a vector becomes a table."""
+    name: str                      # <file>_T{T} / <path>_search_nfe{nfe}
+    T: int
+    h: torch.Tensor                # (T, K) the start schedule
+    columns: tuple
+    candidate_fids: Callable       # (tables (C, T, K), labels, seed) -> (C,) training-set FIDs
+    pipe: object
+    xi0: torch.Tensor
+    eps: torch.Tensor
+    lr: torch.Tensor
+    active: torch.Tensor
+    to_table: Callable
+    project: Callable
+    updates: int
+    extra: dict
+
+
+def search_problem(c: train.TrainConfig, run_dir: str, device: torch.device, kind: str, T: int) -> SearchProblem:
+    """The problem of a search `kind` for T steps (for "flow": an NFE budget T), starting from the heuristic."""
+    extra = {}
+    if kind == "flow":
+        nfe, solver = T, c.flow_pi_solver
+        pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
+        ref = pipeline.RealFeatures(pipe)
+        T = samplers.steps_for_nfe(solver, nfe)
+        h = samplers.grid_table(samplers.uniform_grid(T), pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples))  # (T, 2)
+        fids = lambda tables, labels, seed: pipeline.flow_candidate_fids(pipe, ref, tables, labels, seed, solver)
+        name, columns, extra = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w"), {"solver": solver, "nfe": nfe}
+    else:
+        pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
+        ref = pipeline.RealFeatures(pipe)
+        w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
+        h = nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)                # (T, 4)
+        fids = lambda tables, labels, seed: pipeline.candidate_fids(pipe, ref, tables, labels, seed)
+        name, columns = f"{SEARCH_FILES[kind]}_T{T}", autonat.COLUMNS
+    K = h.shape[1]
+    if kind in ("free", "flow"):
+        project = lambda xi: autonat.table_to_xi(autonat.project_table(autonat.xi_to_table(xi, K)))
+        return SearchProblem(name, T, h, columns, fids, pipe, project(autonat.table_to_xi(h)),   # = h, m_{T-1} exactly 0
+                             autonat.step_sizes(T, c.search_eps_m, c.search_eps, K),
+                             autonat.step_sizes(T, c.search_lr_m, c.search_lr, K), autonat.free_coordinates(T, K),
+                             lambda xi: autonat.xi_to_table(xi, K), project, c.search_updates, extra)
+    n = len(autonat.PARAMS)
+    return SearchProblem(name, T, h, columns, fids, pipe, autonat.parametric_init(pipeline.ADANAT_TAU2_0, w_0),
+                         torch.full((n,), c.search_eps), torch.full((n,), c.search_lr), torch.ones(n, dtype=torch.bool),
+                         lambda theta: autonat.parametric_table(theta, T), autonat.project_params, c.search_param_updates,
+                         extra)
+
+
 def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, kind: str, T: int) -> None:
     """AutoNAT §4.2 for one T: finite-difference gradient descent on training-set FID.
 
@@ -43,67 +97,37 @@ def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, lo
     flow: uniform grid, constant swept w_0). One update generates its 1 + A candidates (A
     perturbed coordinates) on the same labels and random numbers as one interleaved batch; the
     checkpoint is written after every update."""
-    if kind == "flow":
-        nfe, solver = T, c.flow_pi_solver
-        pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-        ref = pipeline.RealFeatures(pipe)
-        T = samplers.steps_for_nfe(solver, nfe)
-        h = samplers.grid_table(samplers.uniform_grid(T), pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples))  # (T, 2)
-        candidate_fids = lambda tables, labels, seed: pipeline.flow_candidate_fids(pipe, ref, tables, labels, seed, solver)
-        name, columns = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w")
-    else:
-        pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-        ref = pipeline.RealFeatures(pipe)
-        w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
-        h = nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)                # (T, 4)
-        candidate_fids = lambda tables, labels, seed: pipeline.candidate_fids(pipe, ref, tables, labels, seed)
-        name, columns = f"{SEARCH_FILES[kind]}_T{T}", autonat.COLUMNS
-    K = h.shape[1]
-    if kind in ("free", "flow"):
-        eps = autonat.step_sizes(T, c.search_eps_m, c.search_eps, K)
-        lr = autonat.step_sizes(T, c.search_lr_m, c.search_lr, K)
-        active = autonat.free_coordinates(T, K)
-        to_table = lambda xi: autonat.xi_to_table(xi, K)
-        project = lambda xi: autonat.table_to_xi(autonat.project_table(autonat.xi_to_table(xi, K)))
-        xi0 = project(autonat.table_to_xi(h))                              # = h, with m_{T-1} exactly 0
-        updates = c.search_updates
-    else:
-        xi0 = autonat.parametric_init(pipeline.ADANAT_TAU2_0, w_0)
-        eps, lr = torch.full((len(autonat.PARAMS),), c.search_eps), torch.full((len(autonat.PARAMS),), c.search_lr)
-        active = torch.ones(len(autonat.PARAMS), dtype=torch.bool)
-        to_table = lambda theta: autonat.parametric_table(theta, T)
-        project = autonat.project_params
-        updates = c.search_param_updates
-    path = os.path.join(run_dir, f"{name}.pt")
-    scfg = {"kind": kind, "T": T, "start": h.tolist(), **({"solver": solver, "nfe": nfe} if kind == "flow" else {}), "samples": c.search_samples, "seed": c.search_seed,
-            "eps": eps.tolist(), "lr": lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip,
-            "generator": pipe.fingerprint}
+    P = search_problem(c, run_dir, device, kind, T)
+    path = os.path.join(run_dir, f"{P.name}.pt")
+    scfg = {"kind": kind, "T": P.T, "start": P.h.tolist(), **P.extra, "samples": c.search_samples, "seed": c.search_seed,
+            "eps": P.eps.tolist(), "lr": P.lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip,
+            "generator": P.pipe.fingerprint}
     if os.path.exists(path):
         state = runs.load_ckpt(path, expect_config=scfg)
-        if state.get("final_step") == state["step"] < updates:            # extending a finished search
+        if state.get("final_step") == state["step"] < P.updates:          # extending a finished search
             state["history"].pop()                                        # its end point is update `step`'s start
             state["done"] = False
             del state["final_step"]
-        print(f"resuming {name} from update {state['step']}")
+        print(f"resuming {P.name} from update {state['step']}")
     else:
-        state = {"config": scfg, "step": 0, "model": {"xi": xi0, "v": torch.zeros_like(xi0)}, "best_xi": xi0,
+        state = {"config": scfg, "step": 0, "model": {"xi": P.xi0, "v": torch.zeros_like(P.xi0)}, "best_xi": P.xi0,
                  "best_fid": math.inf, "history": [], "forwards": 0, "train_seconds": 0.0}
-    labels = pipeline.balanced_labels(c.search_samples, pipe.cfg.num_classes)
-    C = 1 + int(active.sum())
+    labels = pipeline.balanced_labels(c.search_samples, P.pipe.cfg.num_classes)
+    C = 1 + int(P.active.sum())
 
     def F(X: torch.Tensor) -> torch.Tensor:                                # (C', D) -> (C',) training-set FIDs
-        before = pipe.forwards
-        values = candidate_fids(torch.stack([to_table(x) for x in X]), labels, c.search_seed)
-        state["forwards"] += int(ddp.all_sum(pipe.forwards - before))          # image-forwards run on all ranks (CFG: 2 per step)
+        before = P.pipe.forwards
+        values = P.candidate_fids(torch.stack([P.to_table(x) for x in X]), labels, c.search_seed)
+        state["forwards"] += int(ddp.all_sum(P.pipe.forwards - before))    # image-forwards run on all ranks (CFG: 2 per step)
         if not torch.isfinite(values).all():                               # before the update (CPU values)
             raise FloatingPointError(f"candidate FID ({values.tolist()})")
         return values
 
     def step_fn(k: int) -> dict:
         xi = state["model"]["xi"]
-        e = autonat.signed_steps(xi, eps, K=K) if kind != "param" else eps   # every candidate a valid schedule
-        new, v, values, g = autonat.fd_update(F, xi, state["model"]["v"], e, lr, project, c.search_momentum,
-                                              active, c.search_clip)          # values (C,): F(xi) first
+        e = autonat.signed_steps(xi, P.eps, K=P.h.shape[1]) if kind != "param" else P.eps   # every candidate valid
+        new, v, values, g = autonat.fd_update(F, xi, state["model"]["v"], e, P.lr, P.project, c.search_momentum,
+                                              P.active, c.search_clip)          # values (C,): F(xi) first
         if values[0] < state["best_fid"]:
             state["best_fid"], state["best_xi"] = float(values[0]), xi.clone()
         state["model"] = {"xi": new, "v": v}
@@ -111,8 +135,9 @@ def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, lo
         state["history"].append({"update": k, **out, "grad": [round(x, 4) for x in g.tolist()]})
         return out
 
-    print(f"{name}: {C} candidates x {len(labels)} samples per update, {updates} updates")
-    state = runs.train_loop(name, path, state, {}, step_fn, updates, dataclasses.replace(c, log_every=1, ckpt_every_s=0.0), log)
+    print(f"{P.name}: {C} candidates x {len(labels)} samples per update, {P.updates} updates")
+    state = runs.train_loop(P.name, path, state, {}, step_fn, P.updates,
+                            dataclasses.replace(c, log_every=1, ckpt_every_s=0.0), log)
     if state.get("final_step") != state["step"]:                          # the last update's result, measured once
         # in the updates' batch layout (C rows per sample), so with the same random numbers as every F(xi)
         final = float(F(state["model"]["xi"].expand(C, -1))[0])
@@ -120,15 +145,21 @@ def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, lo
             state["best_fid"], state["best_xi"] = final, state["model"]["xi"].clone()
         state["history"].append({"update": state["step"], "train_fid": final, "best_fid": state["best_fid"]})
         state["final_step"] = state["step"]
-    table = to_table(state["best_xi"])
-    state.update(done=True, table=table)
+    state.update(done=True, table=P.to_table(state["best_xi"]))
     runs.save_ckpt(path, state)
+    write_search_summary(P, state, kind, scfg, C, len(labels), run_dir, device)
+
+
+def write_search_summary(P: SearchProblem, state: dict, kind: str, scfg: dict, C: int, n: int, run_dir: str,
+                         device: torch.device) -> None:
+    """<name>.json (the searched table, the FID history, the cost) and <name>_curve.png."""
+    name, T, h, table = P.name, P.T, P.h, state["table"]
     start = state["history"][0]["train_fid"]
-    summary = {"kind": kind, "T": T, "columns": list(columns), "table": table.tolist(),
+    summary = {"kind": kind, "T": T, "columns": list(P.columns), "table": table.tolist(),
                "start_table": h.tolist(), "train_fid_start": start, "train_fid_best": state["best_fid"],
-               "updates": state["step"], "candidates_per_update": C, "samples_per_candidate": len(labels),
+               "updates": state["step"], "candidates_per_update": C, "samples_per_candidate": n,
                "generator_forwards": state["forwards"],
-               "generator_forwards_without_dedup": (state["step"] + 1) * C * len(labels) * T * 2
+               "generator_forwards_without_dedup": (state["step"] + 1) * C * n * T * 2
                if kind != "flow" else None,                                # the flow's candidates share no prefix
                "minutes": state["train_seconds"] / 60,
                "device": str(device), "history": state["history"], "config": scfg}
@@ -142,7 +173,7 @@ def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, lo
     steps = list(range(T))
     panels += [{"title": f"{a} per step (start dashed)", "series": [
         {"x": steps, "y": h[:, j].tolist(), "color": (120, 120, 120), "dashed": True},
-        {"x": steps, "y": table[:, j].tolist(), "color": (40, 90, 200)}]} for j, a in enumerate(columns)]
+        {"x": steps, "y": table[:, j].tolist(), "color": (40, 90, 200)}]} for j, a in enumerate(P.columns)]
     plots.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search")
     print(f"{name}: training-set FID {start:.2f} -> {state['best_fid']:.2f} in {state['step']} updates, "
           f"{state['forwards'] / 1e6:.2f}M generator forwards, {state['train_seconds'] / 60:.1f} min; {name}.json")

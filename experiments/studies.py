@@ -322,3 +322,46 @@ def refined_grid(pipe: pipeline.Pipeline, T: int, repeat: int, lookahead: int, p
     path = os.path.join(pipe.run_dir, f"samples_adaptive_repeat{repeat}_lookahead{lookahead}_T{T}.png")
     plots.save_grid(images, path, nrow=per_class)
     print("wrote", path, f"({forwards:.1f} generator forwards per image)")
+
+
+def add_flags(p) -> None:
+    """sample.py's flags of the reward check and AdaGen's studies."""
+    p.add_argument("--repeat", type=int, default=1, help="grids of the adaptive policy with repeated sampling: "
+                   "k candidates per image, the policy's discriminator keeps one (NAT and --flow)")
+    p.add_argument("--lookahead", type=int, default=1, help="... with look-ahead: k candidates per NAT step, the critic keeps one")
+    p.add_argument("--refine", action="store_true", help="the refinement table at --grid-steps: refine_T<T>.json/.md")
+    p.add_argument("--lam", default=None, help="comma-separated lam values of the fidelity blend, e.g. 0,0.25,0.5,0.75,1: "
+                   "table, curve and grids at --grid-steps (blend_T<T>.*)")
+    p.add_argument("--hacking", action="store_true", help="the reward-hacking table at --grid-steps: hacking_T<T>.json/.md")
+    p.add_argument("--reward-check", action="store_true", help="does the warm-up discriminator rank 8 fixed T = 4 "
+                   "schedules as FID does? reward_check.md/.json")
+    p.add_argument("--check-samples", type=int, default=2000, help="samples per schedule of --reward-check")
+
+
+def check_args(args) -> None:
+    """One clear line for a study flag that cannot work; args.lams = the parsed --lam values."""
+    if args.repeat < 1 or args.lookahead < 1:
+        raise runs.UserError("--repeat and --lookahead count candidates: at least 1")
+    try:
+        args.lams = [float(v) for v in args.lam.split(",")] if args.lam else []
+    except ValueError:
+        raise runs.UserError(f"--lam {args.lam!r}: expected numbers like 0,0.5,1") from None
+    if any(not 0 <= v <= 1 for v in args.lams):
+        raise runs.UserError(f"--lam {args.lam}: lam blends two policies, each value in [0, 1]")
+
+
+def run(args, pipe: pipeline.Pipeline) -> bool:
+    """The studies the flags ask for, on the NAT at --grid-steps; True if any ran."""
+    T = args.grid_steps
+    if args.refine:
+        refine_study(pipe, args.samples, T, args.sweep_samples)
+    if args.lams:
+        blend_study(pipe, args.samples, T, args.lams)
+    if args.hacking:
+        hacking_study(pipe, args.samples, T, args.sweep_samples)
+    if args.reward_check:
+        reward_check(pipe, args.check_samples, args.sweep_samples)
+    if args.repeat > 1 or args.lookahead > 1:
+        refined_grid(pipe, T, args.repeat, args.lookahead)
+    return bool(args.refine or args.lams or args.hacking or args.reward_check or args.repeat > 1 or args.lookahead > 1)
+

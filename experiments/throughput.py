@@ -70,3 +70,9 @@ def bench(pipe: pipeline.Pipeline, batch: int, T: int = 8, repeats: int = 3) -> 
         print(f"  adaptive policy (policy_T{T}.pt): generate + policy {res['generate + policy']:.1f} images/s; "
               f"policy cost {100 * res['policy_cost']:.2f}% of the generator's forward time per step")
     return res
+
+
+def add_flags(p) -> None:
+    """sample.py's --bench."""
+    p.add_argument("--bench", action="store_true", help="images/s of generate vs bare forwards, and the policy's cost")
+

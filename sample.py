@@ -3,24 +3,24 @@
     python sample.py --run-dir runs/small                     # grids: samples_<row>_T8.png
     python sample.py --run-dir runs/small --sweep-w           # pick w_0 of AdaNAT's heuristic (train-set FID)
     python sample.py --run-dir runs/small --eval              # the table: eval.json + eval.md
-    python sample.py --run-dir runs/small --eval --samples 2000
     python sample.py --run-dir runs/small --bench             # generate vs bare forwards, images/s
     python sample.py --run-dir runs/small --flow flow         # the continuous generator's grid (train.py --stage flow)
     python sample.py --run-dir runs/small --flow flow --eval  # its table at NFE 4 and 8: flow_eval.json + flow_eval.md
     python sample.py --run-dir runs/small --refine            # AdaGen §III-F1 refinement table: refine_T8.json + .md
     python sample.py --run-dir runs/small --lam 0,0.5,1       # AdaGen §III-F2 fidelity blend: blend_T8.* (train.py --stage fidelity)
     python sample.py --run-dir runs/small --hacking           # AdaGen §III-D reward study: hacking_T8.* (train.py --reward ...)
+    python sample.py --run-dir runs/small --reward-check      # does the warm-up D rank schedules as FID does?
 
-Evaluation protocol (DESIGN.md "Evaluation"): every schedule row generates `--samples`
-images with balanced labels on the same EMA generator, for 3 sampling seeds; each image is
-decoded by the tokenizer and embedded by the feature network trained in stage `featnet`;
-FID, precision and recall (k = 3) are computed against the 10 000 real *test* images, and
-conditional accuracy is the feature network's accuracy at recognising the requested class.
+Evaluation protocol (DESIGN.md "Evaluation"): every row generates `--samples` images with
+balanced labels on the same EMA generator, for 3 sampling seeds, decoded and embedded by the
+feature network (stage `featnet`); FID, precision and recall (k = 3) against the 10 000 real
+*test* images, and conditional accuracy (the feature network recognising the requested class).
+Beside it: FID against the tokenizer's reconstructions of the test images and FID on featnet2.
 Two reference rows give the scale: the tokenizer's reconstructions of the test images (the
 floor no schedule can beat) and 10 000 real training images (the metric's own noise).
-Anything *chosen* (w_0 here) is chosen by FID against training-set statistics, so the test
-set stays held out. Results are cached per (row, T, seed, samples) in eval_cache.json, so
-an interrupted evaluation resumes.
+Anything *chosen* (w_0 here) is chosen by FID against training-set statistics. Results are
+cached per (row, T, seed, samples) in eval_cache.json: an interrupted evaluation resumes.
+The experiments' flags and tables live in experiments/ (studies, flow_sample, throughput).
 """
 import argparse
 import itertools
@@ -148,9 +148,8 @@ def evaluate(pipe: pipeline.Pipeline, samples: int, steps: list[int], sweep_samp
 
 
 def grids(pipe: pipeline.Pipeline, T: int, per_class: int = 10) -> None:
-    """One PNG per heuristic, a row per class: samples_maskgit_T{T}.png, samples_adanat_T{T}.png.
-
-    AdaNAT's w_0 comes from the sweep when it has run (sample.py --sweep-w), else 2."""
+    """One PNG per heuristic, a row per class: samples_maskgit_T{T}.png, samples_adanat_T{T}.png
+    (AdaNAT's w_0 from the sweep when it has run, sample.py --sweep-w, else 2)."""
     K = pipe.cfg.num_classes
     labels = torch.arange(K).repeat_interleave(per_class)
     saved = runs.read_json(os.path.join(pipe.run_dir, "sweep_w.json"), {})

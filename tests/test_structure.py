@@ -72,3 +72,7 @@ def test_concept_files_import_no_project_module_and_only_their_packages():
             top = i.split(".")[0]
             assert top not in mods, f"{m}.py imports the project module {i}"
             assert top in sys.stdlib_module_names or top in allowed, f"{m}.py imports {i}"
+
+
+def test_sample_py_is_short():
+    assert len(open(os.path.join(ROOT, "sample.py")).read().splitlines()) <= 300

@@ -225,3 +225,13 @@ def beta_line_search(F: Callable[[float, float], float], ratio: float = 1.0, bet
         if len(cache) >= budget:
             break
     return (best[0] * best[1], best[1]), cache
+
+
+if __name__ == "__main__":
+    # the search on a known answer: F(xi) = |xi - (0.3, 0.6, 0.9)|^2, projected onto xi >= 0
+    target = torch.tensor([0.3, 0.6, 0.9])
+    F = lambda X: ((X - target) ** 2).sum(1)                               # (C, 3) candidates -> (C,)
+    best, curve = fd_search(F, torch.zeros(3), eps=torch.full((3,), 1e-3), lr=torch.full((3,), 0.2),
+                            project=lambda x: x.clamp_min(0), updates=30, momentum=0.5)
+    print(f"F per update: {curve[0]:.3f} -> {curve[-1]:.5f}; best xi {[round(v, 3) for v in best.tolist()]}")
+    assert curve[-1] < 1e-3 and torch.allclose(best, target, atol=0.03)

@@ -61,7 +61,7 @@ def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "
 
 def build_policy(cfg: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(policy, critic) for a policy_config: adaptive network pair, or the static table pair."""
-    D = len(cfg.get("spec", policy.ACTIONS))                    # NAT checkpoints before the flow had no "spec"
+    D = len(cfg["spec"])                                         # the actions' names: 4 (NAT) or 2 (ODE sampler)
     if cfg["kind"] == "static":
         return policy.StaticPolicy(cfg["T"], out_dim=D), policy.StaticPolicy(cfg["T"], out_dim=1)
     make = lambda out: policy.AdaptivePolicy(cfg["T"], cfg["C"], cfg["N"], cfg["pi_width"], hidden=cfg["pi_hidden"], out_dim=out)

@@ -356,11 +356,6 @@ def steps_for_nfe(solver: str, nfe: int) -> int:
     return nfe if solver == "euler" else (nfe + 1) // 2
 
 
-def nfe_per_sample(solver: str, T: int) -> int:
-    """Network evaluations of one sample (a guided pair counts once): Euler T, the others 2T - 1."""
-    return T if solver == "euler" else 2 * T - 1
-
-
 # ----------------------------------------------------------------------------- the analytic check
 
 class GaussianData:

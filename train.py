@@ -254,11 +254,6 @@ def vq_config(c: TrainConfig) -> vqgan.VQConfig:
                           gan_weight=c.gan_weight, gan_start=c.gan_start)
 
 
-def feat_config(c: TrainConfig, num_classes: int) -> fid.FeatureNetConfig:
-    return fid.FeatureNetConfig(in_ch=c.channels, num_classes=num_classes, width=c.feat_width,
-                                feat_dim=c.feat_dim, img_size=c.img_size)
-
-
 def nat_config(c: TrainConfig, num_classes: int, num_tokens: int, vocab_size: int) -> nat.NATConfig:
     return nat.NATConfig(vocab_size=vocab_size, num_tokens=num_tokens, num_classes=num_classes,
                          dim=c.nat_dim, depth=c.nat_depth, heads=c.nat_heads, dropout=c.nat_dropout,
@@ -887,17 +882,17 @@ def stage_fn(name: str) -> Callable:
 
 def parse_value(field_type, text: str):
     """Parse a --set value by the config field's type."""
-    if field_type is bool or field_type == "bool":
+    if field_type is bool:
         if text.lower() in ("1", "true", "yes"):
             return True
         if text.lower() in ("0", "false", "no"):
             return False
         raise ValueError(f"expected true/false, got {text!r}")
-    if field_type in (int, "int"):
+    if field_type is int:
         return int(text)
-    if field_type in (float, "float"):
+    if field_type is float:
         return float(text)
-    if field_type in (tuple, "tuple"):
+    if field_type is tuple:
         return tuple(int(v) for v in text.split(","))
     return None if text.lower() == "none" else text
 

@@ -143,38 +143,65 @@ def in_rows(fn, rows: int | None, *args: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-class Pipeline:
-    """The trained models of a run folder, and generation through them."""
+class GeneratorPipeline:
+    """What the NAT's and the flow's pipelines share: the run folder's config, the feature network,
+    the rows per generator batch (`batch`, whose chunks key the random numbers) and per forward
+    (`rows`, memory only), a forward counter, the fingerprint that keys cached results, and
+    chunked generation shared over the ranks of a torchrun job."""
 
-    def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int | None = None,
-                 rows: int | None = None):
-        batch = batch or (4096 if device.type == "cuda" else 500)       # rows per generator batch (x2 with CFG)
-        self.run_dir, self.device, self.bf16, self.batch = run_dir, device, bf16, batch
+    def __init__(self, run_dir: str, device: torch.device, bf16: bool, batch: int | None, rows: int | None,
+                 stages: tuple):
+        self.run_dir, self.device, self.bf16 = run_dir, device, bf16
+        self.batch = batch or (4096 if device.type == "cuda" else 500)   # rows per generator batch (x2 with CFG)
         self.rows = rows or None                                           # rows per forward (memory); None: whole batches
         self.config = runs.read_json(os.path.join(run_dir, "config.json"))
         if not isinstance(self.config, dict):
             raise runs.UserError(f"{run_dir}/config.json is unreadable: re-run python train.py --run-dir {run_dir}")
+        self.featnet = build_model(run_dir, "featnet", device)
+        self.forwards = 0
+        # identifies weights + numerics: cached results are reused only for the same fingerprint
+        self.fingerprint = f"{runs.fingerprint(run_dir, stages)}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
+        self.eval_key = f"{self.fingerprint}|chunk={self.batch}"             # + how randomness is keyed: table caches
+
+    def forward_rows(self, net, *args: torch.Tensor):
+        """One generator forward on a batch, counted (image-forwards so far), autocast, in `rows` slices."""
+        self.forwards += args[0].shape[0]
+        with runs.autocast(self.device, self.bf16):
+            return in_rows(net, self.rows, *args)
+
+    def chunked(self, labels: torch.Tensor, group: int, seed: int, make_chunk, schedule, desc: str = "",
+                progress: bool = False) -> torch.Tensor:
+        """make_chunk(labels of chunk j, its generator) for every chunk of `batch` rows (whole groups of
+        `group`), each chunk's random numbers keyed by (seed, j), shared over the ranks, concatenated."""
+        step = max(group, self.batch // group * group)                     # whole groups per chunk
+
+        def run_chunk(j: int) -> torch.Tensor:                             # chunk j: rows [j step, (j + 1) step)
+            g = torch.Generator(self.device).manual_seed(ddp.chunk_seed(seed, j))
+            return make_chunk(labels[j * step:(j + 1) * step].to(self.device), g)
+        return torch.cat(sharded_with_actions(-(-len(labels) // step), run_chunk, schedule, desc, progress))
+
+
+class Pipeline(GeneratorPipeline):
+    """The trained models of a run folder (tokenizer, NAT with EMA weights, feature network), and
+    generation through them."""
+
+    def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int | None = None,
+                 rows: int | None = None):
+        super().__init__(run_dir, device, bf16, batch, rows, ("vq", "featnet", "nat"))
         self.vq = build_model(run_dir, "vq", device)
         self.net = build_model(run_dir, "nat", device, weights="ema")
         self.forward = self.net                                            # or its torch.compile (compile())
         self.cfg: nat.NATConfig = self.net.cfg
-        self.featnet = build_model(run_dir, "featnet", device)
         if (self.cfg.vocab_size, self.cfg.num_tokens) != (self.vq.cfg.codebook_size, self.vq.num_tokens):
             raise runs.UserError(f"{run_dir}: nat.pt expects {self.cfg.vocab_size} codes x {self.cfg.num_tokens} tokens but "
-                                  f"vq.pt makes {self.vq.cfg.codebook_size} x {self.vq.num_tokens}; retrain the nat stage")
-        self.forwards = 0
-        # identifies weights + numerics: cached results are reused only for the same fingerprint
-        self.fingerprint = f"{runs.fingerprint(run_dir)}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
-        self.eval_key = f"{self.fingerprint}|chunk={self.batch}"             # + how randomness is keyed: table caches
+                                 f"vq.pt makes {self.vq.cfg.codebook_size} x {self.vq.num_tokens}; retrain the nat stage")
 
     def compile(self) -> None:
         """Generate through torch.compile of the transformer from now on (sample.py --compile)."""
         self.forward = torch.compile(self.net)
 
     def logits_fn(self, tokens: torch.Tensor, labels: torch.Tensor):
-        self.forwards += tokens.shape[0]                                   # image-forwards of the generator so far
-        with runs.autocast(self.device, self.bf16):
-            return in_rows(self.forward, self.rows, tokens, labels)
+        return self.forward_rows(self.forward, tokens, labels)
 
     def generate(self, labels: torch.Tensor, T: int, schedule: nat.Schedule, seed: int, guided: bool = True,
                  progress: bool = False, group: int = 1, dedup: bool = False, lookahead: int = 1,
@@ -187,15 +214,10 @@ class Pipeline:
         dedup: one forward per distinct (tokens, label) row of a step (see `dedup_logits_fn`).
         lookahead, score_fn: nat.generate's look-ahead sampling (k candidates per transition)."""
         null = self.cfg.null_label if guided else None
-        step = max(group, self.batch // group * group)                     # whole groups per chunk
         fn = dedup_logits_fn(self.logits_fn) if dedup else self.logits_fn
-
-        def run_chunk(j: int) -> torch.Tensor:                             # chunk j: rows [j step, (j + 1) step)
-            g = torch.Generator(self.device).manual_seed(ddp.chunk_seed(seed, j))
-            y = labels[j * step:(j + 1) * step].to(self.device)
-            return nat.generate(fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g, group,
-                                lookahead, score_fn).cpu()
-        return torch.cat(sharded_with_actions(-(-len(labels) // step), run_chunk, schedule, f"T={T}", progress))
+        make = lambda y, g: nat.generate(fn, y, T, schedule, self.cfg.mask_id, self.cfg.num_tokens, null, g, group,
+                                         lookahead, score_fn).cpu()
+        return self.chunked(labels, group, seed, make, schedule, f"T={T}", progress)
 
     def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int) -> torch.Tensor:
         """Generate tokens (n, N) for labels (n,) with the heuristic schedule (tau2_0, w_0)."""
@@ -380,7 +402,7 @@ FLOW_W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 FLOW_INTERVAL = (0.1, 0.8)           # guidance only for t in (0.1, 0.8] (Kynkaanniemi et al. 2024)
 
 
-class FlowPipeline:
+class FlowPipeline(GeneratorPipeline):
     """The continuous generator of a run folder (flow.pt or vp.pt, EMA weights) and the feature network."""
 
     def __init__(self, run_dir: str, device: torch.device, path: str = "flow", bf16: bool = True, batch: int | None = None,
@@ -388,22 +410,13 @@ class FlowPipeline:
         if not os.path.exists(os.path.join(run_dir, f"{path}.pt")):
             raise runs.UserError(f"{run_dir}/{path}.pt not found: train it with python train.py --run-dir {run_dir} "
                                   f"--stage flow --path {path}")
-        self.run_dir, self.device, self.bf16 = run_dir, device, bf16
-        self.batch = batch or (4096 if device.type == "cuda" else 500)
-        self.rows = rows or None                                           # rows per forward (memory), as Pipeline's
-        self.config = runs.read_json(os.path.join(run_dir, "config.json"))
+        super().__init__(run_dir, device, bf16, batch, rows, (path, "featnet"))
         self.net = build_model(run_dir, path, device, weights="ema")
         self.cfg: nat.FlowConfig = self.net.cfg
         self.path = samplers.PATHS[path]
-        self.featnet = build_model(run_dir, "featnet", device)
-        self.forwards = 0
-        self.fingerprint = f"{runs.fingerprint(run_dir, (path, 'featnet'))}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
-        self.eval_key = f"{self.fingerprint}|chunk={self.batch}"
 
     def velocity_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
-        self.forwards += x.shape[0]                                        # image-forwards of the network so far
-        with runs.autocast(self.device, self.bf16):
-            return in_rows(self.net, self.rows, x, t, labels)
+        return self.forward_rows(self.net, x, t, labels)
 
     def generate(self, labels: torch.Tensor, T: int, schedule: samplers.Schedule, solver: str, seed: int,
                  guided: bool = True, group: int = 1) -> torch.Tensor:
@@ -411,16 +424,13 @@ class FlowPipeline:
         `batch` rows keyed by (seed, chunk) and shared over the ranks of a torchrun job;
         group = G: consecutive blocks of G rows start from the same noise (common random numbers)."""
         c = self.cfg
-        step = max(group, self.batch // group * group)                     # whole groups per chunk
 
-        def run_chunk(j: int) -> torch.Tensor:
-            g = torch.Generator(self.device).manual_seed(ddp.chunk_seed(seed, j))
-            y = labels[j * step:(j + 1) * step].to(self.device)
+        def make(y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
             x = torch.randn((len(y) // group, c.channels, c.img_size, c.img_size), device=self.device,
                             generator=g).repeat_interleave(group, 0)
             x = samplers.sample(self.velocity_fn, x, y, T, schedule, solver, c.null_label if guided else None, self.path)
             return x.clamp(-1, 1).float().cpu()
-        return torch.cat(sharded_with_actions(-(-len(labels) // step), run_chunk, schedule))
+        return self.chunked(labels, group, seed, make, schedule)
 
 
 def flow_candidate_fids(pipe: FlowPipeline, ref: RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -526,3 +536,24 @@ def measure(pipe, ref: "RealFeatures", labels: torch.Tensor, sched, generate, to
         a = sched.actions()                                               # (T, n, D)
         res.update(actions_mean=a.mean(1).tolist(), actions_sd=a.std(1).tolist())
     return res
+
+
+def seeded_cells(pipe, ref: RealFeatures, stem: str, cells: list, desc: str) -> dict:
+    """The measured cells of a multi-seed table, cached in <run_dir>/<stem>_cache.json as they are
+    made (an interrupted table resumes) and reused only under the same weights, numerics, chunking
+    and reference networks. cells: [(row, key, compute)], compute() -> a dict with "fid"; returns
+    {row: [the row's results, in cell order]}."""
+    path, fp = os.path.join(pipe.run_dir, f"{stem}_cache.json"), f"{pipe.eval_key}|{ref.key}"
+    cache = runs.read_json(path, {})
+    if cache.get("fingerprint") != fp:
+        cache = {"fingerprint": fp}                                    # other weights, device or chunking: start over
+    out: dict = {}
+    bar = tqdm(cells, desc=desc, disable=not ddp.DIST.main)
+    for row, key, compute in bar:
+        if key not in cache:
+            cache[key] = compute()
+            runs.write_json(path, cache)
+        out.setdefault(row, []).append(cache[key])
+        bar.set_postfix(fid=f"{cache[key]['fid']:.2f}")
+    return out
+

@@ -28,7 +28,6 @@ import os
 import sys
 
 import torch
-from tqdm import tqdm
 
 import data
 import ddp
@@ -93,44 +92,25 @@ def evaluate(pipe: pipeline.Pipeline, samples: int, steps: list[int], sweep_samp
     ref = pipeline.RealFeatures(pipe)
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     rows = schedule_rows(pipe, w_0, steps, sweep_samples)
-    cache_path = os.path.join(pipe.run_dir, "eval_cache.json")
-    cache = runs.read_json(cache_path, {})
-    if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
-        cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}          # other weights, device or chunking: start over
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
 
-    # reference rows: real training images, and tokenizer reconstructions of the test images
-    refs = {}
-    key = f"ref|train|{n}"
-    if key not in cache:
-        cache[key] = pipeline.train_reference(ref, n)
-    refs["real training images vs test"] = cache[key]
-    key = f"ref|recon|{n}"
-    if key not in cache:
+    def recon_reference() -> dict:                                     # the tokenizer's reconstructions of test
         x = data.to_float(ref.test_images[:n])
         recon = pipe.decode(torch.cat([pipe.vq.tokenize(x[i:i + 500].to(pipe.device)).cpu() for i in range(0, n, 500)]))
-        cache[key] = pipeline.metrics(pipe, ref, recon, ref.test_labels[:n])
-    refs["tokenizer reconstructions of test vs test (floor)"] = cache[key]
-    runs.write_json(cache_path, cache)
+        return pipeline.metrics(pipe, ref, recon, ref.test_labels[:n])
 
-    jobs = [(name, T, s) for name in rows for T in rows[name] for s in pipeline.EVAL_SEEDS]
-    bar = tqdm(jobs, desc="eval", disable=not ddp.DIST.main)
-    for name, T, s in bar:
-        make, guided, suffix, gen = rows[name][T]
-        key = f"{name}|T{T}|seed{s}|{samples}{suffix}"
-        if key not in cache:                                            # same tokenizer + featnet for every row
-            cache[key] = pipeline.measure(pipe, ref, labels, make(),
-                                 lambda sched: (gen or pipe).generate(labels, T, sched, seed=s, guided=guided), pipe.decode)
-            runs.write_json(cache_path, cache)
-        bar.set_postfix(T=T, fid=f"{cache[key]['fid']:.2f}")
-
-    table = []
-    for name in rows:
-        for T, (_, _, suffix, _) in rows[name].items():
-            per_seed = [cache[f"{name}|T{T}|seed{s}|{samples}{suffix}"] for s in pipeline.EVAL_SEEDS]
-            table.append({"schedule": name, "T": T, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS),
-                          **pipeline.seed_summary(per_seed, policy.ACTIONS)})
+    def cell(make, guided, gen, T, s):                                 # same tokenizer + featnet for every row
+        return lambda: pipeline.measure(pipe, ref, labels, make(), lambda sched: (gen or pipe).generate(
+            labels, T, sched, seed=s, guided=guided), pipe.decode)
+    cells = [("real training images vs test", f"ref|train|{n}", lambda: pipeline.train_reference(ref, n)),
+             ("tokenizer reconstructions of test vs test (floor)", f"ref|recon|{n}", recon_reference)]
+    cells += [((name, T), f"{name}|T{T}|seed{s}|{samples}{suffix}", cell(make, guided, gen, T, s))
+              for name in rows for T, (make, guided, suffix, gen) in rows[name].items() for s in pipeline.EVAL_SEEDS]
+    res = pipeline.seeded_cells(pipe, ref, "eval", cells, "eval")
+    refs = {name: res[name][0] for name, _, _ in cells[:2]}
+    table = [{"schedule": name, "T": T, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS),
+              **pipeline.seed_summary(res[(name, T)], policy.ACTIONS)} for name in rows for T in rows[name]]
     table.sort(key=lambda r: r["T"])
     runs.write_json(os.path.join(pipe.run_dir, "eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint,

@@ -7,7 +7,6 @@ Usage: python sample.py --run-dir runs/small --flow flow [--eval | --plot | --be
 import os
 
 import torch
-from tqdm import tqdm
 
 import ddp
 import pipeline
@@ -81,30 +80,23 @@ def evaluate_flow(pipe: pipeline.FlowPipeline, samples: int, nfes: list[int], sw
     ref = pipeline.RealFeatures(pipe)
     w_0 = pipeline.flow_sweep_w(pipe, ref, sweep_samples)
     rows = flow_rows(pipe, w_0, nfes)
-    cache_path = os.path.join(pipe.run_dir, f"{name_}_eval_cache.json")
-    cache = runs.read_json(cache_path, {})
-    if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
-        cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
     refs = {"real training images vs test": pipeline.train_reference(ref, n)}
-    jobs = [(name, nfe, s) for name in rows for nfe in rows[name] for s in pipeline.EVAL_SEEDS]
-    bar = tqdm(jobs, desc=f"{name_} eval", disable=not ddp.DIST.main)
-    for name, nfe, s in bar:
-        make, solver, T, suffix = rows[name][nfe]
-        key = f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}"
-        if key not in cache:
+
+    def cell(make, solver, T, s):
+        def compute() -> dict:
             before = pipe.forwards
-            cache[key] = pipeline.measure(pipe, ref, labels, make(), lambda sched: pipe.generate(labels, T, sched, solver, seed=s))
-            cache[key]["nfe"] = (pipe.forwards - before) / (2 * samples)        # a guided pair counts once
-            runs.write_json(cache_path, cache)
-        bar.set_postfix(nfe=nfe, fid=f"{cache[key]['fid']:.2f}")
-    table = []
-    for name in rows:
-        for nfe, (_, solver, T, suffix) in rows[name].items():
-            per_seed = [cache[f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}"] for s in pipeline.EVAL_SEEDS]
-            table.append({"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": per_seed[0]["nfe"],
-                          "samples": samples, "seeds": list(pipeline.EVAL_SEEDS), **pipeline.seed_summary(per_seed, policy.FLOW_ACTIONS.names)})
+            res = pipeline.measure(pipe, ref, labels, make(), lambda sched: pipe.generate(labels, T, sched, solver, seed=s))
+            return {**res, "nfe": (pipe.forwards - before) / (2 * samples)}  # a guided pair counts once
+        return compute
+    cells = [((name, nfe), f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}", cell(make, solver, T, s))
+             for name in rows for nfe, (make, solver, T, suffix) in rows[name].items() for s in pipeline.EVAL_SEEDS]
+    res = pipeline.seeded_cells(pipe, ref, f"{name_}_eval", cells, f"{name_} eval")
+    table = [{"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": res[(name, nfe)][0]["nfe"],
+              "samples": samples, "seeds": list(pipeline.EVAL_SEEDS),
+              **pipeline.seed_summary(res[(name, nfe)], policy.FLOW_ACTIONS.names)}
+             for name in rows for nfe, (_, solver, T, _) in rows[name].items()]
     table.sort(key=lambda r: r["nfe_budget"])
     runs.write_json(os.path.join(pipe.run_dir, f"{name_}_eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint, "device": str(pipe.device)})

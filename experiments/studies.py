@@ -165,26 +165,19 @@ def study_table(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, rows: dict,
     """Evaluate rows {name: (fn(labels, seed) -> (images, forwards per image), cache suffix)} over
     EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md."""
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
-    cache_path = os.path.join(pipe.run_dir, f"{stem}_cache.json")
-    cache = runs.read_json(cache_path, {})
-    if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
-        cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}
-    bar = tqdm([(name, s) for name in rows for s in pipeline.EVAL_SEEDS], desc=stem, disable=not ddp.DIST.main)
-    for name, s in bar:
-        fn, suffix = rows[name]
-        key = f"{name}|seed{s}|{samples}{suffix}"
-        if key not in cache:
+
+    def cell(fn, s):
+        def compute() -> dict:
             t0 = time.time()
             images, forwards = fn(labels, s)
-            cache[key] = {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
-                          **pipeline.metrics(pipe, ref, images, labels)}
-            runs.write_json(cache_path, cache)
-        bar.set_postfix(fid=f"{cache[key]['fid']:.2f}")
-    table = []
-    for name, (_, suffix) in rows.items():
-        per_seed = [cache[f"{name}|seed{s}|{samples}{suffix}"] for s in pipeline.EVAL_SEEDS]
-        table.append({"schedule": name, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS), **pipeline.seed_summary(per_seed, ()),
-                      "forwards": per_seed[0]["forwards"]})
+            return {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
+                    **pipeline.metrics(pipe, ref, images, labels)}
+        return compute
+    cells = [(name, f"{name}|seed{s}|{samples}{suffix}", cell(fn, s))
+             for name, (fn, suffix) in rows.items() for s in pipeline.EVAL_SEEDS]
+    res = pipeline.seeded_cells(pipe, ref, stem, cells, stem)
+    table = [{"schedule": name, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS), **pipeline.seed_summary(res[name], ()),
+              "forwards": res[name][0]["forwards"]} for name in rows]
     runs.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
                                                                    "device": str(pipe.device)})
     head = f"| schedule | {pipeline.metric_head(ref)} forwards/image | images/s |"

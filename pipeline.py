@@ -330,6 +330,15 @@ def metrics(pipe: Pipeline, ref: RealFeatures, images: torch.Tensor, labels: tor
     return out
 
 
+def recon_reference(pipe, ref: RealFeatures, n: int) -> dict:
+    """The floor row: the tokenizer's reconstructions of the first n test images, measured as a generated row."""
+    x = data.to_float(ref.test_images[:n])
+    with torch.no_grad():
+        recon = torch.cat([pipe.vq.detokenize(pipe.vq.tokenize(x[i:i + 500].to(pipe.device))).float().cpu()
+                           for i in range(0, n, 500)])
+    return metrics(pipe, ref, recon, ref.test_labels[:n])
+
+
 def train_reference(ref: "RealFeatures", n: int) -> dict:
     """The metric's own noise: n real training images against the test set (and its reconstructions, featnet2)."""
     P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3, device=ref.device)

@@ -26,6 +26,7 @@ import argparse
 import itertools
 import os
 import sys
+import types
 
 import torch
 
@@ -95,16 +96,11 @@ def evaluate(pipe: pipeline.Pipeline, samples: int, steps: list[int], sweep_samp
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
 
-    def recon_reference() -> dict:                                     # the tokenizer's reconstructions of test
-        x = data.to_float(ref.test_images[:n])
-        recon = pipe.decode(torch.cat([pipe.vq.tokenize(x[i:i + 500].to(pipe.device)).cpu() for i in range(0, n, 500)]))
-        return pipeline.metrics(pipe, ref, recon, ref.test_labels[:n])
-
     def cell(make, guided, gen, T, s):                                 # same tokenizer + featnet for every row
         return lambda: pipeline.measure(pipe, ref, labels, make(), lambda sched: (gen or pipe).generate(
             labels, T, sched, seed=s, guided=guided), pipe.decode)
     cells = [("real training images vs test", f"ref|train|{n}", lambda: pipeline.train_reference(ref, n)),
-             ("tokenizer reconstructions of test vs test (floor)", f"ref|recon|{n}", recon_reference)]
+             ("tokenizer reconstructions of test vs test (floor)", f"ref|recon|{n}", lambda: pipeline.recon_reference(pipe, ref, n))]
     cells += [((name, T), f"{name}|T{T}|seed{s}|{samples}{suffix}", cell(make, guided, gen, T, s))
               for name in rows for T, (make, guided, suffix, gen) in rows[name].items() for s in pipeline.EVAL_SEEDS]
     res = pipeline.seeded_cells(pipe, ref, "eval", cells, "eval")
@@ -189,6 +185,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--eval", action="store_true", help="the evaluation table")
     p.add_argument("--sweep-w", action="store_true", help="(re)run the w_0 sweep of AdaNAT's heuristic")
+    p.add_argument("--floor", action="store_true", help="the reference rows alone (needs vq and featnet, no NAT): floor.json")
     p.add_argument("--plot", action="store_true", help="the adaptive policy's actions per step, and heuristic vs adaptive grids")
     p.add_argument("--samples", type=int, default=10000, help="samples per row and seed")
     p.add_argument("--sweep-samples", type=int, default=2000, help="samples per w_0 candidate")
@@ -202,6 +199,23 @@ def parser() -> argparse.ArgumentParser:
     for experiment in (throughput, flow_sample, studies):
         experiment.add_flags(p)
     return p
+
+
+def floor(run_dir: str, device: torch.device) -> dict:
+    """The reference rows alone, before any generator is trained: the tokenizer's reconstructions
+    of the test images and real training images, each against the test images (floor.json)."""
+    config = runs.read_json(os.path.join(run_dir, "config.json"))
+    pipe = types.SimpleNamespace(run_dir=run_dir, config=config, device=device, featnet=pipeline.build_model(
+        run_dir, "featnet", device), vq=pipeline.build_model(run_dir, "vq", device))
+    ref = pipeline.RealFeatures(pipe)
+    n = len(ref.test_feats)
+    rows = {"real training images vs test": pipeline.train_reference(ref, n),
+            "tokenizer reconstructions of test vs test (floor)": pipeline.recon_reference(pipe, ref, n)}
+    runs.write_json(os.path.join(run_dir, "floor.json"), {"rows": rows, "fingerprint": ref.key})
+    print(f"| reference | {pipeline.metric_head(ref)}\n|" + "---|" * (pipeline.metric_head(ref).count("|") + 1))
+    for name, r in rows.items():
+        print(f"| {name} | {pipeline.metric_cells(r, ref)}")
+    return rows
 
 
 def check_args(args) -> list[int]:
@@ -253,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         if not ddp.DIST.main:
             sys.stdout = open(os.devnull, "w")
         torch.backends.cuda.matmul.allow_tf32 = True
-        if args.flow:
+        if args.floor:
+            floor(args.run_dir, device)
+        elif args.flow:
             flow_sample.run(args, device)
         else:
             run_nat(args, device, steps)

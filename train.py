@@ -80,19 +80,19 @@ class TrainConfig:
     ckpt_every_s: float = 300.0      # seconds between checkpoints inside a stage
     log_every: int = 50              # steps between log.jsonl records
     # --- vq: the tokenizer
-    vq_steps: int = 2000
+    vq_steps: int = 5000
     vq_batch: int = 128
     vq_lr: float = 1e-3
-    vq_ch: int = 24
+    vq_ch: int = 32
     vq_ch_mult: tuple = (1, 2)
-    vq_n_res: int = 1
-    codebook_size: int = 256
+    vq_n_res: int = 2
+    codebook_size: int = 512
     code_dim: int = 32
     vq_warmup: int = 100
     vq_restart_every: int = 100      # dead-code restart period (steps); off in the last 20% of training
     gan_weight: float = 0.0          # hinge patch-GAN generator weight (0: off)
     gan_start: int = 0               # steps of plain reconstruction before the GAN starts
-    vq_perceptual: float = 0.0       # weight of the perceptual loss L_P on the backbone classifier's
+    vq_perceptual: float = 0.5       # weight of the perceptual loss L_P on the backbone classifier's
                                      # feature maps (never the FID network's); > 0 needs the backbone stage first
     # --- featnet: the FID feature network
     feat_steps: int = 1500
@@ -202,7 +202,7 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     # seconds on a CPU, synthetic data: for CI and the end-to-end test
-    "test": dict(data="synthetic", vq_steps=30, vq_warmup=5, feat_warmup=5, vq_batch=32, vq_ch=8, codebook_size=32, code_dim=8,
+    "test": dict(data="synthetic", vq_steps=30, vq_warmup=5, feat_warmup=5, vq_batch=32, vq_ch=8, vq_n_res=1, codebook_size=32, code_dim=8,
                  vq_restart_every=10, feat_steps=30, feat_batch=32, feat_width=8, feat_dim=16, bb_steps=20, bb_width=4, bb_dim=8,
                  nat_steps=30, nat_batch=32, nat_dim=32, nat_depth=1, nat_heads=2, nat_warmup=5,
                  log_every=10, ema_decay=0.9, pi_T=(4,), pi_iters=4, pi_batch=16, pi_width=16, pi_hidden=16,
@@ -211,7 +211,7 @@ PRESETS: dict[str, dict] = {
                  pr_budget=2, pr_steps=5, pr_samples=40,
                  flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5, flow_pi_nfe=(4,),
                  feat2_steps=30, feat2_width=8, feat2_dim=16, pi_fid_chunk=4, vq_perceptual=0.1),
-    # the default: fits in ~40 minutes on 2 CPU cores
+    # the default, for 2 CPU cores (stage times in the README)
     "small": dict(),
     # one GPU, a few minutes to an hour
     "base": dict(vq_steps=8000, vq_ch=64, codebook_size=512, gan_weight=0.1, gan_start=4000,

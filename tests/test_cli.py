@@ -285,6 +285,10 @@ def test_sample_grid_eval_bench(run_dir):
     assert all(r["fid_recon"] >= 0 and r["fid2"] >= 0 for r in ev["rows"])          # FID vs reconstructions, featnet2
     assert ev["reference"]["tokenizer reconstructions of test vs test (floor)"]["fid_recon"] < 1e-2   # ~0: the same images
     assert "| FID vs recon | featnet2 FID |" in open(os.path.join(run_dir, "eval.md")).read()
+    r = run("sample.py", "--run-dir", run_dir, "--floor")                  # the reference rows alone
+    assert r.returncode == 0 and "(floor)" in r.stdout, r.stderr[-2000:]
+    rows = json.load(open(os.path.join(run_dir, "floor.json")))["rows"]
+    assert rows["tokenizer reconstructions of test vs test (floor)"]["fid_recon"] < 1e-2 and len(rows) == 2
     r = run("sample.py", "--run-dir", run_dir, "--reward-check", "--check-samples", "20", "--sweep-samples", "30")
     assert r.returncode == 0, r.stderr[-2000:]
     check = json.load(open(os.path.join(run_dir, "reward_check.json")))

@@ -1,36 +1,35 @@
-"""Train the pipeline, stage by stage: vq -> featnet -> nat -> search -> param-search -> backbone -> policies.
+"""Train the pipeline, stage by stage: backbone -> vq -> featnet -> featnet2 -> nat -> search -> param-search -> policies.
 
     python train.py                                  # the `small` preset, all stages, CPU or GPU
     python train.py --preset base                    # the single-GPU scale
     python train.py --stage nat --run-dir runs/small # one stage; resumes what is there
-    torchrun --standalone --nproc_per_node 4 train.py --preset base   # data-parallel (README: two nodes, SLURM)
+    torchrun --standalone --nproc_per_node 4 train.py --preset base   # data-parallel (docs/torchrun.md)
 
 Stages (each writes its checkpoint(s) into the run folder):
+  backbone      a classifier: the frozen backbone of the tokenizer's perceptual loss and of the
+                policy's discriminator (never the FID network).
   vq            the VQ tokenizer (vqgan.py): 32x32 image -> 8x8 = 64 tokens.
   featnet       a small classifier whose penultimate features define FID here (fid.py).
+  featnet2      an independent FID network (other architecture and seed), a second FID column.
   nat           the class-conditional masked-token transformer (nat.py) on the tokenised
-                training set, with an EMA of its weights that sample.py generates with.
-  search        AutoNAT's finite-difference search of the T x 4 schedule (autonat.py), one
-                search_T{T}.pt / .json / _curve.png per T in search_T.
-  param-search  the same search over a 6-parameter hand-written family: param_T{T}.*.
-  pr-search     (optional, not in `all`) AutoNAT's Beta(alpha, beta) training-distribution line
-                search with short proxy trainings; then trains the chosen generator in beta/.
-  backbone      a second classifier: the frozen backbone of the policy's discriminator.
+                training set, with an EMA of its weights that sampling uses.
+  search, param-search, pr-search, flow, flow-search, flow-policy, flow-static, flow-smooth
+                the experiments (experiments/search.py, experiments/flow_train.py), imported
+                only when one of their stages runs; pr-search and the flow stages run only when named.
   policy, static, smooth
-                AdaNAT's PPO-trained schedules (policy.py, ppo.py, reward.py): adaptive,
-                learnable static table, adaptive with EMA smoothing; {kind}_T{T}.pt per T in pi_T ({kind}_search_T{T}.pt with pi_start=search).
+                AdaNAT's PPO-trained schedules (policy.py, ppo.py, reward.py) through Algorithm 1
+                (`algorithm1` below): adaptive, learnable static table, adaptive with EMA smoothing;
+                {kind}_T{T}.pt per T in pi_T ({kind}_search_T{T}.pt with pi_start=search);
                 --reward fixed|fid trains them on another reward instead ({kind}_{reward}_T{T}.pt).
-  featnet2      (optional) an independent FID network (other architecture and seed) for that study.
   fidelity      (optional) AdaGen's fidelity policy, blended with the adaptive one by lam: fidelity_T{T}.pt.
-  flow, flow-search, flow-policy, flow-static, flow-smooth
-                (optional) the continuous paradigm (samplers.py): the generator and its schedules.
 
 A run folder holds config.json, log.jsonl (one JSON object per logged step), and the
 checkpoints. Re-running the same command resumes: finished stages are skipped, an
 interrupted stage continues from its last checkpoint (written every `ckpt_every_s`
 seconds, after every search update, at the end, and on Ctrl-C). Checkpoints are dicts of
 plain types and tensors, `torch.load(path, weights_only=True)` loads them, and each carries
-its model's config so that sample.py rebuilds every model from the files alone.
+its model's config so that sample.py rebuilds every model from the files alone. Bad input
+exits with code 2, a run fault (non-finite loss, failed write, out of memory) with 3 (runs.py).
 """
 import argparse
 import copy

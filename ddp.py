@@ -75,8 +75,7 @@ def all_sum(x: float) -> float:
     """The sum of a number over the ranks (in float64: counts stay exact)."""
     if DIST.world == 1:
         return x
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None  # NCCL: GPU tensors
-    v = torch.tensor([x], dtype=torch.float64, device=device)
+    v = torch.tensor([x], dtype=torch.float64, device=current_device())   # NCCL: GPU tensors
     dist.all_reduce(v)
     return v.item()
 

@@ -197,6 +197,7 @@ class PolicySchedule:
         self.policy, self.h_pre, self.sigma, self.beta_ema = policy, h_pre, sigma, beta_ema
         self.generator, self.record, self.spec, self.to_step = generator, record, spec, to_step
         self.base, self.lam = base, lam                                 # the fidelity blend (Eq. 14), see blend()
+        self.active = spec.active(len(h_pre), h_pre.device)             # (T, D) knobs that act: the noise's mask
         self.r: Optional[torch.Tensor] = None                          # (B, D) smoothed residual r_{t-1}
         self.executed: list[torch.Tensor] = []                          # (B, D) actions per step of this batch
         self.finished: list[torch.Tensor] = []                          # (T, B, D) of earlier batches
@@ -209,7 +210,7 @@ class PolicySchedule:
         mu = self.policy(feats, tt)                                     # (B, D)
         o = mu
         if self.sigma > 0:
-            active = self.spec.active(len(self.h_pre), mu.device)[tt]   # (B, D)
+            active = self.active.to(mu.device)[tt]                      # (B, D)
             o = mu + self.sigma * torch.randn(mu.shape, device=mu.device, generator=self.generator) * active
         if self.record is not None:
             self.record.append((feats, tt, o, gaussian_logp(o, mu, self.sigma, active) if self.sigma > 0 else None))

@@ -546,7 +546,7 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
     w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
     cfg = pipe.cfg
 
-    def reals():                                    # their tokenizer reconstructions by default
+    def reals():                                    # raw training images, or (pi_d_real = recon) their reconstructions
         x, y = real_images(c)
         if c.pi_d_real == "recon":
             x = pipe.decode(torch.cat([pipe.vq.tokenize(x[i:i + 500].to(device)).cpu() for i in range(0, len(x), 500)]))
@@ -582,7 +582,10 @@ class Learner:
     beta_ema: float
     B: int                               # this rank's trajectories per iteration
     base: Optional[torch.nn.Module] = None   # the fidelity blend's frozen main policy
-    reals: tuple = ()                    # (x_real, y_real, f_hold, y_hold): D's reals, 1 000 held out (features)
+    x_real: Optional[torch.Tensor] = None    # (n, C, H, W) D's reals and their labels y_real (n,) ...
+    y_real: Optional[torch.Tensor] = None
+    f_hold: Optional[list] = None            # ... and 1 000 held-out reals as the backbone's feature maps, labels y_hold
+    y_hold: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         self.pi_dp, self.V_dp, self.D_dp = (ddp.data_parallel(m, self.device) for m in (self.pi, self.V, self.D))
@@ -683,8 +686,7 @@ def rollout_and_reward(L: Learner, sigma: float, g: torch.Generator, reward_fn: 
         r_adv = reward.reward(logits_fake)                               # (B,)
         r_fid = reward.fidelity_reward(L.classifier.head(maps[-1])[0], labels)   # its head on the same pass: (B,)
         R = reward_fn(r_adv, r_fid, fake, lam)
-        f_hold, y_hold = L.reals[2:]
-        d_acc = reward.accuracy(L.D(f_hold, y_hold), logits_fake)
+        d_acc = reward.accuracy(L.D(L.f_hold, L.y_hold), logits_fake)
     out = {"reward": mean_over_ranks(R.mean()), "r_adv": mean_over_ranks(r_adv.mean()),
            "r_fid": mean_over_ranks(r_fid.mean()), "d_acc": mean_over_ranks(d_acc), "sigma": sigma}
     runs.check_finite(reward=out["reward"])
@@ -727,7 +729,7 @@ def d_update(L: Learner, state: dict, steps: int, sigma: float, g: torch.Generat
     fakes from the replay of the last pi_d_replay rollouts (or, with pi_d_fresh, the iteration's
     rollout and then fresh ones, as the AdaNAT release does). Translation-only augmentation (a
     cutout made D learn slower here). Returns the last D loss, averaged over the ranks."""
-    x_real, y_real = L.reals[:2]
+    x_real, y_real = L.x_real, L.y_real
     L.D.train()
     for k in range(steps):
         i = torch.randint(0, len(x_real), (L.B,), generator=g_cpu)
@@ -795,7 +797,8 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
     state = {"history": [], "best": None, "best_fid": None, **runs.resume(path, pcfg, modules), "config": pcfg, "done": False}
     x_real, y_real = task.reals()                  # D's reals: 10 000 training images (pi_d_real = recon: reconstructions)
     n_hold = min(1000, len(x_real) // 10)          # ... and 1 000 held out for D's accuracy
-    L.reals = (x_real[n_hold:], y_real[n_hold:], L.backbone(x_real[:n_hold].to(device)), y_real[:n_hold].to(device))
+    L.x_real, L.y_real = x_real[n_hold:], y_real[n_hold:]
+    L.f_hold, L.y_hold = L.backbone(x_real[:n_hold].to(device)), y_real[:n_hold].to(device)   # the backbone is frozen
     fid_labels = pipeline.balanced_labels(c.pi_fid_samples, task.num_classes)
 
     def train_fid() -> float:

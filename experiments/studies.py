@@ -39,6 +39,7 @@ class Refiner:
             raise runs.UserError(f"{path} not found: refinement uses a trained policy's discriminator and critic; "
                                   f"train it with python train.py --run-dir {pipe.run_dir} --stage policy")
         ck = runs.load_ckpt(path)
+        self.d_acc_warmup = ck.get("d_acc_warmup")                     # D's held-out accuracy after its warm-up
         _, self.V = pipeline.build_policy(ck["config"])
         self.V.load_state_dict(ck["critic"])
         self.V.to(pipe.device).eval()
@@ -115,8 +116,7 @@ def reward_check(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, T: i
            "featnet2": spearman([r["reward"] for r in rows], [-r["fid2"] for r in rows])}
     out = {"T": T, "samples": samples, "rows": rows, "spearman": rho,
            "spearman_fid_fid2": spearman([r["fid"] for r in rows], [r["fid2"] for r in rows]),
-           "d_acc_warmup": runs.load_ckpt(os.path.join(pipe.run_dir, f"{pipeline.policy_file('policy', 'heuristic', T)}.pt"))
-           .get("d_acc_warmup"), "fingerprint": pipe.fingerprint}
+           "d_acc_warmup": scorer.d_acc_warmup, "fingerprint": pipe.fingerprint}
     runs.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
     md = [f"Reward check at T = {T}: {samples} samples per schedule (seed 1); the discriminator of policy_T{T}.pt after its "
           f"warm-up (held-out accuracy {out['d_acc_warmup']}); FID against training-set statistics on the FID network "

@@ -23,6 +23,11 @@ Stages (each writes its checkpoint(s) into the run folder):
                 --reward fixed|fid trains them on another reward instead ({kind}_{reward}_T{T}.pt).
   fidelity      (optional) AdaGen's fidelity policy, blended with the adaptive one by lam: fidelity_T{T}.pt.
 
+Beside this file: config.py (TrainConfig: every key, the presets, --set / --steps checked),
+learner.py (what Algorithm 1 works on: a paradigm's MDP, the policy, critic and discriminator,
+the reward hooks), pipeline.py (models rebuilt from a run folder, generation, FID statistics),
+runs.py (run folders, checkpoints, the training loop) and ddp.py (torchrun).
+
 A run folder holds config.json, log.jsonl (one JSON object per logged step), and the
 checkpoints. Re-running the same command resumes: finished stages are skipped, an
 interrupted stage continues from its last checkpoint (written every `ckpt_every_s`
@@ -40,8 +45,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,190 +65,11 @@ import reward
 import runs
 import samplers
 import vqgan
+from config import PRESETS, TrainConfig, build_config, recipe
+from learner import Learner, PolicyTask, build_learner, nat_task, reward_hook
 
 
-@dataclass
-class TrainConfig:
-    """Everything a run depends on. Presets (below) override the defaults by name."""
-
-    preset: str = "small"
-    data: str | None = None          # None: Fashion-MNIST (./data, Debian package, download); a folder; "synthetic"
-    img_size: int = 32
-    channels: int = 1
-    seed: int = 0
-    bf16: bool = True                # bf16 autocast for the transformer on CUDA (ignored on CPU)
-    compile: bool = False            # torch.compile the generators' training forward (--compile)
-    gen_rows: int = 0                # rows per generator forward in generation (0: the chunk size); lower it after an
-                                     # out-of-memory error: the random numbers are keyed by chunk, the samples do not change
-    ckpt_every_s: float = 300.0      # seconds between checkpoints inside a stage
-    log_every: int = 50              # steps between log.jsonl records
-    # --- vq: the tokenizer
-    vq_steps: int = 5000
-    vq_batch: int = 128
-    vq_lr: float = 1e-3
-    vq_ch: int = 32
-    vq_ch_mult: tuple = (1, 2)
-    vq_n_res: int = 2
-    codebook_size: int = 512
-    code_dim: int = 32
-    vq_warmup: int = 100
-    vq_restart_every: int = 100      # dead-code restart period (steps); off in the last 20% of training
-    gan_weight: float = 0.0          # hinge patch-GAN generator weight (0: off)
-    gan_start: int = 0               # steps of plain reconstruction before the GAN starts
-    vq_perceptual: float = 0.5       # weight of the perceptual loss L_P on the backbone classifier's
-                                     # feature maps (never the FID network's); > 0 needs the backbone stage first
-    # --- featnet: the FID feature network
-    feat_steps: int = 1500
-    feat_batch: int = 128
-    feat_lr: float = 2e-3
-    feat_warmup: int = 50
-    feat_width: int = 32
-    feat_dim: int = 128
-    # --- backbone: a second classifier, the frozen backbone of the policy's discriminator
-    bb_steps: int = 400
-    bb_width: int = 16
-    bb_dim: int = 64
-    # --- featnet2: an independent FID network (another architecture and seed) for the reward-hacking study
-    feat2_steps: int = 1500
-    feat2_width: int = 48
-    feat2_dim: int = 96
-    # --- nat: the generator
-    nat_steps: int = 1800
-    nat_batch: int = 256
-    nat_lr: float = 1e-3
-    nat_warmup: int = 100
-    nat_wd: float = 0.05
-    nat_dim: int = 128
-    nat_depth: int = 4
-    nat_heads: int = 4
-    nat_dropout: float = 0.0
-    # --- flow: the continuous generator (AdaGen's rectified-flow / diffusion paradigm), on pixels;
-    # keys flow_* are free after the other stages (flow.pt / vp.pt carry their own model config)
-    flow_path: str = "flow"          # "flow" (rectified flow, predicts v) or "vp" (VP diffusion, predicts eps); --path
-    flow_steps: int = 3000
-    flow_batch: int = 128
-    flow_lr: float = 1e-3
-    flow_warmup: int = 100
-    flow_wd: float = 0.0
-    flow_dim: int = 128
-    flow_depth: int = 4
-    flow_heads: int = 4
-    flow_patch: int = 4              # 32x32 -> 64 patches of 4x4 (the policy sees (B, 64, C) features)
-    flow_pi_nfe: tuple = (4, 8)      # flow-policy / -static / -smooth: one policy per NFE budget (pi_* keys as the NAT's)
-    flow_pi_solver: str = "euler"    # ... with this solver and the most steps that fit (Heun, DPM-Solver++(2S): 2T - 1)
-    mask_dist: str = "cosine"        # training p(r): "cosine" (MaskGIT) or "beta" (AutoNAT)
-    mask_alpha: float = 1.0
-    mask_beta: float = 1.0
-    ema_decay: float = 0.995         # EMA of the NAT weights used for sampling
-    # --- policy / static / smooth: generation policies trained by PPO (keys pi_*; each policy
-    # checkpoint carries its own copy, so these may change after the generator is trained)
-    pi_T: tuple = (4, 8)             # decoding step counts to train a policy for (one checkpoint each)
-    pi_iters: int = 18               # PPO iterations per policy (each: rollouts, PPO epochs, D steps)
-    pi_batch: int = 256              # trajectories per iteration
-    pi_group: int = 4                # G > 1: groups of G trajectories share label and generation randomness and
-                                     # differ only in exploration; advantage = reward - group mean (GRPO-style)
-    pi_recipe: str = "ours"          # "official": the AdaNAT release's PPO (OFFICIAL_RECIPE overrides those keys)
-    pi_lr: float = 1e-4              # Adam lr of the adaptive policy and its critic (AdaNAT: 1e-5 at 4096 traj.)
-    pi_static_lr: float = 3e-3       # Adam lr of the static table and its per-step values
-    pi_epochs: int = 5               # PPO epochs per iteration (K)
-    pi_minibatches: int = 4          # minibatches per epoch
-    pi_target_kl: float = 0.03       # stop the epochs of an iteration once approx_kl passes this (0: off)
-    pi_grad_clip: float = 1.0        # gradient-norm clip of the PPO steps (0: off)
-    pi_clip: float = 0.2
-    pi_vf_coef: float = 0.5
-    pi_ent_coef: float = 0.01
-    pi_anchor: float = 1.0           # anchor: + pi_anchor * mean ||eta(s)||^2 (active knobs) keeps the residual
-                                     # near its start (an L2 penalty; a KL to the start up to 1 / (2 sigma^2))
-    pi_adv_floor: float = 0.05       # advantages / returns divided by max(batch std, this): a weak D gives small steps
-    pi_sigma0: float = 0.15          # exploration std in pre-activation space (~ the search's epsilon: 0.15 moves m
-    pi_sigma1: float = 0.1           # by ~0.04 = 2.4 of 64 tokens, w by ~0.15), annealed to pi_sigma1 ...
-    pi_sigma_schedule: str = "linear"   # ... linearly over the iterations, or "step": pi_sigma1 from the half on
-    pi_beta_ema: float = 0.5         # action smoothing of the `smooth` stage (AdaGen Eq. 12)
-    pi_width: int = 128              # adaptive policy: features -> width, conv, -> hidden
-    pi_hidden: int = 256
-    pi_d_lr: float = 1e-3            # discriminator: Adam(lr, betas (0.5, 0.999)) (AdaNAT: 1e-4 over 1000 iterations)
-    pi_d_steps: int = 4              # D steps per iteration ...
-    pi_d_replay: int = 4             # ... each on pi_batch fakes drawn from the last pi_d_replay iterations' rollouts
-    pi_d_fresh: bool = False         # ... or each on a fresh rollout of the current policy (the AdaNAT release)
-    pi_d_warmup: int = 5             # first iterations train D only (the reward must mean something) ...
-    pi_d_warmup_steps: int = 20      # ... with this many D steps each; D then is saved as "disc_warmup"
-    pi_d_real: str = "raw"           # reals for D: "raw" training images, or "recon" (their tokenizer reconstructions)
-    pi_fid_every: int = 6            # iterations between FID checks (training-set statistics; best kept)
-    pi_fid_samples: int = 5000       # samples per FID check
-    pi_sweep_samples: int = 2000     # samples per w_0 candidate of the heuristic the residual starts from
-    pi_reward: str = "adversarial"   # the policy's reward (AdaGen §III-D): "adversarial" (D, trained alongside),
-                                     # "fixed" (log p(y|x) under the frozen backbone classifier), or "fid" (minus the
-                                     # FID vs training statistics of the trajectory's chunk); --reward; files *_<reward>_T*
-    pi_fid_chunk: int = 64           # "fid" reward: trajectories per FID chunk (a group's members go to different chunks)
-    pi_start: str = "heuristic"      # the residual's zero point: AdaNAT's heuristic, or the finished AutoNAT
-                                     # "search" / "param" table of the same T (files <kind>_<start>_T{T}.pt)
-    # --- search / param-search: AutoNAT's finite-difference schedule search (keys search_*; free to
-    # change after the generator is trained, each search checkpoint carries its own copy)
-    search_T: tuple = (4, 8)         # step counts to search a schedule for (search_T{T}.pt, param_T{T}.pt)
-    search_updates: int = 12         # gradient-descent updates of the free T x 4 table
-    search_param_updates: int = 12   # ... of the parametric family
-    search_samples: int = 500        # samples per candidate schedule: FID against training statistics
-    search_seed: int = 0             # one seed for every candidate (common random numbers); eval uses 1, 2, 3
-    search_eps_m: float = 0.03       # finite-difference step of the mask ratios (~2 of 64 tokens; paper 0.01 of 256)
-    search_eps: float = 0.1          # ... of tau1, tau2, w and of the parametric family (paper 0.1)
-    search_lr_m: float = 3e-4        # learning rate of the mask ratios (paper 1e-3; our FID gradients are larger)
-    search_lr: float = 0.01          # ... of tau1, tau2, w and the parametric family (paper 0.1)
-    search_momentum: float = 0.5     # heavy-ball momentum
-    search_clip: float = 30.0        # gradient-norm clip (0: off; paper: 10 on ImageNet-512)
-    # --- pr-search: AutoNAT's training-strategy search, p(r) = Beta(alpha, beta) (optional stage)
-    pr_budget: int = 6               # proxy NAT trainings the line search may spend
-    pr_steps: int = 600              # steps of each proxy training (the short-training proxy)
-    pr_T: int = 4                    # the candidates are judged at this T, with its searched schedule if there is one
-    pr_samples: int = 1000           # samples per candidate FID (training-set statistics, seed search_seed)
-    pr_final: bool = True            # then train the chosen p(r) for nat_steps in <run>/beta and search its schedule
-
-
-PRESETS: dict[str, dict] = {
-    # seconds on a CPU, synthetic data: for CI and the end-to-end test
-    "test": dict(data="synthetic", vq_steps=30, vq_warmup=5, feat_warmup=5, vq_batch=32, vq_ch=8, vq_n_res=1, codebook_size=32, code_dim=8,
-                 vq_restart_every=10, feat_steps=30, feat_batch=32, feat_width=8, feat_dim=16, bb_steps=20, bb_width=4, bb_dim=8,
-                 nat_steps=30, nat_batch=32, nat_dim=32, nat_depth=1, nat_heads=2, nat_warmup=5,
-                 log_every=10, ema_decay=0.9, pi_T=(4,), pi_iters=4, pi_batch=16, pi_width=16, pi_hidden=16,
-                 pi_d_warmup=1, pi_d_steps=1, pi_d_warmup_steps=2, pi_fid_every=2, pi_fid_samples=40, pi_sweep_samples=20,
-                 search_T=(4,), search_updates=2, search_param_updates=2, search_samples=40,
-                 pr_budget=2, pr_steps=5, pr_samples=40,
-                 flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5, flow_pi_nfe=(4,),
-                 feat2_steps=30, feat2_width=8, feat2_dim=16, pi_fid_chunk=4, vq_perceptual=0.1),
-    # the default, for 2 CPU cores (stage times in the README)
-    "small": dict(),
-    # one GPU, a few minutes to an hour
-    "base": dict(vq_steps=8000, vq_ch=64, codebook_size=512, gan_weight=0.1, gan_start=4000,
-                 feat_steps=4000, feat_width=48, nat_steps=30000, nat_batch=512, nat_lr=6e-4,
-                 nat_warmup=1000, nat_dim=384, nat_depth=8, nat_heads=6, nat_dropout=0.1, ema_decay=0.9995,
-                 search_samples=2000, search_updates=30, search_param_updates=30, pr_steps=5000,
-                 flow_steps=30000, flow_batch=512, flow_lr=6e-4, flow_warmup=1000, flow_dim=384, flow_depth=8,
-                 flow_heads=6, feat2_steps=4000),
-}
-# the AdaNAT release's PPO (`--set pi_recipe=official`): lr 1e-5, K = 5 full-batch epochs, sigma 0.6 then 0.3
-# from the half on, no KL stop, no gradient clip, advantages divided by the batch std, no anchor
-OFFICIAL_RECIPE = dict(pi_lr=1e-5, pi_static_lr=1e-5, pi_epochs=5, pi_minibatches=1, pi_sigma0=0.6, pi_sigma1=0.3,
-                       pi_sigma_schedule="step", pi_target_kl=0.0, pi_grad_clip=0.0, pi_anchor=0.0, pi_adv_floor=0.0)
-
-
-def recipe(c: "TrainConfig") -> "TrainConfig":
-    """The config a policy stage trains with: c, or c with OFFICIAL_RECIPE's keys when pi_recipe = official."""
-    return dataclasses.replace(c, **OFFICIAL_RECIPE) if c.pi_recipe == "official" else c
-
-
-def sigma_at(c: "TrainConfig", it: int) -> float:
-    """Exploration std of iteration `it`: linear pi_sigma0 -> pi_sigma1, or a step at the half."""
-    if c.pi_sigma_schedule == "step":
-        return c.pi_sigma0 if it < c.pi_iters // 2 else c.pi_sigma1
-    return c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
-
-
-STAGES = ["backbone", "vq", "featnet", "featnet2", "nat", "search", "param-search", "policy", "static", "smooth"]
-
-
-# ----------------------------------------------------------------------------- plumbing
-
-
-# ----------------------------------------------------------------------------- data parallel (torchrun)
+STAGES = ["backbone", "vq", "featnet", "featnet2", "nat", "search", "param-search", "policy", "static", "smooth"]   # --stage all
 
 
 def vq_config(c: TrainConfig) -> vqgan.VQConfig:
@@ -274,6 +99,56 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- stages
+
+def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, name: str, sizes: dict,
+                     steps: int, seed_offset: int) -> None:
+    """Train a fid.FeatureNet classifier of the given sizes into <name>.pt (Adam, flip + shift)."""
+    x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
+    x_test, y_test, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
+    cfg = fid.FeatureNetConfig(in_ch=c.channels, num_classes=num_classes, img_size=c.img_size, **sizes)
+    torch.manual_seed(c.seed + seed_offset)
+    model = fid.FeatureNet(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=c.feat_lr)
+    modules = {"model": model, "optim": opt}
+    path = os.path.join(run_dir, f"{name}.pt")
+    state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
+    g = torch.Generator().manual_seed(c.seed + seed_offset + state["step"] + 1000003 * ddp.DIST.rank)
+    it = data.batches(x_train, y_train, runs.rank_batch(c.feat_batch, "feat_batch"), g, infinite=True)
+    net = ddp.data_parallel(model, device)                    # (batch-norm statistics per rank, rank 0's buffers kept)
+
+    def step_fn(step: int) -> dict:
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, steps, c.feat_lr, c.feat_warmup)
+        xb, yb = next(it)
+        x = augment(data.to_float(xb).to(device), g)
+        dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()       # random shift by up to 2 pixels
+        x = torch.roll(x, (dx, dy), dims=(2, 3))
+        net.train()
+        logits = net(x)
+        loss = F.cross_entropy(logits, yb.to(device))
+        loss_v = ddp.all_mean(loss.detach()).item()
+        runs.check_finite(loss=loss_v)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        acc = (logits.argmax(1).cpu() == yb).float().mean()
+        return {"loss": loss_v, "acc": ddp.all_mean(acc.to(device)).item()}
+
+    state = runs.train_loop(name, path, state, modules, step_fn, steps, c, log)
+    _, logits = fid.extract(model, data.to_float(x_test), device=device)
+    acc = (logits.argmax(1) == y_test).float().mean().item()
+    state["metrics"] = {"test_acc": acc}
+    state["done"] = True
+    runs.save_ckpt(path, state)
+    log(stage=name, final=True, test_acc=acc)
+    print(f"{name}: test accuracy {acc:.4f}")
+
+
+def stage_backbone(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+    """A second classifier (other width and seed, shorter training): the frozen backbone the
+    policy's discriminator reads (reward.py). The FID network itself must not be the reward."""
+    train_classifier(c, run_dir, device, log, "backbone", dict(width=c.bb_width, feat_dim=c.bb_dim), c.bb_steps, 7)
+
 
 def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """Train the VQ tokenizer: L = |x - G(z_q)| + (x - G(z_q))^2 + L_vq (+ hinge GAN)."""
@@ -358,62 +233,12 @@ def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: runs.
     train_classifier(c, run_dir, device, log, "featnet", dict(width=c.feat_width, feat_dim=c.feat_dim), c.feat_steps, 2)
 
 
-def stage_backbone(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
-    """A second classifier (other width and seed, shorter training): the frozen backbone the
-    policy's discriminator reads (reward.py). The FID network itself must not be the reward."""
-    train_classifier(c, run_dir, device, log, "backbone", dict(width=c.bb_width, feat_dim=c.bb_dim), c.bb_steps, 7)
-
-
 def stage_featnet2(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """An independent FID network for the reward-hacking study (AdaGen §III-D): another
     architecture (one conv per stage, average pooling, other widths) and seed, so that a policy
     trained on the FID network's own FID can be judged on features it never saw."""
     train_classifier(c, run_dir, device, log, "featnet2",
                      dict(width=c.feat2_width, feat_dim=c.feat2_dim, convs=1, pool="avg"), c.feat2_steps, 13)
-
-
-def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, name: str, sizes: dict,
-                     steps: int, seed_offset: int) -> None:
-    """Train a fid.FeatureNet classifier of the given sizes into <name>.pt (Adam, flip + shift)."""
-    x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    x_test, y_test, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
-    cfg = fid.FeatureNetConfig(in_ch=c.channels, num_classes=num_classes, img_size=c.img_size, **sizes)
-    torch.manual_seed(c.seed + seed_offset)
-    model = fid.FeatureNet(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=c.feat_lr)
-    modules = {"model": model, "optim": opt}
-    path = os.path.join(run_dir, f"{name}.pt")
-    state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + seed_offset + state["step"] + 1000003 * ddp.DIST.rank)
-    it = data.batches(x_train, y_train, runs.rank_batch(c.feat_batch, "feat_batch"), g, infinite=True)
-    net = ddp.data_parallel(model, device)                    # (batch-norm statistics per rank, rank 0's buffers kept)
-
-    def step_fn(step: int) -> dict:
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, steps, c.feat_lr, c.feat_warmup)
-        xb, yb = next(it)
-        x = augment(data.to_float(xb).to(device), g)
-        dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()       # random shift by up to 2 pixels
-        x = torch.roll(x, (dx, dy), dims=(2, 3))
-        net.train()
-        logits = net(x)
-        loss = F.cross_entropy(logits, yb.to(device))
-        loss_v = ddp.all_mean(loss.detach()).item()
-        runs.check_finite(loss=loss_v)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        acc = (logits.argmax(1).cpu() == yb).float().mean()
-        return {"loss": loss_v, "acc": ddp.all_mean(acc.to(device)).item()}
-
-    state = runs.train_loop(name, path, state, modules, step_fn, steps, c, log)
-    _, logits = fid.extract(model, data.to_float(x_test), device=device)
-    acc = (logits.argmax(1) == y_test).float().mean().item()
-    state["metrics"] = {"test_acc": acc}
-    state["done"] = True
-    runs.save_ckpt(path, state)
-    log(stage=name, final=True, test_acc=acc)
-    print(f"{name}: test accuracy {acc:.4f}")
 
 
 @torch.no_grad()
@@ -483,182 +308,13 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logg
     print(f"nat: done, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 
-# ----------------------------------------------------------------------------- flow (AdaGen, continuous)
+# ----------------------------------------------------------------------------- policies: AdaNAT Algorithm 1
 
-
-# ----------------------------------------------------------------------------- policies (AdaNAT)
-
-def policy_config(c: TrainConfig, kind: str, T: int, h: torch.Tensor, C: int, N: int) -> dict:
-    """What a policy checkpoint needs to be rebuilt and resumed: the kind, T, the heuristic
-    table its residual starts from, the network sizes and the training hyper-parameters."""
-    return {"kind": kind, "T": T, "heuristic": h.tolist(), "C": C, "N": N,
-            "beta_ema": c.pi_beta_ema if kind == "smooth" else 0.0,
-            **{k: v for k, v in runs.to_plain(c).items() if k.startswith("pi_") and k not in ("pi_T", "pi_beta_ema")}}
-
-
-def start_table(pipe, start: str, T: int, w_0: float) -> torch.Tensor:
-    """The (T, 4) schedule a policy's zero residual reproduces: AdaNAT's heuristic (tau2_0 = 1,
-    w = w_0 t/T), or a finished AutoNAT search of this run ("search": the free table, "param":
-    the family), AdaNAT's "residual on the best hand-made schedule" taken one step further."""
-    if start == "heuristic":
-        return nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)
-    found = pipeline.searched_table(pipe, start, T)
-    if found is None:
-        stage = "search" if start == "search" else "param-search"
-        raise runs.UserError(f"pi_start={start}: {pipe.run_dir} has no finished {start}_T{T}.pt; run python train.py "
-                        f"--run-dir {pipe.run_dir} --stage {stage} --set search_T={T} first")
-    table, cfg, _ = found
-    if cfg["generator"] != pipe.fingerprint:
-        print(f"warning: {start}_T{T}.pt was searched on other weights or numerics ({cfg['generator']})")
-    return table.float()
-
-
-@dataclass
-class PolicyTask:
-    """What the PPO loop needs from a paradigm (the NAT, or an ODE sampler on the flow generator)."""
-    name: str                  # checkpoint / log name, e.g. policy_T8, flow_policy_nfe4
-    T: int                     # steps, i.e. decisions per trajectory
-    spec: policy.ActionSpec
-    h: torch.Tensor            # (T, D) the schedule a zero residual reproduces
-    start: str                 # what h is, for the log
-    C: int                     # the generator's feature width and number of positions (B, N, C)
-    N: int
-    num_classes: int
-    generate: Callable         # (labels (B,), schedule, generator g, group G) -> final (B, ...) on the device
-    to_images: Callable        # final -> images (B, C, H, W) in [-1, 1] on the device
-    fid_images: Callable       # (labels, schedule) -> images on the CPU (seed 0), for the training-set FID
-    reals: Callable            # () -> (x (n, C, H, W) float CPU, y (n,)): what D calls real
-    to_step: Optional[Callable] = None   # policy.PolicySchedule's to_step (the ODE sampler's [f, w] -> (t', w))
-    extra: dict = dataclasses.field(default_factory=dict)   # recorded in the policy's config
-
-
-def real_images(c: TrainConfig, n: int = 11000) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random training images (float, [-1, 1]) and labels: the discriminator's reals."""
-    x_train, y_train, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(c.seed + 5))[:n]
-    return data.to_float(x_train[pick]), y_train[pick]
-
-
-def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: int):
-    """(task, pipeline, RealFeatures) of the NAT MDP for T decoding steps (AdaNAT)."""
-    pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-    ref = pipeline.RealFeatures(pipe)
-    w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
-    cfg = pipe.cfg
-
-    def reals():                                    # raw training images, or (pi_d_real = recon) their reconstructions
-        x, y = real_images(c)
-        if c.pi_d_real == "recon":
-            x = pipe.decode(torch.cat([pipe.vq.tokenize(x[i:i + 500].to(device)).cpu() for i in range(0, len(x), 500)]))
-        return x, y
-
-    task = PolicyTask(
-        name=pipeline.policy_file(kind, c.pi_start, T, c.pi_reward), T=T, spec=policy.NAT_ACTIONS, h=start_table(pipe, c.pi_start, T, w_0),
-        start=f"{pipeline.PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim, N=cfg.num_tokens, num_classes=cfg.num_classes,
-        generate=lambda y, sched, g, G: nat.generate(pipe.logits_fn, y, T, sched, cfg.mask_id, cfg.num_tokens,
-                                                     cfg.null_label, g, group=G),
-        to_images=pipe.vq.detokenize,
-        fid_images=lambda y, sched: pipe.decode(pipe.generate(y, T, sched, seed=0)),
-        reals=reals)
-    return task, pipe, ref
-
-
-@dataclass
-class Learner:
-    """What Algorithm 1 trains and reads, for one task: the policy pi (eta_phi) and critic V, the
-    discriminator D (r_psi) on the frozen backbone classifier, their optimisers, D's reals."""
-    c: TrainConfig
-    task: PolicyTask
-    device: torch.device
-    pi: torch.nn.Module
-    V: torch.nn.Module
-    D: reward.ProjectedDiscriminator
-    opt: torch.optim.Optimizer
-    d_opt: torch.optim.Optimizer
-    classifier: torch.nn.Module          # the frozen backbone classifier (D's features, r_fid's logits)
-    backbone: Callable                   # images -> its feature maps
-    h_pre: torch.Tensor                  # (T, D) pre-activations of the start schedule
-    active: torch.Tensor                 # (T, D) knobs that act
-    beta_ema: float
-    B: int                               # this rank's trajectories per iteration
-    base: Optional[torch.nn.Module] = None   # the fidelity blend's frozen main policy
-    x_real: Optional[torch.Tensor] = None    # (n, C, H, W) D's reals and their labels y_real (n,) ...
-    y_real: Optional[torch.Tensor] = None
-    f_hold: Optional[list] = None            # ... and 1 000 held-out reals as the backbone's feature maps, labels y_hold
-    y_hold: Optional[torch.Tensor] = None
-
-    def __post_init__(self):
-        self.pi_dp, self.V_dp, self.D_dp = (ddp.data_parallel(m, self.device) for m in (self.pi, self.V, self.D))
-
-    def schedule(self, sigma: float = 0.0, g: Optional[torch.Generator] = None, lam=None) -> policy.PolicySchedule:
-        """The policy as a schedule: the mean (sigma = 0) or exploring; with lam, blended with base (Eq. 14)."""
-        return policy.PolicySchedule(self.pi, self.h_pre, sigma, self.beta_ema, g, spec=self.task.spec,
-                                     to_step=self.task.to_step, base=self.base if lam is not None else None, lam=lam)
-
-    def explore(self, sigma: float, g: torch.Generator):
-        """B trajectories' labels (groups of pi_group share one; the blend's lam per group) and the generator."""
-        G = self.c.pi_group
-        y = torch.randint(0, self.task.num_classes, (self.B // G,), device=self.device, generator=g).repeat_interleave(G)
-        lam = None
-        if self.base is not None:
-            lam = torch.rand(self.B // G, device=self.device, generator=g).repeat_interleave(G)
-        return y, lam, lambda y_, sched: self.task.generate(y_, sched, g, G)
-
-
-def build_learner(c: TrainConfig, run_dir: str, device: torch.device, kind: str, task: PolicyTask) -> tuple:
-    """(Learner, its checkpoint config, modules to checkpoint) for a policy of `kind` on `task`."""
-    T, spec = task.T, task.spec
-    pcfg = {**policy_config(c, kind, T, task.h, task.C, task.N), "spec": list(spec.names), **task.extra}
-    pi, V = (m.to(device) for m in pipeline.build_policy(pcfg))
-    classifier = pipeline.build_model(run_dir, "backbone", device)                 # D's frozen backbone and r_fid's classifier
-    backbone, channels = pipeline.classifier_backbone(classifier)
-    D = reward.ProjectedDiscriminator(channels, task.num_classes).to(device)
-    base = fidelity_base(run_dir, device, task, pcfg, (pi, V, D)) if kind == "fidelity" else None
-    B = runs.rank_batch(c.pi_batch, "pi_batch")                                   # this rank's trajectories
-    if B % c.pi_group:
-        raise runs.UserError(f"pi_group {c.pi_group} must divide each process's share of pi_batch ({B} of {c.pi_batch})")
-    opt = torch.optim.Adam(list(pi.parameters()) + list(V.parameters()), lr=c.pi_static_lr if kind == "static" else c.pi_lr)
-    d_opt = torch.optim.Adam(D.parameters(), lr=c.pi_d_lr, betas=(0.5, 0.999))
-    L = Learner(c, task, device, pi, V, D, opt, d_opt, classifier, backbone, policy.inverse_activation(task.h, spec).to(device),
-                spec.active(T, device), pcfg["beta_ema"], B, base)
-    modules = {"model": pi, "critic": V, "disc": D, "optim": opt, "d_optim": d_opt}
-    return L, pcfg, modules
-
-
-def fidelity_base(run_dir: str, device: torch.device, task: PolicyTask, pcfg: dict, nets: tuple) -> torch.nn.Module:
-    """AdaGen §III-F2: the frozen adaptive policy the fidelity policy is blended with (Eq. 14); a new
-    fidelity policy, its critic and D start as copies of the adaptive policy's."""
-    base_name = task.name.replace("fidelity", "policy", 1)
-    base_path = os.path.join(run_dir, f"{base_name}.pt")
-    if not os.path.exists(base_path):
-        raise runs.UserError(f"the fidelity stage blends with the adaptive policy {base_path}, which is missing: "
-                             f"run python train.py --run-dir {run_dir} --stage policy first")
-    base, base_cfg = pipeline.load_policy(base_path, device)
-    if base_cfg["heuristic"] != task.h.tolist() or base_cfg["beta_ema"] != 0:
-        raise runs.UserError(f"{base_path} starts from another schedule than this run's (the w_0 sweep changed since) or "
-                             f"smooths its actions: the blend needs both policies on the same start; retrain it")
-    pcfg["base"] = base_name
-    if not os.path.exists(os.path.join(run_dir, f"{task.name}.pt")):   # start: the main policy, critic and D
-        main = runs.load_ckpt(base_path)
-        for net, key in zip(nets, ("best", "critic", "disc")):
-            net.load_state_dict(main[key])
-    return base.requires_grad_(False)
-
-
-def reward_hook(c: TrainConfig, kind: str, pipe, ref) -> Callable:
-    """The policy's reward R (B,) from (r_adv, r_fid, fake images, lam): D's score (AdaNAT Eq. 13) by
-    default; the fidelity blend (AdaGen Eq. 15); or, for the reward-hacking study, the fixed reward
-    r_fid = log p(y|x) or minus the FID of the trajectory's chunk (AdaGen §III-D)."""
-    if kind == "fidelity":
-        return lambda r_adv, r_fid, fake, lam: reward.blended_reward(r_adv, r_fid, lam)
-    if c.pi_reward == "fid":                                                  # chunks of the global batch
-        def chunk_fid(r_adv, r_fid, fake, lam):
-            feats = ddp.all_cat(fid.extract(pipe.featnet, fake, device=fake.device)[0].to(fake.device)).cpu()
-            return ddp.my_rows(chunk_fid_reward(feats, ref, c.pi_fid_chunk)).to(fake.device)
-        return chunk_fid
-    if c.pi_reward == "fixed":
-        return lambda r_adv, r_fid, fake, lam: r_fid
-    return lambda r_adv, r_fid, fake, lam: r_adv
+def sigma_at(c: TrainConfig, it: int) -> float:
+    """Exploration std of iteration `it`: linear pi_sigma0 -> pi_sigma1, or a step at the half."""
+    if c.pi_sigma_schedule == "step":
+        return c.pi_sigma0 if it < c.pi_iters // 2 else c.pi_sigma1
+    return c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
 
 
 def advantages(c: TrainConfig, R_all: torch.Tensor, value: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -833,19 +489,6 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
           f"curve in {name}_curve.png")
 
 
-def chunk_fid_reward(feats: torch.Tensor, ref, chunk: int) -> torch.Tensor:
-    """The batch-FID reward of the reward-hacking study (AdaGen §III-D option 1): trajectory i's
-    reward is minus the FID (training statistics) of its chunk, i mod (B // chunk); consecutive
-    trajectories (a group) land in different chunks, so group baselines still see a difference.
-    feats (B, D) of the FID network -> (B,) on the CPU."""
-    B = feats.shape[0]
-    chunk_of = torch.arange(B) % max(2, B // chunk)
-    R = torch.empty(B)
-    for j in chunk_of.unique():
-        R[chunk_of == j] = -fid.fid_from_features(feats[chunk_of == j], ref.train_mu, ref.train_sigma)
-    return R
-
-
 def stage_policies(kind: str, make_task: Callable = None, counts: Callable = lambda c: c.pi_T,
                    file: Callable = lambda c, kind, n: pipeline.policy_file(kind, c.pi_start, n, c.pi_reward)):
     """The stage function for one policy kind: a policy per count (the NAT: T in pi_T; the ODE
@@ -881,124 +524,6 @@ def stage_fn(name: str) -> Callable:
 
 
 # ----------------------------------------------------------------------------- command line
-
-def parse_value(field_type, text: str):
-    """Parse a --set value by the config field's type."""
-    if field_type is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"expected true/false, got {text!r}")
-    if field_type is int:
-        return int(text)
-    if field_type is float:
-        return float(text)
-    if field_type is tuple:
-        return tuple(int(v) for v in text.split(","))
-    return None if text.lower() == "none" else text
-
-
-def validate(c: TrainConfig, stage: str) -> None:
-    """One clear line (UserError) for a config value that cannot work."""
-    for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
-                 "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches", "search_updates", "search_param_updates",
-                 "search_samples", "search_eps_m", "search_eps", "flow_steps", "flow_batch"):
-        if getattr(c, name) <= 0:
-            raise runs.UserError(f"{name} = {getattr(c, name)}: must be positive")
-    if c.mask_dist not in ("cosine", "beta"):
-        raise runs.UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
-    if c.pi_group < 1 or c.pi_batch % c.pi_group:
-        raise runs.UserError(f"pi_group {c.pi_group} must be >= 1 and divide pi_batch {c.pi_batch}")
-    if c.pi_start not in pipeline.PI_STARTS:
-        raise runs.UserError(f"pi_start {c.pi_start!r}: use one of {', '.join(pipeline.PI_STARTS)}")
-    if c.flow_pi_solver not in samplers.SOLVERS:
-        raise runs.UserError(f"flow_pi_solver {c.flow_pi_solver!r}: use one of {', '.join(samplers.SOLVERS)}")
-    if not c.flow_pi_nfe or any(n < 2 or samplers.steps_for_nfe(c.flow_pi_solver, n) < 2 for n in c.flow_pi_nfe):
-        raise runs.UserError(f"flow_pi_nfe {c.flow_pi_nfe}: budgets of at least 2 solver steps ({c.flow_pi_solver})")
-    if c.flow_path not in samplers.PATHS:
-        raise runs.UserError(f"flow_path {c.flow_path!r}: use one of {', '.join(samplers.PATHS)}")
-    if c.img_size % c.flow_patch:
-        raise runs.UserError(f"flow_patch {c.flow_patch} must divide img_size {c.img_size}")
-    if c.pi_reward not in pipeline.PI_REWARDS:
-        raise runs.UserError(f"pi_reward {c.pi_reward!r}: use one of {', '.join(pipeline.PI_REWARDS)}")
-    if stage == "fidelity" and c.pi_reward != "adversarial":
-        raise runs.UserError(f"--stage {stage} --reward {c.pi_reward}: the fidelity policy's reward is the blend of "
-                        f"the adversarial and the fixed reward (Eq. 15); drop --reward")
-    if c.pi_fid_chunk < 2:
-        raise runs.UserError(f"pi_fid_chunk {c.pi_fid_chunk}: an FID needs at least 2 samples per chunk")
-    if c.pi_d_real not in ("recon", "raw"):
-        raise runs.UserError(f"pi_d_real {c.pi_d_real!r}: use raw or recon")
-    if c.pi_recipe not in ("ours", "official") or c.pi_sigma_schedule not in ("linear", "step"):
-        raise runs.UserError(f"pi_recipe {c.pi_recipe!r} / pi_sigma_schedule {c.pi_sigma_schedule!r}: use ours or official / "
-                        f"linear or step")
-    if c.pi_d_replay < 1 or c.pi_anchor < 0 or c.pi_adv_floor < 0 or c.vq_perceptual < 0:
-        raise runs.UserError("pi_d_replay must be >= 1 and pi_anchor, pi_adv_floor, vq_perceptual >= 0")
-    if not c.pi_T or any(T < 2 for T in c.pi_T):
-        raise runs.UserError(f"pi_T {c.pi_T}: decoding step counts of at least 2, e.g. --set pi_T=4,8")
-    if not c.search_T or any(T < 2 for T in c.search_T):
-        raise runs.UserError(f"search_T {c.search_T}: decoding step counts of at least 2, e.g. --set search_T=4,8")
-    if c.pr_budget < 1 or c.pr_steps < 1 or c.pr_T < 2 or c.pr_samples < 1:
-        raise runs.UserError("pr_budget, pr_steps and pr_samples must be positive and pr_T >= 2")
-    if not (0 <= c.search_momentum < 1 and c.search_lr >= 0 and c.search_lr_m >= 0 and c.search_clip >= 0):
-        raise runs.UserError("search_momentum must be in [0, 1), search_lr, search_lr_m and search_clip >= 0")
-    if not (c.pi_sigma0 > 0 and c.pi_sigma1 > 0 and 0 <= c.pi_beta_ema < 1):
-        raise runs.UserError("pi_sigma0 and pi_sigma1 must be positive and pi_beta_ema in [0, 1)")
-
-
-def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
-    """The run folder's config.json (else the preset), with the flags applied on top.
-
-    Once a stage has written a checkpoint, the config may no longer change: a run folder is
-    one experiment. Before that (e.g. after a wrong --data) anything may be fixed."""
-    run_dir = args.run_dir or os.path.join("runs", args.preset or "small")
-    config_path = os.path.join(run_dir, "config.json")
-    saved = runs.read_json(config_path) if os.path.exists(config_path) else None
-    if os.path.exists(config_path) and not isinstance(saved, dict):
-        raise runs.UserError(f"{config_path} is unreadable; delete it (and the run folder's checkpoints) to start over")
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    preset = args.preset or (saved or {}).get("preset", "small")
-    if preset not in PRESETS:
-        raise runs.UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    if saved is not None and saved.get("preset") == preset:       # keys missing from an older config: the preset's
-        c = TrainConfig(**{**PRESETS[preset], **{k: v for k, v in saved.items() if k in fields}})
-        c.vq_ch_mult, c.pi_T, c.search_T = tuple(c.vq_ch_mult), tuple(c.pi_T), tuple(c.search_T)
-        c.flow_pi_nfe = tuple(c.flow_pi_nfe)
-    else:
-        c = TrainConfig(**{**PRESETS[preset], "preset": preset})
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        if key not in fields or key == "preset":
-            raise runs.UserError(f"--set {item}: unknown config key {key!r}; keys: {', '.join(k for k in fields if k != 'preset')}")
-        try:
-            setattr(c, key, parse_value(fields[key], value))
-        except ValueError as e:
-            raise runs.UserError(f"--set {item}: {e}") from None
-    if args.data is not None:
-        c.data = args.data
-    c.flow_path, c.pi_reward, c.compile = args.path, args.reward, args.compile
-    if args.seed is not None:
-        c.seed = args.seed
-    if args.steps is not None:
-        if args.steps <= 0:
-            raise runs.UserError(f"--steps {args.steps}: must be a positive number of training steps")
-        for s in (STAGES if args.stage == "all" else [args.stage]):
-            key = {"featnet": "feat_steps", "featnet2": "feat2_steps", "backbone": "bb_steps", "search": "search_updates", "flow-search": "search_updates",
-                   "param-search": "search_param_updates", "pr-search": "pr_steps"}.get(s, "pi_iters" if s in POLICY_STAGES + FLOW_POLICY_STAGES else f"{s}_steps")
-            setattr(c, key, args.steps)
-    validate(c, args.stage)
-    trained = [s for s in STAGES if os.path.exists(os.path.join(run_dir, f"{s}.pt"))]
-    if saved is not None and trained:
-        now = runs.to_plain(c)
-        # pi_*, search_*, flow_*, feat2_* keys are free: each of their checkpoints carries (and on resume checks) its own copy
-        diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_", "flow_", "feat2_"))
-                      and k not in ("ckpt_every_s", "log_every", "compile", "gen_rows") and saved[k] != now[k])
-        if diff:
-            raise runs.UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "
-                            f"use another --run-dir, or the same flags as before")
-    return c, run_dir
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: the run folder's, else small)")
@@ -1017,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.stage != "all" and args.stage not in STAGES + OPTIONAL_STAGES:
             raise runs.UserError(f"unknown stage {args.stage!r}: choose all or one of {', '.join(STAGES + OPTIONAL_STAGES)}")
-        c, run_dir = build_config(args)
+        c, run_dir = build_config(args, STAGES)
         device = ddp.init_distributed(runs.pick_device(args.device))
         if not ddp.DIST.main:
             sys.stdout = open(os.devnull, "w")                         # one rank reports; errors still reach stderr

@@ -9,22 +9,24 @@ import os
 
 import torch
 
+import config
 import data
 import ddp
 import nat
 import pipeline
 import policy
+import learner
 import runs
 import samplers
 import train
 
 
-def flow_config(c: train.TrainConfig, num_classes: int) -> nat.FlowConfig:
+def flow_config(c: config.TrainConfig, num_classes: int) -> nat.FlowConfig:
     return nat.FlowConfig(img_size=c.img_size, channels=c.channels, patch=c.flow_patch, num_classes=num_classes,
                           dim=c.flow_dim, depth=c.flow_depth, heads=c.flow_heads, path=c.flow_path)
 
 
-def stage_flow(c: train.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+def stage_flow(c: config.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """Train the continuous generator on pixels (flow_path: rectified flow or VP diffusion, see
     samplers.py), with horizontal flips, class dropout for guidance and an EMA of the weights.
     Writes flow.pt (or vp.pt)."""
@@ -69,7 +71,7 @@ def stage_flow(c: train.TrainConfig, run_dir: str, device: torch.device, log: ru
           f"python sample.py --run-dir {run_dir} --flow {name} draws its grids")
 
 
-def flow_task(c: train.TrainConfig, run_dir: str, device: torch.device, kind: str, nfe: int):
+def flow_task(c: config.TrainConfig, run_dir: str, device: torch.device, kind: str, nfe: int):
     """(task, pipeline, RealFeatures) of the ODE-sampler MDP (AdaGen): flow_pi_solver with the most
     steps whose network evaluations fit in `nfe`, starting from the uniform grid with constant
     guidance w_0 (the AdaGen release's DiT/SiT start); D's reals are raw training images."""
@@ -86,12 +88,12 @@ def flow_task(c: train.TrainConfig, run_dir: str, device: torch.device, kind: st
         return samplers.sample(pipe.velocity_fn, noise.repeat_interleave(G, 0), y, T, sched, solver, cfg.null_label,
                                pipe.path).clamp(-1, 1)
 
-    task = train.PolicyTask(
+    task = learner.PolicyTask(
         name=pipeline.flow_policy_file(c.flow_path, kind, nfe, c.pi_reward), T=T, spec=policy.FLOW_ACTIONS, h=h,
         start=f"{solver}, uniform grid, w = {w_0:g}", C=cfg.dim, N=cfg.num_patches, num_classes=cfg.num_classes,
         generate=generate, to_images=lambda x: x,
         fid_images=lambda y, sched: pipe.generate(y, T, sched, solver, seed=0),
-        reals=lambda: train.real_images(c), to_step=samplers.actions_to_step(T),
+        reals=lambda: learner.real_images(c), to_step=samplers.actions_to_step(T),
         extra={"solver": solver, "nfe": nfe, "path": c.flow_path})
     return task, pipe, ref
 

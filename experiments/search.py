@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 import autonat
+import config
 import ddp
 import nat
 import pipeline
@@ -54,7 +55,7 @@ class SearchProblem:
     extra: dict
 
 
-def search_problem(c: train.TrainConfig, run_dir: str, device: torch.device, kind: str, T: int) -> SearchProblem:
+def search_problem(c: config.TrainConfig, run_dir: str, device: torch.device, kind: str, T: int) -> SearchProblem:
     """The problem of a search `kind` for T steps (for "flow": an NFE budget T), starting from the heuristic."""
     extra = {}
     if kind == "flow":
@@ -86,7 +87,7 @@ def search_problem(c: train.TrainConfig, run_dir: str, device: torch.device, kin
                          extra)
 
 
-def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, kind: str, T: int) -> None:
+def search_schedule(c: config.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, kind: str, T: int) -> None:
     """AutoNAT §4.2 for one T: finite-difference gradient descent on training-set FID.
 
     kind "free": xi = the whole T x 4 table [m, tau1, tau2, w] (the paper's search);
@@ -184,7 +185,7 @@ def stage_search(stage: str):
     `flow-search` (one per NFE budget in flow_pi_nfe)."""
     kind = SEARCH_KINDS[stage]
 
-    def run(c: train.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+    def run(c: config.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
         for T in (c.flow_pi_nfe if kind == "flow" else c.search_T):
             name = f"{c.flow_path}_search_nfe{T}" if kind == "flow" else f"{SEARCH_FILES[kind]}_T{T}"
             path = os.path.join(run_dir, f"{name}.pt")
@@ -198,7 +199,7 @@ def stage_search(stage: str):
     return run
 
 
-def sub_run(c: train.TrainConfig, run_dir: str, sub: str, **changes) -> train.TrainConfig:
+def sub_run(c: config.TrainConfig, run_dir: str, sub: str, **changes) -> config.TrainConfig:
     """A run folder sharing this run's tokenizer and feature network (copied), its config = c + changes."""
     if ddp.DIST.main:                                                           # one rank touches the files
         if os.path.exists(os.path.join(sub, "vq.pt")) and \
@@ -214,7 +215,7 @@ def sub_run(c: train.TrainConfig, run_dir: str, sub: str, **changes) -> train.Tr
     return c2
 
 
-def stage_pr_search(c: train.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """AutoNAT §4.3 and one round of its Algorithm 1, with short proxy trainings.
 
     Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>_s<steps>/

@@ -1,0 +1,306 @@
+"""The run's configuration: TrainConfig (every key a stage reads), the presets, and the command
+line's config handling: a run folder's config.json, --set KEY=VALUE and --steps on top, checked.
+
+Each model has its own @dataclass config in its concept file (vqgan.VQConfig, nat.NATConfig, ...);
+train.py builds them from a TrainConfig. A run folder is one experiment: once a stage has written
+a checkpoint, the keys that shaped it may no longer change (the pi_*, search_*, pr_*, flow_* and
+feat2_* keys may: each of their checkpoints carries its own copy).
+"""
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import pipeline
+import runs
+import samplers
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Presets (below) override the defaults by name."""
+
+    preset: str = "small"
+    data: str | None = None          # None: Fashion-MNIST (./data, Debian package, download); a folder; "synthetic"
+    img_size: int = 32
+    channels: int = 1
+    seed: int = 0
+    bf16: bool = True                # bf16 autocast for the transformer on CUDA (ignored on CPU)
+    compile: bool = False            # torch.compile the generators' training forward (--compile)
+    gen_rows: int = 0                # rows per generator forward in generation (0: the chunk size); lower it after an
+                                     # out-of-memory error: the random numbers are keyed by chunk, the samples do not change
+    ckpt_every_s: float = 300.0      # seconds between checkpoints inside a stage
+    log_every: int = 50              # steps between log.jsonl records
+    # --- vq: the tokenizer
+    vq_steps: int = 5000
+    vq_batch: int = 128
+    vq_lr: float = 1e-3
+    vq_ch: int = 32
+    vq_ch_mult: tuple = (1, 2)
+    vq_n_res: int = 2
+    codebook_size: int = 512
+    code_dim: int = 32
+    vq_warmup: int = 100
+    vq_restart_every: int = 100      # dead-code restart period (steps); off in the last 20% of training
+    gan_weight: float = 0.0          # hinge patch-GAN generator weight (0: off)
+    gan_start: int = 0               # steps of plain reconstruction before the GAN starts
+    vq_perceptual: float = 0.5       # weight of the perceptual loss L_P on the backbone classifier's
+                                     # feature maps (never the FID network's); > 0 needs the backbone stage first
+    # --- featnet: the FID feature network
+    feat_steps: int = 1500
+    feat_batch: int = 128
+    feat_lr: float = 2e-3
+    feat_warmup: int = 50
+    feat_width: int = 32
+    feat_dim: int = 128
+    # --- backbone: a second classifier, the frozen backbone of the policy's discriminator
+    bb_steps: int = 400
+    bb_width: int = 16
+    bb_dim: int = 64
+    # --- featnet2: an independent FID network (another architecture and seed) for the reward-hacking study
+    feat2_steps: int = 1500
+    feat2_width: int = 48
+    feat2_dim: int = 96
+    # --- nat: the generator
+    nat_steps: int = 1500
+    nat_batch: int = 256
+    nat_lr: float = 1e-3
+    nat_warmup: int = 100
+    nat_wd: float = 0.05
+    nat_dim: int = 128
+    nat_depth: int = 4
+    nat_heads: int = 4
+    nat_dropout: float = 0.0
+    # --- flow: the continuous generator (AdaGen's rectified-flow / diffusion paradigm), on pixels;
+    # keys flow_* are free after the other stages (flow.pt / vp.pt carry their own model config)
+    flow_path: str = "flow"          # "flow" (rectified flow, predicts v) or "vp" (VP diffusion, predicts eps); --path
+    flow_steps: int = 3000
+    flow_batch: int = 128
+    flow_lr: float = 1e-3
+    flow_warmup: int = 100
+    flow_wd: float = 0.0
+    flow_dim: int = 128
+    flow_depth: int = 4
+    flow_heads: int = 4
+    flow_patch: int = 4              # 32x32 -> 64 patches of 4x4 (the policy sees (B, 64, C) features)
+    flow_pi_nfe: tuple = (4, 8)      # flow-policy / -static / -smooth: one policy per NFE budget (pi_* keys as the NAT's)
+    flow_pi_solver: str = "euler"    # ... with this solver and the most steps that fit (Heun, DPM-Solver++(2S): 2T - 1)
+    mask_dist: str = "cosine"        # training p(r): "cosine" (MaskGIT) or "beta" (AutoNAT)
+    mask_alpha: float = 1.0
+    mask_beta: float = 1.0
+    ema_decay: float = 0.995         # EMA of the NAT weights used for sampling
+    # --- policy / static / smooth: generation policies trained by PPO (keys pi_*; each policy
+    # checkpoint carries its own copy, so these may change after the generator is trained)
+    pi_T: tuple = (4, 8)             # decoding step counts to train a policy for (one checkpoint each)
+    pi_iters: int = 18               # PPO iterations per policy (each: rollouts, PPO epochs, D steps)
+    pi_batch: int = 256              # trajectories per iteration
+    pi_group: int = 4                # G > 1: groups of G trajectories share label and generation randomness and
+                                     # differ only in exploration; advantage = reward - group mean (GRPO-style)
+    pi_recipe: str = "ours"          # "official": the AdaNAT release's PPO (OFFICIAL_RECIPE overrides those keys)
+    pi_lr: float = 1e-4              # Adam lr of the adaptive policy and its critic (AdaNAT: 1e-5 at 4096 traj.)
+    pi_static_lr: float = 3e-3       # Adam lr of the static table and its per-step values
+    pi_epochs: int = 5               # PPO epochs per iteration (K)
+    pi_minibatches: int = 4          # minibatches per epoch
+    pi_target_kl: float = 0.03       # stop the epochs of an iteration once approx_kl passes this (0: off)
+    pi_grad_clip: float = 1.0        # gradient-norm clip of the PPO steps (0: off)
+    pi_clip: float = 0.2
+    pi_vf_coef: float = 0.5
+    pi_ent_coef: float = 0.01
+    pi_anchor: float = 1.0           # anchor: + pi_anchor * mean ||eta(s)||^2 (active knobs) keeps the residual
+                                     # near its start (an L2 penalty; a KL to the start up to 1 / (2 sigma^2))
+    pi_adv_floor: float = 0.05       # advantages / returns divided by max(batch std, this): a weak D gives small steps
+    pi_sigma0: float = 0.15          # exploration std in pre-activation space (~ the search's epsilon: 0.15 moves m
+    pi_sigma1: float = 0.1           # by ~0.04 = 2.4 of 64 tokens, w by ~0.15), annealed to pi_sigma1 ...
+    pi_sigma_schedule: str = "linear"   # ... linearly over the iterations, or "step": pi_sigma1 from the half on
+    pi_beta_ema: float = 0.5         # action smoothing of the `smooth` stage (AdaGen Eq. 12)
+    pi_width: int = 128              # adaptive policy: features -> width, conv, -> hidden
+    pi_hidden: int = 256
+    pi_d_lr: float = 1e-3            # discriminator: Adam(lr, betas (0.5, 0.999)) (AdaNAT: 1e-4 over 1000 iterations)
+    pi_d_steps: int = 4              # D steps per iteration ...
+    pi_d_replay: int = 4             # ... each on pi_batch fakes drawn from the last pi_d_replay iterations' rollouts
+    pi_d_fresh: bool = False         # ... or each on a fresh rollout of the current policy (the AdaNAT release)
+    pi_d_warmup: int = 5             # first iterations train D only (the reward must mean something) ...
+    pi_d_warmup_steps: int = 20      # ... with this many D steps each; D then is saved as "disc_warmup"
+    pi_d_real: str = "raw"           # reals for D: "raw" training images, or "recon" (their tokenizer reconstructions)
+    pi_fid_every: int = 6            # iterations between FID checks (training-set statistics; best kept)
+    pi_fid_samples: int = 5000       # samples per FID check
+    pi_sweep_samples: int = 2000     # samples per w_0 candidate of the heuristic the residual starts from
+    pi_reward: str = "adversarial"   # the policy's reward (AdaGen §III-D): "adversarial" (D, trained alongside),
+                                     # "fixed" (log p(y|x) under the frozen backbone classifier), or "fid" (minus the
+                                     # FID vs training statistics of the trajectory's chunk); --reward; files *_<reward>_T*
+    pi_fid_chunk: int = 64           # "fid" reward: trajectories per FID chunk (a group's members go to different chunks)
+    pi_start: str = "heuristic"      # the residual's zero point: AdaNAT's heuristic, or the finished AutoNAT
+                                     # "search" / "param" table of the same T (files <kind>_<start>_T{T}.pt)
+    # --- search / param-search: AutoNAT's finite-difference schedule search (keys search_*; free to
+    # change after the generator is trained, each search checkpoint carries its own copy)
+    search_T: tuple = (4, 8)         # step counts to search a schedule for (search_T{T}.pt, param_T{T}.pt)
+    search_updates: int = 12         # gradient-descent updates of the free T x 4 table
+    search_param_updates: int = 12   # ... of the parametric family
+    search_samples: int = 500        # samples per candidate schedule: FID against training statistics
+    search_seed: int = 0             # one seed for every candidate (common random numbers); eval uses 1, 2, 3
+    search_eps_m: float = 0.03       # finite-difference step of the mask ratios (~2 of 64 tokens; paper 0.01 of 256)
+    search_eps: float = 0.1          # ... of tau1, tau2, w and of the parametric family (paper 0.1)
+    search_lr_m: float = 3e-4        # learning rate of the mask ratios (paper 1e-3; our FID gradients are larger)
+    search_lr: float = 0.01          # ... of tau1, tau2, w and the parametric family (paper 0.1)
+    search_momentum: float = 0.5     # heavy-ball momentum
+    search_clip: float = 30.0        # gradient-norm clip (0: off; paper: 10 on ImageNet-512)
+    # --- pr-search: AutoNAT's training-strategy search, p(r) = Beta(alpha, beta) (optional stage)
+    pr_budget: int = 6               # proxy NAT trainings the line search may spend
+    pr_steps: int = 600              # steps of each proxy training (the short-training proxy)
+    pr_T: int = 4                    # the candidates are judged at this T, with its searched schedule if there is one
+    pr_samples: int = 1000           # samples per candidate FID (training-set statistics, seed search_seed)
+    pr_final: bool = True            # then train the chosen p(r) for nat_steps in <run>/beta and search its schedule
+
+
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU, synthetic data: for CI and the end-to-end test
+    "test": dict(data="synthetic", vq_steps=30, vq_warmup=5, feat_warmup=5, vq_batch=32, vq_ch=8, vq_n_res=1, codebook_size=32, code_dim=8,
+                 vq_restart_every=10, feat_steps=30, feat_batch=32, feat_width=8, feat_dim=16, bb_steps=20, bb_width=4, bb_dim=8,
+                 nat_steps=30, nat_batch=32, nat_dim=32, nat_depth=1, nat_heads=2, nat_warmup=5,
+                 log_every=10, ema_decay=0.9, pi_T=(4,), pi_iters=4, pi_batch=16, pi_width=16, pi_hidden=16,
+                 pi_d_warmup=1, pi_d_steps=1, pi_d_warmup_steps=2, pi_fid_every=2, pi_fid_samples=40, pi_sweep_samples=20,
+                 search_T=(4,), search_updates=2, search_param_updates=2, search_samples=40,
+                 pr_budget=2, pr_steps=5, pr_samples=40,
+                 flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5, flow_pi_nfe=(4,),
+                 feat2_steps=30, feat2_width=8, feat2_dim=16, pi_fid_chunk=4, vq_perceptual=0.1),
+    # the default, for 2 CPU cores (stage times in the README)
+    "small": dict(),
+    # one GPU, a few minutes to an hour
+    "base": dict(vq_steps=8000, vq_ch=64, codebook_size=512, gan_weight=0.1, gan_start=4000,
+                 feat_steps=4000, feat_width=48, nat_steps=30000, nat_batch=512, nat_lr=6e-4,
+                 nat_warmup=1000, nat_dim=384, nat_depth=8, nat_heads=6, nat_dropout=0.1, ema_decay=0.9995,
+                 search_samples=2000, search_updates=30, search_param_updates=30, pr_steps=5000,
+                 flow_steps=30000, flow_batch=512, flow_lr=6e-4, flow_warmup=1000, flow_dim=384, flow_depth=8,
+                 flow_heads=6, feat2_steps=4000),
+}
+# the AdaNAT release's PPO (`--set pi_recipe=official`): lr 1e-5, K = 5 full-batch epochs, sigma 0.6 then 0.3
+# from the half on, no KL stop, no gradient clip, advantages divided by the batch std, no anchor
+OFFICIAL_RECIPE = dict(pi_lr=1e-5, pi_static_lr=1e-5, pi_epochs=5, pi_minibatches=1, pi_sigma0=0.6, pi_sigma1=0.3,
+                       pi_sigma_schedule="step", pi_target_kl=0.0, pi_grad_clip=0.0, pi_anchor=0.0, pi_adv_floor=0.0)
+
+
+def recipe(c: TrainConfig) -> TrainConfig:
+    """The config a policy stage trains with: c, or c with OFFICIAL_RECIPE's keys when pi_recipe = official."""
+    return dataclasses.replace(c, **OFFICIAL_RECIPE) if c.pi_recipe == "official" else c
+
+
+# --steps N sets this key for a stage (else <stage>_steps)
+STEPS_KEYS = {"featnet": "feat_steps", "featnet2": "feat2_steps", "backbone": "bb_steps", "search": "search_updates",
+              "flow-search": "search_updates", "param-search": "search_param_updates", "pr-search": "pr_steps",
+              **dict.fromkeys(("policy", "static", "smooth", "fidelity", "flow-policy", "flow-static", "flow-smooth"), "pi_iters")}
+
+
+def parse_value(field_type, text: str):
+    """Parse a --set value by the config field's type."""
+    if field_type is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected true/false, got {text!r}")
+    if field_type is int:
+        return int(text)
+    if field_type is float:
+        return float(text)
+    if field_type is tuple:
+        return tuple(int(v) for v in text.split(","))
+    return None if text.lower() == "none" else text
+
+
+def validate(c: TrainConfig, stage: str) -> None:
+    """One clear line (UserError) for a config value that cannot work."""
+    for name in ("vq_steps", "feat_steps", "nat_steps", "bb_steps", "vq_batch", "feat_batch", "nat_batch", "pi_iters", "pi_batch",
+                 "pi_fid_every", "pi_fid_samples", "pi_epochs", "pi_minibatches", "search_updates", "search_param_updates",
+                 "search_samples", "search_eps_m", "search_eps", "flow_steps", "flow_batch"):
+        if getattr(c, name) <= 0:
+            raise runs.UserError(f"{name} = {getattr(c, name)}: must be positive")
+    if c.mask_dist not in ("cosine", "beta"):
+        raise runs.UserError(f"mask_dist {c.mask_dist!r}: use cosine or beta")
+    if c.pi_group < 1 or c.pi_batch % c.pi_group:
+        raise runs.UserError(f"pi_group {c.pi_group} must be >= 1 and divide pi_batch {c.pi_batch}")
+    if c.pi_start not in pipeline.PI_STARTS:
+        raise runs.UserError(f"pi_start {c.pi_start!r}: use one of {', '.join(pipeline.PI_STARTS)}")
+    if c.flow_pi_solver not in samplers.SOLVERS:
+        raise runs.UserError(f"flow_pi_solver {c.flow_pi_solver!r}: use one of {', '.join(samplers.SOLVERS)}")
+    if not c.flow_pi_nfe or any(n < 2 or samplers.steps_for_nfe(c.flow_pi_solver, n) < 2 for n in c.flow_pi_nfe):
+        raise runs.UserError(f"flow_pi_nfe {c.flow_pi_nfe}: budgets of at least 2 solver steps ({c.flow_pi_solver})")
+    if c.flow_path not in samplers.PATHS:
+        raise runs.UserError(f"flow_path {c.flow_path!r}: use one of {', '.join(samplers.PATHS)}")
+    if c.img_size % c.flow_patch:
+        raise runs.UserError(f"flow_patch {c.flow_patch} must divide img_size {c.img_size}")
+    if c.pi_reward not in pipeline.PI_REWARDS:
+        raise runs.UserError(f"pi_reward {c.pi_reward!r}: use one of {', '.join(pipeline.PI_REWARDS)}")
+    if stage == "fidelity" and c.pi_reward != "adversarial":
+        raise runs.UserError(f"--stage {stage} --reward {c.pi_reward}: the fidelity policy's reward is the blend of "
+                        f"the adversarial and the fixed reward (Eq. 15); drop --reward")
+    if c.pi_fid_chunk < 2:
+        raise runs.UserError(f"pi_fid_chunk {c.pi_fid_chunk}: an FID needs at least 2 samples per chunk")
+    if c.pi_d_real not in ("recon", "raw"):
+        raise runs.UserError(f"pi_d_real {c.pi_d_real!r}: use raw or recon")
+    if c.pi_recipe not in ("ours", "official") or c.pi_sigma_schedule not in ("linear", "step"):
+        raise runs.UserError(f"pi_recipe {c.pi_recipe!r} / pi_sigma_schedule {c.pi_sigma_schedule!r}: use ours or official / "
+                        f"linear or step")
+    if c.pi_d_replay < 1 or c.pi_anchor < 0 or c.pi_adv_floor < 0 or c.vq_perceptual < 0:
+        raise runs.UserError("pi_d_replay must be >= 1 and pi_anchor, pi_adv_floor, vq_perceptual >= 0")
+    if not c.pi_T or any(T < 2 for T in c.pi_T):
+        raise runs.UserError(f"pi_T {c.pi_T}: decoding step counts of at least 2, e.g. --set pi_T=4,8")
+    if not c.search_T or any(T < 2 for T in c.search_T):
+        raise runs.UserError(f"search_T {c.search_T}: decoding step counts of at least 2, e.g. --set search_T=4,8")
+    if c.pr_budget < 1 or c.pr_steps < 1 or c.pr_T < 2 or c.pr_samples < 1:
+        raise runs.UserError("pr_budget, pr_steps and pr_samples must be positive and pr_T >= 2")
+    if not (0 <= c.search_momentum < 1 and c.search_lr >= 0 and c.search_lr_m >= 0 and c.search_clip >= 0):
+        raise runs.UserError("search_momentum must be in [0, 1), search_lr, search_lr_m and search_clip >= 0")
+    if not (c.pi_sigma0 > 0 and c.pi_sigma1 > 0 and 0 <= c.pi_beta_ema < 1):
+        raise runs.UserError("pi_sigma0 and pi_sigma1 must be positive and pi_beta_ema in [0, 1)")
+
+
+def build_config(args: argparse.Namespace, stages: list[str]) -> tuple[TrainConfig, str]:
+    """The run folder's config.json (else the preset), with the flags applied on top.
+
+    Once a stage has written a checkpoint, the config may no longer change: a run folder is
+    one experiment. Before that (e.g. after a wrong --data) anything may be fixed. `stages`: the
+    stages `--stage all` runs, in order."""
+    run_dir = args.run_dir or os.path.join("runs", args.preset or "small")
+    config_path = os.path.join(run_dir, "config.json")
+    saved = runs.read_json(config_path) if os.path.exists(config_path) else None
+    if os.path.exists(config_path) and not isinstance(saved, dict):
+        raise runs.UserError(f"{config_path} is unreadable; delete it (and the run folder's checkpoints) to start over")
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    preset = args.preset or (saved or {}).get("preset", "small")
+    if preset not in PRESETS:
+        raise runs.UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if saved is not None and saved.get("preset") == preset:       # keys missing from an older config: the preset's
+        c = TrainConfig(**{**PRESETS[preset], **{k: v for k, v in saved.items() if k in fields}})
+        c.vq_ch_mult, c.pi_T, c.search_T = tuple(c.vq_ch_mult), tuple(c.pi_T), tuple(c.search_T)
+        c.flow_pi_nfe = tuple(c.flow_pi_nfe)
+    else:
+        c = TrainConfig(**{**PRESETS[preset], "preset": preset})
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if key not in fields or key == "preset":
+            raise runs.UserError(f"--set {item}: unknown config key {key!r}; keys: {', '.join(k for k in fields if k != 'preset')}")
+        try:
+            setattr(c, key, parse_value(fields[key], value))
+        except ValueError as e:
+            raise runs.UserError(f"--set {item}: {e}") from None
+    if args.data is not None:
+        c.data = args.data
+    c.flow_path, c.pi_reward, c.compile = args.path, args.reward, args.compile
+    if args.seed is not None:
+        c.seed = args.seed
+    if args.steps is not None:
+        if args.steps <= 0:
+            raise runs.UserError(f"--steps {args.steps}: must be a positive number of training steps")
+        for s in (stages if args.stage == "all" else [args.stage]):
+            setattr(c, STEPS_KEYS.get(s, f"{s}_steps"), args.steps)
+    validate(c, args.stage)
+    trained = [s for s in stages if os.path.exists(os.path.join(run_dir, f"{s}.pt"))]
+    if saved is not None and trained:
+        now = runs.to_plain(c)
+        # pi_*, search_*, flow_*, feat2_* keys are free: each of their checkpoints carries (and on resume checks) its own copy
+        diff = sorted(k for k in now if k in saved and not k.startswith(("pi_", "search_", "pr_", "flow_", "feat2_"))
+                      and k not in ("ckpt_every_s", "log_every", "compile", "gen_rows") and saved[k] != now[k])
+        if diff:
+            raise runs.UserError(f"{run_dir} was trained with another config (differs in {', '.join(diff)}); "
+                            f"use another --run-dir, or the same flags as before")
+    return c, run_dir

@@ -74,5 +74,20 @@ def test_concept_files_import_no_project_module_and_only_their_packages():
             assert top in sys.stdlib_module_names or top in allowed, f"{m}.py imports {i}"
 
 
-def test_sample_py_is_short():
-    assert len(open(os.path.join(ROOT, "sample.py")).read().splitlines()) <= 300
+def test_line_budgets():
+    """train.py reads as the method (<= 600 lines), sample.py stays short (<= 300), no module over 600."""
+    lines = {m: len(open(p).read().splitlines()) for m, p in modules().items()}
+    assert lines["train"] <= 600 and lines["sample"] <= 300, (lines["train"], lines["sample"])
+    assert not {m: n for m, n in lines.items() if n > 600}
+
+
+def test_no_block_of_10_lines_repeated_between_modules():
+    """The same 10 consecutive non-blank lines (stripped) in two modules means code written twice."""
+    seen, repeated = {}, []
+    for m, p in modules().items():
+        text = [s.strip() for s in open(p).read().splitlines() if s.strip()]
+        for i in range(len(text) - 9):
+            key = "\n".join(text[i:i + 10])
+            if seen.setdefault(key, m) != m:
+                repeated.append(f"{seen[key]} and {m}: {text[i]!r}")
+    assert not repeated, repeated[:5]

@@ -172,12 +172,6 @@ def plot_policy(pipe: pipeline.Pipeline, T: int, samples: int = 1000, per_class:
     print("wrote", path, f"(left: heuristic tau2_0=1, w_0={w_0:g}; right: adaptive policy; one class per row)")
 
 
-# ----------------------------------------------------------------------------- the continuous generator
-
-
-# ----------------------------------------------------------------------------- AdaGen §III-D and §III-F
-
-
 def parser() -> argparse.ArgumentParser:
     """The core's flags; the experiments add theirs (experiments/studies.py, flow_sample.py, throughput.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

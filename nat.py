@@ -249,7 +249,7 @@ def gumbel(shape: tuple, device: torch.device, generator: Optional[torch.Generat
 def decode_step(tokens: torch.Tensor, logits_c: torch.Tensor, logits_u: Optional[torch.Tensor],
                 m: torch.Tensor, tau1: torch.Tensor, tau2: torch.Tensor, w: torch.Tensor,
                 mask_id: int, generator: Optional[torch.Generator] = None, group: int = 1) -> torch.Tensor:
-    """One parallel-decoding step (AdaNAT Eq. 1-4) with per-sample actions.
+    """One parallel-decoding step (AdaNAT §3.2, unnumbered equations) with per-sample actions.
 
     tokens (B,N) long with mask_id at masked positions; logits_c, logits_u (B,N,K) or
     logits_u None (no guidance); m, tau1, tau2, w (B,). Returns the new tokens (B,N):

@@ -259,7 +259,7 @@ def build_config(args: argparse.Namespace, stages: list[str]) -> tuple[TrainConf
 
     Once a stage has written a checkpoint, the config may no longer change: a run folder is
     one experiment. Before that (e.g. after a wrong --data) anything may be fixed. `stages`: the
-    stages `--stage all` runs, in order."""
+    stages `--stage all` runs, in order; their checkpoints lock the config."""
     run_dir = args.run_dir or os.path.join("runs", args.preset or "small")
     config_path = os.path.join(run_dir, "config.json")
     saved = runs.read_json(config_path) if os.path.exists(config_path) else None
@@ -292,7 +292,10 @@ def build_config(args: argparse.Namespace, stages: list[str]) -> tuple[TrainConf
         if args.steps <= 0:
             raise runs.UserError(f"--steps {args.steps}: must be a positive number of training steps")
         for s in (stages if args.stage == "all" else [args.stage]):
-            setattr(c, STEPS_KEYS.get(s, f"{s}_steps"), args.steps)
+            key = STEPS_KEYS.get(s, f"{s}_steps")
+            if key not in fields:
+                raise runs.UserError(f"--steps: stage {s} has no step count; use --set KEY=VALUE")
+            setattr(c, key, args.steps)
     validate(c, args.stage)
     trained = [s for s in stages if os.path.exists(os.path.join(run_dir, f"{s}.pt"))]
     if saved is not None and trained:

@@ -524,6 +524,7 @@ def stage_fn(name: str) -> Callable:
 
 
 # ----------------------------------------------------------------------------- command line
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: the run folder's, else small)")
@@ -584,5 +585,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import train                    # run as the module `train`, the one sample.py imports: one UserError class
+    import train                    # run as the module `train`, the one experiments/ import: one copy of its registries
     train.main()

@@ -12,10 +12,10 @@ import torch
 import config
 import data
 import ddp
+import learner
 import nat
 import pipeline
 import policy
-import learner
 import runs
 import samplers
 import train

@@ -358,7 +358,7 @@ def test_tables_script_runs_every_step(tmp_path):
     r = subprocess.run(["bash", "scripts/tables.sh", "test", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=env)
     steps = (out / "steps.txt").read_text().splitlines()
-    assert r.returncode == 0 and len(steps) == 17 and all(" rc=0 " in s for s in steps), steps
+    assert r.returncode == 0 and len(steps) == 19 and all(" rc=0 " in s for s in steps), steps
     back = set(os.listdir(out / "run"))
     assert {"eval.md", "floor.json", "reward_check.json", "flow_eval.md", "refine_T4.md", "blend_T4.md", "hacking_T4.md",
             "nat.pt", "policy_T4.pt", "policy_search_T4.pt", "fidelity_T4.pt", "policy_fid_T4.pt"} <= back

@@ -78,6 +78,9 @@ pipe.generate(labels, 4, sched, seed=7)
 picked = pipe.generate(labels, 4, nat.heuristic_schedule(4, 1.0, 2.0), seed=7, lookahead=2, score_fn="random")
 if ddp.DIST.main:
     torch.save({{"tokens": tokens, "actions": sched.actions(), "picked": picked}}, {out!r})
+if ddp.DIST.world > 1:                   # a process group left alive at exit can abort in gloo's threads
+    ddp.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 

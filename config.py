@@ -184,10 +184,12 @@ def recipe(c: TrainConfig) -> TrainConfig:
     return dataclasses.replace(c, **OFFICIAL_RECIPE) if c.pi_recipe == "official" else c
 
 
+POLICY_STAGES = ("policy", "static", "smooth", "fidelity")            # the stages Algorithm 1 trains (train.py)
+FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")    # ... on the ODE sampler (experiments/flow_train.py)
 # --steps N sets this key for a stage (else <stage>_steps)
 STEPS_KEYS = {"featnet": "feat_steps", "featnet2": "feat2_steps", "backbone": "bb_steps", "search": "search_updates",
               "flow-search": "search_updates", "param-search": "search_param_updates", "pr-search": "pr_steps",
-              **dict.fromkeys(("policy", "static", "smooth", "fidelity", "flow-policy", "flow-static", "flow-smooth"), "pi_iters")}
+              **dict.fromkeys(POLICY_STAGES + FLOW_POLICY_STAGES, "pi_iters")}
 
 
 def parse_value(field_type, text: str):

@@ -65,7 +65,7 @@ import reward
 import runs
 import samplers
 import vqgan
-from config import PRESETS, TrainConfig, build_config, recipe
+from config import FLOW_POLICY_STAGES, POLICY_STAGES, PRESETS, TrainConfig, build_config, recipe
 from learner import Learner, PolicyTask, build_learner, nat_task, reward_hook
 
 
@@ -504,13 +504,11 @@ def stage_policies(kind: str, make_task: Callable = None, counts: Callable = lam
     return stage
 
 
-POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
 STAGE_FNS = {"backbone": stage_backbone, "vq": stage_vq, "featnet": stage_featnet, "featnet2": stage_featnet2, "nat": stage_nat,
              **{kind: stage_policies(kind) for kind in POLICY_STAGES}}
 # the experiments' stages (experiments/): their module is imported only when one of them runs
 EXPERIMENT_STAGES = {**dict.fromkeys(("search", "param-search", "flow-search", "pr-search"), "experiments.search"),
                      **dict.fromkeys(("flow", "flow-policy", "flow-static", "flow-smooth"), "experiments.flow_train")}
-FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")
 OPTIONAL_STAGES = ["pr-search", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
 STAGES_ALL = STAGES + OPTIONAL_STAGES
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + ("search", "param-search", "flow-search", "pr-search", "flow")   # stages that skip their finished parts themselves

@@ -57,10 +57,25 @@ class TrainConfig:
     bb_steps: int = 400
     bb_width: int = 16
     bb_dim: int = 64
-    # --- featnet2: an independent FID network (another architecture and seed) for the reward-hacking study
+    # --- featnet2: a held-out judge, an independent FID network (another architecture and seed) trained as
+    # long and as wide as featnet; no choice (w_0, searches, checkpoints) ever reads it
     feat2_steps: int = 1500
-    feat2_width: int = 48
+    feat2_width: int = 32
     feat2_dim: int = 96
+    feat2_convs: int = 2             # conv layers per stage (featnet: 2, max pooling; featnet2: average pooling)
+    # --- featssl: the self-supervised held-out judge (SimCLR, simclr.py); dssl: a second SimCLR network
+    # (average pooling, another seed), a candidate backbone of the discriminator
+    ssl_steps: int = 800
+    ssl_batch: int = 256             # images per step (two views each)
+    ssl_lr: float = 2e-3
+    ssl_tau: float = 0.2             # NT-Xent temperature
+    ssl_width: int = 32
+    ssl_dim: int = 128               # the FID features (f's penultimate layer)
+    ssl_proj: int = 64               # the projection head's output z
+    # --- dnet: the backbone classifier trained wider and longer, a candidate backbone of the discriminator
+    dnet_steps: int = 1500
+    dnet_width: int = 32
+    dnet_dim: int = 128
     # --- nat: the generator
     nat_steps: int = 1500
     nat_batch: int = 256
@@ -162,7 +177,8 @@ PRESETS: dict[str, dict] = {
                  search_T=(4,), search_updates=2, search_param_updates=2, search_samples=40,
                  pr_budget=2, pr_steps=5, pr_samples=40,
                  flow_steps=20, flow_batch=16, flow_dim=32, flow_depth=1, flow_heads=2, flow_warmup=5, flow_pi_nfe=(4,),
-                 feat2_steps=30, feat2_width=8, feat2_dim=16, pi_fid_chunk=4, vq_perceptual=0.1),
+                 feat2_steps=30, feat2_width=8, feat2_dim=16, feat2_convs=1,
+                 ssl_steps=20, ssl_batch=32, ssl_width=8, ssl_dim=16, ssl_proj=8, dnet_steps=20, dnet_width=8, dnet_dim=16, pi_fid_chunk=4, vq_perceptual=0.1),
     # the default, for 2 CPU cores (stage times in the README)
     "small": dict(),
     # one GPU, a few minutes to an hour
@@ -187,7 +203,7 @@ def recipe(c: TrainConfig) -> TrainConfig:
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")            # the stages Algorithm 1 trains (train.py)
 FLOW_POLICY_STAGES = ("flow-policy", "flow-static", "flow-smooth")    # ... on the ODE sampler (experiments/flow_train.py)
 # --steps N sets this key for a stage (else <stage>_steps)
-STEPS_KEYS = {"featnet": "feat_steps", "featnet2": "feat2_steps", "backbone": "bb_steps", "search": "search_updates",
+STEPS_KEYS = {"featnet": "feat_steps", "featnet2": "feat2_steps", "backbone": "bb_steps", "featssl": "ssl_steps", "dssl": "ssl_steps", "search": "search_updates",
               "flow-search": "search_updates", "param-search": "search_param_updates", "pr-search": "pr_steps",
               **dict.fromkeys(POLICY_STAGES + FLOW_POLICY_STAGES, "pi_iters")}
 

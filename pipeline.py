@@ -33,10 +33,14 @@ import samplers
 import vqgan
 
 
+FROZEN_NETS = ("featnet", "featnet2", "featssl", "backbone", "dnet", "dssl")   # fid.FeatureNet checkpoints (frozen_nets.py)
+JUDGES = ("featnet", "featnet2", "featssl")     # the FID network (choices) and the held-out judges: never D's backbone
+
+
 def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "model") -> torch.nn.Module:
     """Rebuild a finished stage's model from its checkpoint alone (config + weights), in eval mode.
 
-    stage: "vq", "featnet", "featnet2", "backbone", "nat", "flow" or "vp"; weights: "model" or "ema" (the
+    stage: "vq", one of FROZEN_NETS, "nat", "flow" or "vp"; weights: "model" or "ema" (the
     generators' EMA weights)."""
     path = os.path.join(run_dir, f"{stage}.pt")
     ck = runs.load_ckpt(path)
@@ -46,7 +50,7 @@ def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "
     try:
         if stage == "vq":
             model = vqgan.VQModel(vqgan.VQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])}))
-        elif stage in ("featnet", "featnet2", "backbone"):
+        elif stage in FROZEN_NETS:
             model = fid.FeatureNet(fid.FeatureNetConfig(**cfg))
         elif stage in samplers.PATHS:                                   # flow.pt, vp.pt
             model = nat.FlowTransformer(nat.FlowConfig(**cfg))

@@ -252,8 +252,10 @@ def fault_keys(name: str) -> tuple[str, str]:
             "vp": ("flow_lr", "flow_batch")}
     if name in keys:
         return keys[name]
-    if name in ("featnet", "featnet2", "backbone"):
+    if name in ("featnet", "featnet2", "backbone", "dnet"):
         return "feat_lr", "feat_batch"
+    if name in ("featssl", "dssl"):
+        return "ssl_lr", "ssl_batch"
     if "search" in name or name.startswith("param_"):
         return "search_lr", "gen_rows"
     return ("pi_static_lr" if "static" in name else "pi_lr"), "pi_batch"

@@ -41,7 +41,6 @@ import copy
 import dataclasses
 import importlib
 import json
-import math
 import os
 import sys
 import time
@@ -66,10 +65,12 @@ import runs
 import samplers
 import vqgan
 from config import FLOW_POLICY_STAGES, POLICY_STAGES, PRESETS, TrainConfig, build_config, recipe
+from frozen_nets import train_classifier, train_simclr
 from learner import Learner, PolicyTask, build_learner, nat_task, reward_hook
+from train_helpers import augment, lr_at
 
 
-STAGES = ["backbone", "vq", "featnet", "featnet2", "nat", "search", "param-search", "policy", "static", "smooth"]   # --stage all
+STAGES = ["backbone", "vq", "featnet", "featnet2", "featssl", "nat", "search", "param-search", "policy", "static", "smooth"]   # --stage all
 
 
 def vq_config(c: TrainConfig) -> vqgan.VQConfig:
@@ -84,65 +85,7 @@ def nat_config(c: TrainConfig, num_classes: int, num_tokens: int, vocab_size: in
                          mask_dist=c.mask_dist, alpha=c.mask_alpha, beta=c.mask_beta)
 
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the base rate."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip, per sample. x (B, C, H, W)."""
-    flip = torch.rand(x.shape[0], generator=g, device="cpu").to(x.device) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-
-
 # ----------------------------------------------------------------------------- stages
-
-def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, name: str, sizes: dict,
-                     steps: int, seed_offset: int) -> None:
-    """Train a fid.FeatureNet classifier of the given sizes into <name>.pt (Adam, flip + shift)."""
-    x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    x_test, y_test, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
-    cfg = fid.FeatureNetConfig(in_ch=c.channels, num_classes=num_classes, img_size=c.img_size, **sizes)
-    torch.manual_seed(c.seed + seed_offset)
-    model = fid.FeatureNet(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=c.feat_lr)
-    modules = {"model": model, "optim": opt}
-    path = os.path.join(run_dir, f"{name}.pt")
-    state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + seed_offset + state["step"] + 1000003 * ddp.DIST.rank)
-    it = data.batches(x_train, y_train, runs.rank_batch(c.feat_batch, "feat_batch"), g, infinite=True)
-    net = ddp.data_parallel(model, device)                    # (batch-norm statistics per rank, rank 0's buffers kept)
-
-    def step_fn(step: int) -> dict:
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, steps, c.feat_lr, c.feat_warmup)
-        xb, yb = next(it)
-        x = augment(data.to_float(xb).to(device), g)
-        dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()       # random shift by up to 2 pixels
-        x = torch.roll(x, (dx, dy), dims=(2, 3))
-        net.train()
-        logits = net(x)
-        loss = F.cross_entropy(logits, yb.to(device))
-        loss_v = ddp.all_mean(loss.detach()).item()
-        runs.check_finite(loss=loss_v)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        acc = (logits.argmax(1).cpu() == yb).float().mean()
-        return {"loss": loss_v, "acc": ddp.all_mean(acc.to(device)).item()}
-
-    state = runs.train_loop(name, path, state, modules, step_fn, steps, c, log)
-    _, logits = fid.extract(model, data.to_float(x_test), device=device)
-    acc = (logits.argmax(1) == y_test).float().mean().item()
-    state["metrics"] = {"test_acc": acc}
-    state["done"] = True
-    runs.save_ckpt(path, state)
-    log(stage=name, final=True, test_acc=acc)
-    print(f"{name}: test accuracy {acc:.4f}")
-
 
 def stage_backbone(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """A second classifier (other width and seed, shorter training): the frozen backbone the
@@ -238,7 +181,22 @@ def stage_featnet2(c: TrainConfig, run_dir: str, device: torch.device, log: runs
     architecture (one conv per stage, average pooling, other widths) and seed, so that a policy
     trained on the FID network's own FID can be judged on features it never saw."""
     train_classifier(c, run_dir, device, log, "featnet2",
-                     dict(width=c.feat2_width, feat_dim=c.feat2_dim, convs=1, pool="avg"), c.feat2_steps, 13)
+                     dict(width=c.feat2_width, feat_dim=c.feat2_dim, convs=c.feat2_convs, pool="avg"), c.feat2_steps, 13)
+
+
+def stage_featssl(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+    """The self-supervised held-out judge (SimCLR on the training images, no labels): a third FID column."""
+    train_simclr(c, run_dir, device, log, "featssl", dict(width=c.ssl_width, feat_dim=c.ssl_dim), 23)
+
+
+def stage_dnet(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+    """A candidate backbone of the discriminator: the backbone classifier, wider and trained longer."""
+    train_classifier(c, run_dir, device, log, "dnet", dict(width=c.dnet_width, feat_dim=c.dnet_dim), c.dnet_steps, 17)
+
+
+def stage_dssl(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+    """A candidate backbone of the discriminator: a second SimCLR network (average pooling, another seed)."""
+    train_simclr(c, run_dir, device, log, "dssl", dict(width=c.ssl_width, feat_dim=c.ssl_dim, pool="avg"), 29)
 
 
 @torch.no_grad()
@@ -504,12 +462,13 @@ def stage_policies(kind: str, make_task: Callable = None, counts: Callable = lam
     return stage
 
 
-STAGE_FNS = {"backbone": stage_backbone, "vq": stage_vq, "featnet": stage_featnet, "featnet2": stage_featnet2, "nat": stage_nat,
+STAGE_FNS = {"backbone": stage_backbone, "vq": stage_vq, "featnet": stage_featnet, "featnet2": stage_featnet2,
+             "featssl": stage_featssl, "dnet": stage_dnet, "dssl": stage_dssl, "nat": stage_nat,
              **{kind: stage_policies(kind) for kind in POLICY_STAGES}}
 # the experiments' stages (experiments/): their module is imported only when one of them runs
 EXPERIMENT_STAGES = {**dict.fromkeys(("search", "param-search", "flow-search", "pr-search"), "experiments.search"),
                      **dict.fromkeys(("flow", "flow-policy", "flow-static", "flow-smooth"), "experiments.flow_train")}
-OPTIONAL_STAGES = ["pr-search", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
+OPTIONAL_STAGES = ["dnet", "dssl", "pr-search", "fidelity", "flow", "flow-search", *FLOW_POLICY_STAGES]   # run only when named
 STAGES_ALL = STAGES + OPTIONAL_STAGES
 SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + ("search", "param-search", "flow-search", "pr-search", "flow")   # stages that skip their finished parts themselves
 

@@ -263,12 +263,22 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
+HELD_OUT = {"featnet2": "fid2", "featssl": "fd_ssl"}   # held-out judge -> its metric key: read by no choice
+
+
+def judge_feats_key(split: str, metric: str) -> str:
+    """fid_ref.pt's key of a held-out judge's features ("test2_feats" for featnet2, as older caches name them)."""
+    return f"{split}2_feats" if metric == "fid2" else f"{split}_{metric}_feats"
+
+
 class RealFeatures:
     """Feature-network features of real images: the 10 000 test images and 10 000 training images;
-    and the two references every table adds beside FID against the test images: FID against the
+    and the references every table adds beside FID against the test images: FID against the
     tokenizer's reconstructions of the test images (`recon_*`; a generator that matched the token
-    distribution exactly would score 0 there) and FID on the independent network featnet2
-    (`net2`, `test2_*`, `train2_*`; when featnet2.pt is trained).
+    distribution exactly would score 0 there) and the Fréchet distance on each held-out judge
+    (HELD_OUT: featnet2, the independent classifier, and featssl, the self-supervised network;
+    `judges`, `held_out[key][split]` = (mu, sigma), when trained). `net2`, `test2_*`, `train2_*`
+    name featnet2's.
 
     Cached in <run_dir>/fid_ref.pt, keyed by the fingerprints of the networks involved."""
 
@@ -276,13 +286,13 @@ class RealFeatures:
         path = os.path.join(pipe.run_dir, "fid_ref.pt")
         done = lambda s: os.path.exists(os.path.join(pipe.run_dir, f"{s}.pt")) and runs.load_ckpt(
             os.path.join(pipe.run_dir, f"{s}.pt")).get("done")
-        nets = tuple(s for s in ("featnet", "vq", "featnet2") if s == "featnet" or done(s))
+        nets = tuple(s for s in ("featnet", "vq", *HELD_OUT) if s == "featnet" or done(s))
         key = runs.fingerprint(pipe.run_dir, nets)
         try:
             cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
         except Exception:
             cached = None                                                  # unreadable cache: recompute
-        self.net2 = build_model(pipe.run_dir, "featnet2", pipe.device) if "featnet2" in nets else None
+        self.judges = {HELD_OUT[s]: build_model(pipe.run_dir, s, pipe.device) for s in HELD_OUT if s in nets}
         if cached is None or cached.get("key") != key:
             cached = self._compute(pipe, key, nets)
             runs.save_ckpt(path, cached)
@@ -295,8 +305,10 @@ class RealFeatures:
         self.train_mu, self.train_sigma = fid.statistics(self.train_feats)
         stats = lambda k: fid.statistics(cached[k]) if k in cached else (None, None)
         self.recon_mu, self.recon_sigma = stats("recon_feats")
-        self.test2_mu, self.test2_sigma = stats("test2_feats")
-        self.train2_mu, self.train2_sigma = stats("train2_feats")
+        self.held_out = {m: {split: stats(judge_feats_key(split, m)) for split in ("test", "train")} for m in self.judges}
+        self.net2 = self.judges.get("fid2")
+        (self.test2_mu, self.test2_sigma), (self.train2_mu, self.train2_sigma) = (
+            self.held_out.get("fid2", {}).get(s, (None, None)) for s in ("test", "train"))
 
     def _compute(self, pipe, key: str, nets: tuple) -> dict:
         c = pipe.config
@@ -314,23 +326,36 @@ class RealFeatures:
                 recon = torch.cat([vq.detokenize(vq.tokenize(test[i:i + 500].to(pipe.device))).float().cpu()
                                    for i in range(0, len(test), 500)])
             out["recon_feats"] = fid.extract(pipe.featnet, recon, device=pipe.device)[0]
-        if self.net2 is not None:
-            out["test2_feats"] = fid.extract(self.net2, test, device=pipe.device)[0]
-            out["train2_feats"] = fid.extract(self.net2, train_x, device=pipe.device)[0]
+        for m, net in self.judges.items():                                 # featnet2's keep their old names
+            for split, x in (("test", test), ("train", train_x)):
+                out[judge_feats_key(split, m)] = fid.extract(net, x, device=pipe.device)[0]
         return out
 
 
 def metrics(pipe: Pipeline, ref: RealFeatures, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """FID / precision / recall against the test images and conditional accuracy; FID against the
-    tokenizer's reconstructions of the test images ("fid_recon") and on featnet2 ("fid2") when there are."""
+    tokenizer's reconstructions of the test images ("fid_recon") and the Fréchet distance on each
+    held-out judge ("fid2": featnet2, "fd_ssl": featssl) when there are."""
     feats, logits = fid.extract(pipe.featnet, images, device=pipe.device)
     P, R = fid.precision_recall(ref.test_feats, feats, k=3, device=ref.device)
     out = {"fid": fid.fid_from_features(feats, ref.test_mu, ref.test_sigma),
            "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
     if ref.recon_mu is not None:
         out["fid_recon"] = fid.fid_from_features(feats, ref.recon_mu, ref.recon_sigma)
-    if ref.net2 is not None:
-        out["fid2"] = fid.fid_from_features(fid.extract(ref.net2, images, device=pipe.device)[0], ref.test2_mu, ref.test2_sigma)
+    return {**out, **judge_fids(pipe, ref, images, "test", feats)}
+
+
+def judge_fids(pipe, ref: RealFeatures, images: torch.Tensor, split: str, feats: torch.Tensor | None = None,
+               fid_net: bool = False) -> dict:
+    """The Fréchet distance of images against the `split` ("test" or "train") statistics on each held-out
+    judge {"fid2", "fd_ssl"}, and with fid_net on the FID network too ("fid"; its features `feats` if given)."""
+    out = {}
+    if fid_net:
+        feats = feats if feats is not None else fid.extract(pipe.featnet, images, device=pipe.device)[0]
+        mu, sigma = (ref.test_mu, ref.test_sigma) if split == "test" else (ref.train_mu, ref.train_sigma)
+        out["fid"] = fid.fid_from_features(feats, mu, sigma)
+    for m, net in ref.judges.items():
+        out[m] = fid.fid_from_features(fid.extract(net, images, device=pipe.device)[0], *ref.held_out[m][split])
     return out
 
 
@@ -350,8 +375,8 @@ def train_reference(ref: "RealFeatures", n: int) -> dict:
            "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
     if ref.recon_mu is not None:
         out["fid_recon"] = fid.fid_from_features(ref.train_feats[:n], ref.recon_mu, ref.recon_sigma)
-    if ref.net2 is not None:
-        out["fid2"] = fid.frechet_distance(ref.train2_mu, ref.train2_sigma, ref.test2_mu, ref.test2_sigma)
+    for m in ref.judges:
+        out[m] = fid.frechet_distance(*ref.held_out[m]["train"], *ref.held_out[m]["test"])
     return out
 
 
@@ -502,24 +527,26 @@ def policy_schedule(pipe: Pipeline, kind: str, T: int, start: str = "heuristic",
 SEARCH_ROWS = {"param": "parametric family (searched, 6 shape parameters)", "search": "AutoNAT search (free T x 4 table)"}
 
 
-METRIC_KEYS = ("fid", "fid_recon", "fid2", "precision", "recall", "cond_acc")
+METRIC_KEYS = ("fid", "fid_recon", "fid2", "fd_ssl", "precision", "recall", "cond_acc")
 
 
 REF_NOTE = ("; FID vs recon: against the tokenizer's reconstructions of the test images (the schedule's effect "
-            "without the tokenizer's); featnet2: FID on the independent feature network")
+            "without the tokenizer's); featnet2 FID, SSL FD: the Fréchet distance on the held-out judges (the "
+            "independent classifier featnet2, the self-supervised network featssl), which no choice reads")
 
 
 def metric_head(ref: "RealFeatures") -> str:
     """The metric columns of every table: FID vs test, vs the tokenizer's reconstructions, on featnet2, P, R, acc."""
     return ("FID | " + ("FID vs recon | " if ref.recon_mu is not None else "") +
-            ("featnet2 FID | " if ref.net2 is not None else "") + "precision | recall | cond. acc. |")
+            ("featnet2 FID | " if ref.net2 is not None else "") + ("SSL FD | " if "fd_ssl" in ref.judges else "") +
+            "precision | recall | cond. acc. |")
 
 
 def metric_cells(r: dict, ref: "RealFeatures") -> str:
     """One row's metric cells for metric_head (mean ± sd when the row has an sd)."""
     v = lambda k: f"{r[k]:.2f} ± {r[k + '_sd']:.2f}" if k + "_sd" in r else (f"{r[k]:.2f}" if k in r else "–")
     return (f"{v('fid')} | " + (f"{v('fid_recon')} | " if ref.recon_mu is not None else "") +
-            (f"{v('fid2')} | " if ref.net2 is not None else "") +
+            (f"{v('fid2')} | " if ref.net2 is not None else "") + (f"{v('fd_ssl')} | " if "fd_ssl" in ref.judges else "") +
             f"{r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} |")
 
 

@@ -130,6 +130,9 @@ class TrainConfig:
     pi_beta_ema: float = 0.5         # action smoothing of the `smooth` stage (AdaGen Eq. 12)
     pi_width: int = 128              # adaptive policy: features -> width, conv, -> hidden
     pi_hidden: int = 256
+    pi_d_nets: str = "backbone"      # the frozen network(s) D's heads sit on: backbone, dnet, dssl, or several joined by
+                                     # "+" (heads on each); never a judge (featnet, featnet2, featssl)
+    pi_d_taps: tuple = (0, 1, 2)     # ... at these pooling stages (0: 16x16, 1: 8x8, 2: 4x4 positions)
     pi_d_lr: float = 1e-3            # discriminator: Adam(lr, betas (0.5, 0.999)) (AdaNAT: 1e-4 over 1000 iterations)
     pi_d_steps: int = 4              # D steps per iteration ...
     pi_d_replay: int = 4             # ... each on pi_batch fakes drawn from the last pi_d_replay iterations' rollouts
@@ -253,6 +256,13 @@ def validate(c: TrainConfig, stage: str) -> None:
                         f"the adversarial and the fixed reward (Eq. 15); drop --reward")
     if c.pi_fid_chunk < 2:
         raise runs.UserError(f"pi_fid_chunk {c.pi_fid_chunk}: an FID needs at least 2 samples per chunk")
+    bad = [n for n in c.pi_d_nets.split("+") if n not in pipeline.D_NETS]
+    if bad:
+        judge = " (a judge: D never sits on one)" if set(bad) & set(pipeline.JUDGES) else ""
+        raise runs.UserError(f"pi_d_nets {c.pi_d_nets!r}: {', '.join(bad)}{judge}; use one or more of "
+                             f"{', '.join(pipeline.D_NETS)} joined by +")
+    if not c.pi_d_taps or len(set(c.pi_d_taps)) != len(c.pi_d_taps) or not set(c.pi_d_taps) <= {0, 1, 2}:
+        raise runs.UserError(f"pi_d_taps {c.pi_d_taps}: distinct pooling stages among 0, 1, 2, e.g. --set pi_d_taps=1,2")
     if c.pi_d_real not in ("recon", "raw"):
         raise runs.UserError(f"pi_d_real {c.pi_d_real!r}: use raw or recon")
     if c.pi_recipe not in ("ours", "official") or c.pi_sigma_schedule not in ("linear", "step"):
@@ -272,6 +282,19 @@ def validate(c: TrainConfig, stage: str) -> None:
         raise runs.UserError("pi_sigma0 and pi_sigma1 must be positive and pi_beta_ema in [0, 1)")
 
 
+def load_config(run_dir: str) -> TrainConfig:
+    """A run folder's TrainConfig from its config.json (keys it lacks: its preset's)."""
+    saved = runs.read_json(os.path.join(run_dir, "config.json"))
+    if not isinstance(saved, dict):
+        raise runs.UserError(f"{run_dir}/config.json is missing or unreadable: train first with python train.py --run-dir {run_dir}")
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    c = TrainConfig(**{**PRESETS.get(saved.get("preset"), {}), **{k: v for k, v in saved.items() if k in fields}})
+    for k, t in fields.items():
+        if t is tuple:
+            setattr(c, k, tuple(getattr(c, k)))
+    return c
+
+
 def build_config(args: argparse.Namespace, stages: list[str]) -> tuple[TrainConfig, str]:
     """The run folder's config.json (else the preset), with the flags applied on top.
 
@@ -289,7 +312,7 @@ def build_config(args: argparse.Namespace, stages: list[str]) -> tuple[TrainConf
         raise runs.UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if saved is not None and saved.get("preset") == preset:       # keys missing from an older config: the preset's
         c = TrainConfig(**{**PRESETS[preset], **{k: v for k, v in saved.items() if k in fields}})
-        c.vq_ch_mult, c.pi_T, c.search_T = tuple(c.vq_ch_mult), tuple(c.pi_T), tuple(c.search_T)
+        c.vq_ch_mult, c.pi_T, c.search_T, c.pi_d_taps = tuple(c.vq_ch_mult), tuple(c.pi_T), tuple(c.search_T), tuple(c.pi_d_taps)
         c.flow_pi_nfe = tuple(c.flow_pi_nfe)
     else:
         c = TrainConfig(**{**PRESETS[preset], "preset": preset})

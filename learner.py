@@ -116,8 +116,8 @@ class Learner:
     D: reward.ProjectedDiscriminator
     opt: torch.optim.Optimizer
     d_opt: torch.optim.Optimizer
-    classifier: torch.nn.Module          # the frozen backbone classifier (D's features, r_fid's logits)
-    backbone: Callable                   # images -> its feature maps
+    classifier: torch.nn.Module          # the frozen backbone classifier (r_fid's logits)
+    backbone: Callable                   # images -> D's frozen feature maps (pi_d_nets at pi_d_taps)
     h_pre: torch.Tensor                  # (T, D) pre-activations of the start schedule
     active: torch.Tensor                 # (T, D) knobs that act
     beta_ema: float
@@ -151,8 +151,12 @@ def build_learner(c: TrainConfig, run_dir: str, device: torch.device, kind: str,
     T, spec = task.T, task.spec
     pcfg = {**policy_config(c, kind, T, task.h, task.C, task.N), "spec": list(spec.names), **task.extra}
     pi, V = (m.to(device) for m in pipeline.build_policy(pcfg))
-    classifier = pipeline.build_model(run_dir, "backbone", device)                 # D's frozen backbone and r_fid's classifier
-    backbone, channels = pipeline.classifier_backbone(classifier)
+    classifier = pipeline.build_model(run_dir, "backbone", device)                 # r_fid's classifier
+    for name in c.pi_d_nets.split("+"):
+        if not os.path.exists(os.path.join(run_dir, f"{name}.pt")):
+            raise runs.UserError(f"pi_d_nets={c.pi_d_nets}: {run_dir}/{name}.pt is missing; train it with python train.py "
+                                 f"--run-dir {run_dir} --stage {name}")
+    backbone, channels = pipeline.d_backbone(run_dir, c.pi_d_nets, c.pi_d_taps, device)   # D's frozen backbone
     D = reward.ProjectedDiscriminator(channels, task.num_classes).to(device)
     base = fidelity_base(run_dir, device, task, pcfg, (pi, V, D)) if kind == "fidelity" else None
     B = runs.rank_batch(c.pi_batch, "pi_batch")                                   # this rank's trajectories

@@ -350,6 +350,14 @@ def table_schedule(table: torch.Tensor) -> Schedule:
     return schedule
 
 
+def class_table_schedule(tables: torch.Tensor) -> Schedule:
+    """A static schedule that knows only the class: row b follows tables[labels[b]], tables (K, T, 4)."""
+    def schedule(t: int, state: NATState):
+        rows = tables[:, t].to(state.tokens.device, torch.float32)[state.labels]      # (B, 4)
+        return tuple(rows[:, j] for j in range(4))
+    return schedule
+
+
 def heuristic_schedule(T: int, tau2_0: float = 4.5, w_0: float = 0.0, tau1: float = 1.0) -> Schedule:
     return table_schedule(heuristic_table(T, tau2_0, w_0, tau1))
 

@@ -86,24 +86,37 @@ def load_policy(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]
     return pi.to(device).eval(), ck["config"]
 
 
-def classifier_backbone(net: fid.FeatureNet, grad: bool = False):
+def classifier_backbone(net: fid.FeatureNet, grad: bool = False, taps: tuple = (0, 1, 2)):
     """A frozen classifier as the discriminator's backbone (and the tokenizer's perceptual
-    network): x -> its feature map after each of the three pooling stages, (B, w, S/2, S/2),
-    (B, 2w, S/4, S/4), (B, 4w, S/8, S/8), and their channel counts; gradients flow to x only
+    network): x -> its feature maps after the chosen pooling stages (0, 1, 2: (B, w, S/2, S/2),
+    (B, 2w, S/4, S/4), (B, 4w, S/8, S/8)), and their channel counts; gradients flow to x only
     with grad=True. (The frozen VQ encoder was tried first: D reached only ~55% held-out accuracy.)"""
     layers = list(net.body)
-    taps = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.MaxPool2d)]
+    pools = [i for i, layer in enumerate(layers) if isinstance(layer, (torch.nn.MaxPool2d, torch.nn.AvgPool2d))]
+    keep = {pools[k] for k in taps}
     w = net.cfg.width
 
     def backbone(x: torch.Tensor) -> list[torch.Tensor]:
         feats, h = [], x
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            for i, layer in enumerate(layers):
+            for i, layer in enumerate(layers[:max(keep) + 1]):
                 h = layer(h)
-                if i in taps:
+                if i in keep:
                     feats.append(h)
         return feats
-    return backbone, [w, 2 * w, 4 * w]
+    return backbone, [[w, 2 * w, 4 * w][k] for k in sorted(taps)]
+
+
+D_NETS = ("backbone", "dnet", "dssl")      # the frozen networks the discriminator may sit on (never a judge)
+
+
+def d_backbone(run_dir: str, nets: str, taps: tuple, device: torch.device):
+    """The discriminator's frozen backbone: the feature maps at `taps` of each network named in
+    `nets` ("+"-separated, e.g. "backbone+dssl": heads on several backbones), concatenated as one
+    list, and their channel counts."""
+    names = nets.split("+")
+    parts = [classifier_backbone(build_model(run_dir, n, device), taps=taps) for n in names]
+    return (lambda x: [f for fn, _ in parts for f in fn(x)]), [ch for _, chs in parts for ch in chs]
 
 
 PI_STARTS = {"heuristic": "AdaNAT's heuristic", "search": "the AutoNAT table", "param": "the searched family"}
@@ -293,12 +306,12 @@ class RealFeatures:
         except Exception:
             cached = None                                                  # unreadable cache: recompute
         self.judges = {HELD_OUT[s]: build_model(pipe.run_dir, s, pipe.device) for s in HELD_OUT if s in nets}
-        if cached is None or cached.get("key") != key:
+        if cached is None or cached.get("key") != key or "train_labels" not in cached:
             cached = self._compute(pipe, key, nets)
             runs.save_ckpt(path, cached)
         self.test_images, self.test_labels = cached["test_images"], cached["test_labels"]   # uint8, long
         self.test_feats, self.train_feats = cached["test_feats"], cached["train_feats"]     # (N, D)
-        self.train_correct = cached["train_correct"]                                        # (N,) bool
+        self.train_correct, self.train_labels = cached["train_correct"], cached["train_labels"]   # (N,) bool, long
         self.device = pipe.device                                          # where precision / recall run
         self.key = key
         self.test_mu, self.test_sigma = fid.statistics(self.test_feats)
@@ -319,7 +332,7 @@ class RealFeatures:
         test_feats, _ = fid.extract(pipe.featnet, test, device=pipe.device)
         train_feats, train_logits = fid.extract(pipe.featnet, train_x, device=pipe.device)
         out = {"key": key, "test_images": x_test, "test_labels": y_test, "test_feats": test_feats,
-               "train_feats": train_feats, "train_correct": train_logits.argmax(1) == y_train[pick]}
+               "train_feats": train_feats, "train_correct": train_logits.argmax(1) == y_train[pick], "train_labels": y_train[pick]}
         if "vq" in nets:                                                   # the tokenizer's reconstructions of test
             vq = getattr(pipe, "vq", None) or build_model(pipe.run_dir, "vq", pipe.device)
             with torch.no_grad():

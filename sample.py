@@ -20,7 +20,7 @@ Two reference rows give the scale: the tokenizer's reconstructions of the test i
 floor no schedule can beat) and 10 000 real training images (the metric's own noise).
 Anything *chosen* (w_0 here) is chosen by FID against training-set statistics. Results are
 cached per (row, T, seed, samples) in eval_cache.json: an interrupted evaluation resumes.
-The experiments' flags and tables live in experiments/ (studies, flow_sample, throughput).
+The experiments' flags and tables live in experiments/ (studies, game, flow_sample, throughput).
 """
 import argparse
 import itertools
@@ -37,7 +37,7 @@ import policy
 import pipeline
 import plots
 import runs
-from experiments import flow_sample, studies, throughput
+from experiments import flow_sample, game, studies, throughput
 
 # The hand-written schedules (nat.heuristic_table): MaskGIT's, and AdaNAT's whose w_0 is swept.
 
@@ -173,7 +173,7 @@ def plot_policy(pipe: pipeline.Pipeline, T: int, samples: int = 1000, per_class:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The core's flags; the experiments add theirs (experiments/studies.py, flow_sample.py, throughput.py)."""
+    """The core's flags; the experiments add theirs (experiments/studies.py, game.py, flow_sample.py, throughput.py)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", default="runs/small")
     p.add_argument("--device", default="auto")
@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
                    "lower it after an out-of-memory error: the random numbers are keyed by --batch, the images do not change")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (with --bench: eager, then compiled)")
-    for experiment in (throughput, flow_sample, studies):
+    for experiment in (throughput, flow_sample, studies, game):
         experiment.add_flags(p)
     return p
 
@@ -248,7 +248,7 @@ def run_nat(args, device: torch.device, steps: list[int]) -> None:
         for T in steps:
             if os.path.exists(os.path.join(args.run_dir, f"policy_T{T}.pt")):
                 plot_policy(pipe, T)
-    if not (studies.run(args, pipe) or args.bench or args.eval or args.sweep_w or args.plot):
+    if not (studies.run(args, pipe) | game.run(args, pipe) or args.bench or args.eval or args.sweep_w or args.plot):
         grids(pipe, args.grid_steps)
 
 

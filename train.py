@@ -298,7 +298,7 @@ def rollout_and_reward(L: Learner, sigma: float, g: torch.Generator, reward_fn: 
         maps = L.backbone(fake)                                          # the frozen classifier's feature maps
         logits_fake = L.D(maps, labels)                                  # [(B, P_h)] per head
         r_adv = reward.reward(logits_fake)                               # (B,)
-        r_fid = reward.fidelity_reward(L.classifier.head(maps[-1])[0], labels)   # its head on the same pass: (B,)
+        r_fid = reward.fidelity_reward(L.classifier(fake), labels)       # the frozen classifier's log p(y|x): (B,)
         R = reward_fn(r_adv, r_fid, fake, lam)
         d_acc = reward.accuracy(L.D(L.f_hold, L.y_hold), logits_fake)
     out = {"reward": mean_over_ranks(R.mean()), "r_adv": mean_over_ranks(r_adv.mean()),

@@ -1,13 +1,12 @@
-"""The reward check and AdaGen's inference-time studies (AdaGen §III-D, §III-F1 Algorithm 2,
-§III-F2 Eq. 14-15).
+"""AdaGen's inference-time studies (AdaGen §III-D, §III-F1 Algorithm 2, §III-F2 Eq. 14-15), and what
+the reward check (experiments/game.py) shares with them: the policy's D and critic (`Refiner`),
+Spearman's rho, perturbed schedules.
 
-- reward_check: before PPO is spent on the adversarial reward, does the warm-up discriminator
-  rank fixed schedules as FID does (Spearman rho on two FID networks)?
 - refinement: repeated sampling (D picks among k candidates) and look-ahead (the critic picks
   among k next states), with random-pick and more-steps controls, forwards counted;
 - the fidelity blend of two policies by lam; the reward-hacking table (FID on two networks).
 
-Usage: python sample.py --run-dir runs/small --reward-check | --refine | --lam 0,0.5,1 | --hacking
+Usage: python sample.py --run-dir runs/small --refine | --lam 0,0.5,1 | --hacking
 """
 import itertools
 import os
@@ -43,7 +42,9 @@ class Refiner:
         _, self.V = pipeline.build_policy(ck["config"])
         self.V.load_state_dict(ck["critic"])
         self.V.to(pipe.device).eval()
-        self.backbone, channels = pipeline.classifier_backbone(pipeline.build_model(pipe.run_dir, "backbone", pipe.device))
+        cfg = ck["config"]
+        self.backbone, channels = pipeline.d_backbone(pipe.run_dir, cfg.get("pi_d_nets", "backbone"),
+                                                      tuple(cfg.get("pi_d_taps", (0, 1, 2))), pipe.device)
         self.D = reward.ProjectedDiscriminator(channels, pipe.cfg.num_classes)
         if disc not in ck:
             raise runs.UserError(f"{path} has no {disc!r}: the discriminator after its warm-up is kept from this "
@@ -77,58 +78,6 @@ def perturbed(table: torch.Tensor, seed: int, scale: float = 0.5) -> torch.Tenso
     T = table.shape[0]
     noise = torch.randn(T, 4, generator=torch.Generator().manual_seed(seed)) * policy.NAT_ACTIONS.active(T)
     return policy.activation(policy.inverse_activation(table) + scale * noise)
-
-
-def reward_check(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, T: int = 4) -> dict:
-    """reward_check.md / .json: before PPO is spent on the reward, does it rank schedules as FID does?
-    Eight fixed T-step schedules (MaskGIT, AdaNAT's heuristic, the searched table and the searched
-    family, and one perturbation of each), `samples` images each (seed 1, balanced labels), scored by
-    the discriminator of policy_T{T}.pt as it was after its warm-up, and measured by FID against
-    training-set statistics on the FID network and on featnet2, precision and recall (against the
-    training features). Reports Spearman rho(mean reward, -FID) per network and rho(FID, FID2)."""
-    ref = pipeline.RealFeatures(pipe)
-    if ref.net2 is None:
-        raise runs.UserError(f"the reward check measures FID on two networks: train featnet2 with python train.py "
-                              f"--run-dir {pipe.run_dir} --stage featnet2")
-    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
-    tables = {"MaskGIT": nat.heuristic_table(T, **pipeline.MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})":
-              nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)}
-    for name, stage in (("search", "search"), ("param", "param-search")):
-        found = pipeline.searched_table(pipe, name, T)
-        if found is None:
-            raise runs.UserError(f"the reward check compares the searched schedules too: run python train.py --run-dir "
-                                  f"{pipe.run_dir} --stage {stage} --set search_T={T}")
-        tables[pipeline.SEARCH_ROWS[name]] = found[0].float()
-    for i, (name, table) in enumerate(list(tables.items())):
-        tables[f"{name}, perturbed"] = perturbed(table, seed=i)
-    scorer = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T), disc="disc_warmup")
-    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
-    rows = []
-    for name, table in tqdm(tables.items(), desc="reward check", disable=not ddp.DIST.main):
-        images = pipe.decode(pipe.generate(labels, T, nat.table_schedule(table), seed=1))
-        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
-        P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
-        rows.append({"schedule": name, "table": table.tolist(), "reward": scorer.score(images, labels).mean().item(),
-                     "fid": fid.fid_from_features(feats, ref.train_mu, ref.train_sigma),
-                     "fid2": fid.fid_from_features(fid.extract(ref.net2, images, device=pipe.device)[0],
-                                                   ref.train2_mu, ref.train2_sigma), "precision": P, "recall": R})
-    rho = {"featnet": spearman([r["reward"] for r in rows], [-r["fid"] for r in rows]),
-           "featnet2": spearman([r["reward"] for r in rows], [-r["fid2"] for r in rows])}
-    out = {"T": T, "samples": samples, "rows": rows, "spearman": rho,
-           "spearman_fid_fid2": spearman([r["fid"] for r in rows], [r["fid2"] for r in rows]),
-           "d_acc_warmup": scorer.d_acc_warmup, "fingerprint": pipe.fingerprint}
-    runs.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
-    md = [f"Reward check at T = {T}: {samples} samples per schedule (seed 1); the discriminator of policy_T{T}.pt after its "
-          f"warm-up (held-out accuracy {out['d_acc_warmup']}); FID against training-set statistics on the FID network "
-          f"and on featnet2; precision and recall against training features.", "",
-          "| schedule | mean reward | FID | featnet2 FID | precision | recall |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['schedule']} | {r['reward']:.4f} | {r['fid']:.2f} | {r['fid2']:.2f} | {r['precision']:.3f} | "
-           f"{r['recall']:.3f} |" for r in rows]
-    md += ["", f"Spearman rho(mean reward, -FID): FID network {rho['featnet']:.3f}, featnet2 {rho['featnet2']:.3f}; "
-               f"rho(FID, featnet2 FID) = {out['spearman_fid_fid2']:.3f}."]
-    runs.write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
-    print("\n".join(md))
-    return out
 
 
 def refine(make_images, labels: torch.Tensor, repeat: int, score_fn) -> torch.Tensor:
@@ -318,7 +267,7 @@ def refined_grid(pipe: pipeline.Pipeline, T: int, repeat: int, lookahead: int, p
 
 
 def add_flags(p) -> None:
-    """sample.py's flags of the reward check and AdaGen's studies."""
+    """sample.py's flags of AdaGen's studies."""
     p.add_argument("--repeat", type=int, default=1, help="grids of the adaptive policy with repeated sampling: "
                    "k candidates per image, the policy's discriminator keeps one (NAT and --flow)")
     p.add_argument("--lookahead", type=int, default=1, help="... with look-ahead: k candidates per NAT step, the critic keeps one")
@@ -326,9 +275,6 @@ def add_flags(p) -> None:
     p.add_argument("--lam", default=None, help="comma-separated lam values of the fidelity blend, e.g. 0,0.25,0.5,0.75,1: "
                    "table, curve and grids at --grid-steps (blend_T<T>.*)")
     p.add_argument("--hacking", action="store_true", help="the reward-hacking table at --grid-steps: hacking_T<T>.json/.md")
-    p.add_argument("--reward-check", action="store_true", help="does the warm-up discriminator rank 8 fixed T = 4 "
-                   "schedules as FID does? reward_check.md/.json")
-    p.add_argument("--check-samples", type=int, default=2000, help="samples per schedule of --reward-check")
 
 
 def check_args(args) -> None:
@@ -352,8 +298,6 @@ def run(args, pipe: pipeline.Pipeline) -> bool:
         blend_study(pipe, args.samples, T, args.lams)
     if args.hacking:
         hacking_study(pipe, args.samples, T, args.sweep_samples)
-    if args.reward_check:
-        reward_check(pipe, args.check_samples, args.sweep_samples)
     if args.repeat > 1 or args.lookahead > 1:
         refined_grid(pipe, T, args.repeat, args.lookahead)
     return bool(args.refine or args.lams or args.hacking or args.reward_check or args.repeat > 1 or args.lookahead > 1)

@@ -1,0 +1,300 @@
+"""The reward's fixed point (AdaNAT §4.3, Eq. 13-14 and Algorithm 1, step 4) and the headroom of adaptivity.
+
+AdaNAT keeps training the discriminator D on the current policy's samples, so the policy's fixed
+point is the schedule whose samples a freshly trained D can least tell from real images: a
+classifier two-sample test. `reward_check` measures it directly. For each of 12 fixed T-step
+schedules (MaskGIT; AdaNAT's heuristic at the swept w_0 and at w_0 = 0, 1, 6; the heuristic with
+MaskGIT's tau2_0 = 4.5; the searched table and family; one perturbation of each of the first,
+second and searched two), `samples` images are made once (seed 1, balanced labels), and:
+  - the judges score them against *training* statistics: FID on the FID network, on featnet2,
+    the self-supervised network's Fréchet distance (SSL FD), precision and recall;
+  - per discriminator spec (its frozen network(s) and taps: "backbone", "backbone@12",
+    "dnet", "dssl", "backbone+dssl", ...) a fresh D of the policy's kind (heads, class projection,
+    translation DiffAugment, Adam(pi_d_lr, (0.5, 0.999)), pi_batch reals + pi_batch fakes per
+    step) trains on 3/4 of the fakes against real training images and is scored every
+    `eval_every` steps on the held-out 1/4 and 1 000 held-out reals; it stops when the held-out
+    loss has not improved for `patience` scorings, and its best held-out loss and accuracy are
+    the schedule's reading (lower accuracy, higher loss: harder to tell from real);
+  - the warm-up reading: the mean reward of policy_T{T}.pt's D after its warm-up, if trained.
+Spearman rho(D's badness, judge) per spec and judge: badness = held-out accuracy, or minus the
+held-out loss; judge = FID, featnet2 FID, SSL FD or minus recall (positive rho: D and the judge agree).
+
+`headroom`: how much a schedule that knows only the class gains (AdaNAT's adaptive policy sees
+the class and more). Every (w_0, tau2_0) of a grid is scored per class on per-class training
+statistics of the FID network; each class takes its best pair; the class-only schedule, the best
+single pair and the heuristic are then measured on the test set over EVAL_SEEDS on every judge.
+
+Usage: python sample.py --run-dir runs/small --reward-check [--d-specs backbone,dnet,dssl] | --headroom
+"""
+import math
+import os
+
+import torch
+from tqdm import tqdm
+
+import config
+import ddp
+import fid
+import learner
+import nat
+import pipeline
+import policy
+import reward
+import runs
+from experiments.studies import Refiner, perturbed, spearman
+
+JUDGE_KEYS = {"fid": "FID", "fid2": "featnet2 FID", "fd_ssl": "SSL FD", "recall": "-recall"}
+
+
+def parse_spec(spec: str) -> tuple[str, tuple]:
+    """"backbone+dssl@12" -> ("backbone+dssl", (1, 2)); no "@": every tap (0, 1, 2)."""
+    nets, _, taps = spec.partition("@")
+    bad = [n for n in nets.split("+") if n not in pipeline.D_NETS]
+    if bad or (taps and not set(taps) <= set("012")):
+        raise runs.UserError(f"--d-specs {spec!r}: networks among {', '.join(pipeline.D_NETS)} joined by +, then "
+                             f"optionally @ and taps among 0 1 2 (e.g. backbone@12); never a judge")
+    return nets, tuple(int(k) for k in taps) if taps else (0, 1, 2)
+
+
+def check_tables(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, sweep_samples: int, T: int) -> dict:
+    """The 12 fixed schedules {name: (T, 4) table} of the check."""
+    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
+    h = lambda tau2_0, w: nat.heuristic_table(T, tau2_0, w)
+    tables = {"MaskGIT": nat.heuristic_table(T, **pipeline.MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})": h(pipeline.ADANAT_TAU2_0, w_0)}
+    for name, stage in (("search", "search"), ("param", "param-search")):
+        found = pipeline.searched_table(pipe, name, T)
+        if found is None:
+            raise runs.UserError(f"the reward check compares the searched schedules too: run python train.py --run-dir "
+                                 f"{pipe.run_dir} --stage {stage} --set search_T={T}")
+        tables[pipeline.SEARCH_ROWS[name]] = found[0].float()
+    for i, (name, table) in enumerate(list(tables.items())):
+        tables[f"{name}, perturbed"] = perturbed(table, seed=i)
+    for w in (0.0, 1.0, 6.0):
+        tables.setdefault(f"AdaNAT heuristic (w_0={w:g})", h(pipeline.ADANAT_TAU2_0, w))
+    tables[f"heuristic, tau2_0 = 4.5 (w_0={w_0:g})"] = h(pipeline.MASKGIT["tau2_0"], w_0)
+    return tables
+
+
+def fresh_d(c: config.TrainConfig, backbone, channels: list, num_classes: int, reals: tuple, hold: tuple, fakes: tuple,
+            device: torch.device, max_steps: int, eval_every: int = 25, patience: int = 3) -> dict:
+    """One classifier two-sample test: a fresh projected D trained on fakes (x (n, C, H, W), y (n,)) against
+    reals, early-stopped on the held-out loss; returns its best held-out {loss, acc} and the steps run."""
+    (xr, yr), (f_hold_real, y_hold_real), (xf, yf) = reals, hold, fakes
+    n_hold = len(xf) // 4
+    xf_hold, yf_hold, xf, yf = xf[:n_hold].to(device), yf[:n_hold].to(device), xf[n_hold:], yf[n_hold:]
+    torch.manual_seed(c.seed)
+    D = reward.ProjectedDiscriminator(channels, num_classes).to(device)
+    opt = torch.optim.Adam(D.parameters(), lr=c.pi_d_lr, betas=(0.5, 0.999))
+    g, g_cpu = torch.Generator(device).manual_seed(c.seed + 77), torch.Generator().manual_seed(c.seed + 77)
+    best, since, step = {"loss": math.inf, "acc": 1.0, "steps": 0}, 0, 0
+    f_hold_fake = backbone(xf_hold)                                            # frozen: computed once
+    while step < max_steps and since < patience:
+        D.train()
+        for _ in range(eval_every):
+            i, j = (torch.randint(0, len(x), (c.pi_batch,), generator=g_cpu) for x in (xr, xf))
+            x = torch.cat([reward.diff_augment(xr[i].to(device), g, cutout=0.0), reward.diff_augment(xf[j].to(device), g, cutout=0.0)])
+            both = D(backbone(x), torch.cat([yr[i], yf[j]]).to(device))
+            loss = reward.d_loss(reward.rows(both, slice(0, c.pi_batch)), reward.rows(both, slice(c.pi_batch, None)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        step += eval_every
+        D.eval()
+        with torch.no_grad():
+            lr_, lf_ = D(f_hold_real, y_hold_real), D(f_hold_fake, yf_hold)
+            held = {"loss": reward.d_loss(lr_, lf_).item(), "acc": reward.accuracy(lr_, lf_), "steps": step}
+        runs.check_finite(d_loss=held["loss"])
+        best, since = (held, 0) if held["loss"] < best["loss"] else (best, since + 1)
+    return best
+
+
+def schedule_readings(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, tables: dict, samples: int, T: int,
+                      cache: dict, save) -> dict:
+    """Per schedule: its images (made once, kept in memory) and the judges' readings (cached)."""
+    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
+    images = {}
+    for name, table in tqdm(tables.items(), desc="schedules: images and judges", disable=not ddp.DIST.main):
+        images[name] = pipe.decode(pipe.generate(labels, T, nat.table_schedule(table), seed=1))
+        key = f"judges|{name}|{samples}"
+        if key not in cache:
+            feats, _ = fid.extract(pipe.featnet, images[name], device=pipe.device)
+            P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
+            cache[key] = {"table": table.tolist(), "precision": P, "recall": R,
+                          **pipeline.judge_fids(pipe, ref, images[name], "train", feats, fid_net=True)}
+            save()
+    return images
+
+
+def reward_check(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, specs: list[str], max_steps: int,
+                 T: int = 4) -> dict:
+    """reward_check.md / .json: the two-sample readings of every D spec and the warm-up reading, with
+    the judges and Spearman rho per spec and judge (module docstring). Resumable (reward_check_cache.json)."""
+    ref = pipeline.RealFeatures(pipe)
+    if ref.net2 is None or "fd_ssl" not in ref.judges:
+        raise runs.UserError(f"the reward check reads both held-out judges: train them with python train.py --run-dir "
+                             f"{pipe.run_dir} --stage featnet2, then --stage featssl")
+    c = config.load_config(pipe.run_dir)
+    tables = check_tables(pipe, ref, sweep_samples, T)
+    path = os.path.join(pipe.run_dir, "reward_check_cache.json")
+    cache = runs.read_json(path, {})
+    if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
+        cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}
+    save = lambda: runs.write_json(path, cache)
+    images = schedule_readings(pipe, ref, tables, samples, T, cache, save)
+    x_real, y_real = learner.real_images(c)
+    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
+    for spec in specs:
+        nets, taps = parse_spec(spec)
+        for n in nets.split("+"):
+            if not os.path.exists(os.path.join(pipe.run_dir, f"{n}.pt")):
+                raise runs.UserError(f"--d-specs {spec}: {pipe.run_dir}/{n}.pt is missing; train it with python train.py "
+                                     f"--run-dir {pipe.run_dir} --stage {n}")
+        backbone, channels = pipeline.d_backbone(pipe.run_dir, nets, taps, pipe.device)
+        hold = (backbone(x_real[:1000].to(pipe.device)), y_real[:1000].to(pipe.device))
+        for name in tqdm(tables, desc=f"two-sample D on {spec}", disable=not ddp.DIST.main):
+            key = f"d|{spec}|{name}|{samples}|{max_steps}"
+            if key not in cache:
+                cache[key] = fresh_d(c, backbone, channels, pipe.cfg.num_classes, (x_real[1000:], y_real[1000:]), hold,
+                                     (images[name], labels), pipe.device, max_steps)
+                save()
+    warm = None
+    if os.path.exists(os.path.join(pipe.run_dir, f"{pipeline.policy_file('policy', 'heuristic', T)}.pt")):
+        warm = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T), disc="disc_warmup")
+    return write_check(pipe, tables, specs, cache, samples, max_steps, T, warm, images, labels)
+
+
+def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_steps: int, T: int, warm, images,
+                labels) -> dict:
+    """reward_check.json / .md from the cached readings."""
+    rows = [{"schedule": name, **cache[f"judges|{name}|{samples}"],
+             **({"warmup_reward": warm.score(images[name], labels).mean().item()} if warm else {}),
+             "two_sample": {s: cache[f"d|{s}|{name}|{samples}|{max_steps}"] for s in specs}} for name in tables]
+    judge = lambda r, k: -r[k] if k == "recall" else r[k]
+    rho = {s: {f"{by}_vs_{k}": spearman([r["two_sample"][s]["acc"] if by == "acc" else -r["two_sample"][s]["loss"]
+                                         for r in rows], [judge(r, k) for r in rows])
+               for by in ("acc", "loss") for k in JUDGE_KEYS} for s in specs}
+    out = {"T": T, "samples": samples, "max_steps": max_steps, "rows": rows, "spearman_two_sample": rho,
+           "spearman_judges": {f"{a}_vs_{b}": spearman([r[a] for r in rows], [r[b] for r in rows])
+                               for a, b in (("fid", "fid2"), ("fid", "fd_ssl"), ("fid2", "fd_ssl"))},
+           "fingerprint": pipe.fingerprint}
+    if warm:
+        out["spearman_warmup"] = {k: spearman([-r["warmup_reward"] for r in rows], [judge(r, k) for r in rows]) for k in JUDGE_KEYS}
+        out["d_acc_warmup"] = warm.d_acc_warmup
+    runs.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
+    md = [f"Reward check at T = {T}: {samples} samples per schedule (seed 1); judges against training-set statistics. "
+          f"Two-sample readings: a fresh D per schedule and spec, held-out accuracy / loss (lower accuracy, higher loss: "
+          f"harder to tell from real), early-stopped on the held-out loss (at most {max_steps} steps).", "",
+          "| schedule | FID | featnet2 FID | SSL FD | precision | recall |" + "".join(f" {s} acc / loss |" for s in specs)
+          + (" warm-up D reward |" if warm else ""), "|---" * (6 + len(specs) + bool(warm)) + "|"]
+    for r in rows:
+        md.append(f"| {r['schedule']} | {r['fid']:.2f} | {r['fid2']:.2f} | {r['fd_ssl']:.3f} | {r['precision']:.3f} | "
+                  f"{r['recall']:.3f} |" + "".join(f" {r['two_sample'][s]['acc']:.3f} / {r['two_sample'][s]['loss']:.3f} |"
+                                                  for s in specs) + (f" {r['warmup_reward']:.4f} |" if warm else ""))
+    md += ["", "Spearman rho (positive: D and the judge agree; badness = held-out accuracy or minus held-out loss):", "",
+           "| D spec | by | " + " | ".join(JUDGE_KEYS.values()) + " |", "|---|---|" + "---|" * len(JUDGE_KEYS)]
+    for s in specs:
+        for by in ("acc", "loss"):
+            md.append(f"| {s} | {'accuracy' if by == 'acc' else '-loss'} | " +
+                      " | ".join(f"{rho[s][f'{by}_vs_{k}']:.2f}" for k in JUDGE_KEYS) + " |")
+    if warm:
+        md.append(f"| warm-up D of policy_T{T}.pt (acc {out['d_acc_warmup']:.3f}) | -reward | " +
+                  " | ".join(f"{out['spearman_warmup'][k]:.2f}" for k in JUDGE_KEYS) + " |")
+    md += ["", "Judges among themselves: " + ", ".join(f"rho({k.replace('_vs_', ', ')}) = {v:.2f}"
+                                                     for k, v in out["spearman_judges"].items()) + "."]
+    runs.write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return out
+
+
+HEADROOM_W = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0)
+HEADROOM_TAU2 = (0.5, 1.0, 2.0, 4.5)
+
+
+def class_sweep(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, per_class: int, T: int) -> dict:
+    """Every (w_0, tau2_0) of HEADROOM_W x HEADROOM_TAU2 on per_class samples of each class (seed 0, common
+    random numbers), FID on the FID network against each class's training statistics and against all of
+    them; cached in headroom_sweep.json. Returns {grid, per_class_fid (K, C), fid (C,), best (K,), best_all}."""
+    path = os.path.join(pipe.run_dir, "headroom_sweep.json")
+    saved = runs.read_json(path, {})
+    if (saved.get("fingerprint"), saved.get("per_class"), saved.get("T")) == (f"{pipe.eval_key}|{ref.key}", per_class, T):
+        return saved
+    grid = [(w, tau2) for w in HEADROOM_W for tau2 in HEADROOM_TAU2]
+    tables = torch.stack([nat.heuristic_table(T, tau2, w) for w, tau2 in grid])               # (C, T, 4)
+    K, C = pipe.cfg.num_classes, len(grid)
+    labels = pipeline.balanced_labels(per_class * K, K)                                         # (n,)
+    tok = pipe.generate(labels.repeat_interleave(C), T, nat.table_schedule(tables), seed=0, group=C, dedup=True,
+                        progress=True)
+    feats = fid.extract(pipe.featnet, pipe.decode(tok), device=pipe.device)[0].view(len(labels), C, -1)   # (n, C, D)
+    per_class_fid = [[fid.fid_from_features(feats[labels == k, j], *fid.statistics(ref.train_feats[ref.train_labels == k]))
+                      for j in range(C)] for k in range(K)]
+    overall = [fid.fid_from_features(feats[:, j], ref.train_mu, ref.train_sigma) for j in range(C)]
+    out = {"fingerprint": f"{pipe.eval_key}|{ref.key}", "per_class": per_class, "T": T, "grid": grid,
+           "per_class_fid": per_class_fid, "fid": overall,
+           "best": [min(range(C), key=lambda j: row[j]) for row in per_class_fid],
+           "best_all": min(range(C), key=lambda j: overall[j])}
+    runs.write_json(path, out)
+    return out
+
+
+def headroom(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, per_class: int = 200, T: int = 4) -> list:
+    """headroom_T{T}.md / .json: the heuristic, the best single (w_0, tau2_0) and the class-only schedule
+    (each class its best pair) on the test set over EVAL_SEEDS, every judge, and the share of the
+    heuristic -> floor gap each closes."""
+    ref = pipeline.RealFeatures(pipe)
+    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
+    sweep = class_sweep(pipe, ref, per_class, T)
+    grid = sweep["grid"]
+    per_class = torch.stack([nat.heuristic_table(T, grid[j][1], grid[j][0]) for j in sweep["best"]])   # (K, T, 4)
+    w_all, tau_all = grid[sweep["best_all"]]
+    rows = {f"AdaNAT heuristic (tau2_0 = 1, w_0 = {w_0:g})": nat.heuristic_schedule(T, pipeline.ADANAT_TAU2_0, w_0),
+            f"best single pair (w_0 = {w_all:g}, tau2_0 = {tau_all:g})": nat.heuristic_schedule(T, tau_all, w_all),
+            "class-only schedule (each class its best pair)": nat.class_table_schedule(per_class)}
+    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
+    cell = lambda sched, s: lambda: pipeline.metrics(pipe, ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
+    cells = [("floor", f"floor|{samples}", lambda: pipeline.recon_reference(pipe, ref, samples))]
+    cells += [(name, f"{name}|{T}|{samples}|seed{s}|{sweep['best']}", cell(sched, s))
+              for name, sched in rows.items() for s in pipeline.EVAL_SEEDS]
+    res = pipeline.seeded_cells(pipe, ref, f"headroom_T{T}", cells, "headroom")
+    table = {name: pipeline.seed_summary(res[name], ()) for name in res}
+    heur, floor = table[next(iter(rows))], table["floor"]
+    keys = [k for k in ("fid", "fid_recon", "fid2", "fd_ssl") if k in floor]
+    for r in table.values():
+        r["gap_closed"] = {k: (heur[k] - r[k]) / (heur[k] - floor[k]) for k in keys}
+    runs.write_json(os.path.join(pipe.run_dir, f"headroom_T{T}.json"), {
+        "rows": table, "per_class_pairs": [grid[j] for j in sweep["best"]], "sweep": sweep})
+    head = f"| schedule | {pipeline.metric_head(ref)} " + " | ".join(f"gap closed ({k})" for k in keys) + " |"
+    md = [f"Headroom of a schedule that knows only the class, T = {T}: per-class pairs (w_0, tau2_0) chosen on {per_class} "
+          f"samples per class against per-class training statistics (FID network); rows: {samples} samples x seeds "
+          f"{list(pipeline.EVAL_SEEDS)} against the test images{pipeline.REF_NOTE}; gap closed = (heuristic - row) / "
+          f"(heuristic - floor). Per-class pairs: " + ", ".join(f"{k}: {grid[j]}" for k, j in enumerate(sweep["best"])),
+          "", head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in table.items():
+        md.append(f"| {name} | {pipeline.metric_cells(r, ref)} " + " | ".join(f"{r['gap_closed'][k]:.2f}" for k in keys) + " |")
+    runs.write_text(os.path.join(pipe.run_dir, f"headroom_T{T}.md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return table
+
+
+def add_flags(p) -> None:
+    """sample.py's flags of the reward check and the headroom table."""
+    p.add_argument("--reward-check", action="store_true", help="the reward's fixed point at T = 4: a fresh D per fixed "
+                   "schedule and --d-specs (two-sample test) against every judge, and the warm-up D: reward_check.md/.json")
+    p.add_argument("--check-samples", type=int, default=2000, help="samples per schedule of --reward-check")
+    p.add_argument("--d-specs", default=None, help="comma-separated discriminator specs of --reward-check, e.g. "
+                   "backbone,backbone@12,dnet,dssl,backbone+dssl (default: the run's pi_d_nets at pi_d_taps)")
+    p.add_argument("--check-d-steps", type=int, default=300, help="the most D steps per two-sample test")
+    p.add_argument("--headroom", action="store_true", help="the class-only schedule's headroom at T = 4: headroom_T4.md/.json")
+
+
+def run(args, pipe: pipeline.Pipeline) -> bool:
+    """The checks the flags ask for; True if any ran."""
+    if args.reward_check:
+        c = config.load_config(pipe.run_dir)
+        specs = args.d_specs.split(",") if args.d_specs else [c.pi_d_nets + ("" if c.pi_d_taps == (0, 1, 2) else
+                                                                              "@" + "".join(map(str, c.pi_d_taps)))]
+        for s in specs:
+            parse_spec(s)
+        reward_check(pipe, args.check_samples, args.sweep_samples, specs, args.check_d_steps)
+    if args.headroom:
+        headroom(pipe, args.samples, args.sweep_samples)
+    return args.reward_check or args.headroom

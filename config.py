@@ -107,7 +107,8 @@ class TrainConfig:
     # --- policy / static / smooth: generation policies trained by PPO (keys pi_*; each policy
     # checkpoint carries its own copy, so these may change after the generator is trained)
     pi_T: tuple = (4, 8)             # decoding step counts to train a policy for (one checkpoint each)
-    pi_iters: int = 18               # PPO iterations per policy (each: rollouts, PPO epochs, D steps)
+    pi_iters: int = 300              # PPO iterations of a T = 4 policy (each: rollout, PPO epochs, D steps); a policy
+                                     # for T steps runs pi_iters * 4 / T (the same generator forwards)
     pi_batch: int = 256              # trajectories per iteration
     pi_group: int = 4                # G > 1: groups of G trajectories share label and generation randomness and
                                      # differ only in exploration; advantage = reward - group mean (GRPO-style)
@@ -134,14 +135,18 @@ class TrainConfig:
                                      # "+" (heads on each); never a judge (featnet, featnet2, featssl)
     pi_d_taps: tuple = (0, 1, 2)     # ... at these pooling stages (0: 16x16, 1: 8x8, 2: 4x4 positions)
     pi_d_lr: float = 1e-3            # discriminator: Adam(lr, betas (0.5, 0.999)) (AdaNAT: 1e-4 over 1000 iterations)
-    pi_d_steps: int = 4              # D steps per iteration ...
+    pi_d_steps: int = 4              # D steps per iteration at the start ...
+    pi_d_acc_band: tuple = (0.6, 0.8)   # ... then one more while D's accuracy (held-out reals vs current fakes) is
+                                     # below the band, one fewer (at least 1) above it; () keeps pi_d_steps
+    pi_d_steps_max: int = 8
     pi_d_replay: int = 4             # ... each on pi_batch fakes drawn from the last pi_d_replay iterations' rollouts
     pi_d_fresh: bool = False         # ... or each on a fresh rollout of the current policy (the AdaNAT release)
     pi_d_warmup: int = 5             # first iterations train D only (the reward must mean something) ...
     pi_d_warmup_steps: int = 20      # ... with this many D steps each; D then is saved as "disc_warmup"
     pi_d_real: str = "raw"           # reals for D: "raw" training images, or "recon" (their tokenizer reconstructions)
-    pi_fid_every: int = 6            # iterations between FID checks (training-set statistics; best kept)
-    pi_fid_samples: int = 5000       # samples per FID check
+    pi_fid_every: int = 25           # iterations between FID checks (training-set statistics on every network; the best
+                                     # on the FID network kept beside the last iterate)
+    pi_fid_samples: int = 2000       # samples per FID check
     pi_sweep_samples: int = 2000     # samples per w_0 candidate of the heuristic the residual starts from
     pi_reward: str = "adversarial"   # the policy's reward (AdaGen §III-D): "adversarial" (D, trained alongside),
                                      # "fixed" (log p(y|x) under the frozen backbone classifier), or "fid" (minus the
@@ -223,8 +228,8 @@ def parse_value(field_type, text: str):
         return int(text)
     if field_type is float:
         return float(text)
-    if field_type is tuple:
-        return tuple(int(v) for v in text.split(","))
+    if field_type is tuple:                                           # "4,8" -> (4, 8); "0.6,0.8" -> floats; "" -> ()
+        return tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in text.split(",") if v.strip())
     return None if text.lower() == "none" else text
 
 
@@ -263,6 +268,10 @@ def validate(c: TrainConfig, stage: str) -> None:
                              f"{', '.join(pipeline.D_NETS)} joined by +")
     if not c.pi_d_taps or len(set(c.pi_d_taps)) != len(c.pi_d_taps) or not set(c.pi_d_taps) <= {0, 1, 2}:
         raise runs.UserError(f"pi_d_taps {c.pi_d_taps}: distinct pooling stages among 0, 1, 2, e.g. --set pi_d_taps=1,2")
+    if c.pi_d_acc_band and not (len(c.pi_d_acc_band) == 2 and 0 < c.pi_d_acc_band[0] < c.pi_d_acc_band[1] < 1) \
+            or c.pi_d_steps_max < 1:
+        raise runs.UserError(f"pi_d_acc_band {c.pi_d_acc_band}: two accuracies lo,hi with 0 < lo < hi < 1 (or empty: fixed "
+                             f"pi_d_steps), and pi_d_steps_max >= 1")
     if c.pi_d_real not in ("recon", "raw"):
         raise runs.UserError(f"pi_d_real {c.pi_d_real!r}: use raw or recon")
     if c.pi_recipe not in ("ours", "official") or c.pi_sigma_schedule not in ("linear", "step"):
@@ -312,8 +321,9 @@ def build_config(args: argparse.Namespace, stages: list[str]) -> tuple[TrainConf
         raise runs.UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if saved is not None and saved.get("preset") == preset:       # keys missing from an older config: the preset's
         c = TrainConfig(**{**PRESETS[preset], **{k: v for k, v in saved.items() if k in fields}})
-        c.vq_ch_mult, c.pi_T, c.search_T, c.pi_d_taps = tuple(c.vq_ch_mult), tuple(c.pi_T), tuple(c.search_T), tuple(c.pi_d_taps)
-        c.flow_pi_nfe = tuple(c.flow_pi_nfe)
+        for k, t in fields.items():                                # JSON lists back to tuples
+            if t is tuple:
+                setattr(c, k, tuple(getattr(c, k)))
     else:
         c = TrainConfig(**{**PRESETS[preset], "preset": preset})
     for item in args.set or []:

@@ -72,14 +72,15 @@ def build_policy(cfg: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
     return make(D), make(1)
 
 
-def load_policy(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The policy of a finished policy checkpoint (its best-by-training-FID weights) and its config."""
+def load_policy(path: str, device: torch.device, weights: str = "best") -> tuple[torch.nn.Module, dict]:
+    """The policy of a finished policy checkpoint and its config: weights "best" (by the FID network's
+    training-set FID) or "model" (the last iterate)."""
     ck = runs.load_ckpt(path)
     if not ck.get("done"):
         raise runs.UserError(f"{path} is unfinished (iteration {ck.get('step')}): finish it with python train.py")
     try:
         pi, _ = build_policy(ck["config"])
-        pi.load_state_dict(ck["best"])
+        pi.load_state_dict(ck[weights])
     except (TypeError, KeyError, RuntimeError) as e:
         raise runs.UserError(f"{path} does not match this code's policy ({type(e).__name__}: {str(e)[:120]}); "
                         f"delete it to retrain that stage") from None
@@ -524,17 +525,24 @@ POLICY_ROWS = {"static": "learned static (PPO, no state)", "policy": "adaptive p
 
 
 def policy_schedule(pipe: Pipeline, kind: str, T: int, start: str = "heuristic",
-                    reward_name: str = "adversarial") -> tuple | None:
+                    reward_name: str = "adversarial", weights: str = "best") -> tuple | None:
     """(make_schedule, config, fingerprint) of the trained `kind` policy for T whose residual
-    starts from `start` (PI_STARTS), trained on `reward_name`, or None if there is none."""
+    starts from `start` (PI_STARTS), trained on `reward_name`, or None if there is none;
+    weights "best" (by training-set FID) or "model" (the last iterate)."""
     name = policy_file(kind, start, T, reward_name)
     path = os.path.join(pipe.run_dir, f"{name}.pt")
     if not os.path.exists(path):
         return None
-    pi, cfg = load_policy(path, pipe.device)
+    pi, cfg = load_policy(path, pipe.device, weights)
     h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
     make = lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"])
     return make, cfg, runs.fingerprint(pipe.run_dir, (name,))
+
+
+def last_is_best(run_dir: str, kind: str, T: int, start: str = "heuristic") -> bool:
+    """Whether a policy checkpoint's last iterate is its best-by-training-FID weights (one row suffices)."""
+    ck = runs.load_ckpt(os.path.join(run_dir, f"{policy_file(kind, start, T)}.pt"))
+    return all(torch.equal(ck["best"][k], ck["model"][k]) for k in ck["best"])
 
 
 SEARCH_ROWS = {"param": "parametric family (searched, 6 shape parameters)", "search": "AutoNAT search (free T x 4 table)"}

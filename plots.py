@@ -73,10 +73,12 @@ def plot_panels(path: str, panels: list[dict], title: str = "", size: tuple = (3
 
 
 def plot_training(history: list[dict], path: str, name: str) -> None:
-    """The policy stage's curve: reward, D accuracy, training-set FID and approx_kl per iteration."""
+    """The policy stage's curves per iteration: reward, D's accuracy and steps, approx_kl, the residual's size,
+    and the training-set Fréchet distance on every network (the FID network, featnet2, the SSL judge)."""
     panels = []
-    for key, color in (("reward", (200, 60, 30)), ("d_acc", (30, 90, 200)), ("train_fid", (20, 140, 60)),
-                       ("approx_kl", (120, 60, 160))):
+    for key, color in (("reward", (200, 60, 30)), ("d_acc", (30, 90, 200)), ("d_steps", (30, 90, 200)),
+                       ("approx_kl", (120, 60, 160)), ("residual_rms", (120, 60, 160)), ("train_fid", (20, 140, 60)),
+                       ("train_fid2", (20, 140, 60)), ("train_fd_ssl", (20, 140, 60))):
         pts = [(r["iter"], r[key]) for r in history if key in r]
         panels.append({"title": key, "series": [{"x": [p[0] for p in pts], "y": [p[1] for p in pts], "color": color}]})
     plot_panels(path, panels, title=f"{name}: per PPO iteration (train_fid vs training-set statistics)")

@@ -64,10 +64,10 @@ def schedule_rows(pipe: pipeline.Pipeline, w_0: float, steps: list[int], sweep_s
                 rows.setdefault(prefix + label, {})[T] = (lambda table=table: nat.table_schedule(table), True, key, gen)
 
     add_searches(pipe, "", None)
-    for start, kind in itertools.product(pipeline.PI_STARTS, pipeline.POLICY_ROWS):
-        for T in steps:
-            found = pipeline.policy_schedule(pipe, kind, T, start)
-            if found is None:
+    for start, kind, weights in itertools.product(pipeline.PI_STARTS, pipeline.POLICY_ROWS, ("best", "model")):
+        for T in steps:                                                # the best on training FID, and the last iterate
+            found = pipeline.policy_schedule(pipe, kind, T, start, weights=weights)
+            if found is None or weights == "model" and pipeline.last_is_best(pipe.run_dir, kind, T, start):
                 continue
             make, cfg, fp = found
             if start == "heuristic" and abs(cfg["heuristic"][-1][3] - w_0 * (T - 1) / T) > 1e-4:   # its w_{T-1}
@@ -75,7 +75,8 @@ def schedule_rows(pipe: pipeline.Pipeline, w_0: float, steps: list[int], sweep_s
             label = pipeline.POLICY_ROWS[kind].format(beta_ema=cfg["beta_ema"])
             if start != "heuristic":
                 label = label[:-1] + f", on {pipeline.PI_STARTS[start]})"
-            rows.setdefault(label, {})[T] = (make, True, f"|{fp}", None)
+            label += ", last iterate" if weights == "model" else ""
+            rows.setdefault(label, {})[T] = (make, True, f"|{fp}|{weights}", None)
     beta_dir = os.path.join(pipe.run_dir, "beta")                      # the pr-search stage's full generator
     if os.path.exists(os.path.join(beta_dir, "nat.pt")) and runs.load_ckpt(os.path.join(beta_dir, "nat.pt")).get("done"):
         bp = pipeline.Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch, pipe.rows)

@@ -386,9 +386,14 @@ def algorithm1(L: Learner, state: dict, it: int, reward_fn: Callable) -> dict:
     out["sec_ppo"], t0 = time.time() - t0, time.time()
     state["replay"] = (state.get("replay") or [])[-(c.pi_d_replay - 1):] if c.pi_d_replay > 1 else []
     state["replay"].append((fake.cpu(), labels.cpu()))                     # this rollout joins D's replay
-    out["d_loss"] = d_update(L, state, c.pi_d_steps if it >= c.pi_d_warmup else c.pi_d_warmup_steps, sigma, g, g_cpu)  # 4
+    out["d_steps"] = state.setdefault("d_steps", c.pi_d_steps) if it >= c.pi_d_warmup else c.pi_d_warmup_steps
+    out["d_loss"] = d_update(L, state, out["d_steps"], sigma, g, g_cpu)   # 4
     out["sec_d"] = time.time() - t0
     runs.check_finite(d_loss=out["d_loss"])                                # a non-finite D is never saved (train_loop)
+    if it >= c.pi_d_warmup and c.pi_d_acc_band:                            # keep D's accuracy on current fakes in the band
+        lo, hi = c.pi_d_acc_band
+        state["d_steps"] = min(c.pi_d_steps_max, out["d_steps"] + 1) if out["d_acc"] < lo else \
+            max(1, out["d_steps"] - 1) if out["d_acc"] > hi else out["d_steps"]
     for j, a in enumerate(L.task.spec.names):                              # per-sample spread of each action
         out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
     out["act_mean"] = [[round(v, 5) for v in row] for row in ro.actions.mean(1).tolist()]   # (T, D) per step
@@ -406,6 +411,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
     task.h. Every pi_fid_every iterations the mean policy's FID against *training* statistics is
     measured; the best weights are kept (the fidelity policy: the last). The reward: reward_hook."""
     c = recipe(c)                                                         # pi_recipe = official: the release's PPO
+    c = dataclasses.replace(c, pi_iters=max(1, c.pi_iters * 4 // task.T))  # pi_iters at T = 4: the same forwards at any T
     L, pcfg, modules = build_learner(c, run_dir, device, kind, task)
     name, path = task.name, os.path.join(run_dir, f"{task.name}.pt")
     state = {"history": [], "best": None, "best_fid": None, **runs.resume(path, pcfg, modules), "config": pcfg, "done": False}
@@ -415,14 +421,17 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
     L.f_hold, L.y_hold = L.backbone(x_real[:n_hold].to(device)), y_real[:n_hold].to(device)   # the backbone is frozen
     fid_labels = pipeline.balanced_labels(c.pi_fid_samples, task.num_classes)
 
-    def train_fid() -> float:
-        """FID of the mean policy (seed 0, fixed labels) against training-set statistics."""
-        feats, _ = fid.extract(pipe.featnet, task.fid_images(fid_labels, L.schedule()), device=device)
-        return fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
+    def train_fids() -> dict:
+        """The mean policy's (seed 0, fixed labels) Fréchet distances against training-set statistics on every
+        network: "train_fid" (the FID network: the checkpoint choice), "train_fid2", "train_fd_ssl" (judges: logged only)."""
+        t0 = time.time()
+        fids = pipeline.judge_fids(pipe, ref, task.fid_images(fid_labels, L.schedule()), "train", fid_net=True)
+        return {"train_" + k if k != "fid" else "train_fid": v for k, v in fids.items()} | {"sec_fid": time.time() - t0}
 
     if state["best"] is None:                                   # iteration 0: the start schedule itself
-        state["best_fid"], state["best"] = train_fid(), copy.deepcopy(L.pi.state_dict())
-        state["history"].append({"iter": 0, "train_fid": state["best_fid"]})
+        first = train_fids()
+        state["best_fid"], state["best"] = first["train_fid"], copy.deepcopy(L.pi.state_dict())
+        state["history"].append({"iter": 0, **first})
         print(f"{name}: start = {task.start}, training-set FID {state['best_fid']:.2f}")
     reward_fn = reward_hook(c, kind, pipe, ref)
 
@@ -431,7 +440,8 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
         record = {"iter": it + 1, **out}
         if (it + 1) % c.pi_fid_every == 0 or it + 1 == c.pi_iters:
             L.pi.eval()
-            record["train_fid"] = out["train_fid"] = train_fid()
+            fids = train_fids()
+            record.update(fids), out.update(fids)
             if record["train_fid"] < state["best_fid"] or kind == "fidelity":
                 state["best_fid"], state["best"] = record["train_fid"], copy.deepcopy(L.pi.state_dict())
         state["history"].append(record)

@@ -195,8 +195,9 @@ def stage_dnet(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Log
 
 
 def stage_dssl(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
-    """A candidate backbone of the discriminator: a second SimCLR network (average pooling, another seed)."""
-    train_simclr(c, run_dir, device, log, "dssl", dict(width=c.ssl_width, feat_dim=c.ssl_dim, pool="avg"), 29)
+    """A candidate backbone of the discriminator: a second SimCLR network (one conv per stage, average pooling,
+    another seed)."""
+    train_simclr(c, run_dir, device, log, "dssl", dict(width=c.ssl_width, feat_dim=c.ssl_dim, convs=1, pool="avg"), 29)
 
 
 @torch.no_grad()
@@ -450,8 +451,12 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
     state = runs.train_loop(name, path, state, modules, step_fn, c.pi_iters, dataclasses.replace(c, log_every=1), log)
     state["done"] = True
     state.pop("replay", None)                                               # D's replay is only needed to resume
+    its = [r for r in state["history"][1:] if "sec_d" in r]
+    state["time_split"] = {k: sum(r.get(k, 0.0) for r in its) / max(1, len(its))
+                           for k in ("sec_rollout", "sec_ppo", "sec_d", "sec_fid", "d_steps")}
     runs.save_ckpt(path, state)
     plots.plot_training(state["history"], os.path.join(run_dir, f"{name}_curve.png"), name)
+    print(f"{name}: per iteration, mean over {len(its)}: " + ", ".join(f"{k} {v:.2f}" for k, v in state["time_split"].items()))
     which = "training-set FID at lam = 1 (last weights kept)" if kind == "fidelity" else "best training-set FID"
     print(f"{name}: done, {which} {state['best_fid']:.2f} (start {state['history'][0]['train_fid']:.2f}); "
           f"curve in {name}_curve.png")

@@ -276,7 +276,8 @@ def test_sample_grid_eval_bench(run_dir):
     r = run("sample.py", "--run-dir", run_dir, "--eval", "--samples", "60", "--sweep-samples", "30", "--decode-steps", "2,4")
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.load(open(os.path.join(run_dir, "eval.json")))
-    assert len(ev["rows"]) == 9 and all(r["fid"] >= 0 for r in ev["rows"])   # 2 heuristics x T=2,4 + 2 searches, 3 policies at T=4
+    best = [r for r in ev["rows"] if not r["schedule"].endswith("last iterate")]     # (+ the policies' last iterates)
+    assert len(best) == 9 and all(r["fid"] >= 0 for r in ev["rows"])   # 2 heuristics x T=2,4 + 2 searches, 3 policies at T=4
     assert {"AutoNAT search (free T x 4 table)", "parametric family (searched, 6 shape parameters)"} <= \
         {r["schedule"] for r in ev["rows"] if r["T"] == 4}
     adaptive = [r for r in ev["rows"] if r["schedule"].startswith("adaptive policy")][0]
@@ -289,12 +290,21 @@ def test_sample_grid_eval_bench(run_dir):
     assert r.returncode == 0 and "(floor)" in r.stdout, r.stderr[-2000:]
     rows = json.load(open(os.path.join(run_dir, "floor.json")))["rows"]
     assert rows["tokenizer reconstructions of test vs test (floor)"]["fid_recon"] < 1e-2 and len(rows) == 2
-    r = run("sample.py", "--run-dir", run_dir, "--reward-check", "--check-samples", "20", "--sweep-samples", "30")
+    r = run("sample.py", "--run-dir", run_dir, "--reward-check", "--check-samples", "20", "--sweep-samples", "30",
+            "--d-specs", "backbone,backbone@12", "--check-d-steps", "25")
     assert r.returncode == 0, r.stderr[-2000:]
     check = json.load(open(os.path.join(run_dir, "reward_check.json")))
-    assert len(check["rows"]) == 8 and set(check["spearman"]) == {"featnet", "featnet2"}
-    assert all(-1 <= v <= 1 for v in check["spearman"].values()) and -1 <= check["spearman_fid_fid2"] <= 1
+    assert len(check["rows"]) >= 11 and set(check["spearman_two_sample"]) == {"backbone", "backbone@12"}
+    assert all(0 <= row["two_sample"][s]["acc"] <= 1 and row["two_sample"][s]["steps"] == 25
+               for row in check["rows"] for s in ("backbone", "backbone@12"))
+    assert all(-1 <= v <= 1 for d in check["spearman_two_sample"].values() for v in d.values())
+    assert set(check["spearman_warmup"]) == {"fid", "fid2", "fd_ssl", "recall"}      # the warm-up reading beside it
     assert os.path.exists(os.path.join(run_dir, "reward_check.md"))
+    _fails(run("sample.py", "--run-dir", run_dir, "--reward-check", "--d-specs", "featnet2"), "never a judge")
+    r = run("sample.py", "--run-dir", run_dir, "--headroom", "--samples", "20", "--sweep-samples", "30")
+    assert r.returncode == 0, r.stderr[-2000:]
+    head = json.load(open(os.path.join(run_dir, "headroom_T4.json")))
+    assert len(head["per_class_pairs"]) == 10 and head["rows"]["floor"]["gap_closed"]["fid"] == 1.0
     r = run("sample.py", "--run-dir", run_dir, "--bench", "--batch", "16", "--grid-steps", "4")
     assert r.returncode == 0 and "decoding overhead" in r.stdout, r.stderr[-2000:]
     assert "policy cost" in r.stdout                                   # the adaptive policy's share of generation

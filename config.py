@@ -336,7 +336,13 @@ def build_config(args: argparse.Namespace, stages: list[str]) -> tuple[TrainConf
             raise runs.UserError(f"--set {item}: {e}") from None
     if args.data is not None:
         c.data = args.data
-    c.flow_path, c.pi_reward, c.compile = args.path, args.reward, args.compile
+    set_keys = {item.partition("=")[0] for item in args.set or []}
+    for key, flag, given, default in (("flow_path", "--path", args.path, "flow"), ("pi_reward", "--reward", args.reward,
+                                      "adversarial"), ("compile", "--compile", args.compile, False)):
+        if given is not None and key in set_keys and getattr(c, key) != given:   # a flag and its key never contradict
+            raise runs.UserError(f"--set {key}={getattr(c, key)} contradicts {flag} {given}: give one of them")
+        if given is not None or key not in set_keys:                   # the flag, else --set, else the flag's default
+            setattr(c, key, given if given is not None else default)
     if args.seed is not None:
         c.seed = args.seed
     if args.steps is not None:

@@ -20,6 +20,7 @@ import torch
 
 import data
 import ddp
+import evaluation
 import fid
 import nat
 import pipeline
@@ -83,7 +84,7 @@ def real_images(c: TrainConfig, n: int = 11000) -> tuple[torch.Tensor, torch.Ten
 def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: int):
     """(task, pipeline, RealFeatures) of the NAT MDP for T decoding steps (AdaNAT)."""
     pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-    ref = pipeline.RealFeatures(pipe)
+    ref = evaluation.RealFeatures(pipe)
     w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
     cfg = pipe.cfg
 

@@ -32,6 +32,7 @@ import torch
 
 import data
 import ddp
+import evaluation
 import nat
 import policy
 import pipeline
@@ -81,7 +82,7 @@ def schedule_rows(pipe: pipeline.Pipeline, w_0: float, steps: list[int], sweep_s
     if os.path.exists(os.path.join(beta_dir, "nat.pt")) and runs.load_ckpt(os.path.join(beta_dir, "nat.pt")).get("done"):
         bp = pipeline.Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch, pipe.rows)
         a, b = bp.cfg.alpha, bp.cfg.beta
-        w_b = pipeline.get_w0(bp, pipeline.RealFeatures(bp), sweep_samples)
+        w_b = pipeline.get_w0(bp, evaluation.RealFeatures(bp), sweep_samples)
         prefix = f"Beta({a:.3g}, {b:.3g})-trained NAT: "
         rows[prefix + f"AdaNAT heuristic (w_0={w_b:g})"] = {
             T: (lambda T=T: nat.heuristic_schedule(T, pipeline.ADANAT_TAU2_0, w_b), True, f"|beta|{bp.fingerprint}", bp) for T in steps}
@@ -91,35 +92,35 @@ def schedule_rows(pipe: pipeline.Pipeline, w_0: float, steps: list[int], sweep_s
 
 def evaluate(pipe: pipeline.Pipeline, samples: int, steps: list[int], sweep_samples: int) -> None:
     """The evaluation table (eval.json, eval.md), resuming from eval_cache.json."""
-    ref = pipeline.RealFeatures(pipe)
+    ref = evaluation.RealFeatures(pipe)
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     rows = schedule_rows(pipe, w_0, steps, sweep_samples)
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
 
     def cell(make, guided, gen, T, s):                                 # same tokenizer + featnet for every row
-        return lambda: pipeline.measure(pipe, ref, labels, make(), lambda sched: (gen or pipe).generate(
+        return lambda: evaluation.measure(pipe, ref, labels, make(), lambda sched: (gen or pipe).generate(
             labels, T, sched, seed=s, guided=guided), pipe.decode)
-    cells = [("real training images vs test", f"ref|train|{n}", lambda: pipeline.train_reference(ref, n)),
-             ("tokenizer reconstructions of test vs test (floor)", f"ref|recon|{n}", lambda: pipeline.recon_reference(pipe, ref, n))]
+    cells = [("real training images vs test", f"ref|train|{n}", lambda: evaluation.train_reference(ref, n)),
+             ("tokenizer reconstructions of test vs test (floor)", f"ref|recon|{n}", lambda: evaluation.recon_reference(pipe, ref, n))]
     cells += [((name, T), f"{name}|T{T}|seed{s}|{samples}{suffix}", cell(make, guided, gen, T, s))
               for name in rows for T, (make, guided, suffix, gen) in rows[name].items() for s in pipeline.EVAL_SEEDS]
-    res = pipeline.seeded_cells(pipe, ref, "eval", cells, "eval")
+    res = evaluation.seeded_cells(pipe, ref, "eval", cells, "eval")
     refs = {name: res[name][0] for name, _, _ in cells[:2]}
     table = [{"schedule": name, "T": T, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS),
-              **pipeline.seed_summary(res[(name, T)], policy.ACTIONS)} for name in rows for T in rows[name]]
+              **evaluation.seed_summary(res[(name, T)], policy.ACTIONS)} for name in rows for T in rows[name]]
     table.sort(key=lambda r: r["T"])
     runs.write_json(os.path.join(pipe.run_dir, "eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint,
                       "device": str(pipe.device), "nat_params": sum(p.numel() for p in pipe.net.parameters())})
-    head = f"| schedule | T | {pipeline.metric_head(ref)} images/s |"
+    head = f"| schedule | T | {evaluation.metric_head(ref)} images/s |"
     md = [f"{samples} samples per row and seed, seeds {list(pipeline.EVAL_SEEDS)}; FID, precision and recall against the "
-          f"{n} test images in this run's feature space{pipeline.REF_NOTE}; images/s on {pipe.device} (generation only).", "",
+          f"{n} test images in this run's feature space{evaluation.REF_NOTE}; images/s on {pipe.device} (generation only).", "",
           head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in refs.items():
-        md.append(f"| {name} | – | {pipeline.metric_cells(r, ref)} – |")
+        md.append(f"| {name} | – | {evaluation.metric_cells(r, ref)} – |")
     for r in table:
-        md.append(f"| {r['schedule']} | {r['T']} | {pipeline.metric_cells(r, ref)} {r['images_per_s']:.0f} |")
+        md.append(f"| {r['schedule']} | {r['T']} | {evaluation.metric_cells(r, ref)} {r['images_per_s']:.0f} |")
     runs.write_text(os.path.join(pipe.run_dir, "eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
 
@@ -202,14 +203,14 @@ def floor(run_dir: str, device: torch.device) -> dict:
     config = runs.read_json(os.path.join(run_dir, "config.json"))
     pipe = types.SimpleNamespace(run_dir=run_dir, config=config, device=device, featnet=pipeline.build_model(
         run_dir, "featnet", device), vq=pipeline.build_model(run_dir, "vq", device))
-    ref = pipeline.RealFeatures(pipe)
+    ref = evaluation.RealFeatures(pipe)
     n = len(ref.test_feats)
-    rows = {"real training images vs test": pipeline.train_reference(ref, n),
-            "tokenizer reconstructions of test vs test (floor)": pipeline.recon_reference(pipe, ref, n)}
+    rows = {"real training images vs test": evaluation.train_reference(ref, n),
+            "tokenizer reconstructions of test vs test (floor)": evaluation.recon_reference(pipe, ref, n)}
     runs.write_json(os.path.join(run_dir, "floor.json"), {"rows": rows, "fingerprint": ref.key})
-    print(f"| reference | {pipeline.metric_head(ref)}\n|" + "---|" * (pipeline.metric_head(ref).count("|") + 1))
+    print(f"| reference | {evaluation.metric_head(ref)}\n|" + "---|" * (evaluation.metric_head(ref).count("|") + 1))
     for name, r in rows.items():
-        print(f"| {name} | {pipeline.metric_cells(r, ref)}")
+        print(f"| {name} | {evaluation.metric_cells(r, ref)}")
     return rows
 
 
@@ -242,7 +243,7 @@ def run_nat(args, device: torch.device, steps: list[int]) -> None:
         if args.bench:
             throughput.bench(pipe, args.batch or (1024 if device.type == "cuda" else 256), T=args.grid_steps)
     if args.sweep_w:
-        pipeline.sweep_w(pipe, pipeline.RealFeatures(pipe), args.sweep_samples)
+        pipeline.sweep_w(pipe, evaluation.RealFeatures(pipe), args.sweep_samples)
     if args.eval:
         evaluate(pipe, args.samples, steps, args.sweep_samples)
     if args.plot:

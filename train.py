@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 import data
 import ddp
-import fid
+import evaluation
 import nat
 import pipeline
 import plots
@@ -426,7 +426,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
         """The mean policy's (seed 0, fixed labels) Fréchet distances against training-set statistics on every
         network: "train_fid" (the FID network: the checkpoint choice), "train_fid2", "train_fd_ssl" (judges: logged only)."""
         t0 = time.time()
-        fids = pipeline.judge_fids(pipe, ref, task.fid_images(fid_labels, L.schedule()), "train", fid_net=True)
+        fids = evaluation.judge_fids(pipe, ref, task.fid_images(fid_labels, L.schedule()), "train", fid_net=True)
         return {"train_" + k if k != "fid" else "train_fid": v for k, v in fids.items()} | {"sec_fid": time.time() - t0}
 
     if state["best"] is None:                                   # iteration 0: the start schedule itself
@@ -507,10 +507,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="training steps of the selected stage(s)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any TrainConfig field, e.g. --set nat_lr=5e-4")
-    p.add_argument("--compile", action="store_true", help="torch.compile the nat / flow training forward")
-    p.add_argument("--path", default="flow", choices=list(samplers.PATHS), help="the flow stage's probability path")
-    p.add_argument("--reward", default="adversarial", choices=pipeline.PI_REWARDS,
-                   help="the policy stages' reward (the reward-hacking study); other than adversarial: files *_<reward>_T*")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the nat / flow training forward")
+    p.add_argument("--path", default=None, choices=list(samplers.PATHS), help="the flow stage's probability path (default flow)")
+    p.add_argument("--reward", default=None, choices=pipeline.PI_REWARDS, help="the policy stages' reward (the "
+                   "reward-hacking study; default adversarial); other than adversarial: files *_<reward>_T*")
     args = p.parse_args(argv)
     try:
         if args.stage != "all" and args.stage not in STAGES + OPTIONAL_STAGES:

@@ -9,6 +9,7 @@ import os
 import torch
 
 import ddp
+import evaluation
 import pipeline
 import plots
 import policy
@@ -77,37 +78,37 @@ def evaluate_flow(pipe: pipeline.FlowPipeline, samples: int, nfes: list[int], sw
     """The continuous generator's table (<path>_eval.json, <path>_eval.md), resumable through
     <path>_eval_cache.json: FID / precision / recall against the test images, NFE per image."""
     name_ = pipe.path.name
-    ref = pipeline.RealFeatures(pipe)
+    ref = evaluation.RealFeatures(pipe)
     w_0 = pipeline.flow_sweep_w(pipe, ref, sweep_samples)
     rows = flow_rows(pipe, w_0, nfes)
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
-    refs = {"real training images vs test": pipeline.train_reference(ref, n)}
+    refs = {"real training images vs test": evaluation.train_reference(ref, n)}
 
     def cell(make, solver, T, s):
         def compute() -> dict:
             before = pipe.forwards
-            res = pipeline.measure(pipe, ref, labels, make(), lambda sched: pipe.generate(labels, T, sched, solver, seed=s))
+            res = evaluation.measure(pipe, ref, labels, make(), lambda sched: pipe.generate(labels, T, sched, solver, seed=s))
             return {**res, "nfe": (pipe.forwards - before) / (2 * samples)}  # a guided pair counts once
         return compute
     cells = [((name, nfe), f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}", cell(make, solver, T, s))
              for name in rows for nfe, (make, solver, T, suffix) in rows[name].items() for s in pipeline.EVAL_SEEDS]
-    res = pipeline.seeded_cells(pipe, ref, f"{name_}_eval", cells, f"{name_} eval")
+    res = evaluation.seeded_cells(pipe, ref, f"{name_}_eval", cells, f"{name_} eval")
     table = [{"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": res[(name, nfe)][0]["nfe"],
               "samples": samples, "seeds": list(pipeline.EVAL_SEEDS),
-              **pipeline.seed_summary(res[(name, nfe)], policy.FLOW_ACTIONS.names)}
+              **evaluation.seed_summary(res[(name, nfe)], policy.FLOW_ACTIONS.names)}
              for name in rows for nfe, (_, solver, T, _) in rows[name].items()]
     table.sort(key=lambda r: r["nfe_budget"])
     runs.write_json(os.path.join(pipe.run_dir, f"{name_}_eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint, "device": str(pipe.device)})
-    head = f"| schedule | T | NFE | {pipeline.metric_head(ref)} images/s |"
+    head = f"| schedule | T | NFE | {evaluation.metric_head(ref)} images/s |"
     md = [f"{name_} path: {samples} samples per row and seed, seeds {list(pipeline.EVAL_SEEDS)}; FID, precision and recall against "
-          f"the {n} test images{pipeline.REF_NOTE}; NFE = network evaluations per image (a guided pair in one batch counts as one); "
+          f"the {n} test images{evaluation.REF_NOTE}; NFE = network evaluations per image (a guided pair in one batch counts as one); "
           f"images/s on {pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in refs.items():
-        md.append(f"| {name} | – | – | {pipeline.metric_cells(r, ref)} – |")
+        md.append(f"| {name} | – | – | {evaluation.metric_cells(r, ref)} – |")
     for r in table:
-        md.append(f"| {r['schedule']} | {r['T']} | {r['nfe']:g} | {pipeline.metric_cells(r, ref)} {r['images_per_s']:.0f} |")
+        md.append(f"| {r['schedule']} | {r['T']} | {r['nfe']:g} | {evaluation.metric_cells(r, ref)} {r['images_per_s']:.0f} |")
     runs.write_text(os.path.join(pipe.run_dir, f"{name_}_eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -12,6 +12,7 @@ import torch
 import config
 import data
 import ddp
+import evaluation
 import learner
 import nat
 import pipeline
@@ -76,7 +77,7 @@ def flow_task(c: config.TrainConfig, run_dir: str, device: torch.device, kind: s
     steps whose network evaluations fit in `nfe`, starting from the uniform grid with constant
     guidance w_0 (the AdaGen release's DiT/SiT start); D's reals are raw training images."""
     pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-    ref = pipeline.RealFeatures(pipe)
+    ref = evaluation.RealFeatures(pipe)
     w_0 = pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples)
     solver, cfg = c.flow_pi_solver, pipe.cfg
     T = samplers.steps_for_nfe(solver, nfe)

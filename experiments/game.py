@@ -34,11 +34,11 @@ from tqdm import tqdm
 
 import config
 import ddp
+import evaluation
 import fid
 import learner
 import nat
 import pipeline
-import policy
 import reward
 import runs
 from experiments.studies import Refiner, perturbed, spearman
@@ -56,7 +56,7 @@ def parse_spec(spec: str) -> tuple[str, tuple]:
     return nets, tuple(int(k) for k in taps) if taps else (0, 1, 2)
 
 
-def check_tables(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, sweep_samples: int, T: int) -> dict:
+def check_tables(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, sweep_samples: int, T: int) -> dict:
     """The 12 fixed schedules {name: (T, 4) table} of the check (10 without a searched family)."""
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     h = lambda tau2_0, w: nat.heuristic_table(T, tau2_0, w)
@@ -109,7 +109,7 @@ def fresh_d(c: config.TrainConfig, backbone, channels: list, num_classes: int, r
     return best
 
 
-def schedule_readings(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, tables: dict, samples: int, T: int,
+def schedule_readings(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, tables: dict, samples: int, T: int,
                       cache: dict, save) -> dict:
     """Per schedule: its images (made once, kept in memory) and the judges' readings (cached)."""
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
@@ -121,7 +121,7 @@ def schedule_readings(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, table
             feats, _ = fid.extract(pipe.featnet, images[name], device=pipe.device)
             P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
             cache[key] = {"table": table.tolist(), "precision": P, "recall": R,
-                          **pipeline.judge_fids(pipe, ref, images[name], "train", feats, fid_net=True)}
+                          **evaluation.judge_fids(pipe, ref, images[name], "train", feats, fid_net=True)}
             save()
     return images
 
@@ -130,7 +130,7 @@ def reward_check(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, spec
                  T: int = 4) -> dict:
     """reward_check.md / .json: the two-sample readings of every D spec and the warm-up reading, with
     the judges and Spearman rho per spec and judge (module docstring). Resumable (reward_check_cache.json)."""
-    ref = pipeline.RealFeatures(pipe)
+    ref = evaluation.RealFeatures(pipe)
     if ref.net2 is None or "fd_ssl" not in ref.judges:
         raise runs.UserError(f"the reward check reads both held-out judges: train them with python train.py --run-dir "
                              f"{pipe.run_dir} --stage featnet2, then --stage featssl")
@@ -211,7 +211,7 @@ HEADROOM_W = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0)
 HEADROOM_TAU2 = (0.5, 1.0, 2.0, 4.5)
 
 
-def class_sweep(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, per_class: int, T: int) -> dict:
+def class_sweep(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, per_class: int, T: int) -> dict:
     """Every (w_0, tau2_0) of HEADROOM_W x HEADROOM_TAU2 on per_class samples of each class (seed 0, common
     random numbers), FID on the FID network against each class's training statistics and against all of
     them; cached in headroom_sweep.json. Returns {grid, per_class_fid (K, C), fid (C,), best (K,), best_all}."""
@@ -241,7 +241,7 @@ def headroom(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, per_clas
     """headroom_T{T}.md / .json: the heuristic, the best single (w_0, tau2_0) and the class-only schedule
     (each class its best pair) on the test set over EVAL_SEEDS, every judge, and the share of the
     heuristic -> floor gap each closes."""
-    ref = pipeline.RealFeatures(pipe)
+    ref = evaluation.RealFeatures(pipe)
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     sweep = class_sweep(pipe, ref, per_class, T)
     grid = sweep["grid"]
@@ -251,26 +251,26 @@ def headroom(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, per_clas
             f"best single pair (w_0 = {w_all:g}, tau2_0 = {tau_all:g})": nat.heuristic_schedule(T, tau_all, w_all),
             "class-only schedule (each class its best pair)": nat.class_table_schedule(per_class)}
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
-    cell = lambda sched, s: lambda: pipeline.metrics(pipe, ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
-    cells = [("floor", f"floor|{samples}", lambda: pipeline.recon_reference(pipe, ref, samples))]
+    cell = lambda sched, s: lambda: evaluation.metrics(pipe, ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
+    cells = [("floor", f"floor|{samples}", lambda: evaluation.recon_reference(pipe, ref, samples))]
     cells += [(name, f"{name}|{T}|{samples}|seed{s}|{sweep['best']}", cell(sched, s))
               for name, sched in rows.items() for s in pipeline.EVAL_SEEDS]
-    res = pipeline.seeded_cells(pipe, ref, f"headroom_T{T}", cells, "headroom")
-    table = {name: pipeline.seed_summary(res[name], ()) for name in res}
+    res = evaluation.seeded_cells(pipe, ref, f"headroom_T{T}", cells, "headroom")
+    table = {name: evaluation.seed_summary(res[name], ()) for name in res}
     heur, floor = table[next(iter(rows))], table["floor"]
     keys = [k for k in ("fid", "fid_recon", "fid2", "fd_ssl") if k in floor]
     for r in table.values():
         r["gap_closed"] = {k: (heur[k] - r[k]) / (heur[k] - floor[k]) for k in keys}
     runs.write_json(os.path.join(pipe.run_dir, f"headroom_T{T}.json"), {
         "rows": table, "per_class_pairs": [grid[j] for j in sweep["best"]], "sweep": sweep})
-    head = f"| schedule | {pipeline.metric_head(ref)} " + " | ".join(f"gap closed ({k})" for k in keys) + " |"
+    head = f"| schedule | {evaluation.metric_head(ref)} " + " | ".join(f"gap closed ({k})" for k in keys) + " |"
     md = [f"Headroom of a schedule that knows only the class, T = {T}: per-class pairs (w_0, tau2_0) chosen on {per_class} "
           f"samples per class against per-class training statistics (FID network); rows: {samples} samples x seeds "
-          f"{list(pipeline.EVAL_SEEDS)} against the test images{pipeline.REF_NOTE}; gap closed = (heuristic - row) / "
+          f"{list(pipeline.EVAL_SEEDS)} against the test images{evaluation.REF_NOTE}; gap closed = (heuristic - row) / "
           f"(heuristic - floor). Per-class pairs: " + ", ".join(f"{k}: {grid[j]}" for k, j in enumerate(sweep["best"])),
           "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in table.items():
-        md.append(f"| {name} | {pipeline.metric_cells(r, ref)} " + " | ".join(f"{r['gap_closed'][k]:.2f}" for k in keys) + " |")
+        md.append(f"| {name} | {evaluation.metric_cells(r, ref)} " + " | ".join(f"{r['gap_closed'][k]:.2f}" for k in keys) + " |")
     runs.write_text(os.path.join(pipe.run_dir, f"headroom_T{T}.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return table

@@ -21,6 +21,7 @@ import torch
 import autonat
 import config
 import ddp
+import evaluation
 import nat
 import pipeline
 import plots
@@ -61,14 +62,14 @@ def search_problem(c: config.TrainConfig, run_dir: str, device: torch.device, ki
     if kind == "flow":
         nfe, solver = T, c.flow_pi_solver
         pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-        ref = pipeline.RealFeatures(pipe)
+        ref = evaluation.RealFeatures(pipe)
         T = samplers.steps_for_nfe(solver, nfe)
         h = samplers.grid_table(samplers.uniform_grid(T), pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples))  # (T, 2)
         fids = lambda tables, labels, seed: pipeline.flow_candidate_fids(pipe, ref, tables, labels, seed, solver)
         name, columns, extra = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w"), {"solver": solver, "nfe": nfe}
     else:
         pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-        ref = pipeline.RealFeatures(pipe)
+        ref = evaluation.RealFeatures(pipe)
         w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
         h = nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)                # (T, 4)
         fids = lambda tables, labels, seed: pipeline.candidate_fids(pipe, ref, tables, labels, seed)
@@ -226,7 +227,7 @@ def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, l
     budget). With pr_final, the chosen p(r) then trains the full generator in beta/ and the
     schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows)."""
     pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-    ref = pipeline.RealFeatures(pipe)
+    ref = evaluation.RealFeatures(pipe)
     found = pipeline.searched_table(pipe, "search", c.pr_T)
     table = found[0] if found else nat.heuristic_table(c.pr_T, pipeline.ADANAT_TAU2_0, pipeline.get_w0(pipe, ref, c.pi_sweep_samples))
     labels = pipeline.balanced_labels(c.pr_samples, pipe.cfg.num_classes)

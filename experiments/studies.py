@@ -14,10 +14,9 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import ddp
-import fid
+import evaluation
 import nat
 import pipeline
 import plots
@@ -110,7 +109,7 @@ def refined_nat(pipe: pipeline.Pipeline, labels: torch.Tensor, T: int, make, see
     return images, ddp.all_sum(pipe.forwards - before) / len(labels)
 
 
-def study_table(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, rows: dict, samples: int, stem: str, note: str) -> list[dict]:
+def study_table(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, rows: dict, samples: int, stem: str, note: str) -> list[dict]:
     """Evaluate rows {name: (fn(labels, seed) -> (images, forwards per image), cache suffix)} over
     EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md."""
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
@@ -120,21 +119,21 @@ def study_table(pipe: pipeline.Pipeline, ref: pipeline.RealFeatures, rows: dict,
             t0 = time.time()
             images, forwards = fn(labels, s)
             return {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
-                    **pipeline.metrics(pipe, ref, images, labels)}
+                    **evaluation.metrics(pipe, ref, images, labels)}
         return compute
     cells = [(name, f"{name}|seed{s}|{samples}{suffix}", cell(fn, s))
              for name, (fn, suffix) in rows.items() for s in pipeline.EVAL_SEEDS]
-    res = pipeline.seeded_cells(pipe, ref, stem, cells, stem)
-    table = [{"schedule": name, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS), **pipeline.seed_summary(res[name], ()),
+    res = evaluation.seeded_cells(pipe, ref, stem, cells, stem)
+    table = [{"schedule": name, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS), **evaluation.seed_summary(res[name], ()),
               "forwards": res[name][0]["forwards"]} for name in rows]
     runs.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
                                                                    "device": str(pipe.device)})
-    head = f"| schedule | {pipeline.metric_head(ref)} forwards/image | images/s |"
+    head = f"| schedule | {evaluation.metric_head(ref)} forwards/image | images/s |"
     md = [f"{note} {samples} samples per row and seed, seeds {list(pipeline.EVAL_SEEDS)}; FID, precision and recall against the "
-          f"test images{pipeline.REF_NOTE}; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
+          f"test images{evaluation.REF_NOTE}; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
           f"{pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in table:
-        md.append(f"| {r['schedule']} | {pipeline.metric_cells(r, ref)} {r['forwards']:.1f} | {r['images_per_s']:.1f} |")
+        md.append(f"| {r['schedule']} | {evaluation.metric_cells(r, ref)} {r['forwards']:.1f} | {r['images_per_s']:.1f} |")
     runs.write_text(os.path.join(pipe.run_dir, f"{stem}.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return table
@@ -167,7 +166,7 @@ def refine_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: i
     rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = (gen(repeat=k_repeat[0], lookahead=k_look), fp)
     rows[f"control: repeat {k_repeat[0]}, random pick"] = (gen(repeat=k_repeat[0], random_pick=True), fp)
     rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp + "|pick=stream")
-    ref = pipeline.RealFeatures(pipe)
+    ref = evaluation.RealFeatures(pipe)
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     for k in k_repeat:                                                  # repeat k costs k x the forwards of T steps
         Tk = k * T
@@ -203,7 +202,7 @@ def blend_study(pipe: pipeline.Pipeline, samples: int, T: int, lams: list[float]
     FID / precision / recall per lam, and for two classes a 4x4 grid per lam side by side."""
     makes = {lam: blend_schedule(pipe, T, lam) for lam in lams}
     rows = {f"lam = {lam:g}": ((lambda y, s, m=m: refined_nat(pipe, y, T, m, s)), fp) for lam, (m, fp) in makes.items()}
-    table = study_table(pipe, pipeline.RealFeatures(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
+    table = study_table(pipe, evaluation.RealFeatures(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
     panels = [{"title": key, "series": [{"x": lams, "y": [r[key] for r in table], "color": color,
                                           "band": ([r[key] - r[key + "_sd"] for r in table], [r[key] + r[key + "_sd"] for r in table])}]}
               for key, color in (("fid", (200, 60, 30)), ("precision", (30, 90, 200)), ("recall", (20, 140, 60)))]
@@ -229,7 +228,7 @@ def hacking_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: 
     """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
     static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
     FID of the FID network (what the "fid" reward optimised) and of the independent featnet2."""
-    ref = pipeline.RealFeatures(pipe)
+    ref = evaluation.RealFeatures(pipe)
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     rows = {f"AdaNAT heuristic (w_0={w_0:g})": ((lambda y, s: refined_nat(
         pipe, y, T, lambda: nat.heuristic_schedule(T, pipeline.ADANAT_TAU2_0, w_0), s)), "")}
@@ -300,5 +299,5 @@ def run(args, pipe: pipeline.Pipeline) -> bool:
         hacking_study(pipe, args.samples, T, args.sweep_samples)
     if args.repeat > 1 or args.lookahead > 1:
         refined_grid(pipe, T, args.repeat, args.lookahead)
-    return bool(args.refine or args.lams or args.hacking or args.reward_check or args.repeat > 1 or args.lookahead > 1)
+    return bool(args.refine or args.lams or args.hacking or args.repeat > 1 or args.lookahead > 1)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every results table of one run folder, in priority order, from an empty folder or resuming one:
-# train the default stages, the reference rows, the reward check, the policy on the AutoNAT
+# train the default stages, the reference rows, the reward check on every D backbone, the headroom
+# table, the policy on the AutoNAT
 # table, the evaluation table, the bench, the continuous paradigm's policies and its table, the
 # refinement / blend / reward-hacking studies. Each command's output goes to $OUT/<step>.log and
 # one line per step (exit code, seconds) to $OUT/steps.txt; a failing step does not stop the rest,
@@ -9,7 +10,7 @@
 #
 #   scripts/tables.sh small runs/small                 # on one GPU: the README's tables (10 000 samples x 3 seeds)
 #   BUDGET_S=500 scripts/tables.sh small runs/small    # start no step after 500 s (rerun to continue)
-#   SAMPLE_ARGS="--samples 60 --sweep-samples 20 --check-samples 40 --batch 64 --grid-steps 4" \
+#   SAMPLE_ARGS="--samples 60 --sweep-samples 20 --check-samples 40 --check-d-steps 25 --batch 64 --grid-steps 4" \
 #       EVAL_ARGS="--decode-steps 4" scripts/tables.sh test /tmp/t   # the CPU check of this script (tests/test_cli.py)
 set -u
 P=${1:-small}
@@ -39,7 +40,10 @@ step() {            # step NAME COMMAND...: run it unless the budget is spent
 
 step train python train.py --preset "$P" --run-dir "$R" $H
 step floor python sample.py --run-dir "$R" --floor $SAMPLE_ARGS
-step reward_check python sample.py --run-dir "$R" --reward-check $SAMPLE_ARGS
+step d_nets python train.py --run-dir "$R" --stage dnet
+step d_ssl python train.py --run-dir "$R" --stage dssl
+step reward_check python sample.py --run-dir "$R" --reward-check --d-specs backbone,backbone@12,dnet@12,dssl@12,backbone+dssl@12 $SAMPLE_ARGS
+step headroom python sample.py --run-dir "$R" --headroom $SAMPLE_ARGS
 step policy_search python train.py --run-dir "$R" --stage policy --set pi_start=search
 step eval python sample.py --run-dir "$R" --eval $EVAL_ARGS $SAMPLE_ARGS
 step bench python sample.py --run-dir "$R" --bench $SAMPLE_ARGS

@@ -364,12 +364,12 @@ def test_tables_script_runs_every_step(tmp_path):
     the tables and the checkpoints come back under $OUT/run."""
     out, run_dir = tmp_path / "out", tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OUT": str(out), "EVAL_ARGS": "--decode-steps 4",
-           "SAMPLE_ARGS": "--samples 60 --sweep-samples 20 --check-samples 40 --batch 64 --grid-steps 4"}
+           "SAMPLE_ARGS": "--samples 60 --sweep-samples 20 --check-samples 40 --check-d-steps 25 --batch 64 --grid-steps 4"}
     r = subprocess.run(["bash", "scripts/tables.sh", "test", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=env)
     steps = (out / "steps.txt").read_text().splitlines()
-    assert r.returncode == 0 and len(steps) == 19 and all(" rc=0 " in s for s in steps), steps
+    assert r.returncode == 0 and len(steps) == 22 and all(" rc=0 " in s for s in steps), steps
     back = set(os.listdir(out / "run"))
-    assert {"eval.md", "floor.json", "reward_check.json", "flow_eval.md", "refine_T4.md", "blend_T4.md", "hacking_T4.md",
+    assert {"eval.md", "floor.json", "reward_check.json", "headroom_T4.md", "dssl.pt", "flow_eval.md", "refine_T4.md", "blend_T4.md", "hacking_T4.md",
             "nat.pt", "policy_T4.pt", "policy_search_T4.pt", "fidelity_T4.pt", "policy_fid_T4.pt"} <= back
     assert "static_search_T4.pt" not in back                   # the search start does not leak into later stages

@@ -11,9 +11,11 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+import nat
 import pipeline
 import runs
 import samplers
+import vqgan
 
 
 @dataclass
@@ -201,6 +203,18 @@ PRESETS: dict[str, dict] = {
 # from the half on, no KL stop, no gradient clip, advantages divided by the batch std, no anchor
 OFFICIAL_RECIPE = dict(pi_lr=1e-5, pi_static_lr=1e-5, pi_epochs=5, pi_minibatches=1, pi_sigma0=0.6, pi_sigma1=0.3,
                        pi_sigma_schedule="step", pi_target_kl=0.0, pi_grad_clip=0.0, pi_anchor=0.0, pi_adv_floor=0.0)
+
+
+def vq_config(c: TrainConfig) -> vqgan.VQConfig:
+    return vqgan.VQConfig(in_ch=c.channels, img_size=c.img_size, ch=c.vq_ch, ch_mult=tuple(c.vq_ch_mult),
+                          n_res=c.vq_n_res, codebook_size=c.codebook_size, code_dim=c.code_dim,
+                          gan_weight=c.gan_weight, gan_start=c.gan_start)
+
+
+def nat_config(c: TrainConfig, num_classes: int, num_tokens: int, vocab_size: int) -> nat.NATConfig:
+    return nat.NATConfig(vocab_size=vocab_size, num_tokens=num_tokens, num_classes=num_classes,
+                         dim=c.nat_dim, depth=c.nat_depth, heads=c.nat_heads, dropout=c.nat_dropout,
+                         mask_dist=c.mask_dist, alpha=c.mask_alpha, beta=c.mask_beta)
 
 
 def recipe(c: TrainConfig) -> TrainConfig:

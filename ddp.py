@@ -105,6 +105,11 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return wrapped
 
 
+def rank_seed(seed: int) -> int:
+    """A seed of this rank's own random stream (each rank draws its own batches): seed + 1 000 003 * rank."""
+    return seed + 1_000_003 * DIST.rank
+
+
 def chunk_seed(seed: int, chunk: int) -> int:
     """The seed of generation chunk `chunk` of a run seeded `seed`: sampling randomness is keyed by
     (seed, chunk index), never by the process, so any number of ranks makes the same images."""

@@ -47,9 +47,7 @@ class RealFeatures:
 
     def __init__(self, pipe: Pipeline):
         path = os.path.join(pipe.run_dir, "fid_ref.pt")
-        done = lambda s: os.path.exists(os.path.join(pipe.run_dir, f"{s}.pt")) and runs.load_ckpt(
-            os.path.join(pipe.run_dir, f"{s}.pt")).get("done")
-        nets = tuple(s for s in ("featnet", "vq", *HELD_OUT) if s == "featnet" or done(s))
+        nets = tuple(s for s in ("featnet", "vq", *HELD_OUT) if s == "featnet" or runs.is_done(os.path.join(pipe.run_dir, f"{s}.pt")))
         key = runs.fingerprint(pipe.run_dir, nets)
         try:
             cached = torch.load(path, weights_only=True) if os.path.exists(path) else None

@@ -23,20 +23,30 @@ from config import TrainConfig
 from train_helpers import augment, lr_at
 
 
-def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, name: str, sizes: dict,
-                     steps: int, seed_offset: int) -> None:
-    """Train a fid.FeatureNet classifier of the given sizes into <name>.pt (Adam, flip + shift)."""
+def setup(c: TrainConfig, run_dir: str, device: torch.device, name: str, outputs: int | None, sizes: dict, lr: float,
+          batch: int, batch_key: str, seed_offset: int) -> tuple:
+    """What a frozen network's training starts from: the training and test sets, a fid.FeatureNet of the
+    given sizes (outputs: its classifier width, None: the number of classes), its Adam, the checkpoint
+    state (resumed if there is one) and this rank's batch stream."""
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
     x_test, y_test, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
-    cfg = fid.FeatureNetConfig(in_ch=c.channels, num_classes=num_classes, img_size=c.img_size, **sizes)
+    cfg = fid.FeatureNetConfig(in_ch=c.channels, num_classes=outputs or num_classes, img_size=c.img_size, **sizes)
     torch.manual_seed(c.seed + seed_offset)
     model = fid.FeatureNet(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=c.feat_lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     modules = {"model": model, "optim": opt}
     path = os.path.join(run_dir, f"{name}.pt")
     state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + seed_offset + state["step"] + 1000003 * ddp.DIST.rank)
-    it = data.batches(x_train, y_train, runs.rank_batch(c.feat_batch, "feat_batch"), g, infinite=True)
+    g = torch.Generator().manual_seed(ddp.rank_seed(c.seed + seed_offset + state["step"]))
+    it = data.batches(x_train, y_train, runs.rank_batch(batch, batch_key), g, infinite=True)
+    return x_train, y_train, x_test, y_test, model, opt, modules, path, state, g, it
+
+
+def train_classifier(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, name: str, sizes: dict,
+                     steps: int, seed_offset: int) -> None:
+    """Train a fid.FeatureNet classifier of the given sizes into <name>.pt (Adam, flip + shift)."""
+    x_train, y_train, x_test, y_test, model, opt, modules, path, state, g, it = setup(
+        c, run_dir, device, name, None, sizes, c.feat_lr, c.feat_batch, "feat_batch", seed_offset)
     net = ddp.data_parallel(model, device)                    # (batch-norm statistics per rank, rank 0's buffers kept)
 
     def step_fn(step: int) -> dict:
@@ -71,17 +81,8 @@ def train_simclr(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
                  seed_offset: int) -> None:
     """Train a fid.FeatureNet by SimCLR (simclr.nt_xent on two simclr.views of each image, no labels)
     into <name>.pt; report the k-NN (k = 20) test accuracy of its features (how much class they hold)."""
-    x_train, y_train, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    x_test, y_test, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
-    cfg = fid.FeatureNetConfig(in_ch=c.channels, num_classes=c.ssl_proj, img_size=c.img_size, **sizes)
-    torch.manual_seed(c.seed + seed_offset)
-    model = fid.FeatureNet(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=c.ssl_lr)
-    modules = {"model": model, "optim": opt}
-    path = os.path.join(run_dir, f"{name}.pt")
-    state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + seed_offset + state["step"] + 1000003 * ddp.DIST.rank)
-    it = data.batches(x_train, y_train, runs.rank_batch(c.ssl_batch, "ssl_batch"), g, infinite=True)
+    x_train, y_train, x_test, y_test, model, opt, modules, path, state, g, it = setup(
+        c, run_dir, device, name, c.ssl_proj, sizes, c.ssl_lr, c.ssl_batch, "ssl_batch", seed_offset)
     net = ddp.data_parallel(model, device)
 
     def step_fn(step: int) -> dict:

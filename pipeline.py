@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import ddp
 import fid
+import flow_net
 import nat
 import policy
 import runs
@@ -49,7 +50,7 @@ def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "
         elif stage in FROZEN_NETS:
             model = fid.FeatureNet(fid.FeatureNetConfig(**cfg))
         elif stage in samplers.PATHS:                                   # flow.pt, vp.pt
-            model = nat.FlowTransformer(nat.FlowConfig(**cfg))
+            model = flow_net.FlowTransformer(flow_net.FlowConfig(**cfg), nat.Block)
         else:
             model = nat.NAT(nat.NATConfig(**cfg))
         model.load_state_dict(ck[weights])
@@ -344,7 +345,7 @@ class FlowPipeline(GeneratorPipeline):
                                   f"--stage flow --path {path}")
         super().__init__(run_dir, device, bf16, batch, rows, (path, "featnet"))
         self.net = build_model(run_dir, path, device, weights="ema")
-        self.cfg: nat.FlowConfig = self.net.cfg
+        self.cfg: flow_net.FlowConfig = self.net.cfg
         self.path = samplers.PATHS[path]
 
     def velocity_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):

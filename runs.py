@@ -287,6 +287,11 @@ def resume(ck_path: str, model_cfg: dict, modules: dict) -> dict:
     return ck
 
 
+def is_done(path: str) -> bool:
+    """Whether a stage checkpoint exists and is finished."""
+    return os.path.exists(path) and bool(load_ckpt(path).get("done"))
+
+
 def write_text(path: str, text: str) -> None:
     """A text file, written by rank 0 alone in a torchrun job."""
     if ddp.DIST.main:

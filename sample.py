@@ -79,7 +79,7 @@ def schedule_rows(pipe: pipeline.Pipeline, w_0: float, steps: list[int], sweep_s
             label += ", last iterate" if weights == "model" else ""
             rows.setdefault(label, {})[T] = (make, True, f"|{fp}|{weights}", None)
     beta_dir = os.path.join(pipe.run_dir, "beta")                      # the pr-search stage's full generator
-    if os.path.exists(os.path.join(beta_dir, "nat.pt")) and runs.load_ckpt(os.path.join(beta_dir, "nat.pt")).get("done"):
+    if runs.is_done(os.path.join(beta_dir, "nat.pt")):
         bp = pipeline.Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch, pipe.rows)
         a, b = bp.cfg.alpha, bp.cfg.beta
         w_b = pipeline.get_w0(bp, evaluation.RealFeatures(bp), sweep_samples)

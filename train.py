@@ -39,6 +39,7 @@ exits with code 2, a run fault (non-finite loss, failed write, out of memory) wi
 import argparse
 import copy
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import config
 import data
 import ddp
 import evaluation
@@ -67,22 +69,10 @@ import vqgan
 from config import FLOW_POLICY_STAGES, POLICY_STAGES, PRESETS, TrainConfig, build_config, recipe
 from frozen_nets import train_classifier, train_simclr
 from learner import Learner, PolicyTask, build_learner, nat_task, reward_hook
-from train_helpers import augment, lr_at
+from train_helpers import augment, generator_step, lr_at
 
 
 STAGES = ["backbone", "vq", "featnet", "featnet2", "featssl", "nat", "search", "param-search", "policy", "static", "smooth"]   # --stage all
-
-
-def vq_config(c: TrainConfig) -> vqgan.VQConfig:
-    return vqgan.VQConfig(in_ch=c.channels, img_size=c.img_size, ch=c.vq_ch, ch_mult=tuple(c.vq_ch_mult),
-                          n_res=c.vq_n_res, codebook_size=c.codebook_size, code_dim=c.code_dim,
-                          gan_weight=c.gan_weight, gan_start=c.gan_start)
-
-
-def nat_config(c: TrainConfig, num_classes: int, num_tokens: int, vocab_size: int) -> nat.NATConfig:
-    return nat.NATConfig(vocab_size=vocab_size, num_tokens=num_tokens, num_classes=num_classes,
-                         dim=c.nat_dim, depth=c.nat_depth, heads=c.nat_heads, dropout=c.nat_dropout,
-                         mask_dist=c.mask_dist, alpha=c.mask_alpha, beta=c.mask_beta)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -97,7 +87,7 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logge
     """Train the VQ tokenizer: L = |x - G(z_q)| + (x - G(z_q))^2 + L_vq (+ hinge GAN)."""
     x_train, _, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
     x_test, _, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
-    cfg = vq_config(c)
+    cfg = config.vq_config(c)
     model = vqgan.VQModel(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=c.vq_lr, betas=(0.5, 0.9))
     disc = vqgan.PatchDiscriminator(c.channels, cfg.disc_ch).to(device) if c.gan_weight > 0 else None
@@ -105,7 +95,7 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logge
     modules = {"model": model, "optim": opt, **({"disc": disc, "optim_d": opt_d} if disc else {})}
     path = os.path.join(run_dir, "vq.pt")
     state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 1 + state["step"] + 1000003 * ddp.DIST.rank)   # each rank its own batches
+    g = torch.Generator().manual_seed(ddp.rank_seed(c.seed + 1 + state["step"]))   # each rank its own batches
     it = data.batches(x_train, y=torch.zeros(len(x_train), dtype=torch.long), batch_size=runs.rank_batch(c.vq_batch, "vq_batch"),
                       generator=g, infinite=True)
     # torchrun: the quantizer syncs itself (usage summed, rank 0's codebook broadcast: vqgan.py), so DDP must not
@@ -211,30 +201,12 @@ def tokenize_dataset(vq: vqgan.VQModel, x: torch.Tensor, y: torch.Tensor, device
     return torch.cat(out[False] + out[True]), y.repeat(2)
 
 
-def generator_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
-                   step: int, decay: float) -> dict:
-    """Backward, clip the gradient norm to 1, check loss and norm for finite values, step, update
-    the EMA weights (decay warmed up as (1 + step) / (10 + step)); returns {"loss" (mean over
-    ranks), "grad_norm" (before clipping)}."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    out = {"loss": ddp.all_mean(loss.detach()).item(), "grad_norm": gn.item()}
-    runs.check_finite(**out)                                                   # before the update, no extra synchronisation
-    opt.step()
-    d = min(decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for pe, p in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(p, 1 - d)
-    return out
-
-
 def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """Train the NAT on tokens with the masked-token loss; keep an EMA of the weights."""
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
     vq = pipeline.build_model(run_dir, "vq", device)
     tokens, labels = tokenize_dataset(vq, x_train, y_train, device)         # (2M, N), (2M,)
-    cfg = nat_config(c, num_classes, tokens.shape[1], vq.cfg.codebook_size)
+    cfg = config.nat_config(c, num_classes, tokens.shape[1], vq.cfg.codebook_size)
     model = nat.NAT(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay, no_decay = [], []
@@ -245,7 +217,7 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logg
     modules = {"model": model, "ema": ema, "optim": opt}
     path = os.path.join(run_dir, "nat.pt")
     state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 3 + state["step"] + 1000003 * ddp.DIST.rank)   # each rank its own batches
+    g = torch.Generator().manual_seed(ddp.rank_seed(c.seed + 3 + state["step"]))   # each rank its own batches
     it = data.batches(tokens, labels, runs.rank_batch(c.nat_batch, "nat_batch"), g, infinite=True)
     net = ddp.data_parallel(model, device)
     net = torch.compile(net) if c.compile else net
@@ -374,7 +346,7 @@ def algorithm1(L: Learner, state: dict, it: int, reward_fn: Callable) -> dict:
     update (after D's warm-up), 4. update the discriminator. Returns the iteration's logged values."""
     c, t0 = L.c, time.time()
     sigma = sigma_at(c, it)
-    seed = c.seed * 100003 + it + 1_000_003 * ddp.DIST.rank                  # per iteration (resumable) and rank
+    seed = ddp.rank_seed(c.seed * 100003 + it)                 # per iteration (resumable) and rank
     g, g_cpu = torch.Generator(L.device).manual_seed(seed), torch.Generator().manual_seed(seed)
     ro, fake, labels, R, out = rollout_and_reward(L, sigma, g, reward_fn)  # 1-2
     out["sec_rollout"] = time.time() - t0
@@ -470,7 +442,7 @@ def stage_policies(kind: str, make_task: Callable = None, counts: Callable = lam
     def stage(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
         for n in counts(c):
             path = os.path.join(run_dir, f"{file(c, kind, n)}.pt")
-            if os.path.exists(path) and runs.load_ckpt(path).get("done"):
+            if runs.is_done(path):
                 print(f"{path}: done, skipped")
                 continue
             train_policy(c, run_dir, device, log, kind, *(make_task or nat_task)(c, run_dir, device, kind, n))
@@ -489,10 +461,16 @@ SKIPS_INSIDE = POLICY_STAGES + FLOW_POLICY_STAGES + ("search", "param-search", "
 
 
 def stage_fn(name: str) -> Callable:
-    """The function of a stage: the core's, or an experiment's (its module imported now)."""
+    """The function of a stage: the core's, or an experiment's (its module imported now): Algorithm 1 on
+    an experiment's MDP (the flow policies), or an experiment that trains NATs (pr-search: stage_nat given)."""
     if name in STAGE_FNS:
         return STAGE_FNS[name]
-    return importlib.import_module(EXPERIMENT_STAGES[name]).STAGES[name]
+    module = importlib.import_module(EXPERIMENT_STAGES[name])
+    if name in FLOW_POLICY_STAGES:
+        return stage_policies(name.removeprefix("flow-"), **module.POLICY_TASK)
+    if name == "pr-search":
+        return functools.partial(module.STAGES[name], train_nat=stage_nat)
+    return module.STAGES[name]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -533,11 +511,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"run folder {run_dir} | preset {c.preset} | device {device}")
         for s in (STAGES if args.stage == "all" else [args.stage]):
             path = os.path.join(run_dir, f"{s}.pt")
-            if s not in SKIPS_INSIDE and os.path.exists(path) and runs.load_ckpt(path).get("done"):
+            if s not in SKIPS_INSIDE and runs.is_done(path):
                 print(f"{s}: done ({path}), skipped")
                 continue
             if ddp.DIST.world > 1:                                         # each rank its own random stream
-                torch.manual_seed(c.seed + 1_000_003 * ddp.DIST.rank + STAGES_ALL.index(s))
+                torch.manual_seed(ddp.rank_seed(c.seed + STAGES_ALL.index(s)))
             t0 = time.time()
             try:
                 stage_fn(s)(c, run_dir, device, log)
@@ -557,5 +535,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import train                    # run as the module `train`, the one experiments/ import: one copy of its registries
-    train.main()
+    main()

@@ -1,6 +1,6 @@
 """AdaGen's continuous paradigm, training side (AdaGen §III-A, §III-C, App. B): the rectified-flow /
 VP-diffusion generator on pixels, and the PPO policies that choose each sample's next time and
-guidance scale, trained by train.py's Algorithm 1 (`train_policy`) on the ODE sampler's MDP.
+guidance scale, trained by train.py's Algorithm 1 (`train_policy`) on the ODE sampler's MDP (`flow_task`, POLICY_TASK).
 
 Usage: python train.py --stage flow | flow-policy | flow-static | flow-smooth --run-dir runs/small [--path vp]
 """
@@ -13,17 +13,18 @@ import config
 import data
 import ddp
 import evaluation
+import flow_net
 import learner
 import nat
 import pipeline
 import policy
 import runs
 import samplers
-import train
+from train_helpers import generator_step, lr_at
 
 
-def flow_config(c: config.TrainConfig, num_classes: int) -> nat.FlowConfig:
-    return nat.FlowConfig(img_size=c.img_size, channels=c.channels, patch=c.flow_patch, num_classes=num_classes,
+def flow_config(c: config.TrainConfig, num_classes: int) -> flow_net.FlowConfig:
+    return flow_net.FlowConfig(img_size=c.img_size, channels=c.channels, patch=c.flow_patch, num_classes=num_classes,
                           dim=c.flow_dim, depth=c.flow_depth, heads=c.flow_heads, path=c.flow_path)
 
 
@@ -33,26 +34,26 @@ def stage_flow(c: config.TrainConfig, run_dir: str, device: torch.device, log: r
     Writes flow.pt (or vp.pt)."""
     name = c.flow_path
     path = os.path.join(run_dir, f"{name}.pt")
-    if os.path.exists(path) and runs.load_ckpt(path).get("done"):
+    if runs.is_done(path):
         print(f"{name}: done ({path}), skipped")
         return
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
     cfg = flow_config(c, num_classes)
     path_obj = samplers.PATHS[c.flow_path]
-    model = nat.FlowTransformer(cfg).to(device)
+    model = flow_net.FlowTransformer(cfg, nat.Block).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=c.flow_lr, betas=(0.9, 0.99), weight_decay=c.flow_wd,
                             fused=device.type == "cuda")
     modules = {"model": model, "ema": ema, "optim": opt}
     state = {**runs.resume(path, runs.to_plain(cfg), modules), "config": runs.to_plain(cfg), "done": False}
-    g = torch.Generator().manual_seed(c.seed + 11 + state["step"] + 1000003 * ddp.DIST.rank)   # each rank its own batches
-    gd = torch.Generator(device).manual_seed(c.seed + 12 + state["step"] + 1000003 * ddp.DIST.rank)
+    g = torch.Generator().manual_seed(ddp.rank_seed(c.seed + 11 + state["step"]))   # each rank its own batches
+    gd = torch.Generator(device).manual_seed(ddp.rank_seed(c.seed + 12 + state["step"]))
     it = data.batches(x_train, y_train, runs.rank_batch(c.flow_batch, "flow_batch"), g, infinite=True)
     net = ddp.data_parallel(model, device)
-    loss_fn = nat.flow_net_fn(torch.compile(net) if c.compile else net, cfg.class_drop)
+    loss_fn = flow_net.flow_net_fn(torch.compile(net) if c.compile else net, cfg.class_drop)
 
     def step_fn(step: int) -> dict:
-        lr = train.lr_at(step, c.flow_steps, c.flow_lr, c.flow_warmup)
+        lr = lr_at(step, c.flow_steps, c.flow_lr, c.flow_warmup)
         for grp in opt.param_groups:
             grp["lr"] = lr
         x, y = next(it)
@@ -62,7 +63,7 @@ def stage_flow(c: config.TrainConfig, run_dir: str, device: torch.device, log: r
         model.train()
         with runs.autocast(device, c.bf16):
             loss = samplers.training_loss(loss_fn, path_obj, x, y.to(device), gd)
-        out = train.generator_step(model, ema, opt, loss, step, c.ema_decay)
+        out = generator_step(model, ema, opt, loss, step, c.ema_decay)
         return {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
 
     state = runs.train_loop(name, path, state, modules, step_fn, c.flow_steps, c, log)
@@ -98,6 +99,7 @@ def flow_task(c: config.TrainConfig, run_dir: str, device: torch.device, kind: s
         extra={"solver": solver, "nfe": nfe, "path": c.flow_path})
     return task, pipe, ref
 
-STAGES = {"flow": stage_flow, **{f"flow-{kind}": train.stage_policies(
-    kind, flow_task, counts=lambda c: c.flow_pi_nfe,
-    file=lambda c, kind, n: pipeline.flow_policy_file(c.flow_path, kind, n, c.pi_reward)) for kind in ("policy", "static", "smooth")}}
+STAGES = {"flow": stage_flow}
+# the policy stages flow-policy, flow-static, flow-smooth: train.py runs Algorithm 1 on this MDP
+POLICY_TASK = dict(make_task=flow_task, counts=lambda c: c.flow_pi_nfe,
+                   file=lambda c, kind, n: pipeline.flow_policy_file(c.flow_path, kind, n, c.pi_reward))

@@ -27,7 +27,6 @@ import pipeline
 import plots
 import runs
 import samplers
-import train
 
 
 SEARCH_KINDS = {"search": "free", "param-search": "param", "flow-search": "flow"}   # stage -> what is searched
@@ -216,7 +215,7 @@ def sub_run(c: config.TrainConfig, run_dir: str, sub: str, **changes) -> config.
     return c2
 
 
-def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, train_nat: Callable) -> None:
     """AutoNAT §4.3 and one round of its Algorithm 1, with short proxy trainings.
 
     Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>_s<steps>/
@@ -225,7 +224,8 @@ def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, l
     line search in (alpha/beta, beta) (autonat.beta_line_search) spends at most pr_budget
     trainings. A proxy of the default cosine p(r) is trained as the reference (outside the
     budget). With pr_final, the chosen p(r) then trains the full generator in beta/ and the
-    schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows)."""
+    schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows). train_nat: the NAT
+    stage (train.py gives its stage_nat)."""
     pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
     ref = evaluation.RealFeatures(pipe)
     found = pipeline.searched_table(pipe, "search", c.pr_T)
@@ -241,8 +241,8 @@ def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, l
         d = os.path.join(run_dir, "pr", sub)
         c2 = sub_run(c, run_dir, d, nat_steps=c.pr_steps, **changes)
         ck = os.path.join(d, "nat.pt")
-        if not (os.path.exists(ck) and runs.load_ckpt(ck).get("done")):
-            train.stage_nat(c2, d, device, runs.Logger(d))
+        if not runs.is_done(ck):
+            train_nat(c2, d, device, runs.Logger(d))
             ddp.barrier()                                                       # rank 0's nat.pt before anyone reads it
         value = float(pipeline.candidate_fids(pipeline.Pipeline(d, device, c.bf16, rows=c.gen_rows), ref, table[None], labels, c.search_seed)[0])
         log(stage="pr-search", candidate=sub, train_fid=value, **changes)
@@ -268,12 +268,12 @@ def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, l
         d = os.path.join(run_dir, "beta")
         c2 = sub_run(c, run_dir, d, mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
         ck = os.path.join(d, "nat.pt")
-        want = runs.to_plain(train.nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
+        want = runs.to_plain(config.nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
         trained = runs.load_ckpt(ck) if os.path.exists(ck) else None
         if trained is not None and trained["config"] != want:
             raise runs.UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
         if not (trained and trained.get("done")):
-            train.stage_nat(c2, d, device, runs.Logger(d))
+            train_nat(c2, d, device, runs.Logger(d))
             ddp.barrier()
         STAGES["search"](c2, d, device, runs.Logger(d))                      # skips the T already searched
         print(f"pr-search: the Beta-trained generator and its searched schedules are in {d}; sample.py --eval adds their rows")

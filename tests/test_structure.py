@@ -7,7 +7,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONCEPTS = {"data": {"numpy", "PIL", "torch"}, "fid": {"numpy", "scipy", "torch"}, "vqgan": {"torch"}, "nat": {"torch"},
             "samplers": {"torch"}, "policy": {"torch"}, "ppo": {"torch"}, "reward": {"torch"}, "autonat": {"torch"},
-            "simclr": {"torch"}}
+            "simclr": {"torch"}, "flow_net": {"torch"}}
 
 
 def modules() -> dict:

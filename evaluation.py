@@ -8,7 +8,7 @@
 - the tables' cells: metric columns, mean ± sd over seeds, measured cells cached per run folder.
 
 Usage:
-    ref = RealFeatures(pipe)                            # pipe: pipeline.Pipeline of a run folder
+    ref = RealFeatures.of(pipe)                         # pipe: a pipeline.Pipeline of a run folder
     print(metrics(pipe, ref, pipe.decode(tokens), labels))
 """
 import os
@@ -23,7 +23,7 @@ import ddp
 import fid
 import policy
 import runs
-from pipeline import Pipeline, build_model
+from models import build_model
 
 
 HELD_OUT = {"featnet2": "fid2", "featssl": "fd_ssl"}   # held-out judge -> its metric key: read by no choice
@@ -45,22 +45,24 @@ class RealFeatures:
 
     Cached in <run_dir>/fid_ref.pt, keyed by the fingerprints of the networks involved."""
 
-    def __init__(self, pipe: Pipeline):
-        path = os.path.join(pipe.run_dir, "fid_ref.pt")
-        nets = tuple(s for s in ("featnet", "vq", *HELD_OUT) if s == "featnet" or runs.is_done(os.path.join(pipe.run_dir, f"{s}.pt")))
-        key = runs.fingerprint(pipe.run_dir, nets)
+    def __init__(self, run_dir: str, device: torch.device, featnet: torch.nn.Module, vq: torch.nn.Module | None = None):
+        self.run_dir, self.device, self.featnet, self.vq = run_dir, device, featnet, vq   # device: where P/R run too
+        path = os.path.join(run_dir, "fid_ref.pt")
+        nets = tuple(s for s in ("featnet", "vq", *HELD_OUT) if s == "featnet" or runs.is_done(os.path.join(run_dir, f"{s}.pt")))
+        key = runs.fingerprint(run_dir, nets)
         try:
             cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
         except Exception:
             cached = None                                                  # unreadable cache: recompute
-        self.judges = {HELD_OUT[s]: build_model(pipe.run_dir, s, pipe.device) for s in HELD_OUT if s in nets}
+        self.judges = {HELD_OUT[s]: build_model(run_dir, s, device) for s in HELD_OUT if s in nets}
+        if "vq" in nets and self.vq is None:
+            self.vq = build_model(run_dir, "vq", device)
         if cached is None or cached.get("key") != key or "train_labels" not in cached:
-            cached = self._compute(pipe, key, nets)
+            cached = self._compute(key)
             runs.save_ckpt(path, cached)
         self.test_images, self.test_labels = cached["test_images"], cached["test_labels"]   # uint8, long
         self.test_feats, self.train_feats = cached["test_feats"], cached["train_feats"]     # (N, D)
         self.train_correct, self.train_labels = cached["train_correct"], cached["train_labels"]   # (N,) bool, long
-        self.device = pipe.device                                          # where precision / recall run
         self.key = key
         self.test_mu, self.test_sigma = fid.statistics(self.test_feats)
         self.train_mu, self.train_sigma = fid.statistics(self.train_feats)
@@ -71,62 +73,65 @@ class RealFeatures:
         (self.test2_mu, self.test2_sigma), (self.train2_mu, self.train2_sigma) = (
             self.held_out.get("fid2", {}).get(s, (None, None)) for s in ("test", "train"))
 
-    def _compute(self, pipe, key: str, nets: tuple) -> dict:
-        c = pipe.config
+    @classmethod
+    def of(cls, pipe) -> "RealFeatures":
+        """The references of a generator pipeline's run folder, on its device and feature network."""
+        return cls(pipe.run_dir, pipe.device, pipe.featnet, pipe.vq)
+
+    def _compute(self, key: str) -> dict:
+        c = runs.read_json(os.path.join(self.run_dir, "config.json"))
         x_test, y_test, _ = data.load_dataset(c["data"], "test", c["img_size"], c["channels"], c["seed"])
         x_train, y_train, _ = data.load_dataset(c["data"], "train", c["img_size"], c["channels"], c["seed"])
         pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]
         test, train_x = data.to_float(x_test), data.to_float(x_train[pick])
-        test_feats, _ = fid.extract(pipe.featnet, test, device=pipe.device)
-        train_feats, train_logits = fid.extract(pipe.featnet, train_x, device=pipe.device)
+        test_feats, _ = fid.extract(self.featnet, test, device=self.device)
+        train_feats, train_logits = fid.extract(self.featnet, train_x, device=self.device)
         out = {"key": key, "test_images": x_test, "test_labels": y_test, "test_feats": test_feats,
                "train_feats": train_feats, "train_correct": train_logits.argmax(1) == y_train[pick], "train_labels": y_train[pick]}
-        if "vq" in nets:                                                   # the tokenizer's reconstructions of test
-            vq = getattr(pipe, "vq", None) or build_model(pipe.run_dir, "vq", pipe.device)
-            with torch.no_grad():
-                recon = torch.cat([vq.detokenize(vq.tokenize(test[i:i + 500].to(pipe.device))).float().cpu()
-                                   for i in range(0, len(test), 500)])
-            out["recon_feats"] = fid.extract(pipe.featnet, recon, device=pipe.device)[0]
+        if self.vq is not None:                                            # the tokenizer's reconstructions of test
+            out["recon_feats"] = fid.extract(self.featnet, reconstruct(self.vq, test, self.device), device=self.device)[0]
         for m, net in self.judges.items():                                 # featnet2's keep their old names
             for split, x in (("test", test), ("train", train_x)):
-                out[judge_feats_key(split, m)] = fid.extract(net, x, device=pipe.device)[0]
+                out[judge_feats_key(split, m)] = fid.extract(net, x, device=self.device)[0]
         return out
 
 
-def metrics(pipe: Pipeline, ref: RealFeatures, images: torch.Tensor, labels: torch.Tensor) -> dict:
+@torch.no_grad()
+def reconstruct(vq: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The tokenizer's reconstructions of images x (n, C, H, W) in [-1, 1], 500 at a time: float, on the CPU."""
+    return torch.cat([vq.detokenize(vq.tokenize(x[i:i + 500].to(device))).float().cpu() for i in range(0, len(x), 500)])
+
+
+def metrics(ref: RealFeatures, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """FID / precision / recall against the test images and conditional accuracy; FID against the
     tokenizer's reconstructions of the test images ("fid_recon") and the Fréchet distance on each
     held-out judge ("fid2": featnet2, "fd_ssl": featssl) when there are."""
-    feats, logits = fid.extract(pipe.featnet, images, device=pipe.device)
+    feats, logits = fid.extract(ref.featnet, images, device=ref.device)
     P, R = fid.precision_recall(ref.test_feats, feats, k=3, device=ref.device)
     out = {"fid": fid.fid_from_features(feats, ref.test_mu, ref.test_sigma),
            "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
     if ref.recon_mu is not None:
         out["fid_recon"] = fid.fid_from_features(feats, ref.recon_mu, ref.recon_sigma)
-    return {**out, **judge_fids(pipe, ref, images, "test", feats)}
+    return {**out, **judge_fids(ref, images, "test", feats)}
 
 
-def judge_fids(pipe, ref: RealFeatures, images: torch.Tensor, split: str, feats: torch.Tensor | None = None,
+def judge_fids(ref: RealFeatures, images: torch.Tensor, split: str, feats: torch.Tensor | None = None,
                fid_net: bool = False) -> dict:
     """The Fréchet distance of images against the `split` ("test" or "train") statistics on each held-out
     judge {"fid2", "fd_ssl"}, and with fid_net on the FID network too ("fid"; its features `feats` if given)."""
     out = {}
     if fid_net:
-        feats = feats if feats is not None else fid.extract(pipe.featnet, images, device=pipe.device)[0]
+        feats = feats if feats is not None else fid.extract(ref.featnet, images, device=ref.device)[0]
         mu, sigma = (ref.test_mu, ref.test_sigma) if split == "test" else (ref.train_mu, ref.train_sigma)
         out["fid"] = fid.fid_from_features(feats, mu, sigma)
     for m, net in ref.judges.items():
-        out[m] = fid.fid_from_features(fid.extract(net, images, device=pipe.device)[0], *ref.held_out[m][split])
+        out[m] = fid.fid_from_features(fid.extract(net, images, device=ref.device)[0], *ref.held_out[m][split])
     return out
 
 
-def recon_reference(pipe, ref: RealFeatures, n: int) -> dict:
+def recon_reference(ref: RealFeatures, n: int) -> dict:
     """The floor row: the tokenizer's reconstructions of the first n test images, measured as a generated row."""
-    x = data.to_float(ref.test_images[:n])
-    with torch.no_grad():
-        recon = torch.cat([pipe.vq.detokenize(pipe.vq.tokenize(x[i:i + 500].to(pipe.device))).float().cpu()
-                           for i in range(0, n, 500)])
-    return metrics(pipe, ref, recon, ref.test_labels[:n])
+    return metrics(ref, reconstruct(ref.vq, data.to_float(ref.test_images[:n]), ref.device), ref.test_labels[:n])
 
 
 def train_reference(ref: "RealFeatures", n: int) -> dict:
@@ -179,13 +184,13 @@ def seed_summary(per_seed: list[dict], actions: tuple) -> dict:
     return row
 
 
-def measure(pipe, ref: "RealFeatures", labels: torch.Tensor, sched, generate, to_images=lambda x: x) -> dict:
+def measure(ref: RealFeatures, labels: torch.Tensor, sched, generate, to_images=lambda x: x) -> dict:
     """One table cell: generate(sched) timed (generation only), then FID / precision / recall /
     conditional accuracy of to_images(output); a policy's per-step action spread too."""
     t0 = time.time()
     out = generate(sched)
     res = {"images_per_s": len(labels) / (time.time() - t0)}
-    res.update(metrics(pipe, ref, to_images(out), labels))
+    res.update(metrics(ref, to_images(out), labels))
     if isinstance(sched, policy.PolicySchedule):
         a = sched.actions()                                               # (T, n, D)
         res.update(actions_mean=a.mean(1).tolist(), actions_sd=a.std(1).tolist())

@@ -22,11 +22,13 @@ import data
 import ddp
 import evaluation
 import fid
+import models
 import nat
 import pipeline
 import policy
 import reward
 import runs
+import schedules
 from config import TrainConfig
 
 
@@ -43,8 +45,8 @@ def start_table(pipe, start: str, T: int, w_0: float) -> torch.Tensor:
     w = w_0 t/T), or a finished AutoNAT search of this run ("search": the free table, "param":
     the family), AdaNAT's "residual on the best hand-made schedule" taken one step further."""
     if start == "heuristic":
-        return nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)
-    found = pipeline.searched_table(pipe, start, T)
+        return nat.heuristic_table(T, nat.ADANAT_TAU2_0, w_0)
+    found = schedules.searched_table(pipe, start, T)
     if found is None:
         stage = "search" if start == "search" else "param-search"
         raise runs.UserError(f"pi_start={start}: {pipe.run_dir} has no finished {start}_T{T}.pt; run python train.py "
@@ -84,19 +86,19 @@ def real_images(c: TrainConfig, n: int = 11000) -> tuple[torch.Tensor, torch.Ten
 def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: int):
     """(task, pipeline, RealFeatures) of the NAT MDP for T decoding steps (AdaNAT)."""
     pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-    ref = evaluation.RealFeatures(pipe)
+    ref = evaluation.RealFeatures.of(pipe)
     w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
     cfg = pipe.cfg
 
     def reals():                                    # raw training images, or (pi_d_real = recon) their reconstructions
         x, y = real_images(c)
         if c.pi_d_real == "recon":
-            x = pipe.decode(torch.cat([pipe.vq.tokenize(x[i:i + 500].to(device)).cpu() for i in range(0, len(x), 500)]))
+            x = evaluation.reconstruct(pipe.vq, x, device)
         return x, y
 
     task = PolicyTask(
-        name=pipeline.policy_file(kind, c.pi_start, T, c.pi_reward), T=T, spec=policy.NAT_ACTIONS, h=start_table(pipe, c.pi_start, T, w_0),
-        start=f"{pipeline.PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim, N=cfg.num_tokens, num_classes=cfg.num_classes,
+        name=schedules.policy_file(kind, c.pi_start, T, c.pi_reward), T=T, spec=policy.NAT_ACTIONS, h=start_table(pipe, c.pi_start, T, w_0),
+        start=f"{schedules.PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim, N=cfg.num_tokens, num_classes=cfg.num_classes,
         generate=lambda y, sched, g, G: nat.generate(pipe.logits_fn, y, T, sched, cfg.mask_id, cfg.num_tokens,
                                                      cfg.null_label, g, group=G),
         to_images=pipe.vq.detokenize,
@@ -151,13 +153,13 @@ def build_learner(c: TrainConfig, run_dir: str, device: torch.device, kind: str,
     """(Learner, its checkpoint config, modules to checkpoint) for a policy of `kind` on `task`."""
     T, spec = task.T, task.spec
     pcfg = {**policy_config(c, kind, T, task.h, task.C, task.N), "spec": list(spec.names), **task.extra}
-    pi, V = (m.to(device) for m in pipeline.build_policy(pcfg))
-    classifier = pipeline.build_model(run_dir, "backbone", device)                 # r_fid's classifier
+    pi, V = (m.to(device) for m in models.build_policy(pcfg))
+    classifier = models.build_model(run_dir, "backbone", device)                 # r_fid's classifier
     for name in c.pi_d_nets.split("+"):
         if not os.path.exists(os.path.join(run_dir, f"{name}.pt")):
             raise runs.UserError(f"pi_d_nets={c.pi_d_nets}: {run_dir}/{name}.pt is missing; train it with python train.py "
                                  f"--run-dir {run_dir} --stage {name}")
-    backbone, channels = pipeline.d_backbone(run_dir, c.pi_d_nets, c.pi_d_taps, device)   # D's frozen backbone
+    backbone, channels = models.d_backbone(run_dir, c.pi_d_nets, c.pi_d_taps, device)   # D's frozen backbone
     D = reward.ProjectedDiscriminator(channels, task.num_classes).to(device)
     base = fidelity_base(run_dir, device, task, pcfg, (pi, V, D)) if kind == "fidelity" else None
     B = runs.rank_batch(c.pi_batch, "pi_batch")                                   # this rank's trajectories
@@ -179,7 +181,7 @@ def fidelity_base(run_dir: str, device: torch.device, task: PolicyTask, pcfg: di
     if not os.path.exists(base_path):
         raise runs.UserError(f"the fidelity stage blends with the adaptive policy {base_path}, which is missing: "
                              f"run python train.py --run-dir {run_dir} --stage policy first")
-    base, base_cfg = pipeline.load_policy(base_path, device)
+    base, base_cfg = models.load_policy(base_path, device)
     if base_cfg["heuristic"] != task.h.tolist() or base_cfg["beta_ema"] != 0:
         raise runs.UserError(f"{base_path} starts from another schedule than this run's (the w_0 sweep changed since) or "
                              f"smooths its actions: the blend needs both policies on the same start; retrain it")

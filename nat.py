@@ -227,6 +227,13 @@ def linear_w(t, T: int, w_0: float):
     return w_0 * t / T
 
 
+MASKGIT = dict(tau2_0=4.5, w_0=0.0)                  # MaskGIT's heuristic: linear tau2 from 4.5, no guidance
+
+
+ADANAT_TAU2_0 = 1.0                                  # AdaNAT's heuristic: tau2 from 1, w_0 swept
+
+
+
 def heuristic_table(T: int, tau2_0: float = 4.5, w_0: float = 0.0, tau1: float = 1.0) -> torch.Tensor:
     """(T, 4) table of [m, tau1, tau2, w] from the hand-written rules.
 

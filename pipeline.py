@@ -1,9 +1,7 @@
 """The generation pipeline that training and sampling share: trained models rebuilt from a run
-folder, chunked and sharded generation, the w_0 sweeps and batched candidate FIDs (the metrics
-and their references: evaluation.py).
+folder (models.py) turned into generation, chunked and sharded over the ranks, the w_0 sweeps and
+batched candidate FIDs (the metrics and their references: evaluation.py).
 
-- `build_model`, `build_policy`, `load_policy`, `classifier_backbone`, `d_backbone`: any stage's
-  model from its checkpoint alone (config + weights), the discriminator's frozen feature maps;
 - `Pipeline` (tokenizer + NAT + feature network) and `FlowPipeline` (the continuous generator):
   generation in chunks whose random numbers are keyed by (seed, chunk), shared over the ranks
   of a torchrun job, with `rows` per forward (memory) independent of the chunk (the images);
@@ -23,127 +21,14 @@ from tqdm import tqdm
 import ddp
 import fid
 import flow_net
+import models
 import nat
 import policy
 import runs
 import samplers
-import vqgan
-
-
-FROZEN_NETS = ("featnet", "featnet2", "featssl", "backbone", "dnet", "dssl")   # fid.FeatureNet checkpoints (frozen_nets.py)
-JUDGES = ("featnet", "featnet2", "featssl")     # the FID network (choices) and the held-out judges: never D's backbone
-
-
-def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "model") -> torch.nn.Module:
-    """Rebuild a finished stage's model from its checkpoint alone (config + weights), in eval mode.
-
-    stage: "vq", one of FROZEN_NETS, "nat", "flow" or "vp"; weights: "model" or "ema" (the
-    generators' EMA weights)."""
-    path = os.path.join(run_dir, f"{stage}.pt")
-    ck = runs.load_ckpt(path)
-    if not ck.get("done"):
-        raise runs.UserError(f"{path} is unfinished (step {ck.get('step')}): finish it with python train.py --run-dir {run_dir}")
-    cfg = ck["config"]
-    try:
-        if stage == "vq":
-            model = vqgan.VQModel(vqgan.VQConfig(**{**cfg, "ch_mult": tuple(cfg["ch_mult"])}))
-        elif stage in FROZEN_NETS:
-            model = fid.FeatureNet(fid.FeatureNetConfig(**cfg))
-        elif stage in samplers.PATHS:                                   # flow.pt, vp.pt
-            model = flow_net.FlowTransformer(flow_net.FlowConfig(**cfg), nat.Block)
-        else:
-            model = nat.NAT(nat.NATConfig(**cfg))
-        model.load_state_dict(ck[weights])
-    except (TypeError, KeyError, RuntimeError) as e:
-        raise runs.UserError(f"{path} does not match this code's {stage} model ({type(e).__name__}: {str(e)[:120]}); "
-                        f"delete it to retrain that stage") from None
-    return model.to(device).eval()
-
-
-def build_policy(cfg: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(policy, critic) for a policy_config: adaptive network pair, or the static table pair."""
-    D = len(cfg["spec"])                                         # the actions' names: 4 (NAT) or 2 (ODE sampler)
-    if cfg["kind"] == "static":
-        return policy.StaticPolicy(cfg["T"], out_dim=D), policy.StaticPolicy(cfg["T"], out_dim=1)
-    make = lambda out: policy.AdaptivePolicy(cfg["T"], cfg["C"], cfg["N"], cfg["pi_width"], hidden=cfg["pi_hidden"], out_dim=out)
-    return make(D), make(1)
-
-
-def load_policy(path: str, device: torch.device, weights: str = "best") -> tuple[torch.nn.Module, dict]:
-    """The policy of a finished policy checkpoint and its config: weights "best" (by the FID network's
-    training-set FID) or "model" (the last iterate)."""
-    ck = runs.load_ckpt(path)
-    if not ck.get("done"):
-        raise runs.UserError(f"{path} is unfinished (iteration {ck.get('step')}): finish it with python train.py")
-    try:
-        pi, _ = build_policy(ck["config"])
-        pi.load_state_dict(ck[weights])
-    except (TypeError, KeyError, RuntimeError) as e:
-        raise runs.UserError(f"{path} does not match this code's policy ({type(e).__name__}: {str(e)[:120]}); "
-                        f"delete it to retrain that stage") from None
-    return pi.to(device).eval(), ck["config"]
-
-
-def classifier_backbone(net: fid.FeatureNet, grad: bool = False, taps: tuple = (0, 1, 2)):
-    """A frozen classifier as the discriminator's backbone (and the tokenizer's perceptual
-    network): x -> its feature maps after the chosen pooling stages (0, 1, 2: (B, w, S/2, S/2),
-    (B, 2w, S/4, S/4), (B, 4w, S/8, S/8)), and their channel counts; gradients flow to x only
-    with grad=True. (The frozen VQ encoder was tried first: D reached only ~55% held-out accuracy.)"""
-    layers = list(net.body)
-    pools = [i for i, layer in enumerate(layers) if isinstance(layer, (torch.nn.MaxPool2d, torch.nn.AvgPool2d))]
-    keep = {pools[k] for k in taps}
-    w = net.cfg.width
-
-    def backbone(x: torch.Tensor) -> list[torch.Tensor]:
-        feats, h = [], x
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            for i, layer in enumerate(layers[:max(keep) + 1]):
-                h = layer(h)
-                if i in keep:
-                    feats.append(h)
-        return feats
-    return backbone, [[w, 2 * w, 4 * w][k] for k in sorted(taps)]
-
-
-D_NETS = ("backbone", "dnet", "dssl")      # the frozen networks the discriminator may sit on (never a judge)
-
-
-def d_backbone(run_dir: str, nets: str, taps: tuple, device: torch.device):
-    """The discriminator's frozen backbone: the feature maps at `taps` of each network named in
-    `nets` ("+"-separated, e.g. "backbone+dssl": heads on several backbones), concatenated as one
-    list, and their channel counts."""
-    names = nets.split("+")
-    parts = [classifier_backbone(build_model(run_dir, n, device), taps=taps) for n in names]
-    return (lambda x: [f for fn, _ in parts for f in fn(x)]), [ch for _, chs in parts for ch in chs]
-
-
-PI_STARTS = {"heuristic": "AdaNAT's heuristic", "search": "the AutoNAT table", "param": "the searched family"}
-
-
-PI_REWARDS = ("adversarial", "fixed", "fid")
-
-
-def policy_file(kind: str, start: str, T: int, reward_name: str = "adversarial") -> str:
-    """policy_T8; policy_search_T8 for a policy whose residual starts from the searched table;
-    policy_fixed_T8 / policy_fid_T8 for one trained on another reward (the reward-hacking study)."""
-    parts = [kind] + ([start] if start != "heuristic" else []) + ([reward_name] if reward_name != "adversarial" else [])
-    return "_".join(parts) + f"_T{T}"
-
-
-def flow_policy_file(path: str, kind: str, nfe: int, reward_name: str = "adversarial") -> str:
-    return f"{path}_{kind}_nfe{nfe}" + (f"_{reward_name}" if reward_name != "adversarial" else "")
-
-
-EVAL_SEEDS = (1, 2, 3)       # sampling seeds of the final table; the w_0 sweep uses seed 0
 
 
 W0_GRID = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
-
-
-MASKGIT = dict(tau2_0=4.5, w_0=0.0)
-
-
-ADANAT_TAU2_0 = 1.0
 
 
 def in_rows(fn, rows: int | None, *args: torch.Tensor) -> torch.Tensor:
@@ -159,10 +44,13 @@ def in_rows(fn, rows: int | None, *args: torch.Tensor) -> torch.Tensor:
 
 
 class GeneratorPipeline:
-    """What the NAT's and the flow's pipelines share: the run folder's config, the feature network,
+    """What the NAT's and the flow's pipelines share: the run folder's config, the feature network (and
+    the tokenizer `vq`, None for the flow),
     the rows per generator batch (`batch`, whose chunks key the random numbers) and per forward
     (`rows`, memory only), a forward counter, the fingerprint that keys cached results, and
     chunked generation shared over the ranks of a torchrun job."""
+
+    vq = None
 
     def __init__(self, run_dir: str, device: torch.device, bf16: bool, batch: int | None, rows: int | None,
                  stages: tuple):
@@ -172,7 +60,7 @@ class GeneratorPipeline:
         self.config = runs.read_json(os.path.join(run_dir, "config.json"))
         if not isinstance(self.config, dict):
             raise runs.UserError(f"{run_dir}/config.json is unreadable: re-run python train.py --run-dir {run_dir}")
-        self.featnet = build_model(run_dir, "featnet", device)
+        self.featnet = models.build_model(run_dir, "featnet", device)
         self.forwards = 0
         # identifies weights + numerics: cached results are reused only for the same fingerprint
         self.fingerprint = f"{runs.fingerprint(run_dir, stages)}|{device.type}|bf16={bf16 and device.type == 'cuda'}"
@@ -203,8 +91,8 @@ class Pipeline(GeneratorPipeline):
     def __init__(self, run_dir: str, device: torch.device, bf16: bool = True, batch: int | None = None,
                  rows: int | None = None):
         super().__init__(run_dir, device, bf16, batch, rows, ("vq", "featnet", "nat"))
-        self.vq = build_model(run_dir, "vq", device)
-        self.net = build_model(run_dir, "nat", device, weights="ema")
+        self.vq = models.build_model(run_dir, "vq", device)
+        self.net = models.build_model(run_dir, "nat", device, weights="ema")
         self.forward = self.net                                            # or its torch.compile (compile())
         self.cfg: nat.NATConfig = self.net.cfg
         if (self.cfg.vocab_size, self.cfg.num_tokens) != (self.vq.cfg.codebook_size, self.vq.num_tokens):
@@ -237,6 +125,17 @@ class Pipeline(GeneratorPipeline):
     def generate_tokens(self, labels: torch.Tensor, T: int, tau2_0: float, w_0: float, seed: int) -> torch.Tensor:
         """Generate tokens (n, N) for labels (n,) with the heuristic schedule (tau2_0, w_0)."""
         return self.generate(labels, T, nat.heuristic_schedule(T, tau2_0=tau2_0, w_0=w_0), seed, guided=w_0 != 0)
+
+    W_GRID, sweep_file, sweep_what, sweep_info = W0_GRID, "sweep_w.json", "T=8", {"T": 8, "tau2_0": nat.ADANAT_TAU2_0}
+
+    def sweep_images(self, labels: torch.Tensor, w_0: float) -> torch.Tensor:
+        """The w_0 sweep's images: AdaNAT's heuristic (tau2_0 = 1, w = w_0 t/T) at T = 8, seed 0."""
+        return self.decode(self.generate_tokens(labels, 8, nat.ADANAT_TAU2_0, w_0, seed=0))
+
+    def candidate_images(self, labels: torch.Tensor, tables: torch.Tensor, seed: int, C: int, progress: bool) -> torch.Tensor:
+        """Images of C interleaved (T, 4) schedules (candidate_fids), one forward per distinct row (dedup)."""
+        tok = self.generate(labels, tables.shape[1], nat.table_schedule(tables), seed, group=C, progress=progress, dedup=True)
+        return self.decode(tok)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -274,65 +173,7 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
-
-def candidate_fids(pipe: Pipeline, ref, tables: torch.Tensor, labels: torch.Tensor, seed: int,
-                   progress: bool = False) -> torch.Tensor:
-    """FID against *training* statistics of C schedules, tables (C, T, 4), on the same labels (n,)
-    and the same random numbers (common random numbers: candidate c of sample i decodes with
-    sample i's draws). All C x n generations run as few large batches (rows interleaved)."""
-    C, T, _ = tables.shape
-    n = len(labels)
-    tok = pipe.generate(labels.repeat_interleave(C), T, nat.table_schedule(tables), seed, group=C, progress=progress,
-                        dedup=True)
-    feats, _ = fid.extract(pipe.featnet, pipe.decode(tok), device=pipe.device)                 # (n*C, D)
-    feats = feats.view(n, C, -1)
-    return torch.tensor([fid.fid_from_features(feats[:, k], ref.train_mu, ref.train_sigma) for k in range(C)])
-
-
-def sweep_w(pipe: Pipeline, ref, samples: int, T: int = 8) -> dict:
-    """Pick w_0 of AdaNAT's heuristic (tau2_0 = 1, w = w_0 t/T) by FID against *training* statistics."""
-    labels = balanced_labels(samples, pipe.cfg.num_classes)
-    results = {}
-    bar = tqdm(W0_GRID, desc=f"w_0 sweep (T={T}, {samples} samples)", disable=not ddp.DIST.main)
-    for w_0 in bar:
-        images = pipe.decode(pipe.generate_tokens(labels, T, ADANAT_TAU2_0, w_0, seed=0))
-        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
-        results[w_0] = fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
-        bar.set_postfix(fid=f"{results[w_0]:.2f}")
-    best = min(results, key=results.get)
-    if best == max(W0_GRID):
-        print(f"warning: the best w_0 is the largest of the grid {W0_GRID}; extend W0_GRID in pipeline.py")
-    out = {"fingerprint": pipe.fingerprint, "T": T, "samples": samples, "grid": list(W0_GRID), "tau2_0": ADANAT_TAU2_0,
-           "train_fid": {str(k): v for k, v in results.items()}, "w_0": best}
-    runs.write_json(os.path.join(pipe.run_dir, "sweep_w.json"), out)
-    ddp.barrier()                                                    # written before any rank reads it again
-    print(f"w_0 sweep (FID vs training set, T={T}): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()) + f" -> w_0 = {best}")
-    return out
-
-
-def get_w0(pipe: Pipeline, ref, samples: int) -> float:
-    """The swept w_0 of this run's weights, sweeping first when there is none (or it is stale)."""
-    saved = runs.read_json(os.path.join(pipe.run_dir, "sweep_w.json"), {})
-    if (saved.get("fingerprint"), saved.get("samples"), saved.get("grid")) == (pipe.fingerprint, samples, list(W0_GRID)):
-        return saved["w_0"]
-    return sweep_w(pipe, ref, samples)["w_0"]
-
-
-def searched_table(pipe: Pipeline, name: str, T: int) -> tuple | None:
-    """(table (T, 4), config, fingerprint) of a finished search `name` ("search" or "param") for T, or None."""
-    path = os.path.join(pipe.run_dir, f"{name}_T{T}.pt")
-    if not os.path.exists(path):
-        return None
-    ck = runs.load_ckpt(path)
-    if not ck.get("done"):
-        return None
-    return ck["table"], ck["config"], runs.fingerprint(pipe.run_dir, (f"{name}_T{T}",))
-
-
 FLOW_W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
-
-
-FLOW_INTERVAL = (0.1, 0.8)           # guidance only for t in (0.1, 0.8] (Kynkaanniemi et al. 2024)
 
 
 class FlowPipeline(GeneratorPipeline):
@@ -344,9 +185,21 @@ class FlowPipeline(GeneratorPipeline):
             raise runs.UserError(f"{run_dir}/{path}.pt not found: train it with python train.py --run-dir {run_dir} "
                                   f"--stage flow --path {path}")
         super().__init__(run_dir, device, bf16, batch, rows, (path, "featnet"))
-        self.net = build_model(run_dir, path, device, weights="ema")
+        self.net = models.build_model(run_dir, path, device, weights="ema")
         self.cfg: flow_net.FlowConfig = self.net.cfg
         self.path = samplers.PATHS[path]
+        self.sweep_file = f"{path}_sweep_w.json"
+
+    W_GRID, sweep_what, sweep_info = FLOW_W_GRID, "Euler, NFE 8", {}
+
+    def sweep_images(self, labels: torch.Tensor, w_0: float) -> torch.Tensor:
+        """The w_0 sweep's images: constant guidance w_0, Euler on the uniform 8-step grid, seed 0."""
+        return self.generate(labels, 8, samplers.heuristic_schedule(samplers.uniform_grid(8), w_0), "euler", seed=0)
+
+    def candidate_images(self, labels: torch.Tensor, tables: torch.Tensor, seed: int, C: int, progress: bool,
+                         solver: str = "euler") -> torch.Tensor:
+        """Images of C interleaved (T, 2) sampler schedules [t_next, w] (candidate_fids) with `solver`."""
+        return self.generate(labels, tables.shape[1], samplers.table_schedule(tables), solver, seed, group=C)
 
     def velocity_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
         return self.forward_rows(self.net, x, t, labels)
@@ -366,64 +219,43 @@ class FlowPipeline(GeneratorPipeline):
         return self.chunked(labels, group, seed, make, schedule)
 
 
-def flow_candidate_fids(pipe: FlowPipeline, ref, tables: torch.Tensor, labels: torch.Tensor, seed: int,
-                        solver: str) -> torch.Tensor:
-    """FID against *training* statistics of C sampler schedules, tables (C, T, 2) of [t_next, w],
-    on the same labels (n,) and noise; all C x n generations interleaved in a few batches."""
-    C, T, _ = tables.shape
-    n = len(labels)
-    images = pipe.generate(labels.repeat_interleave(C), T, samplers.table_schedule(tables), solver, seed, group=C)
-    feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
-    feats = feats.view(n, C, -1)                                           # (n, C, D)
+def candidate_fids(pipe: GeneratorPipeline, ref, tables: torch.Tensor, labels: torch.Tensor, seed: int,
+                   progress: bool = False, **kw) -> torch.Tensor:
+    """FID against *training* statistics of C schedules, tables (C, T, D), on the same labels (n,) and the
+    same random numbers (common random numbers: candidate c of sample i draws sample i's numbers). All
+    C x n generations run as few large batches (rows interleaved: pipe.candidate_images; kw: the flow's solver)."""
+    C, n = tables.shape[0], len(labels)
+    images = pipe.candidate_images(labels.repeat_interleave(C), tables, seed, C, progress, **kw)
+    feats = fid.extract(pipe.featnet, images, device=pipe.device)[0].view(n, C, -1)            # (n, C, D)
     return torch.tensor([fid.fid_from_features(feats[:, k], ref.train_mu, ref.train_sigma) for k in range(C)])
 
 
-def flow_sweep_w(pipe: FlowPipeline, ref, samples: int, nfe: int = 8) -> float:
-    """w_0 of constant guidance (Euler, uniform grid, `nfe` steps) by FID against *training*
-    statistics; cached in <path>_sweep_w.json."""
-    out_path = os.path.join(pipe.run_dir, f"{pipe.path.name}_sweep_w.json")
-    saved = runs.read_json(out_path, {})
-    if (saved.get("fingerprint"), saved.get("samples"), saved.get("grid")) == (pipe.fingerprint, samples, list(FLOW_W_GRID)):
-        return saved["w_0"]
+def sweep_w(pipe: GeneratorPipeline, ref, samples: int) -> dict:
+    """Pick the guidance w_0 of the generator's start schedule (the NAT: AdaNAT's heuristic at T = 8; the
+    flow: constant guidance, Euler, 8 steps) over pipe.W_GRID by FID against *training* statistics;
+    written to pipe.sweep_file."""
     labels = balanced_labels(samples, pipe.cfg.num_classes)
     results = {}
-    for w_0 in tqdm(FLOW_W_GRID, desc=f"{pipe.path.name} w_0 sweep (Euler, NFE {nfe}, {samples} samples)",
-                     disable=not ddp.DIST.main):
-        images = pipe.generate(labels, nfe, samplers.heuristic_schedule(samplers.uniform_grid(nfe), w_0), "euler", seed=0)
-        feats, _ = fid.extract(pipe.featnet, images, device=pipe.device)
+    bar = tqdm(pipe.W_GRID, desc=f"w_0 sweep ({pipe.sweep_what}, {samples} samples)", disable=not ddp.DIST.main)
+    for w_0 in bar:
+        feats, _ = fid.extract(pipe.featnet, pipe.sweep_images(labels, w_0), device=pipe.device)
         results[w_0] = fid.fid_from_features(feats, ref.train_mu, ref.train_sigma)
+        bar.set_postfix(fid=f"{results[w_0]:.2f}")
     best = min(results, key=results.get)
-    runs.write_json(out_path, {"fingerprint": pipe.fingerprint, "samples": samples, "grid": list(FLOW_W_GRID),
-                                "train_fid": {str(k): v for k, v in results.items()}, "w_0": best})
-    ddp.barrier()
-    print(f"{pipe.path.name} w_0 sweep (FID vs training set): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items())
+    if best == max(pipe.W_GRID):
+        print(f"warning: the best w_0 is the largest of the grid {pipe.W_GRID}; extend it in pipeline.py")
+    out = {"fingerprint": pipe.fingerprint, "samples": samples, "grid": list(pipe.W_GRID), **pipe.sweep_info,
+           "train_fid": {str(k): v for k, v in results.items()}, "w_0": best}
+    runs.write_json(os.path.join(pipe.run_dir, pipe.sweep_file), out)
+    ddp.barrier()                                                    # written before any rank reads it again
+    print(f"w_0 sweep (FID vs training set, {pipe.sweep_what}): " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items())
           + f" -> w_0 = {best}")
-    return best
+    return out
 
 
-POLICY_ROWS = {"static": "learned static (PPO, no state)", "policy": "adaptive policy (PPO)",
-               "smooth": "adaptive + smoothing (PPO, beta_ema={beta_ema:g})"}
-
-
-def policy_schedule(pipe: Pipeline, kind: str, T: int, start: str = "heuristic",
-                    reward_name: str = "adversarial", weights: str = "best") -> tuple | None:
-    """(make_schedule, config, fingerprint) of the trained `kind` policy for T whose residual
-    starts from `start` (PI_STARTS), trained on `reward_name`, or None if there is none;
-    weights "best" (by training-set FID) or "model" (the last iterate)."""
-    name = policy_file(kind, start, T, reward_name)
-    path = os.path.join(pipe.run_dir, f"{name}.pt")
-    if not os.path.exists(path):
-        return None
-    pi, cfg = load_policy(path, pipe.device, weights)
-    h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
-    make = lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"])
-    return make, cfg, runs.fingerprint(pipe.run_dir, (name,))
-
-
-def last_is_best(run_dir: str, kind: str, T: int, start: str = "heuristic") -> bool:
-    """Whether a policy checkpoint's last iterate is its best-by-training-FID weights (one row suffices)."""
-    ck = runs.load_ckpt(os.path.join(run_dir, f"{policy_file(kind, start, T)}.pt"))
-    return all(torch.equal(ck["best"][k], ck["model"][k]) for k in ck["best"])
-
-
-SEARCH_ROWS = {"param": "parametric family (searched, 6 shape parameters)", "search": "AutoNAT search (free T x 4 table)"}
+def get_w0(pipe: GeneratorPipeline, ref, samples: int) -> float:
+    """The swept w_0 of this run's weights, sweeping first when there is none (or it is stale)."""
+    saved = runs.read_json(os.path.join(pipe.run_dir, pipe.sweep_file), {})
+    if (saved.get("fingerprint"), saved.get("samples"), saved.get("grid")) == (pipe.fingerprint, samples, list(pipe.W_GRID)):
+        return saved["w_0"]
+    return sweep_w(pipe, ref, samples)["w_0"]

@@ -171,7 +171,8 @@ def train_loop(name: str, ck_path: str, state: dict, modules: dict, step_fn, tot
 
     state: the checkpoint dict, state["step"] = steps done (the loop resumes there);
     modules: name -> module or optimizer, saved as state[name] = its state_dict();
-    step_fn(step) -> dict of floats trains one step in place.
+    step_fn(step) -> dict of floats trains one step in place; c: the run's TrainConfig (log_every,
+    ckpt_every_s, and fault_keys(name): the keys a run fault's advice names).
     """
     def snapshot() -> dict:
         state.update({k: m.state_dict() for k, m in modules.items()}, rng=torch.get_rng_state())
@@ -189,7 +190,7 @@ def train_loop(name: str, ck_path: str, state: dict, modules: dict, step_fn, tot
         return RunFault(f"{name}: {what} at step {step + 1}{note}; {kept}. {advice}")
 
     last_save, t0, last_loss = time.time(), time.time(), None
-    lr_key, batch_key = fault_keys(name)
+    lr_key, batch_key = c.fault_keys(name)
     bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc=name, dynamic_ncols=True,
                disable=not ddp.DIST.main)
     try:
@@ -244,21 +245,6 @@ def check_finite(**values: float) -> None:
     for k, v in values.items():
         if not math.isfinite(v):
             raise FloatingPointError(f"{k} ({v})")
-
-
-def fault_keys(name: str) -> tuple[str, str]:
-    """(learning-rate key, batch key) of the stage a train_loop runs (for a fault's advice)."""
-    keys = {"vq": ("vq_lr", "vq_batch"), "nat": ("nat_lr", "nat_batch"), "flow": ("flow_lr", "flow_batch"),
-            "vp": ("flow_lr", "flow_batch")}
-    if name in keys:
-        return keys[name]
-    if name in ("featnet", "featnet2", "backbone", "dnet"):
-        return "feat_lr", "feat_batch"
-    if name in ("featssl", "dssl"):
-        return "ssl_lr", "ssl_batch"
-    if "search" in name or name.startswith("param_"):
-        return "search_lr", "gen_rows"
-    return ("pi_static_lr" if "static" in name else "pi_lr"), "pi_batch"
 
 
 def oom_advice(c, key: str) -> str:

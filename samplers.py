@@ -253,6 +253,9 @@ def table_schedule(table: torch.Tensor) -> Schedule:
     return schedule
 
 
+FLOW_INTERVAL = (0.1, 0.8)           # guidance only for t in (0.1, 0.8] (Kynkaanniemi et al. 2024)
+
+
 def heuristic_schedule(grid: torch.Tensor, w_0: float = 0.0, interval: tuple[float, float] = (0.0, 1.0)) -> Schedule:
     return table_schedule(grid_table(grid, guidance_table(grid, w_0, interval)))
 

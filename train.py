@@ -57,6 +57,7 @@ import config
 import data
 import ddp
 import evaluation
+import models
 import nat
 import pipeline
 import plots
@@ -65,6 +66,7 @@ import ppo
 import reward
 import runs
 import samplers
+import schedules
 import vqgan
 from config import FLOW_POLICY_STAGES, POLICY_STAGES, PRESETS, TrainConfig, build_config, recipe
 from frozen_nets import train_classifier, train_simclr
@@ -80,7 +82,7 @@ STAGES = ["backbone", "vq", "featnet", "featnet2", "featssl", "nat", "search", "
 def stage_backbone(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """A second classifier (other width and seed, shorter training): the frozen backbone the
     policy's discriminator reads (reward.py). The FID network itself must not be the reward."""
-    train_classifier(c, run_dir, device, log, "backbone", dict(width=c.bb_width, feat_dim=c.bb_dim), c.bb_steps, 7)
+    train_classifier(c, run_dir, device, log, "backbone", dict(width=c.backbone_width, feat_dim=c.backbone_dim), c.backbone_steps, 7)
 
 
 def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
@@ -90,7 +92,7 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logge
     cfg = config.vq_config(c)
     model = vqgan.VQModel(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=c.vq_lr, betas=(0.5, 0.9))
-    disc = vqgan.PatchDiscriminator(c.channels, cfg.disc_ch).to(device) if c.gan_weight > 0 else None
+    disc = vqgan.PatchDiscriminator(c.channels, cfg.disc_ch).to(device) if c.vq_gan_weight > 0 else None
     opt_d = torch.optim.Adam(disc.parameters(), lr=c.vq_lr, betas=(0.5, 0.9)) if disc else None
     modules = {"model": model, "optim": opt, **({"disc": disc, "optim_d": opt_d} if disc else {})}
     path = os.path.join(run_dir, "vq.pt")
@@ -106,7 +108,7 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logge
         if not os.path.exists(os.path.join(run_dir, "backbone.pt")):
             raise runs.UserError(f"vq_perceptual > 0 needs the backbone classifier: run python train.py --run-dir {run_dir} "
                             f"--stage backbone first")
-        percep, _ = pipeline.classifier_backbone(pipeline.build_model(run_dir, "backbone", device).requires_grad_(False), grad=True)
+        percep, _ = models.classifier_backbone(models.build_model(run_dir, "backbone", device).requires_grad_(False), grad=True)
 
     def step_fn(step: int) -> dict:
         for grp in opt.param_groups:
@@ -124,14 +126,14 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logge
             out["percep"] = ddp.all_mean(l_p.detach()).item()
         out["loss"] = ddp.all_mean(loss.detach()).item()
         runs.check_finite(loss=out["loss"])                                   # before the update (a value logged anyway)
-        if disc is not None and step >= c.gan_start:
+        if disc is not None and step >= c.vq_gan_start:
             g_loss = vqgan.hinge_g_loss(disc(x_rec))                     # D's gradients here are zeroed below
-            loss = loss + c.gan_weight * g_loss
+            loss = loss + c.vq_gan_weight * g_loss
             out["g_loss"] = g_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if disc is not None and step >= c.gan_start:
+        if disc is not None and step >= c.vq_gan_start:
             logits = disc_dp(torch.cat([x, x_rec.detach()]))              # one forward: one DDP gradient sync
             d_loss = vqgan.hinge_d_loss(*logits.chunk(2))
             out["d_loss"] = d_loss.item()
@@ -163,7 +165,7 @@ def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logge
 
 def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """Train the FID feature network as a classifier (flip + shift augmentation)."""
-    train_classifier(c, run_dir, device, log, "featnet", dict(width=c.feat_width, feat_dim=c.feat_dim), c.feat_steps, 2)
+    train_classifier(c, run_dir, device, log, "featnet", dict(width=c.featnet_width, feat_dim=c.featnet_dim), c.featnet_steps, 2)
 
 
 def stage_featnet2(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
@@ -171,7 +173,7 @@ def stage_featnet2(c: TrainConfig, run_dir: str, device: torch.device, log: runs
     architecture (one conv per stage, average pooling, other widths) and seed, so that a policy
     trained on the FID network's own FID can be judged on features it never saw."""
     train_classifier(c, run_dir, device, log, "featnet2",
-                     dict(width=c.feat2_width, feat_dim=c.feat2_dim, convs=c.feat2_convs, pool="avg"), c.feat2_steps, 13)
+                     dict(width=c.featnet2_width, feat_dim=c.featnet2_dim, convs=c.featnet2_convs, pool="avg"), c.featnet2_steps, 13)
 
 
 def stage_featssl(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
@@ -204,7 +206,7 @@ def tokenize_dataset(vq: vqgan.VQModel, x: torch.Tensor, y: torch.Tensor, device
 def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
     """Train the NAT on tokens with the masked-token loss; keep an EMA of the weights."""
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    vq = pipeline.build_model(run_dir, "vq", device)
+    vq = models.build_model(run_dir, "vq", device)
     tokens, labels = tokenize_dataset(vq, x_train, y_train, device)         # (2M, N), (2M,)
     cfg = config.nat_config(c, num_classes, tokens.shape[1], vq.cfg.codebook_size)
     model = nat.NAT(cfg).to(device)
@@ -230,7 +232,7 @@ def stage_nat(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logg
         net.train()
         with runs.autocast(device, c.bf16):
             loss = nat.masked_token_loss(net, v.to(device), y.to(device))
-        out = generator_step(model, ema, opt, loss, step, c.ema_decay)
+        out = generator_step(model, ema, opt, loss, step, c.nat_ema_decay)
         return {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
 
     state = runs.train_loop("nat", path, state, modules, step_fn, c.nat_steps, c, log)
@@ -398,7 +400,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
         """The mean policy's (seed 0, fixed labels) Fréchet distances against training-set statistics on every
         network: "train_fid" (the FID network: the checkpoint choice), "train_fid2", "train_fd_ssl" (judges: logged only)."""
         t0 = time.time()
-        fids = evaluation.judge_fids(pipe, ref, task.fid_images(fid_labels, L.schedule()), "train", fid_net=True)
+        fids = evaluation.judge_fids(ref, task.fid_images(fid_labels, L.schedule()), "train", fid_net=True)
         return {"train_" + k if k != "fid" else "train_fid": v for k, v in fids.items()} | {"sec_fid": time.time() - t0}
 
     if state["best"] is None:                                   # iteration 0: the start schedule itself
@@ -435,7 +437,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: runs.L
 
 
 def stage_policies(kind: str, make_task: Callable = None, counts: Callable = lambda c: c.pi_T,
-                   file: Callable = lambda c, kind, n: pipeline.policy_file(kind, c.pi_start, n, c.pi_reward)):
+                   file: Callable = lambda c, kind, n: schedules.policy_file(kind, c.pi_start, n, c.pi_reward)):
     """The stage function for one policy kind: a policy per count (the NAT: T in pi_T; the ODE
     sampler: NFE budgets, experiments/flow_train.py) built by make_task(c, run_dir, device, kind,
     n) (default nat_task) and trained by train_policy; finished ones skipped."""
@@ -487,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any TrainConfig field, e.g. --set nat_lr=5e-4")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the nat / flow training forward")
     p.add_argument("--path", default=None, choices=list(samplers.PATHS), help="the flow stage's probability path (default flow)")
-    p.add_argument("--reward", default=None, choices=pipeline.PI_REWARDS, help="the policy stages' reward (the "
+    p.add_argument("--reward", default=None, choices=schedules.PI_REWARDS, help="the policy stages' reward (the "
                    "reward-hacking study; default adversarial); other than adversarial: files *_<reward>_T*")
     args = p.parse_args(argv)
     try:
@@ -520,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 stage_fn(s)(c, run_dir, device, log)
             except torch.OutOfMemoryError:                             # outside a training loop (data, final evaluation)
-                raise runs.RunFault(f"{s}: out of memory ({runs.oom_advice(c, runs.fault_keys(s)[1])})") from None
+                raise runs.RunFault(f"{s}: out of memory ({runs.oom_advice(c, c.fault_keys(s)[1])})") from None
             ddp.barrier()                                                  # its files are written before the next stage reads them
             log(stage=s, wall_seconds=round(time.time() - t0, 1))
     except (runs.UserError, data.DataError) as e:

@@ -26,9 +26,8 @@ random row of the current batch's encoder outputs (detached, plus tiny noise), s
 no code stays dead. The codebook itself starts from uniform(-1/K, 1/K) and is replaced by
 random encoder outputs at the first training-mode forward (data-dependent init).
 
-The decoder output is raw (no tanh); images live in [-1, 1], `detokenize` clamps.
-Default size: 0.15M parameters, ~0.12 s per Adam step at batch 128 on 2 CPU cores
-(600 steps: test MSE 0.021, 98% of the 256 codes used on Fashion-MNIST).
+The decoder output is raw (no tanh); images live in [-1, 1], `detokenize` clamps. The
+project's `small` tokenizer (512 codes, 32 channels, 2 residual blocks) is measured in the README.
 
 Usage:
     model = VQModel(VQConfig())                          # 1x32x32 -> 8x8 tokens, K = 256

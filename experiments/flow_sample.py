@@ -10,11 +10,13 @@ import torch
 
 import ddp
 import evaluation
+import models
 import pipeline
 import plots
 import policy
 import runs
 import samplers
+import schedules
 from experiments import studies, throughput
 
 
@@ -29,9 +31,9 @@ def flow_rows(pipe: pipeline.FlowPipeline, w_0: float, nfes: list[int]) -> dict:
             rows[f"{solver}, {grid} grid, w={w_0:g}"] = {
                 n: (lambda T=samplers.steps_for_nfe(solver, n), grid=grid: samplers.heuristic_schedule(
                     samplers.GRIDS[grid](T, pipe.path), w_0), solver, samplers.steps_for_nfe(solver, n), "") for n in nfes}
-        lo, hi = pipeline.FLOW_INTERVAL
+        lo, hi = samplers.FLOW_INTERVAL
         rows[f"{solver}, uniform grid, w={w_0:g} for t in ({lo:g}, {hi:g}]"] = {
-            n: (lambda T=samplers.steps_for_nfe(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, pipeline.FLOW_INTERVAL),
+            n: (lambda T=samplers.steps_for_nfe(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, samplers.FLOW_INTERVAL),
                 solver, samplers.steps_for_nfe(solver, n), "") for n in nfes}
     for n in nfes:                                                     # the searched T x [t_next, w] table
         name = f"{pipe.path.name}_search_nfe{n}"
@@ -42,7 +44,7 @@ def flow_rows(pipe: pipeline.FlowPipeline, w_0: float, nfes: list[int]) -> dict:
             rows.setdefault(f"searched grid + guidance (AutoNAT's search, {solver})", {})[n] = (
                 lambda table=ck["table"]: samplers.table_schedule(table), solver, ck["config"]["T"],
                 f"|{runs.fingerprint(pipe.run_dir, (name,))}")
-    for kind in pipeline.POLICY_ROWS:                                           # the PPO-trained schedules
+    for kind in schedules.POLICY_ROWS:                                           # the PPO-trained schedules
         for n in nfes:
             found = flow_policy_schedule(pipe, kind, n)
             if found is not None:
@@ -53,15 +55,15 @@ def flow_rows(pipe: pipeline.FlowPipeline, w_0: float, nfes: list[int]) -> dict:
 def flow_policy_schedule(pipe: pipeline.FlowPipeline, kind: str, nfe: int) -> tuple | None:
     """(row name, make_schedule, solver, T, cache-key suffix) of the trained `kind` flow policy for
     the NFE budget, or None if there is none."""
-    file = pipeline.flow_policy_file(pipe.path.name, kind, nfe)
+    file = schedules.flow_policy_file(pipe.path.name, kind, nfe)
     path = os.path.join(pipe.run_dir, f"{file}.pt")
     if not os.path.exists(path):
         return None
-    pi, cfg = pipeline.load_policy(path, pipe.device)
+    pi, cfg = models.load_policy(path, pipe.device)
     h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"]), policy.FLOW_ACTIONS).to(pipe.device)
     make = lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"], spec=policy.FLOW_ACTIONS,
                                          to_step=samplers.actions_to_step(cfg["T"]))
-    name = pipeline.POLICY_ROWS[kind].format(beta_ema=cfg["beta_ema"])[:-1] + f", {cfg['solver']})"
+    name = schedules.POLICY_ROWS[kind].format(beta_ema=cfg["beta_ema"])[:-1] + f", {cfg['solver']})"
     return name, make, cfg["solver"], cfg["T"], f"|{runs.fingerprint(pipe.run_dir, (file,))}"
 
 
@@ -69,7 +71,7 @@ def adaptive_flow_policy(pipe: pipeline.FlowPipeline, nfe: int) -> tuple:
     """(make_schedule, solver, T) of the adaptive flow policy for the NFE budget; a clear error if there is none."""
     found = flow_policy_schedule(pipe, "policy", nfe)
     if found is None:
-        raise runs.UserError(f"{pipe.run_dir}/{pipeline.flow_policy_file(pipe.path.name, 'policy', nfe)}.pt not found: "
+        raise runs.UserError(f"{pipe.run_dir}/{schedules.flow_policy_file(pipe.path.name, 'policy', nfe)}.pt not found: "
                               f"train it with python train.py --stage flow-policy --run-dir {pipe.run_dir}")
     return found[1:4]
 
@@ -78,8 +80,8 @@ def evaluate_flow(pipe: pipeline.FlowPipeline, samples: int, nfes: list[int], sw
     """The continuous generator's table (<path>_eval.json, <path>_eval.md), resumable through
     <path>_eval_cache.json: FID / precision / recall against the test images, NFE per image."""
     name_ = pipe.path.name
-    ref = evaluation.RealFeatures(pipe)
-    w_0 = pipeline.flow_sweep_w(pipe, ref, sweep_samples)
+    ref = evaluation.RealFeatures.of(pipe)
+    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     rows = flow_rows(pipe, w_0, nfes)
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
@@ -88,21 +90,21 @@ def evaluate_flow(pipe: pipeline.FlowPipeline, samples: int, nfes: list[int], sw
     def cell(make, solver, T, s):
         def compute() -> dict:
             before = pipe.forwards
-            res = evaluation.measure(pipe, ref, labels, make(), lambda sched: pipe.generate(labels, T, sched, solver, seed=s))
+            res = evaluation.measure(ref, labels, make(), lambda sched: pipe.generate(labels, T, sched, solver, seed=s))
             return {**res, "nfe": (pipe.forwards - before) / (2 * samples)}  # a guided pair counts once
         return compute
     cells = [((name, nfe), f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}", cell(make, solver, T, s))
-             for name in rows for nfe, (make, solver, T, suffix) in rows[name].items() for s in pipeline.EVAL_SEEDS]
+             for name in rows for nfe, (make, solver, T, suffix) in rows[name].items() for s in schedules.EVAL_SEEDS]
     res = evaluation.seeded_cells(pipe, ref, f"{name_}_eval", cells, f"{name_} eval")
     table = [{"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": res[(name, nfe)][0]["nfe"],
-              "samples": samples, "seeds": list(pipeline.EVAL_SEEDS),
+              "samples": samples, "seeds": list(schedules.EVAL_SEEDS),
               **evaluation.seed_summary(res[(name, nfe)], policy.FLOW_ACTIONS.names)}
              for name in rows for nfe, (_, solver, T, _) in rows[name].items()]
     table.sort(key=lambda r: r["nfe_budget"])
     runs.write_json(os.path.join(pipe.run_dir, f"{name_}_eval.json"),
                      {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint, "device": str(pipe.device)})
     head = f"| schedule | T | NFE | {evaluation.metric_head(ref)} images/s |"
-    md = [f"{name_} path: {samples} samples per row and seed, seeds {list(pipeline.EVAL_SEEDS)}; FID, precision and recall against "
+    md = [f"{name_} path: {samples} samples per row and seed, seeds {list(schedules.EVAL_SEEDS)}; FID, precision and recall against "
           f"the {n} test images{evaluation.REF_NOTE}; NFE = network evaluations per image (a guided pair in one batch counts as one); "
           f"images/s on {pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in refs.items():
@@ -167,7 +169,7 @@ def plot_flow_policy(pipe: pipeline.FlowPipeline, nfe: int, samples: int = 1000,
 def flow_bench(pipe: pipeline.FlowPipeline, batch: int, nfe: int = 8, repeats: int = 3) -> dict:
     """The adaptive flow policy's cost: its T forwards vs the network's T guided forwards (2B rows),
     both on the same batch; and images/s of sampling with the policy vs the uniform grid."""
-    file = pipeline.flow_policy_file(pipe.path.name, "policy", nfe)
+    file = schedules.flow_policy_file(pipe.path.name, "policy", nfe)
     make, solver, T = adaptive_flow_policy(pipe, nfe)
     c = pipe.cfg
     labels = pipeline.balanced_labels(batch, c.num_classes).to(pipe.device)
@@ -203,7 +205,7 @@ def flow_refined_grid(pipe: pipeline.FlowPipeline, nfe: int, repeat: int, per_cl
     (its discriminator keeps the best of k), a row per class. The ODE is deterministic given the
     noise, so there is no look-ahead here: candidates differ only in their starting noise."""
     make, solver, T = adaptive_flow_policy(pipe, nfe)
-    refiner = studies.Refiner(pipe, pipeline.flow_policy_file(pipe.path.name, "policy", nfe))
+    refiner = studies.Refiner(pipe, schedules.flow_policy_file(pipe.path.name, "policy", nfe))
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
     before = pipe.forwards
     images = studies.refine(lambda y: pipe.generate(y, T, make(), solver, seed=0), labels, repeat, refiner.score)

@@ -20,6 +20,7 @@ import pipeline
 import policy
 import runs
 import samplers
+import schedules
 from train_helpers import generator_step, lr_at
 
 
@@ -63,7 +64,7 @@ def stage_flow(c: config.TrainConfig, run_dir: str, device: torch.device, log: r
         model.train()
         with runs.autocast(device, c.bf16):
             loss = samplers.training_loss(loss_fn, path_obj, x, y.to(device), gd)
-        out = generator_step(model, ema, opt, loss, step, c.ema_decay)
+        out = generator_step(model, ema, opt, loss, step, c.flow_ema_decay)
         return {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
 
     state = runs.train_loop(name, path, state, modules, step_fn, c.flow_steps, c, log)
@@ -78,8 +79,8 @@ def flow_task(c: config.TrainConfig, run_dir: str, device: torch.device, kind: s
     steps whose network evaluations fit in `nfe`, starting from the uniform grid with constant
     guidance w_0 (the AdaGen release's DiT/SiT start); D's reals are raw training images."""
     pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-    ref = evaluation.RealFeatures(pipe)
-    w_0 = pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples)
+    ref = evaluation.RealFeatures.of(pipe)
+    w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
     solver, cfg = c.flow_pi_solver, pipe.cfg
     T = samplers.steps_for_nfe(solver, nfe)
     grid = samplers.uniform_grid(T)
@@ -91,7 +92,7 @@ def flow_task(c: config.TrainConfig, run_dir: str, device: torch.device, kind: s
                                pipe.path).clamp(-1, 1)
 
     task = learner.PolicyTask(
-        name=pipeline.flow_policy_file(c.flow_path, kind, nfe, c.pi_reward), T=T, spec=policy.FLOW_ACTIONS, h=h,
+        name=schedules.flow_policy_file(c.flow_path, kind, nfe, c.pi_reward), T=T, spec=policy.FLOW_ACTIONS, h=h,
         start=f"{solver}, uniform grid, w = {w_0:g}", C=cfg.dim, N=cfg.num_patches, num_classes=cfg.num_classes,
         generate=generate, to_images=lambda x: x,
         fid_images=lambda y, sched: pipe.generate(y, T, sched, solver, seed=0),
@@ -102,4 +103,4 @@ def flow_task(c: config.TrainConfig, run_dir: str, device: torch.device, kind: s
 STAGES = {"flow": stage_flow}
 # the policy stages flow-policy, flow-static, flow-smooth: train.py runs Algorithm 1 on this MDP
 POLICY_TASK = dict(make_task=flow_task, counts=lambda c: c.flow_pi_nfe,
-                   file=lambda c, kind, n: pipeline.flow_policy_file(c.flow_path, kind, n, c.pi_reward))
+                   file=lambda c, kind, n: schedules.flow_policy_file(c.flow_path, kind, n, c.pi_reward))

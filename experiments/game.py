@@ -37,10 +37,12 @@ import ddp
 import evaluation
 import fid
 import learner
+import models
 import nat
 import pipeline
 import reward
 import runs
+import schedules
 from experiments.studies import Refiner, perturbed, spearman
 
 JUDGE_KEYS = {"fid": "FID", "fid2": "featnet2 FID", "fd_ssl": "SSL FD", "recall": "-recall"}
@@ -49,9 +51,9 @@ JUDGE_KEYS = {"fid": "FID", "fid2": "featnet2 FID", "fd_ssl": "SSL FD", "recall"
 def parse_spec(spec: str) -> tuple[str, tuple]:
     """"backbone+dssl@12" -> ("backbone+dssl", (1, 2)); no "@": every tap (0, 1, 2)."""
     nets, _, taps = spec.partition("@")
-    bad = [n for n in nets.split("+") if n not in pipeline.D_NETS]
+    bad = [n for n in nets.split("+") if n not in models.D_NETS]
     if bad or (taps and not set(taps) <= set("012")):
-        raise runs.UserError(f"--d-specs {spec!r}: networks among {', '.join(pipeline.D_NETS)} joined by +, then "
+        raise runs.UserError(f"--d-specs {spec!r}: networks among {', '.join(models.D_NETS)} joined by +, then "
                              f"optionally @ and taps among 0 1 2 (e.g. backbone@12); never a judge")
     return nets, tuple(int(k) for k in taps) if taps else (0, 1, 2)
 
@@ -60,19 +62,19 @@ def check_tables(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, sweep_sa
     """The 12 fixed schedules {name: (T, 4) table} of the check (10 without a searched family)."""
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     h = lambda tau2_0, w: nat.heuristic_table(T, tau2_0, w)
-    tables = {"MaskGIT": nat.heuristic_table(T, **pipeline.MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})": h(pipeline.ADANAT_TAU2_0, w_0)}
+    tables = {"MaskGIT": nat.heuristic_table(T, **nat.MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})": h(nat.ADANAT_TAU2_0, w_0)}
     for name in ("search", "param"):                                     # the searched family only if it was searched
-        found = pipeline.searched_table(pipe, name, T)
+        found = schedules.searched_table(pipe, name, T)
         if found is None and name == "search":
             raise runs.UserError(f"the reward check compares the searched schedule too: run python train.py --run-dir "
                                  f"{pipe.run_dir} --stage search --set search_T={T}")
         if found is not None:
-            tables[pipeline.SEARCH_ROWS[name]] = found[0].float()
+            tables[schedules.SEARCH_ROWS[name]] = found[0].float()
     for i, (name, table) in enumerate(list(tables.items())):
         tables[f"{name}, perturbed"] = perturbed(table, seed=i)
     for w in (0.0, 1.0, 6.0):
-        tables.setdefault(f"AdaNAT heuristic (w_0={w:g})", h(pipeline.ADANAT_TAU2_0, w))
-    tables[f"heuristic, tau2_0 = 4.5 (w_0={w_0:g})"] = h(pipeline.MASKGIT["tau2_0"], w_0)
+        tables.setdefault(f"AdaNAT heuristic (w_0={w:g})", h(nat.ADANAT_TAU2_0, w))
+    tables[f"heuristic, tau2_0 = 4.5 (w_0={w_0:g})"] = h(nat.MASKGIT["tau2_0"], w_0)
     return tables
 
 
@@ -121,7 +123,7 @@ def schedule_readings(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, tab
             feats, _ = fid.extract(pipe.featnet, images[name], device=pipe.device)
             P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
             cache[key] = {"table": table.tolist(), "precision": P, "recall": R,
-                          **evaluation.judge_fids(pipe, ref, images[name], "train", feats, fid_net=True)}
+                          **evaluation.judge_fids(ref, images[name], "train", feats, fid_net=True)}
             save()
     return images
 
@@ -130,7 +132,7 @@ def reward_check(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, spec
                  T: int = 4) -> dict:
     """reward_check.md / .json: the two-sample readings of every D spec and the warm-up reading, with
     the judges and Spearman rho per spec and judge (module docstring). Resumable (reward_check_cache.json)."""
-    ref = evaluation.RealFeatures(pipe)
+    ref = evaluation.RealFeatures.of(pipe)
     if ref.net2 is None or "fd_ssl" not in ref.judges:
         raise runs.UserError(f"the reward check reads both held-out judges: train them with python train.py --run-dir "
                              f"{pipe.run_dir} --stage featnet2, then --stage featssl")
@@ -150,7 +152,7 @@ def reward_check(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, spec
             if not os.path.exists(os.path.join(pipe.run_dir, f"{n}.pt")):
                 raise runs.UserError(f"--d-specs {spec}: {pipe.run_dir}/{n}.pt is missing; train it with python train.py "
                                      f"--run-dir {pipe.run_dir} --stage {n}")
-        backbone, channels = pipeline.d_backbone(pipe.run_dir, nets, taps, pipe.device)
+        backbone, channels = models.d_backbone(pipe.run_dir, nets, taps, pipe.device)
         hold = (backbone(x_real[:1000].to(pipe.device)), y_real[:1000].to(pipe.device))
         for name in tqdm(tables, desc=f"two-sample D on {spec}", disable=not ddp.DIST.main):
             key = f"d|{spec}|{name}|{samples}|{max_steps}"
@@ -159,8 +161,8 @@ def reward_check(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, spec
                                      (images[name], labels), pipe.device, max_steps)
                 save()
     warm = None
-    if os.path.exists(os.path.join(pipe.run_dir, f"{pipeline.policy_file('policy', 'heuristic', T)}.pt")):
-        warm = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T), disc="disc_warmup")
+    if os.path.exists(os.path.join(pipe.run_dir, f"{schedules.policy_file('policy', 'heuristic', T)}.pt")):
+        warm = Refiner(pipe, schedules.policy_file("policy", "heuristic", T), disc="disc_warmup")
     return write_check(pipe, tables, specs, cache, samples, max_steps, T, warm, images, labels)
 
 
@@ -241,20 +243,20 @@ def headroom(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, per_clas
     """headroom_T{T}.md / .json: the heuristic, the best single (w_0, tau2_0) and the class-only schedule
     (each class its best pair) on the test set over EVAL_SEEDS, every judge, and the share of the
     heuristic -> floor gap each closes."""
-    ref = evaluation.RealFeatures(pipe)
+    ref = evaluation.RealFeatures.of(pipe)
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     sweep = class_sweep(pipe, ref, per_class, T)
     grid = sweep["grid"]
     per_class = torch.stack([nat.heuristic_table(T, grid[j][1], grid[j][0]) for j in sweep["best"]])   # (K, T, 4)
     w_all, tau_all = grid[sweep["best_all"]]
-    rows = {f"AdaNAT heuristic (tau2_0 = 1, w_0 = {w_0:g})": nat.heuristic_schedule(T, pipeline.ADANAT_TAU2_0, w_0),
+    rows = {f"AdaNAT heuristic (tau2_0 = 1, w_0 = {w_0:g})": nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0),
             f"best single pair (w_0 = {w_all:g}, tau2_0 = {tau_all:g})": nat.heuristic_schedule(T, tau_all, w_all),
             "class-only schedule (each class its best pair)": nat.class_table_schedule(per_class)}
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
-    cell = lambda sched, s: lambda: evaluation.metrics(pipe, ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
-    cells = [("floor", f"floor|{samples}", lambda: evaluation.recon_reference(pipe, ref, samples))]
+    cell = lambda sched, s: lambda: evaluation.metrics(ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
+    cells = [("floor", f"floor|{samples}", lambda: evaluation.recon_reference(ref, samples))]
     cells += [(name, f"{name}|{T}|{samples}|seed{s}|{sweep['best']}", cell(sched, s))
-              for name, sched in rows.items() for s in pipeline.EVAL_SEEDS]
+              for name, sched in rows.items() for s in schedules.EVAL_SEEDS]
     res = evaluation.seeded_cells(pipe, ref, f"headroom_T{T}", cells, "headroom")
     table = {name: evaluation.seed_summary(res[name], ()) for name in res}
     heur, floor = table[next(iter(rows))], table["floor"]
@@ -266,7 +268,7 @@ def headroom(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, per_clas
     head = f"| schedule | {evaluation.metric_head(ref)} " + " | ".join(f"gap closed ({k})" for k in keys) + " |"
     md = [f"Headroom of a schedule that knows only the class, T = {T}: per-class pairs (w_0, tau2_0) chosen on {per_class} "
           f"samples per class against per-class training statistics (FID network); rows: {samples} samples x seeds "
-          f"{list(pipeline.EVAL_SEEDS)} against the test images{evaluation.REF_NOTE}; gap closed = (heuristic - row) / "
+          f"{list(schedules.EVAL_SEEDS)} against the test images{evaluation.REF_NOTE}; gap closed = (heuristic - row) / "
           f"(heuristic - floor). Per-class pairs: " + ", ".join(f"{k}: {grid[j]}" for k, j in enumerate(sweep["best"])),
           "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in table.items():

@@ -27,6 +27,7 @@ import pipeline
 import plots
 import runs
 import samplers
+import schedules
 
 
 SEARCH_KINDS = {"search": "free", "param-search": "param", "flow-search": "flow"}   # stage -> what is searched
@@ -61,16 +62,16 @@ def search_problem(c: config.TrainConfig, run_dir: str, device: torch.device, ki
     if kind == "flow":
         nfe, solver = T, c.flow_pi_solver
         pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-        ref = evaluation.RealFeatures(pipe)
+        ref = evaluation.RealFeatures.of(pipe)
         T = samplers.steps_for_nfe(solver, nfe)
-        h = samplers.grid_table(samplers.uniform_grid(T), pipeline.flow_sweep_w(pipe, ref, c.pi_sweep_samples))  # (T, 2)
-        fids = lambda tables, labels, seed: pipeline.flow_candidate_fids(pipe, ref, tables, labels, seed, solver)
+        h = samplers.grid_table(samplers.uniform_grid(T), pipeline.get_w0(pipe, ref, c.pi_sweep_samples))  # (T, 2)
+        fids = lambda tables, labels, seed: pipeline.candidate_fids(pipe, ref, tables, labels, seed, solver=solver)
         name, columns, extra = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w"), {"solver": solver, "nfe": nfe}
     else:
         pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-        ref = evaluation.RealFeatures(pipe)
+        ref = evaluation.RealFeatures.of(pipe)
         w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
-        h = nat.heuristic_table(T, pipeline.ADANAT_TAU2_0, w_0)                # (T, 4)
+        h = nat.heuristic_table(T, nat.ADANAT_TAU2_0, w_0)                # (T, 4)
         fids = lambda tables, labels, seed: pipeline.candidate_fids(pipe, ref, tables, labels, seed)
         name, columns = f"{SEARCH_FILES[kind]}_T{T}", autonat.COLUMNS
     K = h.shape[1]
@@ -81,7 +82,7 @@ def search_problem(c: config.TrainConfig, run_dir: str, device: torch.device, ki
                              autonat.step_sizes(T, c.search_lr_m, c.search_lr, K), autonat.free_coordinates(T, K),
                              lambda xi: autonat.xi_to_table(xi, K), project, c.search_updates, extra)
     n = len(autonat.PARAMS)
-    return SearchProblem(name, T, h, columns, fids, pipe, autonat.parametric_init(pipeline.ADANAT_TAU2_0, w_0),
+    return SearchProblem(name, T, h, columns, fids, pipe, autonat.parametric_init(nat.ADANAT_TAU2_0, w_0),
                          torch.full((n,), c.search_eps), torch.full((n,), c.search_lr), torch.ones(n, dtype=torch.bool),
                          lambda theta: autonat.parametric_table(theta, T), autonat.project_params, c.search_param_updates,
                          extra)
@@ -227,9 +228,9 @@ def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, l
     schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows). train_nat: the NAT
     stage (train.py gives its stage_nat)."""
     pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-    ref = evaluation.RealFeatures(pipe)
-    found = pipeline.searched_table(pipe, "search", c.pr_T)
-    table = found[0] if found else nat.heuristic_table(c.pr_T, pipeline.ADANAT_TAU2_0, pipeline.get_w0(pipe, ref, c.pi_sweep_samples))
+    ref = evaluation.RealFeatures.of(pipe)
+    found = schedules.searched_table(pipe, "search", c.pr_T)
+    table = found[0] if found else nat.heuristic_table(c.pr_T, nat.ADANAT_TAU2_0, pipeline.get_w0(pipe, ref, c.pi_sweep_samples))
     labels = pipeline.balanced_labels(c.pr_samples, pipe.cfg.num_classes)
     path = os.path.join(run_dir, "pr_search.json")
     setup = {"steps": c.pr_steps, "T": c.pr_T, "schedule": table.tolist(), "samples": c.pr_samples,
@@ -250,11 +251,11 @@ def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, l
         return value
 
     if "cosine_proxy" not in results:
-        results["cosine_proxy"] = proxy_fid(f"cosine_s{c.pr_steps}", mask_dist="cosine")
+        results["cosine_proxy"] = proxy_fid(f"cosine_s{c.pr_steps}", nat_mask_dist="cosine")
         runs.write_json(path, results)
 
     def F(alpha: float, beta: float) -> float:
-        value = proxy_fid(f"beta_{alpha:.4g}_{beta:.4g}_s{c.pr_steps}", mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
+        value = proxy_fid(f"beta_{alpha:.4g}_{beta:.4g}_s{c.pr_steps}", nat_mask_dist="beta", nat_mask_alpha=alpha, nat_mask_beta=beta)
         runs.write_json(path, results)                       # the cache entry is added by the line search, after
         return value
 
@@ -266,7 +267,7 @@ def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, l
           f"{results['cosine_proxy']:.2f}, {len(results['cache'])} trainings of {c.pr_steps} steps; {path}")
     if c.pr_final:
         d = os.path.join(run_dir, "beta")
-        c2 = sub_run(c, run_dir, d, mask_dist="beta", mask_alpha=alpha, mask_beta=beta)
+        c2 = sub_run(c, run_dir, d, nat_mask_dist="beta", nat_mask_alpha=alpha, nat_mask_beta=beta)
         ck = os.path.join(d, "nat.pt")
         want = runs.to_plain(config.nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
         trained = runs.load_ckpt(ck) if os.path.exists(ck) else None

@@ -17,12 +17,14 @@ import torch
 
 import ddp
 import evaluation
+import models
 import nat
 import pipeline
 import plots
 import policy
 import reward
 import runs
+import schedules
 
 
 class Refiner:
@@ -38,11 +40,11 @@ class Refiner:
                                   f"train it with python train.py --run-dir {pipe.run_dir} --stage policy")
         ck = runs.load_ckpt(path)
         self.d_acc_warmup = ck.get("d_acc_warmup")                     # D's held-out accuracy after its warm-up
-        _, self.V = pipeline.build_policy(ck["config"])
+        _, self.V = models.build_policy(ck["config"])
         self.V.load_state_dict(ck["critic"])
         self.V.to(pipe.device).eval()
         cfg = ck["config"]
-        self.backbone, channels = pipeline.d_backbone(pipe.run_dir, cfg.get("pi_d_nets", "backbone"),
+        self.backbone, channels = models.d_backbone(pipe.run_dir, cfg.get("pi_d_nets", "backbone"),
                                                       tuple(cfg.get("pi_d_taps", (0, 1, 2))), pipe.device)
         self.D = reward.ProjectedDiscriminator(channels, pipe.cfg.num_classes)
         if disc not in ck:
@@ -119,17 +121,17 @@ def study_table(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, rows: dic
             t0 = time.time()
             images, forwards = fn(labels, s)
             return {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
-                    **evaluation.metrics(pipe, ref, images, labels)}
+                    **evaluation.metrics(ref, images, labels)}
         return compute
     cells = [(name, f"{name}|seed{s}|{samples}{suffix}", cell(fn, s))
-             for name, (fn, suffix) in rows.items() for s in pipeline.EVAL_SEEDS]
+             for name, (fn, suffix) in rows.items() for s in schedules.EVAL_SEEDS]
     res = evaluation.seeded_cells(pipe, ref, stem, cells, stem)
-    table = [{"schedule": name, "samples": samples, "seeds": list(pipeline.EVAL_SEEDS), **evaluation.seed_summary(res[name], ()),
+    table = [{"schedule": name, "samples": samples, "seeds": list(schedules.EVAL_SEEDS), **evaluation.seed_summary(res[name], ()),
               "forwards": res[name][0]["forwards"]} for name in rows]
     runs.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
                                                                    "device": str(pipe.device)})
     head = f"| schedule | {evaluation.metric_head(ref)} forwards/image | images/s |"
-    md = [f"{note} {samples} samples per row and seed, seeds {list(pipeline.EVAL_SEEDS)}; FID, precision and recall against the "
+    md = [f"{note} {samples} samples per row and seed, seeds {list(schedules.EVAL_SEEDS)}; FID, precision and recall against the "
           f"test images{evaluation.REF_NOTE}; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
           f"{pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in table:
@@ -141,9 +143,9 @@ def study_table(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, rows: dic
 
 def adaptive_nat_policy(pipe: pipeline.Pipeline, T: int, kind: str = "policy", reward_name: str = "adversarial"):
     """(make_schedule, cache-key suffix) of a trained NAT policy; a clear error if there is none."""
-    found = pipeline.policy_schedule(pipe, kind, T, "heuristic", reward_name)
+    found = schedules.policy_schedule(pipe, kind, T, "heuristic", reward_name)
     if found is None:
-        raise runs.UserError(f"{pipe.run_dir}/{pipeline.policy_file(kind, 'heuristic', T, reward_name)}.pt not found: "
+        raise runs.UserError(f"{pipe.run_dir}/{schedules.policy_file(kind, 'heuristic', T, reward_name)}.pt not found: "
                               f"train it with python train.py --run-dir {pipe.run_dir} --stage {kind}"
                               + (f" --reward {reward_name}" if reward_name != "adversarial" else "") + f" --set pi_T={T}")
     make, _, fp = found
@@ -157,7 +159,7 @@ def refine_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: i
     the same forwards spent on more steps instead (policy_T{T'}.pt if trained, else AdaNAT's
     heuristic at T', said in the row's name)."""
     make, fp = adaptive_nat_policy(pipe, T)
-    refiner = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T))
+    refiner = Refiner(pipe, schedules.policy_file("policy", "heuristic", T))
     gen = lambda **kw: lambda y, s: refined_nat(pipe, y, T, make, s, refiner=refiner, **kw)
     rows = {"adaptive": (gen(), fp)}
     for k in k_repeat:
@@ -166,7 +168,7 @@ def refine_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: i
     rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = (gen(repeat=k_repeat[0], lookahead=k_look), fp)
     rows[f"control: repeat {k_repeat[0]}, random pick"] = (gen(repeat=k_repeat[0], random_pick=True), fp)
     rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp + "|pick=stream")
-    ref = evaluation.RealFeatures(pipe)
+    ref = evaluation.RealFeatures.of(pipe)
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     for k in k_repeat:                                                  # repeat k costs k x the forwards of T steps
         Tk = k * T
@@ -174,7 +176,7 @@ def refine_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: i
             make_k, fp_k = adaptive_nat_policy(pipe, Tk)
             name = f"control: adaptive policy at T={Tk} (same forwards as repeat {k})"
         except runs.UserError:
-            make_k, fp_k = (lambda Tk=Tk: nat.heuristic_schedule(Tk, pipeline.ADANAT_TAU2_0, w_0)), ""
+            make_k, fp_k = (lambda Tk=Tk: nat.heuristic_schedule(Tk, nat.ADANAT_TAU2_0, w_0)), ""
             name = f"control: AdaNAT heuristic at T={Tk} (same forwards as repeat {k}; no policy_T{Tk}.pt)"
         rows[name] = ((lambda y, s, Tk=Tk, m=make_k: refined_nat(pipe, y, Tk, m, s)), fp_k)
     study_table(pipe, ref, rows, samples, f"refine_T{T}", f"Inference-time refinement at T = {T}.")
@@ -182,13 +184,13 @@ def refine_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: i
 
 def blend_schedule(pipe: pipeline.Pipeline, T: int, lam: float):
     """(make_schedule, suffix) of AdaGen's fidelity blend (Eq. 14) at lam: fidelity_T{T}.pt on policy_T{T}.pt."""
-    file = pipeline.policy_file("fidelity", "heuristic", T)
+    file = schedules.policy_file("fidelity", "heuristic", T)
     path = os.path.join(pipe.run_dir, f"{file}.pt")
     if not os.path.exists(path):
         raise runs.UserError(f"{path} not found: train it with python train.py --run-dir {pipe.run_dir} --stage fidelity "
                               f"--set pi_T={T} (after --stage policy)")
-    pi_fid, cfg = pipeline.load_policy(path, pipe.device)
-    base, base_cfg = pipeline.load_policy(os.path.join(pipe.run_dir, f"{cfg['base']}.pt"), pipe.device)
+    pi_fid, cfg = models.load_policy(path, pipe.device)
+    base, base_cfg = models.load_policy(os.path.join(pipe.run_dir, f"{cfg['base']}.pt"), pipe.device)
     if base_cfg["heuristic"] != cfg["heuristic"]:
         raise runs.UserError(f"{path} and {cfg['base']}.pt start from different schedules (the w_0 sweep changed "
                               f"between them): retrain the fidelity stage")
@@ -202,7 +204,7 @@ def blend_study(pipe: pipeline.Pipeline, samples: int, T: int, lams: list[float]
     FID / precision / recall per lam, and for two classes a 4x4 grid per lam side by side."""
     makes = {lam: blend_schedule(pipe, T, lam) for lam in lams}
     rows = {f"lam = {lam:g}": ((lambda y, s, m=m: refined_nat(pipe, y, T, m, s)), fp) for lam, (m, fp) in makes.items()}
-    table = study_table(pipe, evaluation.RealFeatures(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
+    table = study_table(pipe, evaluation.RealFeatures.of(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
     panels = [{"title": key, "series": [{"x": lams, "y": [r[key] for r in table], "color": color,
                                           "band": ([r[key] - r[key + "_sd"] for r in table], [r[key] + r[key + "_sd"] for r in table])}]}
               for key, color in (("fid", (200, 60, 30)), ("precision", (30, 90, 200)), ("recall", (20, 140, 60)))]
@@ -228,12 +230,12 @@ def hacking_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: 
     """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
     static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
     FID of the FID network (what the "fid" reward optimised) and of the independent featnet2."""
-    ref = evaluation.RealFeatures(pipe)
+    ref = evaluation.RealFeatures.of(pipe)
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     rows = {f"AdaNAT heuristic (w_0={w_0:g})": ((lambda y, s: refined_nat(
-        pipe, y, T, lambda: nat.heuristic_schedule(T, pipeline.ADANAT_TAU2_0, w_0), s)), "")}
-    for reward_name, kind in itertools.product(pipeline.PI_REWARDS, ("policy", "static")):
-        if os.path.exists(os.path.join(pipe.run_dir, f"{pipeline.policy_file(kind, 'heuristic', T, reward_name)}.pt")):
+        pipe, y, T, lambda: nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0), s)), "")}
+    for reward_name, kind in itertools.product(schedules.PI_REWARDS, ("policy", "static")):
+        if os.path.exists(os.path.join(pipe.run_dir, f"{schedules.policy_file(kind, 'heuristic', T, reward_name)}.pt")):
             make, fp = adaptive_nat_policy(pipe, T, kind, reward_name)
             rows[f"{'adaptive' if kind == 'policy' else 'static'}, {reward_name} reward"] = (
                 (lambda y, s, m=make: refined_nat(pipe, y, T, m, s)), fp)
@@ -257,7 +259,7 @@ def hacking_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: 
 def refined_grid(pipe: pipeline.Pipeline, T: int, repeat: int, lookahead: int, per_class: int = 10) -> None:
     """samples_adaptive_repeat<k>_lookahead<k>_T<T>.png: the adaptive policy with refinement, a row per class."""
     make, _ = adaptive_nat_policy(pipe, T)
-    refiner = Refiner(pipe, pipeline.policy_file("policy", "heuristic", T))
+    refiner = Refiner(pipe, schedules.policy_file("policy", "heuristic", T))
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
     images, forwards = refined_nat(pipe, labels, T, make, 0, repeat, lookahead, refiner)
     path = os.path.join(pipe.run_dir, f"samples_adaptive_repeat{repeat}_lookahead{lookahead}_T{T}.png")

@@ -9,6 +9,7 @@ import torch
 
 import nat
 import pipeline
+import schedules
 
 
 def time_round_robin(fns: list, device: torch.device, repeats: int) -> dict:
@@ -31,7 +32,7 @@ def time_round_robin(fns: list, device: torch.device, repeats: int) -> dict:
 def bench(pipe: pipeline.Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
     """images/s of `generate` (AdaNAT's heuristic, w_0 = 2, with CFG) vs the same T bare forwards of 2B rows."""
     labels = pipeline.balanced_labels(batch, pipe.cfg.num_classes).to(pipe.device)
-    sched = nat.heuristic_schedule(T, tau2_0=pipeline.ADANAT_TAU2_0, w_0=2.0)
+    sched = nat.heuristic_schedule(T, tau2_0=nat.ADANAT_TAU2_0, w_0=2.0)
     g = torch.Generator(pipe.device).manual_seed(0)
     tokens = torch.randint(0, pipe.cfg.vocab_size, (2 * batch, pipe.cfg.num_tokens), device=pipe.device)
     y2 = torch.cat([labels, torch.full_like(labels, pipe.cfg.null_label)])
@@ -45,7 +46,7 @@ def bench(pipe: pipeline.Pipeline, batch: int, T: int = 8, repeats: int = 3) -> 
             pipe.logits_fn(tokens, y2)
 
     fns = [("generate", run_generate), ("bare forwards", run_forwards)]
-    found = pipeline.policy_schedule(pipe, "policy", T)
+    found = schedules.policy_schedule(pipe, "policy", T)
     if found is not None:                                               # the adaptive policy as the schedule
         make_policy = found[0]
         fns.append(("generate + policy", lambda: nat.generate(pipe.logits_fn, labels, T, make_policy(), pipe.cfg.mask_id,

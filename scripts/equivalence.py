@@ -14,6 +14,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import upgrade                                     # noqa: E402  (config keys renamed since: compared by new names)
+
 TIMES = ("time", "wall_seconds", "train_seconds", "minutes", "images_per_s", "images_per_s_sd",
          "fingerprint", "key", "generator")    # fingerprints are "stage:step:training seconds": times too
 
@@ -49,6 +52,8 @@ def main(run_a: str, run_b: str) -> int:
             continue
         load = (lambda p: torch.load(p, weights_only=True)) if f.endswith(".pt") else (lambda p: json.load(open(p)))
         a, b = load(os.path.join(run_a, f)), load(os.path.join(run_b, f))
+        if f == "config.json":
+            a, b = upgrade(a), upgrade(b)
         same(a, b, f, diffs)
     logs = [[json.loads(line) for line in open(os.path.join(r, "log.jsonl"))] for r in (run_a, run_b)]
     same(logs[0], logs[1], "log.jsonl", diffs)

@@ -186,7 +186,7 @@ class TrainConfig:
 
     def fault_keys(self, loop: str) -> tuple[str, str]:
         """(learning-rate key, batch key) of a training loop's stage (runs.train_loop's advice on a fault)."""
-        return fault_keys(loop)
+        return STAGE_KEYS[stage_of(loop)][1:]
 
 
 PRESETS: dict[str, dict] = {
@@ -273,11 +273,6 @@ def stage_of(loop: str) -> str:
     if kind in ("search", "param"):
         return {"search": "search", "param": "param-search"}[kind] if parts[0] not in ("flow", "vp") else "flow-search"
     return "flow" if loop == "vp" else loop
-
-
-def fault_keys(loop: str) -> tuple[str, str]:
-    """(learning-rate key, batch key) of a training loop's stage, for a run fault's advice."""
-    return STAGE_KEYS[stage_of(loop)][1:]
 
 
 def upgrade(saved: dict) -> dict:

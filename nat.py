@@ -261,19 +261,22 @@ def table_schedule(table: torch.Tensor) -> Schedule:
     tables = table if table.dim() == 3 else table[None]                     # (C, T, 4)
     C = tables.shape[0]
 
-    def schedule(t: int, state: NATState):
-        B = state.tokens.shape[0]
-        if B % C:
-            raise ValueError(f"batch of {B} rows is not a multiple of the {C} interleaved schedules")
-        rows = tables[:, t].to(state.tokens.device, torch.float32).repeat(B // C, 1)   # (B, 4)
-        return tuple(rows[:, j] for j in range(4))
-    return schedule
+    def row_table(state: NATState) -> torch.Tensor:                        # (B,) which table each row follows
+        if state.tokens.shape[0] % C:
+            raise ValueError(f"batch of {state.tokens.shape[0]} rows is not a multiple of the {C} interleaved schedules")
+        return torch.arange(state.tokens.shape[0], device=state.tokens.device) % C
+    return indexed_schedule(tables, row_table)
 
 
 def class_table_schedule(tables: torch.Tensor) -> Schedule:
     """A static schedule that knows only the class: row b follows tables[labels[b]], tables (K, T, 4)."""
+    return indexed_schedule(tables, lambda state: state.labels)
+
+
+def indexed_schedule(tables: torch.Tensor, row_table: Callable) -> Schedule:
+    """Step t's actions of row b from tables[row_table(state)[b], t], tables (C, T, 4)."""
     def schedule(t: int, state: NATState):
-        rows = tables[:, t].to(state.tokens.device, torch.float32)[state.labels]      # (B, 4)
+        rows = tables[:, t].to(state.tokens.device, torch.float32)[row_table(state)]   # (B, 4)
         return tuple(rows[:, j] for j in range(4))
     return schedule
 

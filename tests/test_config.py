@@ -40,3 +40,37 @@ def test_discriminator_never_sits_on_a_judge(tmp_path):
     assert (c.pi_d_nets, c.pi_d_taps, c.pi_d_acc_band) == ("backbone+dssl", (1, 2), (0.6, 0.8))
     with pytest.raises(runs.UserError, match="pi_d_acc_band"):
         config.build_config(args(tmp_path, "pi_d_acc_band=0.8,0.6"), ["backbone"])
+
+
+def test_an_older_run_folder_config_loads_under_the_new_names(tmp_path):
+    import json
+    import os
+    old = {**runs.to_plain(config.TrainConfig(**config.PRESETS["test"], preset="test"))}
+    for new_key in ("backbone_steps", "featnet_dim", "vq_codebook_size", "nat_mask_dist", "nat_ema_decay", "flow_ema_decay"):
+        old.pop(new_key)
+    old.update(bb_steps=20, feat_dim=16, codebook_size=32, mask_dist="cosine", ema_decay=0.9)
+    os.makedirs(tmp_path / "run")
+    json.dump(old, open(tmp_path / "run" / "config.json", "w"))
+    c = config.load_config(str(tmp_path / "run"))
+    assert (c.backbone_steps, c.featnet_dim, c.vq_codebook_size, c.nat_ema_decay, c.flow_ema_decay) == (20, 16, 32, 0.9, 0.9)
+    c, _ = config.build_config(args(tmp_path), ["backbone"])         # and through the command line
+    assert c.backbone_steps == 20
+    with pytest.raises(runs.UserError, match="now called backbone_steps"):
+        config.build_config(args(tmp_path, "bb_steps=5"), ["backbone"])
+
+
+def test_one_table_maps_every_stage_to_its_keys():
+    fields = {f.name for f in config.dataclasses.fields(config.TrainConfig)}
+    assert all(k in fields for keys in config.STAGE_KEYS.values() for k in keys)
+    for loop, stage in (("policy_T4", "policy"), ("static_search_T8", "static"), ("flow_policy_nfe4", "flow-policy"),
+                        ("vp_static_nfe8", "flow-static"), ("search_T4", "search"), ("param_T8", "param-search"),
+                        ("flow_search_nfe4", "flow-search"), ("vp", "flow"), ("featssl", "featssl"), ("policy_fid_T4", "policy")):
+        assert config.stage_of(loop) == stage, loop
+    assert config.TrainConfig().fault_keys("static_T4") == ("pi_static_lr", "pi_batch")
+
+
+def test_validate_checks_only_the_stages_that_run(tmp_path):
+    c, _ = config.build_config(args(tmp_path, "search_samples=0", stage="nat"), ["backbone"])   # search does not run
+    assert c.search_samples == 0
+    with pytest.raises(runs.UserError, match="search_samples"):
+        config.build_config(args(tmp_path, "search_samples=0", stage="search"), ["backbone"])

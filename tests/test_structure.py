@@ -57,13 +57,14 @@ def test_no_function_over_80_lines():
     assert not long, long
 
 
-def test_train_and_sample_never_import_each_other():
+def test_nothing_imports_an_entry_script():
+    """train.py and sample.py are entry scripts: no module imports them (train.py finds an experiment's
+    stages by name, importlib, only when one is asked for), so they never import each other either."""
     graph = project_graph()
-    assert "train" not in reachable(graph, "sample") | {"sample"}
-    # train.py imports an experiment's module by name only when its stage runs (EXPERIMENT_STAGES)
+    assert not {m for m, deps in graph.items() if deps & {"train", "sample"}}
     import train
     graph["train"] |= set(train.EXPERIMENT_STAGES.values())
-    assert "sample" not in reachable(graph, "train")
+    assert "sample" not in reachable(graph, "train") and "train" not in reachable(graph, "sample")
 
 
 def test_concept_files_import_no_project_module_and_only_their_packages():
@@ -75,21 +76,23 @@ def test_concept_files_import_no_project_module_and_only_their_packages():
             assert top in sys.stdlib_module_names or top in allowed, f"{m}.py imports {i}"
 
 
+LONGER = {"train": 600, "sample": 300}     # train.py reads as the method top to bottom (README, "Files")
+
+
 def test_line_budgets():
-    """train.py reads as the method (<= 600 lines), sample.py stays short (<= 300), no module over 600."""
+    """No module over 450 lines but train.py (the method, <= 600); sample.py stays short (<= 300)."""
     lines = {m: len(open(p).read().splitlines()) for m, p in modules().items()}
-    assert lines["train"] <= 600 and lines["sample"] <= 300, (lines["train"], lines["sample"])
-    assert not {m: n for m, n in lines.items() if n > 600}
+    assert not {m: n for m, n in lines.items() if n > LONGER.get(m, 450)}
 
 
-def test_no_block_of_10_lines_repeated_between_modules():
-    """The same 10 consecutive non-blank lines (stripped) in two modules means code written twice."""
+def test_no_block_of_6_lines_repeated_between_modules():
+    """The same 6 consecutive non-blank lines (stripped) in two modules means code written twice."""
     seen, repeated = {}, []
     for m, p in modules().items():
         text = [s.strip() for s in open(p).read().splitlines()                # imports and quotes repeat by nature
-                if s.strip() and not s.strip().startswith(("import ", "from ", '"""'))]
-        for i in range(len(text) - 9):
-            key = "\n".join(text[i:i + 10])
+                if s.strip() and not s.strip().startswith(("import ", "from ", '"""', "#"))]
+        for i in range(len(text) - 5):
+            key = "\n".join(text[i:i + 6])
             if seen.setdefault(key, m) != m:
                 repeated.append(f"{seen[key]} and {m}: {text[i]!r}")
     assert not repeated, repeated[:5]

@@ -247,11 +247,11 @@ def headroom(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, per_clas
     w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
     sweep = class_sweep(pipe, ref, per_class, T)
     grid = sweep["grid"]
-    per_class = torch.stack([nat.heuristic_table(T, grid[j][1], grid[j][0]) for j in sweep["best"]])   # (K, T, 4)
+    tables = torch.stack([nat.heuristic_table(T, grid[j][1], grid[j][0]) for j in sweep["best"]])   # (K, T, 4)
     w_all, tau_all = grid[sweep["best_all"]]
     rows = {f"AdaNAT heuristic (tau2_0 = 1, w_0 = {w_0:g})": nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0),
             f"best single pair (w_0 = {w_all:g}, tau2_0 = {tau_all:g})": nat.heuristic_schedule(T, tau_all, w_all),
-            "class-only schedule (each class its best pair)": nat.class_table_schedule(per_class)}
+            "class-only schedule (each class its best pair)": nat.class_table_schedule(tables)}
     labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
     cell = lambda sched, s: lambda: evaluation.metrics(ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
     cells = [("floor", f"floor|{samples}", lambda: evaluation.recon_reference(ref, samples))]

@@ -357,9 +357,9 @@ def validate_policy(c: TrainConfig, stages: list[str]) -> None:
     if not c.pi_d_taps or len(set(c.pi_d_taps)) != len(c.pi_d_taps) or not set(c.pi_d_taps) <= {0, 1, 2}:
         raise runs.UserError(f"pi_d_taps {c.pi_d_taps}: distinct pooling stages among 0, 1, 2, e.g. --set pi_d_taps=1,2")
     if c.pi_d_acc_band and not (len(c.pi_d_acc_band) == 2 and 0 < c.pi_d_acc_band[0] < c.pi_d_acc_band[1] < 1) \
-            or c.pi_d_steps_max < 1:
+            or min(c.pi_d_steps_max, c.pi_d_steps, c.pi_d_warmup_steps) < 1:
         raise runs.UserError(f"pi_d_acc_band {c.pi_d_acc_band}: two accuracies lo,hi with 0 < lo < hi < 1 (or empty: fixed "
-                             f"pi_d_steps), and pi_d_steps_max >= 1")
+                             f"pi_d_steps), and pi_d_steps, pi_d_warmup_steps, pi_d_steps_max >= 1")
     if c.pi_d_real not in ("recon", "raw"):
         raise runs.UserError(f"pi_d_real {c.pi_d_real!r}: use raw or recon")
     if c.pi_recipe not in ("ours", "official") or c.pi_sigma_schedule not in ("linear", "step"):

@@ -9,7 +9,7 @@
 
 Usage:
     ref = RealFeatures.of(pipe)                         # pipe: a pipeline.Pipeline of a run folder
-    print(metrics(pipe, ref, pipe.decode(tokens), labels))
+    print(metrics(ref, pipe.decode(tokens), labels))
 """
 import os
 import time

@@ -1,4 +1,4 @@
-"""Train the pipeline, stage by stage: backbone -> vq -> featnet -> featnet2 -> nat -> search -> param-search -> policies.
+"""Train the pipeline, stage by stage: backbone -> vq -> featnet -> featnet2 -> featssl -> nat -> search -> param-search -> policies.
 
     python train.py                                  # the `small` preset, all stages, CPU or GPU
     python train.py --preset base                    # the single-GPU scale
@@ -10,7 +10,10 @@ Stages (each writes its checkpoint(s) into the run folder):
                 policy's discriminator (never the FID network).
   vq            the VQ tokenizer (vqgan.py): 32x32 image -> 8x8 = 64 tokens.
   featnet       a small classifier whose penultimate features define FID here (fid.py).
-  featnet2      an independent FID network (other architecture and seed), a second FID column.
+  featnet2      a held-out judge: an independent FID network (other architecture and seed), a second FID column.
+  featssl       a held-out judge: a self-supervised SimCLR network (simclr.py), the SSL FD column.
+  dnet, dssl    (when named) candidate backbones of the discriminator: a wider, longer classifier; a
+                second SimCLR network (the reward check compares them: sample.py --reward-check).
   nat           the class-conditional masked-token transformer (nat.py) on the tokenised
                 training set, with an EMA of its weights that sampling uses.
   search, param-search, pr-search, flow, flow-search, flow-policy, flow-static, flow-smooth
@@ -169,9 +172,9 @@ def stage_featnet(c: TrainConfig, run_dir: str, device: torch.device, log: runs.
 
 
 def stage_featnet2(c: TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
-    """An independent FID network for the reward-hacking study (AdaGen §III-D): another
-    architecture (one conv per stage, average pooling, other widths) and seed, so that a policy
-    trained on the FID network's own FID can be judged on features it never saw."""
+    """A held-out judge: an independent FID network (average pooling, its own feature width and seed,
+    as wide and trained as long as featnet), so that schedules chosen on the FID network, or a
+    policy trained on its FID (AdaGen §III-D), are judged on features no choice has seen."""
     train_classifier(c, run_dir, device, log, "featnet2",
                      dict(width=c.featnet2_width, feat_dim=c.featnet2_dim, convs=c.featnet2_convs, pool="avg"), c.featnet2_steps, 13)
 

@@ -52,7 +52,7 @@ def parse_spec(spec: str) -> tuple[str, tuple]:
     """"backbone+dssl@12" -> ("backbone+dssl", (1, 2)); no "@": every tap (0, 1, 2)."""
     nets, _, taps = spec.partition("@")
     bad = [n for n in nets.split("+") if n not in models.D_NETS]
-    if bad or (taps and not set(taps) <= set("012")):
+    if bad or (taps and not (set(taps) <= set("012") and len(set(taps)) == len(taps))):
         raise runs.UserError(f"--d-specs {spec!r}: networks among {', '.join(models.D_NETS)} joined by +, then "
                              f"optionally @ and taps among 0 1 2 (e.g. backbone@12); never a judge")
     return nets, tuple(int(k) for k in taps) if taps else (0, 1, 2)

@@ -1,5 +1,6 @@
 """End to end through the real command line: train.py --preset test, then sample.py; bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,12 +29,12 @@ def run_dir(tmp_path_factory):
 def test_train_writes_everything(run_dir):
     policies = [f"{k}_T4" for k in ("policy", "static", "smooth")]
     searches = ["search_T4", "param_T4"]
-    for f in ["config.json", "log.jsonl", "vq.pt", "featnet.pt", "featnet2.pt", "nat.pt", "backbone.pt", "sweep_w.json"] + \
+    for f in ["config.json", "log.jsonl", "vq.pt", "featnet.pt", "featnet2.pt", "featssl.pt", "nat.pt", "backbone.pt", "sweep_w.json"] + \
              [f"{p}.pt" for p in policies + searches] + [f"{p}_curve.png" for p in policies + searches] + \
              [f"{p}.json" for p in searches]:
         assert os.path.exists(os.path.join(run_dir, f)), f
     records = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
-    assert {r["stage"] for r in records} == {"vq", "featnet", "featnet2", "nat", "search", "param-search", "backbone",
+    assert {r["stage"] for r in records} == {"vq", "featnet", "featnet2", "featssl", "nat", "search", "param-search", "backbone",
                                              "policy", "static", "smooth"} | set(policies) | set(searches)
     vq_records = [r for r in records if r["stage"] == "vq" and "percep" in r]
     assert vq_records and all(r["percep"] >= 0 for r in vq_records)      # the perceptual loss on the backbone
@@ -304,7 +305,9 @@ def test_sample_grid_eval_bench(run_dir):
     r = run("sample.py", "--run-dir", run_dir, "--headroom", "--samples", "20", "--sweep-samples", "30")
     assert r.returncode == 0, r.stderr[-2000:]
     head = json.load(open(os.path.join(run_dir, "headroom_T4.json")))
-    assert len(head["per_class_pairs"]) == 10 and head["rows"]["floor"]["gap_closed"]["fid"] == 1.0
+    only = head["rows"]["class-only schedule (each class its best pair)"]
+    assert len(head["per_class_pairs"]) == 10 and all(math.isfinite(v) for v in only["gap_closed"].values())
+    assert set(only["gap_closed"]) == {"fid", "fid_recon", "fid2", "fd_ssl"}
     r = run("sample.py", "--run-dir", run_dir, "--bench", "--batch", "16", "--grid-steps", "4")
     assert r.returncode == 0 and "decoding overhead" in r.stdout, r.stderr[-2000:]
     assert "policy cost" in r.stdout                                   # the adaptive policy's share of generation

@@ -48,18 +48,21 @@ def test_an_older_run_folder_config_loads_under_the_new_names(tmp_path):
     old = {**runs.to_plain(config.TrainConfig(**config.PRESETS["test"], preset="test"))}
     for new_key in ("backbone_steps", "featnet_dim", "vq_codebook_size", "nat_mask_dist", "nat_ema_decay", "flow_ema_decay"):
         old.pop(new_key)
-    old.update(bb_steps=20, feat_dim=16, codebook_size=32, mask_dist="cosine", ema_decay=0.9)
+    old.update(bb_steps=17, feat_dim=24, codebook_size=48, mask_dist="beta", ema_decay=0.97)   # not the preset's values
     os.makedirs(tmp_path / "run")
     json.dump(old, open(tmp_path / "run" / "config.json", "w"))
     c = config.load_config(str(tmp_path / "run"))
-    assert (c.backbone_steps, c.featnet_dim, c.vq_codebook_size, c.nat_ema_decay, c.flow_ema_decay) == (20, 16, 32, 0.9, 0.9)
+    assert (c.backbone_steps, c.featnet_dim, c.vq_codebook_size, c.nat_mask_dist, c.nat_ema_decay, c.flow_ema_decay) == \
+        (17, 24, 48, "beta", 0.97, 0.97)
     c, _ = config.build_config(args(tmp_path), ["backbone"])         # and through the command line
-    assert c.backbone_steps == 20
+    assert (c.backbone_steps, c.vq_codebook_size) == (17, 48)
     with pytest.raises(runs.UserError, match="now called backbone_steps"):
         config.build_config(args(tmp_path, "bb_steps=5"), ["backbone"])
 
 
 def test_one_table_maps_every_stage_to_its_keys():
+    import train
+    assert set(train.STAGES_ALL) <= set(config.STAGE_KEYS)
     fields = {f.name for f in config.dataclasses.fields(config.TrainConfig)}
     assert all(k in fields for keys in config.STAGE_KEYS.values() for k in keys)
     for loop, stage in (("policy_T4", "policy"), ("static_search_T8", "static"), ("flow_policy_nfe4", "flow-policy"),

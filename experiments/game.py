@@ -26,24 +26,22 @@ single pair and the heuristic are then measured on the test set over EVAL_SEEDS 
 
 Usage: python sample.py --run-dir runs/small --reward-check [--d-specs backbone,dnet,dssl] | --headroom
 """
-import math
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's root
+
+import math
 
 import torch
 from tqdm import tqdm
 
-import config
-import ddp
-import evaluation
 import fid
-import learner
-import models
 import nat
-import pipeline
 import reward
-import runs
-import schedules
 from experiments.studies import Refiner, perturbed, spearman
+import sample  # noqa: E402
+import train  # noqa: E402
 
 JUDGE_KEYS = {"fid": "FID", "fid2": "featnet2 FID", "fd_ssl": "SSL FD", "recall": "-recall"}
 
@@ -51,25 +49,25 @@ JUDGE_KEYS = {"fid": "FID", "fid2": "featnet2 FID", "fd_ssl": "SSL FD", "recall"
 def parse_spec(spec: str) -> tuple[str, tuple]:
     """"backbone+dssl@12" -> ("backbone+dssl", (1, 2)); no "@": every tap (0, 1, 2)."""
     nets, _, taps = spec.partition("@")
-    bad = [n for n in nets.split("+") if n not in models.D_NETS]
+    bad = [n for n in nets.split("+") if n not in train.D_NETS]
     if bad or (taps and not (set(taps) <= set("012") and len(set(taps)) == len(taps))):
-        raise runs.UserError(f"--d-specs {spec!r}: networks among {', '.join(models.D_NETS)} joined by +, then "
+        raise train.UserError(f"--d-specs {spec!r}: networks among {', '.join(train.D_NETS)} joined by +, then "
                              f"optionally @ and taps among 0 1 2 (e.g. backbone@12); never a judge")
     return nets, tuple(int(k) for k in taps) if taps else (0, 1, 2)
 
 
-def check_tables(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, sweep_samples: int, T: int) -> dict:
+def check_tables(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples: int, T: int) -> dict:
     """The 12 fixed schedules {name: (T, 4) table} of the check (10 without a searched family)."""
-    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
+    w_0 = train.get_w0(pipe, ref, sweep_samples)
     h = lambda tau2_0, w: nat.heuristic_table(T, tau2_0, w)
     tables = {"MaskGIT": nat.heuristic_table(T, **nat.MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})": h(nat.ADANAT_TAU2_0, w_0)}
     for name in ("search", "param"):                                     # the searched family only if it was searched
-        found = schedules.searched_table(pipe, name, T)
+        found = train.searched_table(pipe, name, T)
         if found is None and name == "search":
-            raise runs.UserError(f"the reward check compares the searched schedule too: run python train.py --run-dir "
+            raise train.UserError(f"the reward check compares the searched schedule too: run python train.py --run-dir "
                                  f"{pipe.run_dir} --stage search --set search_T={T}")
         if found is not None:
-            tables[schedules.SEARCH_ROWS[name]] = found[0].float()
+            tables[sample.SEARCH_ROWS[name]] = found[0].float()
     for i, (name, table) in enumerate(list(tables.items())):
         tables[f"{name}, perturbed"] = perturbed(table, seed=i)
     for w in (0.0, 1.0, 6.0):
@@ -78,7 +76,7 @@ def check_tables(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, sweep_sa
     return tables
 
 
-def fresh_d(c: config.TrainConfig, backbone, channels: list, num_classes: int, reals: tuple, hold: tuple, fakes: tuple,
+def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, reals: tuple, hold: tuple, fakes: tuple,
             device: torch.device, max_steps: int, eval_every: int = 25, patience: int = 2) -> dict:
     """One classifier two-sample test: a fresh projected D trained on fakes (x (n, C, H, W), y (n,)) against
     reals, early-stopped on the held-out loss; returns its best held-out {loss, acc} and the steps run."""
@@ -106,63 +104,63 @@ def fresh_d(c: config.TrainConfig, backbone, channels: list, num_classes: int, r
         with torch.no_grad():
             lr_, lf_ = D(f_hold_real, y_hold_real), D(f_hold_fake, yf_hold)
             held = {"loss": reward.d_loss(lr_, lf_).item(), "acc": reward.accuracy(lr_, lf_), "steps": step}
-        runs.check_finite(d_loss=held["loss"])
+        train.check_finite(d_loss=held["loss"])
         best, since = (held, 0) if held["loss"] < best["loss"] else (best, since + 1)
     return best
 
 
-def schedule_readings(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, tables: dict, samples: int, T: int,
+def schedule_readings(pipe: train.Pipeline, ref: train.RealFeatures, tables: dict, samples: int, T: int,
                       cache: dict, save) -> dict:
     """Per schedule: its images (made once, kept in memory) and the judges' readings (cached)."""
-    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
+    labels = train.balanced_labels(samples, pipe.cfg.num_classes)
     images = {}
-    for name, table in tqdm(tables.items(), desc="schedules: images and judges", disable=not ddp.DIST.main):
+    for name, table in tqdm(tables.items(), desc="schedules: images and judges", disable=not train.DIST.main):
         images[name] = pipe.decode(pipe.generate(labels, T, nat.table_schedule(table), seed=1))
         key = f"judges|{name}|{samples}"
         if key not in cache:
             feats, _ = fid.extract(pipe.featnet, images[name], device=pipe.device)
             P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
             cache[key] = {"table": table.tolist(), "precision": P, "recall": R,
-                          **evaluation.judge_fids(ref, images[name], "train", feats, fid_net=True)}
+                          **train.judge_fids(ref, images[name], "train", feats, fid_net=True)}
             save()
     return images
 
 
-def reward_check(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, specs: list[str], max_steps: int,
+def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: list[str], max_steps: int,
                  T: int = 4) -> dict:
     """reward_check.md / .json: the two-sample readings of every D spec and the warm-up reading, with
     the judges and Spearman rho per spec and judge (module docstring). Resumable (reward_check_cache.json)."""
-    ref = evaluation.RealFeatures.of(pipe)
+    ref = train.RealFeatures.of(pipe)
     if ref.net2 is None or "fd_ssl" not in ref.judges:
-        raise runs.UserError(f"the reward check reads both held-out judges: train them with python train.py --run-dir "
+        raise train.UserError(f"the reward check reads both held-out judges: train them with python train.py --run-dir "
                              f"{pipe.run_dir} --stage featnet2, then --stage featssl")
-    c = config.load_config(pipe.run_dir)
+    c = train.load_config(pipe.run_dir)
     tables = check_tables(pipe, ref, sweep_samples, T)
     path = os.path.join(pipe.run_dir, "reward_check_cache.json")
-    cache = runs.read_json(path, {})
+    cache = train.read_json(path, {})
     if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
         cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}
-    save = lambda: runs.write_json(path, cache)
+    save = lambda: train.write_json(path, cache)
     images = schedule_readings(pipe, ref, tables, samples, T, cache, save)
-    x_real, y_real = learner.real_images(c)
-    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
+    x_real, y_real = train.real_images(c)
+    labels = train.balanced_labels(samples, pipe.cfg.num_classes)
     for spec in specs:
         nets, taps = parse_spec(spec)
         for n in nets.split("+"):
             if not os.path.exists(os.path.join(pipe.run_dir, f"{n}.pt")):
-                raise runs.UserError(f"--d-specs {spec}: {pipe.run_dir}/{n}.pt is missing; train it with python train.py "
+                raise train.UserError(f"--d-specs {spec}: {pipe.run_dir}/{n}.pt is missing; train it with python train.py "
                                      f"--run-dir {pipe.run_dir} --stage {n}")
-        backbone, channels = models.d_backbone(pipe.run_dir, nets, taps, pipe.device)
+        backbone, channels = train.d_backbone(pipe.run_dir, nets, taps, pipe.device)
         hold = (backbone(x_real[:1000].to(pipe.device)), y_real[:1000].to(pipe.device))
-        for name in tqdm(tables, desc=f"two-sample D on {spec}", disable=not ddp.DIST.main):
+        for name in tqdm(tables, desc=f"two-sample D on {spec}", disable=not train.DIST.main):
             key = f"d|{spec}|{name}|{samples}|{max_steps}"
             if key not in cache:
                 cache[key] = fresh_d(c, backbone, channels, pipe.cfg.num_classes, (x_real[1000:], y_real[1000:]), hold,
                                      (images[name], labels), pipe.device, max_steps)
                 save()
     warm = None
-    if os.path.exists(os.path.join(pipe.run_dir, f"{schedules.policy_file('policy', 'heuristic', T)}.pt")):
-        warm = Refiner(pipe, schedules.policy_file("policy", "heuristic", T), disc="disc_warmup")
+    if os.path.exists(os.path.join(pipe.run_dir, f"{train.policy_file('policy', 'heuristic', T)}.pt")):
+        warm = Refiner(pipe, train.policy_file("policy", "heuristic", T), disc="disc_warmup")
     return write_check(pipe, tables, specs, cache, samples, max_steps, T, warm, images, labels)
 
 
@@ -183,7 +181,7 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
     if warm:
         out["spearman_warmup"] = {k: spearman([-r["warmup_reward"] for r in rows], [judge(r, k) for r in rows]) for k in JUDGE_KEYS}
         out["d_acc_warmup"] = warm.d_acc_warmup
-    runs.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
+    train.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
     md = [f"Reward check at T = {T}: {samples} samples per schedule (seed 1); judges against training-set statistics. "
           f"Two-sample readings: a fresh D per schedule and spec, held-out accuracy / loss (lower accuracy, higher loss: "
           f"harder to tell from real), early-stopped on the held-out loss (at most {max_steps} steps).", "",
@@ -204,7 +202,7 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
                   " | ".join(f"{out['spearman_warmup'][k]:.2f}" for k in JUDGE_KEYS) + " |")
     md += ["", "Judges among themselves: " + ", ".join(f"rho({k.replace('_vs_', ', ')}) = {v:.2f}"
                                                      for k, v in out["spearman_judges"].items()) + "."]
-    runs.write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
+    train.write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return out
 
@@ -213,18 +211,18 @@ HEADROOM_W = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0)
 HEADROOM_TAU2 = (0.5, 1.0, 2.0, 4.5)
 
 
-def class_sweep(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, per_class: int, T: int) -> dict:
+def class_sweep(pipe: train.Pipeline, ref: train.RealFeatures, per_class: int, T: int) -> dict:
     """Every (w_0, tau2_0) of HEADROOM_W x HEADROOM_TAU2 on per_class samples of each class (seed 0, common
     random numbers), FID on the FID network against each class's training statistics and against all of
     them; cached in headroom_sweep.json. Returns {grid, per_class_fid (K, C), fid (C,), best (K,), best_all}."""
     path = os.path.join(pipe.run_dir, "headroom_sweep.json")
-    saved = runs.read_json(path, {})
+    saved = train.read_json(path, {})
     if (saved.get("fingerprint"), saved.get("per_class"), saved.get("T")) == (f"{pipe.eval_key}|{ref.key}", per_class, T):
         return saved
     grid = [(w, tau2) for w in HEADROOM_W for tau2 in HEADROOM_TAU2]
     tables = torch.stack([nat.heuristic_table(T, tau2, w) for w, tau2 in grid])               # (C, T, 4)
     K, C = pipe.cfg.num_classes, len(grid)
-    labels = pipeline.balanced_labels(per_class * K, K)                                         # (n,)
+    labels = train.balanced_labels(per_class * K, K)                                         # (n,)
     tok = pipe.generate(labels.repeat_interleave(C), T, nat.table_schedule(tables), seed=0, group=C, dedup=True,
                         progress=True)
     feats = fid.extract(pipe.featnet, pipe.decode(tok), device=pipe.device)[0].view(len(labels), C, -1)   # (n, C, D)
@@ -235,16 +233,16 @@ def class_sweep(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, per_class
            "per_class_fid": per_class_fid, "fid": overall,
            "best": [min(range(C), key=lambda j: row[j]) for row in per_class_fid],
            "best_all": min(range(C), key=lambda j: overall[j])}
-    runs.write_json(path, out)
+    train.write_json(path, out)
     return out
 
 
-def headroom(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, per_class: int = 150, T: int = 4) -> list:
+def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: int = 150, T: int = 4) -> list:
     """headroom_T{T}.md / .json: the heuristic, the best single (w_0, tau2_0) and the class-only schedule
     (each class its best pair) on the test set over EVAL_SEEDS, every judge, and the share of the
     heuristic -> floor gap each closes."""
-    ref = evaluation.RealFeatures.of(pipe)
-    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
+    ref = train.RealFeatures.of(pipe)
+    w_0 = train.get_w0(pipe, ref, sweep_samples)
     sweep = class_sweep(pipe, ref, per_class, T)
     grid = sweep["grid"]
     tables = torch.stack([nat.heuristic_table(T, grid[j][1], grid[j][0]) for j in sweep["best"]])   # (K, T, 4)
@@ -252,28 +250,28 @@ def headroom(pipe: pipeline.Pipeline, samples: int, sweep_samples: int, per_clas
     rows = {f"AdaNAT heuristic (tau2_0 = 1, w_0 = {w_0:g})": nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0),
             f"best single pair (w_0 = {w_all:g}, tau2_0 = {tau_all:g})": nat.heuristic_schedule(T, tau_all, w_all),
             "class-only schedule (each class its best pair)": nat.class_table_schedule(tables)}
-    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
-    cell = lambda sched, s: lambda: evaluation.metrics(ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
-    cells = [("floor", f"floor|{samples}", lambda: evaluation.recon_reference(ref, samples))]
+    labels = train.balanced_labels(samples, pipe.cfg.num_classes)
+    cell = lambda sched, s: lambda: sample.metrics(ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
+    cells = [("floor", f"floor|{samples}", lambda: sample.recon_reference(ref, samples))]
     cells += [(name, f"{name}|{T}|{samples}|seed{s}|{sweep['best']}", cell(sched, s))
-              for name, sched in rows.items() for s in schedules.EVAL_SEEDS]
-    res = evaluation.seeded_cells(pipe, ref, f"headroom_T{T}", cells, "headroom")
-    table = {name: evaluation.seed_summary(res[name], ()) for name in res}
+              for name, sched in rows.items() for s in sample.EVAL_SEEDS]
+    res = sample.seeded_cells(pipe, ref, f"headroom_T{T}", cells, "headroom")
+    table = {name: sample.seed_summary(res[name], ()) for name in res}
     heur, floor = table[next(iter(rows))], table["floor"]
     keys = [k for k in ("fid", "fid_recon", "fid2", "fd_ssl") if k in floor]
     for r in table.values():
         r["gap_closed"] = {k: (heur[k] - r[k]) / (heur[k] - floor[k]) for k in keys}
-    runs.write_json(os.path.join(pipe.run_dir, f"headroom_T{T}.json"), {
+    train.write_json(os.path.join(pipe.run_dir, f"headroom_T{T}.json"), {
         "rows": table, "per_class_pairs": [grid[j] for j in sweep["best"]], "sweep": sweep})
-    head = f"| schedule | {evaluation.metric_head(ref)} " + " | ".join(f"gap closed ({k})" for k in keys) + " |"
+    head = f"| schedule | {sample.metric_head(ref)} " + " | ".join(f"gap closed ({k})" for k in keys) + " |"
     md = [f"Headroom of a schedule that knows only the class, T = {T}: per-class pairs (w_0, tau2_0) chosen on {per_class} "
           f"samples per class against per-class training statistics (FID network); rows: {samples} samples x seeds "
-          f"{list(schedules.EVAL_SEEDS)} against the test images{evaluation.REF_NOTE}; gap closed = (heuristic - row) / "
+          f"{list(sample.EVAL_SEEDS)} against the test images{sample.REF_NOTE}; gap closed = (heuristic - row) / "
           f"(heuristic - floor). Per-class pairs: " + ", ".join(f"{k}: {grid[j]}" for k, j in enumerate(sweep["best"])),
           "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in table.items():
-        md.append(f"| {name} | {evaluation.metric_cells(r, ref)} " + " | ".join(f"{r['gap_closed'][k]:.2f}" for k in keys) + " |")
-    runs.write_text(os.path.join(pipe.run_dir, f"headroom_T{T}.md"), "\n".join(md) + "\n")
+        md.append(f"| {name} | {sample.metric_cells(r, ref)} " + " | ".join(f"{r['gap_closed'][k]:.2f}" for k in keys) + " |")
+    train.write_text(os.path.join(pipe.run_dir, f"headroom_T{T}.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return table
 
@@ -289,10 +287,11 @@ def add_flags(p) -> None:
     p.add_argument("--headroom", action="store_true", help="the class-only schedule's headroom at T = 4: headroom_T4.md/.json")
 
 
-def run(args, pipe: pipeline.Pipeline) -> bool:
-    """The checks the flags ask for; True if any ran."""
+def run(args, device: torch.device) -> None:
+    """The checks the flags ask for."""
+    pipe = sample.nat_pipeline(args, device)
     if args.reward_check:
-        c = config.load_config(pipe.run_dir)
+        c = train.load_config(pipe.run_dir)
         specs = args.d_specs.split(",") if args.d_specs else [c.pi_d_nets + ("" if c.pi_d_taps == (0, 1, 2) else
                                                                               "@" + "".join(map(str, c.pi_d_taps)))]
         for s in specs:
@@ -300,4 +299,9 @@ def run(args, pipe: pipeline.Pipeline) -> bool:
         reward_check(pipe, args.check_samples, args.sweep_samples, specs, args.check_d_steps)
     if args.headroom:
         headroom(pipe, args.samples, args.sweep_samples)
-    return args.reward_check or args.headroom
+    if not (args.reward_check or args.headroom):
+        raise train.UserError("name a check: --reward-check or --headroom")
+
+
+if __name__ == "__main__":
+    sample.main(add_flags=add_flags, run=run, doc=__doc__)

@@ -9,9 +9,14 @@
 
 Usage: python train.py --stage search | param-search | flow-search | pr-search --run-dir runs/small
 """
-import dataclasses
-import math
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's root
+
+import dataclasses
+import functools
+import math
 import shutil
 from dataclasses import dataclass
 from typing import Callable
@@ -19,15 +24,11 @@ from typing import Callable
 import torch
 
 import autonat
-import config
-import ddp
-import evaluation
 import nat
-import pipeline
-import plots
-import runs
 import samplers
-import schedules
+import sample  # noqa: E402
+import train  # noqa: E402
+from experiments import flow  # noqa: E402
 
 
 SEARCH_KINDS = {"search": "free", "param-search": "param", "flow-search": "flow"}   # stage -> what is searched
@@ -56,23 +57,23 @@ class SearchProblem:
     extra: dict
 
 
-def search_problem(c: config.TrainConfig, run_dir: str, device: torch.device, kind: str, T: int) -> SearchProblem:
+def search_problem(c: train.TrainConfig, run_dir: str, device: torch.device, kind: str, T: int) -> SearchProblem:
     """The problem of a search `kind` for T steps (for "flow": an NFE budget T), starting from the heuristic."""
     extra = {}
     if kind == "flow":
         nfe, solver = T, c.flow_pi_solver
-        pipe = pipeline.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-        ref = evaluation.RealFeatures.of(pipe)
+        pipe = flow.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
+        ref = train.RealFeatures.of(pipe)
         T = samplers.steps_for_nfe(solver, nfe)
-        h = samplers.grid_table(samplers.uniform_grid(T), pipeline.get_w0(pipe, ref, c.pi_sweep_samples))  # (T, 2)
-        fids = lambda tables, labels, seed: pipeline.candidate_fids(pipe, ref, tables, labels, seed, solver=solver)
+        h = samplers.grid_table(samplers.uniform_grid(T), train.get_w0(pipe, ref, c.pi_sweep_samples))  # (T, 2)
+        fids = lambda tables, labels, seed: sample.candidate_fids(pipe, ref, tables, labels, seed, solver=solver)
         name, columns, extra = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w"), {"solver": solver, "nfe": nfe}
     else:
-        pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-        ref = evaluation.RealFeatures.of(pipe)
-        w_0 = pipeline.get_w0(pipe, ref, c.pi_sweep_samples)
+        pipe = train.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
+        ref = train.RealFeatures.of(pipe)
+        w_0 = train.get_w0(pipe, ref, c.pi_sweep_samples)
         h = nat.heuristic_table(T, nat.ADANAT_TAU2_0, w_0)                # (T, 4)
-        fids = lambda tables, labels, seed: pipeline.candidate_fids(pipe, ref, tables, labels, seed)
+        fids = lambda tables, labels, seed: sample.candidate_fids(pipe, ref, tables, labels, seed)
         name, columns = f"{SEARCH_FILES[kind]}_T{T}", autonat.COLUMNS
     K = h.shape[1]
     if kind in ("free", "flow"):
@@ -88,7 +89,7 @@ def search_problem(c: config.TrainConfig, run_dir: str, device: torch.device, ki
                          extra)
 
 
-def search_schedule(c: config.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, kind: str, T: int) -> None:
+def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, log: train.Logger, kind: str, T: int) -> None:
     """AutoNAT §4.2 for one T: finite-difference gradient descent on training-set FID.
 
     kind "free": xi = the whole T x 4 table [m, tau1, tau2, w] (the paper's search);
@@ -105,7 +106,7 @@ def search_schedule(c: config.TrainConfig, run_dir: str, device: torch.device, l
             "eps": P.eps.tolist(), "lr": P.lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip,
             "generator": P.pipe.fingerprint}
     if os.path.exists(path):
-        state = runs.load_ckpt(path, expect_config=scfg)
+        state = train.load_ckpt(path, expect_config=scfg)
         if state.get("final_step") == state["step"] < P.updates:          # extending a finished search
             state["history"].pop()                                        # its end point is update `step`'s start
             state["done"] = False
@@ -114,13 +115,13 @@ def search_schedule(c: config.TrainConfig, run_dir: str, device: torch.device, l
     else:
         state = {"config": scfg, "step": 0, "model": {"xi": P.xi0, "v": torch.zeros_like(P.xi0)}, "best_xi": P.xi0,
                  "best_fid": math.inf, "history": [], "forwards": 0, "train_seconds": 0.0}
-    labels = pipeline.balanced_labels(c.search_samples, P.pipe.cfg.num_classes)
+    labels = train.balanced_labels(c.search_samples, P.pipe.cfg.num_classes)
     C = 1 + int(P.active.sum())
 
     def F(X: torch.Tensor) -> torch.Tensor:                                # (C', D) -> (C',) training-set FIDs
         before = P.pipe.forwards
         values = P.candidate_fids(torch.stack([P.to_table(x) for x in X]), labels, c.search_seed)
-        state["forwards"] += int(ddp.all_sum(P.pipe.forwards - before))    # image-forwards run on all ranks (CFG: 2 per step)
+        state["forwards"] += int(train.all_sum(P.pipe.forwards - before))    # image-forwards run on all ranks (CFG: 2 per step)
         if not torch.isfinite(values).all():                               # before the update (CPU values)
             raise FloatingPointError(f"candidate FID ({values.tolist()})")
         return values
@@ -138,7 +139,7 @@ def search_schedule(c: config.TrainConfig, run_dir: str, device: torch.device, l
         return out
 
     print(f"{P.name}: {C} candidates x {len(labels)} samples per update, {P.updates} updates")
-    state = runs.train_loop(P.name, path, state, {}, step_fn, P.updates,
+    state = train.train_loop(P.name, path, state, {}, step_fn, P.updates,
                             dataclasses.replace(c, log_every=1, ckpt_every_s=0.0), log)
     if state.get("final_step") != state["step"]:                          # the last update's result, measured once
         # in the updates' batch layout (C rows per sample), so with the same random numbers as every F(xi)
@@ -148,7 +149,7 @@ def search_schedule(c: config.TrainConfig, run_dir: str, device: torch.device, l
         state["history"].append({"update": state["step"], "train_fid": final, "best_fid": state["best_fid"]})
         state["final_step"] = state["step"]
     state.update(done=True, table=P.to_table(state["best_xi"]))
-    runs.save_ckpt(path, state)
+    train.save_ckpt(path, state)
     write_search_summary(P, state, kind, scfg, C, len(labels), run_dir, device)
 
 
@@ -167,7 +168,7 @@ def write_search_summary(P: SearchProblem, state: dict, kind: str, scfg: dict, C
                "device": str(device), "history": state["history"], "config": scfg}
     if kind == "param":
         summary["theta"] = dict(zip(autonat.PARAMS, state["best_xi"].tolist()))
-    runs.write_json(os.path.join(run_dir, f"{name}.json"), summary)
+    train.write_json(os.path.join(run_dir, f"{name}.json"), summary)
     ups = [r["update"] for r in state["history"]]
     panels = [{"title": "train FID per update (best: red)", "series": [
         {"x": ups, "y": [r["train_fid"] for r in state["history"]], "color": (40, 90, 200)},
@@ -176,7 +177,7 @@ def write_search_summary(P: SearchProblem, state: dict, kind: str, scfg: dict, C
     panels += [{"title": f"{a} per step (start dashed)", "series": [
         {"x": steps, "y": h[:, j].tolist(), "color": (120, 120, 120), "dashed": True},
         {"x": steps, "y": table[:, j].tolist(), "color": (40, 90, 200)}]} for j, a in enumerate(P.columns)]
-    plots.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search")
+    train.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search")
     print(f"{name}: training-set FID {start:.2f} -> {state['best_fid']:.2f} in {state['step']} updates, "
           f"{state['forwards'] / 1e6:.2f}M generator forwards, {state['train_seconds'] / 60:.1f} min; {name}.json")
 
@@ -186,13 +187,13 @@ def stage_search(stage: str):
     `flow-search` (one per NFE budget in flow_pi_nfe)."""
     kind = SEARCH_KINDS[stage]
 
-    def run(c: config.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger) -> None:
+    def run(c: train.TrainConfig, run_dir: str, device: torch.device, log: train.Logger) -> None:
         for T in (c.flow_pi_nfe if kind == "flow" else c.search_T):
             name = f"{c.flow_path}_search_nfe{T}" if kind == "flow" else f"{SEARCH_FILES[kind]}_T{T}"
             path = os.path.join(run_dir, f"{name}.pt")
             updates = c.search_param_updates if kind == "param" else c.search_updates
             if os.path.exists(path):
-                ck = runs.load_ckpt(path)
+                ck = train.load_ckpt(path)
                 if ck.get("done") and ck["step"] >= updates:
                     print(f"{name}: done ({path}), skipped")
                     continue
@@ -200,23 +201,23 @@ def stage_search(stage: str):
     return run
 
 
-def sub_run(c: config.TrainConfig, run_dir: str, sub: str, **changes) -> config.TrainConfig:
+def sub_run(c: train.TrainConfig, run_dir: str, sub: str, **changes) -> train.TrainConfig:
     """A run folder sharing this run's tokenizer and feature network (copied), its config = c + changes."""
-    if ddp.DIST.main:                                                           # one rank touches the files
+    if train.DIST.main:                                                           # one rank touches the files
         if os.path.exists(os.path.join(sub, "vq.pt")) and \
-                runs.fingerprint(sub, ("vq", "featnet")) != runs.fingerprint(run_dir, ("vq", "featnet")):
+                train.fingerprint(sub, ("vq", "featnet")) != train.fingerprint(run_dir, ("vq", "featnet")):
             shutil.rmtree(sub)                                              # made with another tokenizer: start over
         os.makedirs(sub, exist_ok=True)
         for f in ("vq.pt", "featnet.pt", "fid_ref.pt"):
             if os.path.exists(os.path.join(run_dir, f)) and not os.path.exists(os.path.join(sub, f)):
                 shutil.copyfile(os.path.join(run_dir, f), os.path.join(sub, f))
     c2 = dataclasses.replace(c, **changes)
-    runs.write_json(os.path.join(sub, "config.json"), runs.to_plain(c2))
-    ddp.barrier()
+    train.write_json(os.path.join(sub, "config.json"), train.to_plain(c2))
+    train.barrier()
     return c2
 
 
-def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, log: runs.Logger, train_nat: Callable) -> None:
+def stage_pr_search(c: train.TrainConfig, run_dir: str, device: torch.device, log: train.Logger, train_nat: Callable) -> None:
     """AutoNAT §4.3 and one round of its Algorithm 1, with short proxy trainings.
 
     Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>_s<steps>/
@@ -227,57 +228,63 @@ def stage_pr_search(c: config.TrainConfig, run_dir: str, device: torch.device, l
     budget). With pr_final, the chosen p(r) then trains the full generator in beta/ and the
     schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows). train_nat: the NAT
     stage (train.py gives its stage_nat)."""
-    pipe = pipeline.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-    ref = evaluation.RealFeatures.of(pipe)
-    found = schedules.searched_table(pipe, "search", c.pr_T)
-    table = found[0] if found else nat.heuristic_table(c.pr_T, nat.ADANAT_TAU2_0, pipeline.get_w0(pipe, ref, c.pi_sweep_samples))
-    labels = pipeline.balanced_labels(c.pr_samples, pipe.cfg.num_classes)
+    pipe = train.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
+    ref = train.RealFeatures.of(pipe)
+    found = train.searched_table(pipe, "search", c.pr_T)
+    table = found[0] if found else nat.heuristic_table(c.pr_T, nat.ADANAT_TAU2_0, train.get_w0(pipe, ref, c.pi_sweep_samples))
+    labels = train.balanced_labels(c.pr_samples, pipe.cfg.num_classes)
     path = os.path.join(run_dir, "pr_search.json")
     setup = {"steps": c.pr_steps, "T": c.pr_T, "schedule": table.tolist(), "samples": c.pr_samples,
-             "seed": c.search_seed, "tokenizer": runs.fingerprint(run_dir, ("vq", "featnet"))}
-    saved = runs.read_json(path, {})
+             "seed": c.search_seed, "tokenizer": train.fingerprint(run_dir, ("vq", "featnet"))}
+    saved = train.read_json(path, {})
     results = saved if saved.get("setup") == setup else {"setup": setup, "cache": {}}
 
     def proxy_fid(sub: str, **changes) -> float:
         d = os.path.join(run_dir, "pr", sub)
         c2 = sub_run(c, run_dir, d, nat_steps=c.pr_steps, **changes)
         ck = os.path.join(d, "nat.pt")
-        if not runs.is_done(ck):
-            train_nat(c2, d, device, runs.Logger(d))
-            ddp.barrier()                                                       # rank 0's nat.pt before anyone reads it
-        value = float(pipeline.candidate_fids(pipeline.Pipeline(d, device, c.bf16, rows=c.gen_rows), ref, table[None], labels, c.search_seed)[0])
+        if not train.is_done(ck):
+            train_nat(c2, d, device, train.Logger(d))
+            train.barrier()                                                       # rank 0's nat.pt before anyone reads it
+        value = float(sample.candidate_fids(train.Pipeline(d, device, c.bf16, rows=c.gen_rows), ref, table[None], labels, c.search_seed)[0])
         log(stage="pr-search", candidate=sub, train_fid=value, **changes)
         print(f"pr-search: {sub}: training-set FID {value:.2f} (T={c.pr_T}, {c.pr_samples} samples)")
         return value
 
     if "cosine_proxy" not in results:
         results["cosine_proxy"] = proxy_fid(f"cosine_s{c.pr_steps}", nat_mask_dist="cosine")
-        runs.write_json(path, results)
+        train.write_json(path, results)
 
     def F(alpha: float, beta: float) -> float:
         value = proxy_fid(f"beta_{alpha:.4g}_{beta:.4g}_s{c.pr_steps}", nat_mask_dist="beta", nat_mask_alpha=alpha, nat_mask_beta=beta)
-        runs.write_json(path, results)                       # the cache entry is added by the line search, after
+        train.write_json(path, results)                       # the cache entry is added by the line search, after
         return value
 
     (alpha, beta), _ = autonat.beta_line_search(F, budget=c.pr_budget, cache=results["cache"])
     best = min(results["cache"].values())
     results.update(alpha=alpha, beta=beta, train_fid=best, trainings=len(results["cache"]))
-    runs.write_json(path, results)
+    train.write_json(path, results)
     print(f"pr-search: Beta(alpha={alpha:.3g}, beta={beta:.3g}), proxy FID {best:.2f} vs the cosine proxy's "
           f"{results['cosine_proxy']:.2f}, {len(results['cache'])} trainings of {c.pr_steps} steps; {path}")
     if c.pr_final:
         d = os.path.join(run_dir, "beta")
         c2 = sub_run(c, run_dir, d, nat_mask_dist="beta", nat_mask_alpha=alpha, nat_mask_beta=beta)
         ck = os.path.join(d, "nat.pt")
-        want = runs.to_plain(config.nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
-        trained = runs.load_ckpt(ck) if os.path.exists(ck) else None
+        want = train.to_plain(train.nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
+        trained = train.load_ckpt(ck) if os.path.exists(ck) else None
         if trained is not None and trained["config"] != want:
-            raise runs.UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
+            raise train.UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
         if not (trained and trained.get("done")):
-            train_nat(c2, d, device, runs.Logger(d))
-            ddp.barrier()
-        STAGES["search"](c2, d, device, runs.Logger(d))                      # skips the T already searched
+            train_nat(c2, d, device, train.Logger(d))
+            train.barrier()
+        STAGES["search"](c2, d, device, train.Logger(d))                      # skips the T already searched
         print(f"pr-search: the Beta-trained generator and its searched schedules are in {d}; sample.py --eval adds their rows")
 
 STAGES = {"search": stage_search("search"), "param-search": stage_search("param-search"),
           "flow-search": stage_search("flow-search"), "pr-search": stage_pr_search}
+
+
+STAGES["pr-search"] = functools.partial(stage_pr_search, train_nat=train.stage_nat)
+
+if __name__ == "__main__":
+    train.main(stages=STAGES, default=["search", "param-search"], doc=__doc__)

@@ -8,23 +8,22 @@ Spearman's rho, perturbed schedules.
 
 Usage: python sample.py --run-dir runs/small --refine | --lam 0,0.5,1 | --hacking
 """
-import itertools
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's root
+
+import itertools
 import time
 
 import numpy as np
 import torch
 
-import ddp
-import evaluation
-import models
 import nat
-import pipeline
-import plots
 import policy
 import reward
-import runs
-import schedules
+import sample  # noqa: E402
+import train  # noqa: E402
 
 
 class Refiner:
@@ -36,19 +35,19 @@ class Refiner:
     def __init__(self, pipe, file: str, disc: str = "disc"):
         path = os.path.join(pipe.run_dir, f"{file}.pt")
         if not os.path.exists(path):
-            raise runs.UserError(f"{path} not found: refinement uses a trained policy's discriminator and critic; "
+            raise train.UserError(f"{path} not found: refinement uses a trained policy's discriminator and critic; "
                                   f"train it with python train.py --run-dir {pipe.run_dir} --stage policy")
-        ck = runs.load_ckpt(path)
+        ck = train.load_ckpt(path)
         self.d_acc_warmup = ck.get("d_acc_warmup")                     # D's held-out accuracy after its warm-up
-        _, self.V = models.build_policy(ck["config"])
+        _, self.V = train.build_policy(ck["config"])
         self.V.load_state_dict(ck["critic"])
         self.V.to(pipe.device).eval()
         cfg = ck["config"]
-        self.backbone, channels = models.d_backbone(pipe.run_dir, cfg.get("pi_d_nets", "backbone"),
+        self.backbone, channels = train.d_backbone(pipe.run_dir, cfg.get("pi_d_nets", "backbone"),
                                                       tuple(cfg.get("pi_d_taps", (0, 1, 2))), pipe.device)
         self.D = reward.ProjectedDiscriminator(channels, pipe.cfg.num_classes)
         if disc not in ck:
-            raise runs.UserError(f"{path} has no {disc!r}: the discriminator after its warm-up is kept from this "
+            raise train.UserError(f"{path} has no {disc!r}: the discriminator after its warm-up is kept from this "
                                   f"version on; retrain that policy (delete the file)")
         self.D.load_state_dict(ck[disc])
         self.D.to(pipe.device).eval()
@@ -99,7 +98,7 @@ def random_scores(seed: int):
     return lambda x, *_: torch.rand(x.shape[0], generator=g).to(x.device)
 
 
-def refined_nat(pipe: pipeline.Pipeline, labels: torch.Tensor, T: int, make, seed: int, repeat: int = 1, lookahead: int = 1,
+def refined_nat(pipe: train.Pipeline, labels: torch.Tensor, T: int, make, seed: int, repeat: int = 1, lookahead: int = 1,
                 refiner: Refiner | None = None, random_pick: bool = False) -> tuple[torch.Tensor, float]:
     """NAT images (n, C, H, W) with repeated sampling (D) and look-ahead (V), or their random-pick
     control, and the generator forwards per image that it took (counted; a guided step is 2 rows)."""
@@ -108,58 +107,58 @@ def refined_nat(pipe: pipeline.Pipeline, labels: torch.Tensor, T: int, make, see
     before = pipe.forwards
     images = refine(lambda y: pipe.decode(pipe.generate(y, T, make(), seed, lookahead=lookahead, score_fn=score_state)),
                     labels, repeat, score_img)
-    return images, ddp.all_sum(pipe.forwards - before) / len(labels)
+    return images, train.all_sum(pipe.forwards - before) / len(labels)
 
 
-def study_table(pipe: pipeline.Pipeline, ref: evaluation.RealFeatures, rows: dict, samples: int, stem: str, note: str) -> list[dict]:
+def study_table(pipe: train.Pipeline, ref: train.RealFeatures, rows: dict, samples: int, stem: str, note: str) -> list[dict]:
     """Evaluate rows {name: (fn(labels, seed) -> (images, forwards per image), cache suffix)} over
     EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md."""
-    labels = pipeline.balanced_labels(samples, pipe.cfg.num_classes)
+    labels = train.balanced_labels(samples, pipe.cfg.num_classes)
 
     def cell(fn, s):
         def compute() -> dict:
             t0 = time.time()
             images, forwards = fn(labels, s)
             return {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
-                    **evaluation.metrics(ref, images, labels)}
+                    **sample.metrics(ref, images, labels)}
         return compute
     cells = [(name, f"{name}|seed{s}|{samples}{suffix}", cell(fn, s))
-             for name, (fn, suffix) in rows.items() for s in schedules.EVAL_SEEDS]
-    res = evaluation.seeded_cells(pipe, ref, stem, cells, stem)
-    table = [{"schedule": name, "samples": samples, "seeds": list(schedules.EVAL_SEEDS), **evaluation.seed_summary(res[name], ()),
+             for name, (fn, suffix) in rows.items() for s in sample.EVAL_SEEDS]
+    res = sample.seeded_cells(pipe, ref, stem, cells, stem)
+    table = [{"schedule": name, "samples": samples, "seeds": list(sample.EVAL_SEEDS), **sample.seed_summary(res[name], ()),
               "forwards": res[name][0]["forwards"]} for name in rows]
-    runs.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
+    train.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
                                                                    "device": str(pipe.device)})
-    head = f"| schedule | {evaluation.metric_head(ref)} forwards/image | images/s |"
-    md = [f"{note} {samples} samples per row and seed, seeds {list(schedules.EVAL_SEEDS)}; FID, precision and recall against the "
-          f"test images{evaluation.REF_NOTE}; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
+    head = f"| schedule | {sample.metric_head(ref)} forwards/image | images/s |"
+    md = [f"{note} {samples} samples per row and seed, seeds {list(sample.EVAL_SEEDS)}; FID, precision and recall against the "
+          f"test images{sample.REF_NOTE}; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
           f"{pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in table:
-        md.append(f"| {r['schedule']} | {evaluation.metric_cells(r, ref)} {r['forwards']:.1f} | {r['images_per_s']:.1f} |")
-    runs.write_text(os.path.join(pipe.run_dir, f"{stem}.md"), "\n".join(md) + "\n")
+        md.append(f"| {r['schedule']} | {sample.metric_cells(r, ref)} {r['forwards']:.1f} | {r['images_per_s']:.1f} |")
+    train.write_text(os.path.join(pipe.run_dir, f"{stem}.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return table
 
 
-def adaptive_nat_policy(pipe: pipeline.Pipeline, T: int, kind: str = "policy", reward_name: str = "adversarial"):
+def adaptive_nat_policy(pipe: train.Pipeline, T: int, kind: str = "policy", reward_name: str = "adversarial"):
     """(make_schedule, cache-key suffix) of a trained NAT policy; a clear error if there is none."""
-    found = schedules.policy_schedule(pipe, kind, T, "heuristic", reward_name)
+    found = sample.policy_schedule(pipe, kind, T, "heuristic", reward_name)
     if found is None:
-        raise runs.UserError(f"{pipe.run_dir}/{schedules.policy_file(kind, 'heuristic', T, reward_name)}.pt not found: "
+        raise train.UserError(f"{pipe.run_dir}/{train.policy_file(kind, 'heuristic', T, reward_name)}.pt not found: "
                               f"train it with python train.py --run-dir {pipe.run_dir} --stage {kind}"
                               + (f" --reward {reward_name}" if reward_name != "adversarial" else "") + f" --set pi_T={T}")
     make, _, fp = found
     return make, f"|{fp}"
 
 
-def refine_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: int, k_repeat: tuple = (2, 3),
+def refine_study(pipe: train.Pipeline, samples: int, T: int, sweep_samples: int, k_repeat: tuple = (2, 3),
                  k_look: int = 2) -> None:
     """refine_T{T}.json / .md (AdaGen §III-F1, Tables IX-X): the adaptive policy alone, with
     repeated sampling (D), look-ahead (V) and both; the same candidates picked at random; and
     the same forwards spent on more steps instead (policy_T{T'}.pt if trained, else AdaNAT's
     heuristic at T', said in the row's name)."""
     make, fp = adaptive_nat_policy(pipe, T)
-    refiner = Refiner(pipe, schedules.policy_file("policy", "heuristic", T))
+    refiner = Refiner(pipe, train.policy_file("policy", "heuristic", T))
     gen = lambda **kw: lambda y, s: refined_nat(pipe, y, T, make, s, refiner=refiner, **kw)
     rows = {"adaptive": (gen(), fp)}
     for k in k_repeat:
@@ -168,48 +167,48 @@ def refine_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: i
     rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = (gen(repeat=k_repeat[0], lookahead=k_look), fp)
     rows[f"control: repeat {k_repeat[0]}, random pick"] = (gen(repeat=k_repeat[0], random_pick=True), fp)
     rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp + "|pick=stream")
-    ref = evaluation.RealFeatures.of(pipe)
-    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
+    ref = train.RealFeatures.of(pipe)
+    w_0 = train.get_w0(pipe, ref, sweep_samples)
     for k in k_repeat:                                                  # repeat k costs k x the forwards of T steps
         Tk = k * T
         try:
             make_k, fp_k = adaptive_nat_policy(pipe, Tk)
             name = f"control: adaptive policy at T={Tk} (same forwards as repeat {k})"
-        except runs.UserError:
+        except train.UserError:
             make_k, fp_k = (lambda Tk=Tk: nat.heuristic_schedule(Tk, nat.ADANAT_TAU2_0, w_0)), ""
             name = f"control: AdaNAT heuristic at T={Tk} (same forwards as repeat {k}; no policy_T{Tk}.pt)"
         rows[name] = ((lambda y, s, Tk=Tk, m=make_k: refined_nat(pipe, y, Tk, m, s)), fp_k)
     study_table(pipe, ref, rows, samples, f"refine_T{T}", f"Inference-time refinement at T = {T}.")
 
 
-def blend_schedule(pipe: pipeline.Pipeline, T: int, lam: float):
+def blend_schedule(pipe: train.Pipeline, T: int, lam: float):
     """(make_schedule, suffix) of AdaGen's fidelity blend (Eq. 14) at lam: fidelity_T{T}.pt on policy_T{T}.pt."""
-    file = schedules.policy_file("fidelity", "heuristic", T)
+    file = train.policy_file("fidelity", "heuristic", T)
     path = os.path.join(pipe.run_dir, f"{file}.pt")
     if not os.path.exists(path):
-        raise runs.UserError(f"{path} not found: train it with python train.py --run-dir {pipe.run_dir} --stage fidelity "
+        raise train.UserError(f"{path} not found: train it with python train.py --run-dir {pipe.run_dir} --stage fidelity "
                               f"--set pi_T={T} (after --stage policy)")
-    pi_fid, cfg = models.load_policy(path, pipe.device)
-    base, base_cfg = models.load_policy(os.path.join(pipe.run_dir, f"{cfg['base']}.pt"), pipe.device)
+    pi_fid, cfg = train.load_policy(path, pipe.device)
+    base, base_cfg = train.load_policy(os.path.join(pipe.run_dir, f"{cfg['base']}.pt"), pipe.device)
     if base_cfg["heuristic"] != cfg["heuristic"]:
-        raise runs.UserError(f"{path} and {cfg['base']}.pt start from different schedules (the w_0 sweep changed "
+        raise train.UserError(f"{path} and {cfg['base']}.pt start from different schedules (the w_0 sweep changed "
                               f"between them): retrain the fidelity stage")
     h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
     make = lambda: policy.PolicySchedule(pi_fid, h_pre, base=base, lam=lam)
-    return make, f"|{runs.fingerprint(pipe.run_dir, (file, cfg['base']))}"
+    return make, f"|{train.fingerprint(pipe.run_dir, (file, cfg['base']))}"
 
 
-def blend_study(pipe: pipeline.Pipeline, samples: int, T: int, lams: list[float], classes: tuple = (0, 7), per_class: int = 16) -> None:
+def blend_study(pipe: train.Pipeline, samples: int, T: int, lams: list[float], classes: tuple = (0, 7), per_class: int = 16) -> None:
     """blend_T{T}.json / .md / _curve.png and blend_grids_T{T}.png (AdaGen §III-F2, Figure 13):
     FID / precision / recall per lam, and for two classes a 4x4 grid per lam side by side."""
     makes = {lam: blend_schedule(pipe, T, lam) for lam in lams}
     rows = {f"lam = {lam:g}": ((lambda y, s, m=m: refined_nat(pipe, y, T, m, s)), fp) for lam, (m, fp) in makes.items()}
-    table = study_table(pipe, evaluation.RealFeatures.of(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
+    table = study_table(pipe, train.RealFeatures.of(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
     panels = [{"title": key, "series": [{"x": lams, "y": [r[key] for r in table], "color": color,
                                           "band": ([r[key] - r[key + "_sd"] for r in table], [r[key] + r[key + "_sd"] for r in table])}]}
               for key, color in (("fid", (200, 60, 30)), ("precision", (30, 90, 200)), ("recall", (20, 140, 60)))]
     path = os.path.join(pipe.run_dir, f"blend_T{T}_curve.png")
-    plots.plot_panels(path, panels, title=f"fidelity blend, T={T}: x = lam (0: the adaptive policy, 1: the fidelity policy)")
+    train.plot_panels(path, panels, title=f"fidelity blend, T={T}: x = lam (0: the adaptive policy, 1: the fidelity policy)")
     print("wrote", path)
     side = int(per_class ** 0.5)
     C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
@@ -222,28 +221,28 @@ def blend_study(pipe: pipeline.Pipeline, samples: int, T: int, lams: list[float]
         blocks.append(torch.ones(1, blocks[-1].shape[1], C, S, S))                   # a white row between classes
     grid = torch.cat(blocks[:-1]).reshape(-1, C, S, S)
     path = os.path.join(pipe.run_dir, f"blend_grids_T{T}.png")
-    plots.save_grid(grid, path, nrow=len(lams) * (side + 1))
+    sample.save_grid(grid, path, nrow=len(lams) * (side + 1))
     print("wrote", path, f"(classes {list(classes)} top to bottom; lam = {', '.join(f'{l:g}' for l in lams)} left to right)")
 
 
-def hacking_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: int, per_class: int = 8) -> None:
+def hacking_study(pipe: train.Pipeline, samples: int, T: int, sweep_samples: int, per_class: int = 8) -> None:
     """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
     static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
     FID of the FID network (what the "fid" reward optimised) and of the independent featnet2."""
-    ref = evaluation.RealFeatures.of(pipe)
-    w_0 = pipeline.get_w0(pipe, ref, sweep_samples)
+    ref = train.RealFeatures.of(pipe)
+    w_0 = train.get_w0(pipe, ref, sweep_samples)
     rows = {f"AdaNAT heuristic (w_0={w_0:g})": ((lambda y, s: refined_nat(
         pipe, y, T, lambda: nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0), s)), "")}
-    for reward_name, kind in itertools.product(schedules.PI_REWARDS, ("policy", "static")):
-        if os.path.exists(os.path.join(pipe.run_dir, f"{schedules.policy_file(kind, 'heuristic', T, reward_name)}.pt")):
+    for reward_name, kind in itertools.product(train.PI_REWARDS, ("policy", "static")):
+        if os.path.exists(os.path.join(pipe.run_dir, f"{train.policy_file(kind, 'heuristic', T, reward_name)}.pt")):
             make, fp = adaptive_nat_policy(pipe, T, kind, reward_name)
             rows[f"{'adaptive' if kind == 'policy' else 'static'}, {reward_name} reward"] = (
                 (lambda y, s, m=make: refined_nat(pipe, y, T, m, s)), fp)
     if len(rows) == 1:
-        raise runs.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
+        raise train.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
                               f"--reward fid (and fixed, adversarial; --stage static too)")
     if ref.net2 is None:
-        raise runs.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
+        raise train.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
                               f"{pipe.run_dir} --stage featnet2")
     study_table(pipe, ref, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.")
     K = pipe.cfg.num_classes
@@ -252,18 +251,18 @@ def hacking_study(pipe: pipeline.Pipeline, samples: int, T: int, sweep_samples: 
     panels = [fn(labels, 0)[0].view(K, per_class, C, S, S) for fn, _ in rows.values()]     # seed 0, one class a row
     spaced = [torch.cat([p, torch.ones(K, 1, C, S, S)], dim=1) for p in panels]
     path = os.path.join(pipe.run_dir, f"hacking_grids_T{T}.png")
-    plots.save_grid(torch.cat(spaced, dim=1).reshape(-1, C, S, S), path, nrow=len(panels) * (per_class + 1))
+    sample.save_grid(torch.cat(spaced, dim=1).reshape(-1, C, S, S), path, nrow=len(panels) * (per_class + 1))
     print("wrote", path, "(left to right: " + "; ".join(rows) + "; one class per row)")
 
 
-def refined_grid(pipe: pipeline.Pipeline, T: int, repeat: int, lookahead: int, per_class: int = 10) -> None:
+def refined_grid(pipe: train.Pipeline, T: int, repeat: int, lookahead: int, per_class: int = 10) -> None:
     """samples_adaptive_repeat<k>_lookahead<k>_T<T>.png: the adaptive policy with refinement, a row per class."""
     make, _ = adaptive_nat_policy(pipe, T)
-    refiner = Refiner(pipe, schedules.policy_file("policy", "heuristic", T))
+    refiner = Refiner(pipe, train.policy_file("policy", "heuristic", T))
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
     images, forwards = refined_nat(pipe, labels, T, make, 0, repeat, lookahead, refiner)
     path = os.path.join(pipe.run_dir, f"samples_adaptive_repeat{repeat}_lookahead{lookahead}_T{T}.png")
-    plots.save_grid(images, path, nrow=per_class)
+    sample.save_grid(images, path, nrow=per_class)
     print("wrote", path, f"({forwards:.1f} generator forwards per image)")
 
 
@@ -281,18 +280,18 @@ def add_flags(p) -> None:
 def check_args(args) -> None:
     """One clear line for a study flag that cannot work; args.lams = the parsed --lam values."""
     if args.repeat < 1 or args.lookahead < 1:
-        raise runs.UserError("--repeat and --lookahead count candidates: at least 1")
+        raise train.UserError("--repeat and --lookahead count candidates: at least 1")
     try:
         args.lams = [float(v) for v in args.lam.split(",")] if args.lam else []
     except ValueError:
-        raise runs.UserError(f"--lam {args.lam!r}: expected numbers like 0,0.5,1") from None
+        raise train.UserError(f"--lam {args.lam!r}: expected numbers like 0,0.5,1") from None
     if any(not 0 <= v <= 1 for v in args.lams):
-        raise runs.UserError(f"--lam {args.lam}: lam blends two policies, each value in [0, 1]")
+        raise train.UserError(f"--lam {args.lam}: lam blends two policies, each value in [0, 1]")
 
 
-def run(args, pipe: pipeline.Pipeline) -> bool:
-    """The studies the flags ask for, on the NAT at --grid-steps; True if any ran."""
-    T = args.grid_steps
+def run(args, device: torch.device) -> None:
+    """The studies the flags ask for, on the NAT at --grid-steps."""
+    pipe, T = sample.nat_pipeline(args, device), args.grid_steps
     if args.refine:
         refine_study(pipe, args.samples, T, args.sweep_samples)
     if args.lams:
@@ -301,5 +300,9 @@ def run(args, pipe: pipeline.Pipeline) -> bool:
         hacking_study(pipe, args.samples, T, args.sweep_samples)
     if args.repeat > 1 or args.lookahead > 1:
         refined_grid(pipe, T, args.repeat, args.lookahead)
-    return bool(args.refine or args.lams or args.hacking or args.repeat > 1 or args.lookahead > 1)
+    if not (args.refine or args.lams or args.hacking or args.repeat > 1 or args.lookahead > 1):
+        raise train.UserError("name a study: --refine, --lam, --hacking, --repeat or --lookahead")
 
+
+if __name__ == "__main__":
+    sample.main(add_flags=add_flags, run=run, check=check_args, doc=__doc__)

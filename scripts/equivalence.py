@@ -6,7 +6,10 @@ log.jsonl value and every eval.json number must be identical (times and speeds a
     python train.py --preset test --run-dir /tmp/runB && python sample.py --run-dir /tmp/runB --eval --samples 60 --decode-steps 4
     python scripts/equivalence.py /tmp/runA /tmp/runB
 
-Exit code 0 and "identical" when they match; otherwise the first differences.
+Exit code 0 and "identical" when they match; otherwise the first differences. config.json is
+compared on the keys both have (a key the newer code dropped is listed, not a difference); files
+only one folder has are listed, and a checkpoint missing from the second fails unless it is a cache
+(fid_ref.pt, *_cache.json: things the newer code recomputes instead of keeping).
 """
 import json
 import os
@@ -14,8 +17,6 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import upgrade                                     # noqa: E402  (config keys renamed since: compared by new names)
 
 TIMES = ("time", "wall_seconds", "train_seconds", "minutes", "images_per_s", "images_per_s_sd",
          "fingerprint", "key", "generator")    # fingerprints are "stage:step:training seconds": times too
@@ -45,15 +46,21 @@ def same(a, b, where: str, diffs: list) -> None:
 
 def main(run_a: str, run_b: str) -> int:
     diffs: list = []
-    names = sorted(f for f in os.listdir(run_a) if f.endswith((".pt", ".json")) and "cache" not in f)
+    files = {r: {f for f in os.listdir(r) if f.endswith((".pt", ".json"))} for r in (run_a, run_b)}
+    caches = lambda f: f == "fid_ref.pt" or "cache" in f
+    for r, other in ((run_a, run_b), (run_b, run_a)):
+        if files[r] - files[other]:
+            print(f"only in {r}: {', '.join(sorted(files[r] - files[other]))}")
+    diffs += [f"{f} missing in {run_b}" for f in sorted(files[run_a] - files[run_b]) if not caches(f)]
+    names = sorted(f for f in files[run_a] & files[run_b] if not caches(f))
     for f in names:
-        if not os.path.exists(os.path.join(run_b, f)):
-            diffs.append(f"{f} missing in {run_b}")
-            continue
         load = (lambda p: torch.load(p, weights_only=True)) if f.endswith(".pt") else (lambda p: json.load(open(p)))
         a, b = load(os.path.join(run_a, f)), load(os.path.join(run_b, f))
         if f == "config.json":
-            a, b = upgrade(a), upgrade(b)
+            dropped = sorted(set(a) ^ set(b))
+            if dropped:
+                print(f"config.json keys in one folder only: {', '.join(dropped)}")
+            a, b = ({k: v for k, v in x.items() if k in a and k in b} for x in (a, b))
         same(a, b, f, diffs)
     logs = [[json.loads(line) for line in open(os.path.join(r, "log.jsonl"))] for r in (run_a, run_b)]
     same(logs[0], logs[1], "log.jsonl", diffs)

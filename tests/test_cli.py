@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
+import train
 
-import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -354,12 +354,12 @@ def test_corrupt_and_mismatched_checkpoints(run_dir, tmp_path):
 def test_checkpoint_round_trip(tmp_path):
     path = str(tmp_path / "x.pt")
     obj = {"model": {"w": torch.randn(3)}, "config": {"a": 1, "b": [1, 2]}, "step": 7}
-    runs.save_ckpt(path, obj)
-    back = runs.load_ckpt(path, expect_config={"a": 1, "b": [1, 2]})
+    train.save_ckpt(path, obj)
+    back = train.load_ckpt(path, expect_config={"a": 1, "b": [1, 2]})
     assert torch.equal(back["model"]["w"], obj["model"]["w"]) and back["step"] == 7
     assert not os.path.exists(path + ".tmp")
-    with pytest.raises(runs.UserError, match="another config"):
-        runs.load_ckpt(path, expect_config={"a": 2, "b": [1, 2]})
+    with pytest.raises(train.UserError, match="another config"):
+        train.load_ckpt(path, expect_config={"a": 2, "b": [1, 2]})
 
 
 def test_tables_script_runs_every_step(tmp_path):

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,10 +66,10 @@ def test_a_fault_on_two_processes_stops_both_with_one_message(run_dir, tmp_path)
 GENERATE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import ddp, nat, pipeline, policy
-device = ddp.init_distributed(torch.device("cpu"))
-pipe = pipeline.Pipeline({run!r}, device, batch=16)
-labels = pipeline.balanced_labels(40, pipe.cfg.num_classes)                         # 3 chunks: 16, 16, 8
+import nat, policy, train
+device = train.init_distributed(torch.device("cpu"))
+pipe = train.Pipeline({run!r}, device, batch=16)
+labels = train.balanced_labels(40, pipe.cfg.num_classes)                         # 3 chunks: 16, 16, 8
 tokens = pipe.generate(labels, 4, nat.heuristic_schedule(4, 1.0, 2.0), seed=7)
 torch.manual_seed(0)                                                              # a policy with non-zero outputs
 pi = policy.AdaptivePolicy(4, pipe.cfg.dim, pipe.cfg.num_tokens, width=8, hidden=8)
@@ -76,10 +77,10 @@ torch.nn.init.normal_(pi.out.weight, std=0.3)
 sched = policy.PolicySchedule(pi, policy.inverse_activation(nat.heuristic_table(4, 1.0, 2.0)))
 pipe.generate(labels, 4, sched, seed=7)
 picked = pipe.generate(labels, 4, nat.heuristic_schedule(4, 1.0, 2.0), seed=7, lookahead=2, score_fn="random")
-if ddp.DIST.main:
+if train.DIST.main:
     torch.save({{"tokens": tokens, "actions": sched.actions(), "picked": picked}}, {out!r})
-if ddp.DIST.world > 1:                   # a process group left alive at exit can abort in gloo's threads
-    ddp.barrier()
+if train.DIST.world > 1:                   # a process group left alive at exit can abort in gloo's threads
+    train.barrier()
     torch.distributed.destroy_process_group()
 """
 

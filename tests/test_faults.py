@@ -1,5 +1,5 @@
 """Run faults, in-process through train.main / sample.main: a loss that turns NaN, a disk that fills
-during a checkpoint write, out of memory. Each stops with one line and exit code runs.FAULT_EXIT,
+during a checkpoint write, out of memory. Each stops with one line and exit code train.FAULT_EXIT,
 leaves a loadable finite checkpoint and no temporary file, and the run then resumes."""
 import json
 import os
@@ -10,8 +10,6 @@ import torch
 
 import nat
 import reward
-import pipeline
-import runs
 import sample
 import train
 
@@ -51,8 +49,8 @@ def assert_valid_log(run_dir: str) -> None:
 
 
 def assert_good_checkpoint(path: str, step: int) -> None:
-    ck = runs.load_ckpt(path)
-    assert ck["step"] == step and not ck["done"] and runs.all_finite(ck)
+    ck = train.load_ckpt(path)
+    assert ck["step"] == step and not ck["done"] and train.all_finite(ck)
     assert not os.path.exists(path + ".tmp")
 
 
@@ -65,7 +63,7 @@ def test_nan_loss_stops_keeps_the_last_good_state_and_resumes(base, tmp_path, mo
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] == 12 else loss
     monkeypatch.setattr(nat, "masked_token_loss", loss_nan_at_12)
-    assert exits(train.main, ["--run-dir", d, "--stage", "nat"]) == runs.FAULT_EXIT
+    assert exits(train.main, ["--run-dir", d, "--stage", "nat"]) == train.FAULT_EXIT
     err = error_lines(capsys)
     assert len(err) == 1 and err[0].startswith("error: nat: non-finite loss (nan) at step 12 (last finite loss ")
     assert "step 11) is saved" in err[0] and "--set nat_lr=" in err[0] and "new run folder" in err[0]
@@ -74,7 +72,7 @@ def test_nan_loss_stops_keeps_the_last_good_state_and_resumes(base, tmp_path, mo
     monkeypatch.undo()
     train.main(["--run-dir", d, "--stage", "nat"])                           # transient: the run resumes
     assert "resuming nat.pt from step 11" in capsys.readouterr().out
-    assert runs.load_ckpt(os.path.join(d, "nat.pt"))["done"]
+    assert train.load_ckpt(os.path.join(d, "nat.pt"))["done"]
 
 
 def test_a_huge_learning_rate_never_saves_non_finite_weights(base, tmp_path, capsys):
@@ -82,10 +80,10 @@ def test_a_huge_learning_rate_never_saves_non_finite_weights(base, tmp_path, cap
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["nat_lr"] = 1e30                                                     # the run folder's own config
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    assert exits(train.main, ["--run-dir", d, "--stage", "nat"]) == runs.FAULT_EXIT
+    assert exits(train.main, ["--run-dir", d, "--stage", "nat"]) == train.FAULT_EXIT
     assert "nat: non-finite" in capsys.readouterr().err
     if os.path.exists(os.path.join(d, "nat.pt")):
-        assert runs.all_finite(runs.load_ckpt(os.path.join(d, "nat.pt")))
+        assert train.all_finite(train.load_ckpt(os.path.join(d, "nat.pt")))
     assert_valid_log(d)
 
 
@@ -102,7 +100,7 @@ def test_disk_full_during_a_checkpoint_write(base, tmp_path, monkeypatch, capsys
         return real(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", save_fails_at_5)
     code = exits(train.main, ["--run-dir", d, "--stage", "nat", "--set", "ckpt_every_s=0"])   # a checkpoint every step
-    assert code == runs.FAULT_EXIT
+    assert code == train.FAULT_EXIT
     err = error_lines(capsys)
     assert len(err) == 1 and f"could not write {os.path.join(d, 'nat.pt')}: No space left on device" in err[0]
     assert "the previous file is intact" in err[0]
@@ -122,7 +120,7 @@ def test_out_of_memory_names_the_batch_and_resumes(base, tmp_path, monkeypatch, 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, *a, **k)
     monkeypatch.setattr(nat.NAT, "forward", forward_oom_at_7)
-    assert exits(train.main, ["--run-dir", d, "--stage", "nat"]) == runs.FAULT_EXIT
+    assert exits(train.main, ["--run-dir", d, "--stage", "nat"]) == train.FAULT_EXIT
     err = error_lines(capsys)
     assert len(err) == 1 and err[0].startswith("error: nat: out of memory at step 7")
     assert "nat_batch = 32" in err[0] and "--set nat_batch=16" in err[0]
@@ -141,7 +139,7 @@ def test_policy_stops_on_a_non_finite_reward_and_resumes(base, tmp_path, monkeyp
         r = real(logits)
         return r * float("nan") if calls["n"] == 3 else r
     monkeypatch.setattr(reward, "reward", reward_nan_at_3)
-    assert exits(train.main, ["--run-dir", d, "--stage", "policy"]) == runs.FAULT_EXIT
+    assert exits(train.main, ["--run-dir", d, "--stage", "policy"]) == train.FAULT_EXIT
     err = error_lines(capsys)
     assert len(err) == 1 and "policy_T4: non-finite reward (nan) at step 3" in err[0] and "--set pi_lr=" in err[0]
     assert_good_checkpoint(os.path.join(d, "policy_T4.pt"), 2)
@@ -152,13 +150,13 @@ def test_policy_stops_on_a_non_finite_reward_and_resumes(base, tmp_path, monkeyp
 
 
 def test_generation_rows_change_memory_not_images_and_oom_says_so(base, monkeypatch, capsys):
-    pipe = pipeline.Pipeline(base, torch.device("cpu"), batch=20)
+    pipe = train.Pipeline(base, torch.device("cpu"), batch=20)
     labels = torch.arange(30) % 10
     sched = nat.heuristic_schedule(4, 1.0, 2.0)
     whole = pipe.generate(labels, 4, sched, seed=3)
     pipe.rows = 7                                                            # forwards of 7 rows, chunks of 20
     assert torch.equal(pipe.generate(labels, 4, sched, seed=3), whole)
     monkeypatch.setattr(nat.NAT, "forward", lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
-    assert exits(sample.main, ["--run-dir", base, "--rows", "64"]) == runs.FAULT_EXIT
+    assert exits(sample.main, ["--run-dir", base, "--rows", "64"]) == train.FAULT_EXIT
     err = error_lines(capsys)
     assert len(err) == 1 and "out of memory generating 64 rows per forward" in err[0] and "--rows 32" in err[0]

@@ -4,6 +4,7 @@ import math
 import torch
 
 import nat
+import sample
 
 K, N, MASK = 12, 16, 12
 

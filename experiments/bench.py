@@ -1,15 +1,20 @@
-"""Throughput (sample.py --bench): images/s of generation against the same bare forwards of the
+"""Throughput (python experiments/bench.py): images/s of generation against the same bare forwards of the
 generator, i.e. what decoding, guidance and the policy add on top of the transformer.
 
-Usage: python sample.py --run-dir runs/small --bench [--compile] [--batch 1024]
+Usage: python experiments/bench.py --run-dir runs/small [--compile] [--batch 1024]
 """
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's root
+
 import time
 
 import torch
 
 import nat
-import pipeline
-import schedules
+import sample  # noqa: E402
+import train  # noqa: E402
 
 
 def time_round_robin(fns: list, device: torch.device, repeats: int) -> dict:
@@ -29,9 +34,9 @@ def time_round_robin(fns: list, device: torch.device, repeats: int) -> dict:
     return {name: min(ts) for name, ts in times.items()}
 
 
-def bench(pipe: pipeline.Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
+def bench(pipe: train.Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dict:
     """images/s of `generate` (AdaNAT's heuristic, w_0 = 2, with CFG) vs the same T bare forwards of 2B rows."""
-    labels = pipeline.balanced_labels(batch, pipe.cfg.num_classes).to(pipe.device)
+    labels = train.balanced_labels(batch, pipe.cfg.num_classes).to(pipe.device)
     sched = nat.heuristic_schedule(T, tau2_0=nat.ADANAT_TAU2_0, w_0=2.0)
     g = torch.Generator(pipe.device).manual_seed(0)
     tokens = torch.randint(0, pipe.cfg.vocab_size, (2 * batch, pipe.cfg.num_tokens), device=pipe.device)
@@ -46,7 +51,7 @@ def bench(pipe: pipeline.Pipeline, batch: int, T: int = 8, repeats: int = 3) -> 
             pipe.logits_fn(tokens, y2)
 
     fns = [("generate", run_generate), ("bare forwards", run_forwards)]
-    found = schedules.policy_schedule(pipe, "policy", T)
+    found = sample.policy_schedule(pipe, "policy", T)
     if found is not None:                                               # the adaptive policy as the schedule
         make_policy = found[0]
         fns.append(("generate + policy", lambda: nat.generate(pipe.logits_fn, labels, T, make_policy(), pipe.cfg.mask_id,
@@ -73,7 +78,16 @@ def bench(pipe: pipeline.Pipeline, batch: int, T: int = 8, repeats: int = 3) -> 
     return res
 
 
-def add_flags(p) -> None:
-    """sample.py's --bench."""
-    p.add_argument("--bench", action="store_true", help="images/s of generate vs bare forwards, and the policy's cost")
+def run(args, device: torch.device) -> None:
+    """The bench at --grid-steps on --batch rows (default 1024 on CUDA, 256 on the CPU); with --compile
+    eager first, then compiled."""
+    pipe = sample.nat_pipeline(args, device)
+    batch = args.batch or (1024 if device.type == "cuda" else 256)
+    bench(pipe, batch, T=args.grid_steps)
+    if args.compile:
+        pipe.compile()
+        bench(pipe, batch, T=args.grid_steps)
 
+
+if __name__ == "__main__":
+    sample.main(run=run, doc=__doc__)

@@ -345,7 +345,9 @@ def build_config(args: argparse.Namespace, stages: list[str], running: list[str]
     c = load_config(run_dir, args.preset)
     fields = {f.name: f.type for f in dataclasses.fields(c)}
     for item in args.set or []:
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set nat_lr=5e-4")
         if key not in fields or key == "preset":
             raise UserError(f"--set {item}: unknown config key {key!r}; keys: {', '.join(k for k in fields if k != 'preset')}")
         try:

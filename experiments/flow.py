@@ -33,12 +33,11 @@ FLOW_W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 class FlowPipeline(train.GeneratorPipeline):
     """The continuous generator of a run folder (flow.pt or vp.pt, EMA weights) and the feature network."""
 
-    def __init__(self, run_dir: str, device: torch.device, path: str = "flow", bf16: bool = True, batch: int | None = None,
-                 rows: int | None = None):
+    def __init__(self, run_dir: str, device: torch.device, path: str = "flow", bf16: bool = True, batch: int | None = None):
         if not os.path.exists(os.path.join(run_dir, f"{path}.pt")):
-            raise train.UserError(f"{run_dir}/{path}.pt not found: train it with python train.py --run-dir {run_dir} "
-                                  f"--stage flow --path {path}")
-        super().__init__(run_dir, device, bf16, batch, rows, (path, "featnet"))
+            raise train.UserError(f"{run_dir}/{path}.pt not found: train it with python experiments/flow.py train --run-dir "
+                                  f"{run_dir} --stage flow --set flow_path={path}")
+        super().__init__(run_dir, device, bf16, batch)
         self.net = train.build_model(run_dir, path, device, weights="ema")
         self.cfg: samplers.FlowConfig = self.net.cfg
         self.path = samplers.PATHS[path]
@@ -50,13 +49,8 @@ class FlowPipeline(train.GeneratorPipeline):
         """The w_0 sweep's images: constant guidance w_0, Euler on the uniform 8-step grid, seed 0."""
         return self.generate(labels, 8, samplers.heuristic_schedule(samplers.uniform_grid(8), w_0), "euler", seed=0)
 
-    def candidate_images(self, labels: torch.Tensor, tables: torch.Tensor, seed: int, C: int, progress: bool,
-                         solver: str = "euler") -> torch.Tensor:
-        """Images of C interleaved (T, 2) sampler schedules [t_next, w] (candidate_fids) with `solver`."""
-        return self.generate(labels, tables.shape[1], samplers.table_schedule(tables), solver, seed, group=C)
-
     def velocity_fn(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
-        return self.forward_rows(self.net, x, t, labels)
+        return self.counted(self.net, x, t, labels)
 
     def generate(self, labels: torch.Tensor, T: int, schedule: samplers.Schedule, solver: str, seed: int,
                  guided: bool = True, group: int = 1) -> torch.Tensor:
@@ -131,8 +125,8 @@ def flow_task(c: train.TrainConfig, run_dir: str, device: torch.device, kind: st
     """(task, pipeline, RealFeatures) of the ODE-sampler MDP (AdaGen): flow_pi_solver with the most
     steps whose network evaluations fit in `nfe`, starting from the uniform grid with constant
     guidance w_0 (the AdaGen release's DiT/SiT start); D's reals are raw training images."""
-    pipe = FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-    ref = train.RealFeatures.of(pipe)
+    pipe = FlowPipeline(run_dir, device, c.flow_path, c.bf16)
+    ref = train.RealFeatures(pipe)
     w_0 = train.get_w0(pipe, ref, c.pi_sweep_samples)
     solver, cfg = c.flow_pi_solver, pipe.cfg
     T = samplers.steps_for_nfe(solver, nfe)
@@ -154,20 +148,19 @@ def flow_task(c: train.TrainConfig, run_dir: str, device: torch.device, kind: st
     return task, pipe, ref
 
 def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
-    """name -> {nfe: (make_schedule, solver, T, cache-key suffix)}: every solver on every heuristic
-    grid with constant guidance w_0, each solver on the uniform grid with guidance in
-    FLOW_INTERVAL, then the searched table and the PPO policies found in the run folder (their
-    suffix: the checkpoint's fingerprint, so a retrained one is evaluated again)."""
+    """name -> {nfe: (make_schedule, solver, T)}: every solver on every heuristic grid with constant guidance
+    w_0, each solver on the uniform grid with guidance in FLOW_INTERVAL, then the searched table and the PPO
+    policies found in the run folder."""
     rows = {}
     for solver in samplers.SOLVERS:
         for grid in samplers.GRIDS:
             rows[f"{solver}, {grid} grid, w={w_0:g}"] = {
                 n: (lambda T=samplers.steps_for_nfe(solver, n), grid=grid: samplers.heuristic_schedule(
-                    samplers.GRIDS[grid](T, pipe.path), w_0), solver, samplers.steps_for_nfe(solver, n), "") for n in nfes}
+                    samplers.GRIDS[grid](T, pipe.path), w_0), solver, samplers.steps_for_nfe(solver, n)) for n in nfes}
         lo, hi = samplers.FLOW_INTERVAL
         rows[f"{solver}, uniform grid, w={w_0:g} for t in ({lo:g}, {hi:g}]"] = {
             n: (lambda T=samplers.steps_for_nfe(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, samplers.FLOW_INTERVAL),
-                solver, samplers.steps_for_nfe(solver, n), "") for n in nfes}
+                solver, samplers.steps_for_nfe(solver, n)) for n in nfes}
     for n in nfes:                                                     # the searched T x [t_next, w] table
         name = f"{pipe.path.name}_search_nfe{n}"
         path = os.path.join(pipe.run_dir, f"{name}.pt")
@@ -175,8 +168,7 @@ def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
         if ck.get("done"):
             solver = ck["config"]["solver"]
             rows.setdefault(f"searched grid + guidance (AutoNAT's search, {solver})", {})[n] = (
-                lambda table=ck["table"]: samplers.table_schedule(table), solver, ck["config"]["T"],
-                f"|{train.fingerprint(pipe.run_dir, (name,))}")
+                lambda table=ck["table"]: samplers.table_schedule(table), solver, ck["config"]["T"])
     for kind in sample.POLICY_ROWS:                                           # the PPO-trained schedules
         for n in nfes:
             found = flow_policy_schedule(pipe, kind, n)
@@ -186,8 +178,7 @@ def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
 
 
 def flow_policy_schedule(pipe: FlowPipeline, kind: str, nfe: int) -> tuple | None:
-    """(row name, make_schedule, solver, T, cache-key suffix) of the trained `kind` flow policy for
-    the NFE budget, or None if there is none."""
+    """(row name, make_schedule, solver, T) of the trained `kind` flow policy for the NFE budget, or None."""
     file = flow_policy_file(pipe.path.name, kind, nfe)
     path = os.path.join(pipe.run_dir, f"{file}.pt")
     if not os.path.exists(path):
@@ -197,7 +188,7 @@ def flow_policy_schedule(pipe: FlowPipeline, kind: str, nfe: int) -> tuple | Non
     make = lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"], spec=policy.FLOW_ACTIONS,
                                          to_step=samplers.actions_to_step(cfg["T"]))
     name = sample.POLICY_ROWS[kind].format(beta_ema=cfg["beta_ema"])[:-1] + f", {cfg['solver']})"
-    return name, make, cfg["solver"], cfg["T"], f"|{train.fingerprint(pipe.run_dir, (file,))}"
+    return name, make, cfg["solver"], cfg["T"]
 
 
 def adaptive_flow_policy(pipe: FlowPipeline, nfe: int) -> tuple:
@@ -205,15 +196,15 @@ def adaptive_flow_policy(pipe: FlowPipeline, nfe: int) -> tuple:
     found = flow_policy_schedule(pipe, "policy", nfe)
     if found is None:
         raise train.UserError(f"{pipe.run_dir}/{flow_policy_file(pipe.path.name, 'policy', nfe)}.pt not found: "
-                              f"train it with python train.py --stage flow-policy --run-dir {pipe.run_dir}")
+                              f"train it with python experiments/flow.py train --stage flow-policy --run-dir {pipe.run_dir}")
     return found[1:4]
 
 
 def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_samples: int) -> None:
-    """The continuous generator's table (<path>_eval.json, <path>_eval.md), resumable through
-    <path>_eval_cache.json: FID / precision / recall against the test images, NFE per image."""
+    """The continuous generator's table (<path>_eval.json, <path>_eval.md): the metrics against the test
+    images, NFE per image."""
     name_ = pipe.path.name
-    ref = train.RealFeatures.of(pipe)
+    ref = sample.EvalReferences(pipe)
     w_0 = train.get_w0(pipe, ref, sweep_samples)
     rows = flow_rows(pipe, w_0, nfes)
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
@@ -226,16 +217,15 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
             res = sample.measure(ref, labels, make(), lambda sched: pipe.generate(labels, T, sched, solver, seed=s))
             return {**res, "nfe": (pipe.forwards - before) / (2 * samples)}  # a guided pair counts once
         return compute
-    cells = [((name, nfe), f"{name}|NFE{nfe}|seed{s}|{samples}{suffix}", cell(make, solver, T, s))
-             for name in rows for nfe, (make, solver, T, suffix) in rows[name].items() for s in sample.EVAL_SEEDS]
-    res = sample.seeded_cells(pipe, ref, f"{name_}_eval", cells, f"{name_} eval")
+    res = sample.run_cells([((name, nfe), cell(make, solver, T, s)) for name in rows
+                            for nfe, (make, solver, T) in rows[name].items() for s in sample.EVAL_SEEDS], f"{name_} eval")
     table = [{"schedule": name, "solver": solver, "T": T, "nfe_budget": nfe, "nfe": res[(name, nfe)][0]["nfe"],
               "samples": samples, "seeds": list(sample.EVAL_SEEDS),
               **sample.seed_summary(res[(name, nfe)], policy.FLOW_ACTIONS.names)}
-             for name in rows for nfe, (_, solver, T, _) in rows[name].items()]
+             for name in rows for nfe, (_, solver, T) in rows[name].items()]
     table.sort(key=lambda r: r["nfe_budget"])
     train.write_json(os.path.join(pipe.run_dir, f"{name_}_eval.json"),
-                     {"rows": table, "reference": refs, "w_0": w_0, "fingerprint": pipe.fingerprint, "device": str(pipe.device)})
+                     {"rows": table, "reference": refs, "w_0": w_0, "device": str(pipe.device)})
     head = f"| schedule | T | NFE | {sample.metric_head(ref)} images/s |"
     md = [f"{name_} path: {samples} samples per row and seed, seeds {list(sample.EVAL_SEEDS)}; FID, precision and recall against "
           f"the {n} test images{sample.REF_NOTE}; NFE = network evaluations per image (a guided pair in one batch counts as one); "
@@ -250,8 +240,7 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
 
 def flow_grids(pipe: FlowPipeline, nfe: int, per_class: int = 10) -> None:
     """<path>_samples_nfe<nfe>.png: a row per class, DPM-Solver++(2S) on the uniform grid with the swept w_0."""
-    saved = train.read_json(os.path.join(pipe.run_dir, f"{pipe.path.name}_sweep_w.json"), {})
-    w_0 = saved["w_0"] if saved.get("fingerprint") == pipe.fingerprint else 1.0
+    w_0 = train.read_json(os.path.join(pipe.run_dir, pipe.sweep_file), {}).get("w_0", 1.0)
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
     T = samplers.steps_for_nfe("dpmpp2s", nfe)
     images = pipe.generate(labels, T, samplers.heuristic_schedule(samplers.uniform_grid(T), w_0), "dpmpp2s", seed=0)
@@ -365,7 +354,7 @@ def run(args, device: torch.device) -> None:
         raise train.UserError("--nfe budgets must be positive")
     if args.repeat < 1:
         raise train.UserError("--repeat counts candidates: at least 1")
-    fpipe = FlowPipeline(args.run_dir, device, args.path, bf16=not args.no_bf16, batch=args.batch, rows=args.rows)
+    fpipe = FlowPipeline(args.run_dir, device, args.path, bf16=not args.no_bf16, batch=args.batch)
     if args.eval:
         evaluate_flow(fpipe, args.samples, nfes, args.sweep_samples)
     if args.plot:

@@ -39,7 +39,8 @@ from tqdm import tqdm
 import fid
 import nat
 import reward
-from experiments.studies import Refiner, perturbed, spearman
+from experiments.search import dedup_logits_fn  # noqa: E402
+from experiments.studies import Refiner, perturbed, spearman  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
@@ -56,16 +57,21 @@ def parse_spec(spec: str) -> tuple[str, tuple]:
     return nets, tuple(int(k) for k in taps) if taps else (0, 1, 2)
 
 
+def fresh(pipe: train.Pipeline, path: str) -> bool:
+    """Whether a cache file exists and is newer than the generator it was made with."""
+    return os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(os.path.join(pipe.run_dir, "nat.pt"))
+
+
 def check_tables(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples: int, T: int) -> dict:
     """The 12 fixed schedules {name: (T, 4) table} of the check (10 without a searched family)."""
     w_0 = train.get_w0(pipe, ref, sweep_samples)
     h = lambda tau2_0, w: nat.heuristic_table(T, tau2_0, w)
     tables = {"MaskGIT": nat.heuristic_table(T, **nat.MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})": h(nat.ADANAT_TAU2_0, w_0)}
     for name in ("search", "param"):                                     # the searched family only if it was searched
-        found = train.searched_table(pipe, name, T)
+        found = train.searched_table(pipe.run_dir, name, T)
         if found is None and name == "search":
-            raise train.UserError(f"the reward check compares the searched schedule too: run python train.py --run-dir "
-                                 f"{pipe.run_dir} --stage search --set search_T={T}")
+            raise train.UserError(f"the reward check compares the searched schedule too: run python experiments/search.py "
+                                  f"--run-dir {pipe.run_dir} --stage search --set search_T={T}")
         if found is not None:
             tables[sample.SEARCH_ROWS[name]] = found[0].float()
     for i, (name, table) in enumerate(list(tables.items())):
@@ -121,7 +127,7 @@ def schedule_readings(pipe: train.Pipeline, ref: train.RealFeatures, tables: dic
             feats, _ = fid.extract(pipe.featnet, images[name], device=pipe.device)
             P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
             cache[key] = {"table": table.tolist(), "precision": P, "recall": R,
-                          **train.judge_fids(ref, images[name], "train", feats, fid_net=True)}
+                          **ref.distances(images[name], ref.train, feats)}
             save()
     return images
 
@@ -129,17 +135,16 @@ def schedule_readings(pipe: train.Pipeline, ref: train.RealFeatures, tables: dic
 def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: list[str], max_steps: int,
                  T: int = 4) -> dict:
     """reward_check.md / .json: the two-sample readings of every D spec and the warm-up reading, with
-    the judges and Spearman rho per spec and judge (module docstring). Resumable (reward_check_cache.json)."""
-    ref = train.RealFeatures.of(pipe)
-    if ref.net2 is None or "fd_ssl" not in ref.judges:
+    the judges and Spearman rho per spec and judge (module docstring). Resumable: reward_check_cache.json
+    (started over when nat.pt is newer)."""
+    ref = train.RealFeatures(pipe)
+    if "fid2" not in ref.judges or "fd_ssl" not in ref.judges:
         raise train.UserError(f"the reward check reads both held-out judges: train them with python train.py --run-dir "
                              f"{pipe.run_dir} --stage featnet2, then --stage featssl")
     c = train.load_config(pipe.run_dir)
     tables = check_tables(pipe, ref, sweep_samples, T)
     path = os.path.join(pipe.run_dir, "reward_check_cache.json")
-    cache = train.read_json(path, {})
-    if cache.get("fingerprint") != f"{pipe.eval_key}|{ref.key}":
-        cache = {"fingerprint": f"{pipe.eval_key}|{ref.key}"}
+    cache = train.read_json(path, {}) if fresh(pipe, path) else {}
     save = lambda: train.write_json(path, cache)
     images = schedule_readings(pipe, ref, tables, samples, T, cache, save)
     x_real, y_real = train.real_images(c)
@@ -176,8 +181,7 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
                for by in ("acc", "loss") for k in JUDGE_KEYS} for s in specs}
     out = {"T": T, "samples": samples, "max_steps": max_steps, "rows": rows, "spearman_two_sample": rho,
            "spearman_judges": {f"{a}_vs_{b}": spearman([r[a] for r in rows], [r[b] for r in rows])
-                               for a, b in (("fid", "fid2"), ("fid", "fd_ssl"), ("fid2", "fd_ssl"))},
-           "fingerprint": pipe.fingerprint}
+                               for a, b in (("fid", "fid2"), ("fid", "fd_ssl"), ("fid2", "fd_ssl"))}}
     if warm:
         out["spearman_warmup"] = {k: spearman([-r["warmup_reward"] for r in rows], [judge(r, k) for r in rows]) for k in JUDGE_KEYS}
         out["d_acc_warmup"] = warm.d_acc_warmup
@@ -214,22 +218,23 @@ HEADROOM_TAU2 = (0.5, 1.0, 2.0, 4.5)
 def class_sweep(pipe: train.Pipeline, ref: train.RealFeatures, per_class: int, T: int) -> dict:
     """Every (w_0, tau2_0) of HEADROOM_W x HEADROOM_TAU2 on per_class samples of each class (seed 0, common
     random numbers), FID on the FID network against each class's training statistics and against all of
-    them; cached in headroom_sweep.json. Returns {grid, per_class_fid (K, C), fid (C,), best (K,), best_all}."""
+    them; cached in headroom_sweep.json (until nat.pt is newer). Returns {grid, per_class_fid (K, C), fid (C,),
+    best (K,), best_all}."""
     path = os.path.join(pipe.run_dir, "headroom_sweep.json")
-    saved = train.read_json(path, {})
-    if (saved.get("fingerprint"), saved.get("per_class"), saved.get("T")) == (f"{pipe.eval_key}|{ref.key}", per_class, T):
+    saved = train.read_json(path, {}) if fresh(pipe, path) else {}
+    if (saved.get("per_class"), saved.get("T")) == (per_class, T):
         return saved
     grid = [(w, tau2) for w in HEADROOM_W for tau2 in HEADROOM_TAU2]
     tables = torch.stack([nat.heuristic_table(T, tau2, w) for w, tau2 in grid])               # (C, T, 4)
     K, C = pipe.cfg.num_classes, len(grid)
     labels = train.balanced_labels(per_class * K, K)                                         # (n,)
-    tok = pipe.generate(labels.repeat_interleave(C), T, nat.table_schedule(tables), seed=0, group=C, dedup=True,
-                        progress=True)
+    tok = pipe.generate(labels.repeat_interleave(C), T, nat.table_schedule(tables), seed=0, group=C, progress=True,
+                        logits_fn=dedup_logits_fn(pipe.logits_fn))
     feats = fid.extract(pipe.featnet, pipe.decode(tok), device=pipe.device)[0].view(len(labels), C, -1)   # (n, C, D)
     per_class_fid = [[fid.fid_from_features(feats[labels == k, j], *fid.statistics(ref.train_feats[ref.train_labels == k]))
                       for j in range(C)] for k in range(K)]
     overall = [fid.fid_from_features(feats[:, j], ref.train_mu, ref.train_sigma) for j in range(C)]
-    out = {"fingerprint": f"{pipe.eval_key}|{ref.key}", "per_class": per_class, "T": T, "grid": grid,
+    out = {"per_class": per_class, "T": T, "grid": grid,
            "per_class_fid": per_class_fid, "fid": overall,
            "best": [min(range(C), key=lambda j: row[j]) for row in per_class_fid],
            "best_all": min(range(C), key=lambda j: overall[j])}
@@ -241,7 +246,7 @@ def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: 
     """headroom_T{T}.md / .json: the heuristic, the best single (w_0, tau2_0) and the class-only schedule
     (each class its best pair) on the test set over EVAL_SEEDS, every judge, and the share of the
     heuristic -> floor gap each closes."""
-    ref = train.RealFeatures.of(pipe)
+    ref = sample.EvalReferences(pipe)
     w_0 = train.get_w0(pipe, ref, sweep_samples)
     sweep = class_sweep(pipe, ref, per_class, T)
     grid = sweep["grid"]
@@ -252,10 +257,9 @@ def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: 
             "class-only schedule (each class its best pair)": nat.class_table_schedule(tables)}
     labels = train.balanced_labels(samples, pipe.cfg.num_classes)
     cell = lambda sched, s: lambda: sample.metrics(ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
-    cells = [("floor", f"floor|{samples}", lambda: sample.recon_reference(ref, samples))]
-    cells += [(name, f"{name}|{T}|{samples}|seed{s}|{sweep['best']}", cell(sched, s))
-              for name, sched in rows.items() for s in sample.EVAL_SEEDS]
-    res = sample.seeded_cells(pipe, ref, f"headroom_T{T}", cells, "headroom")
+    cells = [("floor", lambda: sample.recon_reference(ref, samples))]
+    cells += [(name, cell(sched, s)) for name, sched in rows.items() for s in sample.EVAL_SEEDS]
+    res = sample.run_cells(cells, "headroom")
     table = {name: sample.seed_summary(res[name], ()) for name in res}
     heur, floor = table[next(iter(rows))], table["floor"]
     keys = [k for k in ("fid", "fid_recon", "fid2", "fd_ssl") if k in floor]

@@ -7,7 +7,8 @@
 - pr-search: the greedy Beta(alpha, beta) line search over the NAT's training mask-ratio
   distribution, each candidate scored by a short proxy training; then one full training.
 
-Usage: python train.py --stage search | param-search | flow-search | pr-search --run-dir runs/small
+Usage: python experiments/search.py --run-dir runs/small [--stage search | param-search | flow-search | pr-search]
+(--stage all: search and param-search; every train.py flag and stage works here too)
 """
 import os
 import sys
@@ -15,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's root
 
 import dataclasses
+import filecmp
 import functools
 import math
 import shutil
@@ -24,9 +26,9 @@ from typing import Callable
 import torch
 
 import autonat
+import fid
 import nat
 import samplers
-import sample  # noqa: E402
 import train  # noqa: E402
 from experiments import flow  # noqa: E402
 
@@ -57,23 +59,50 @@ class SearchProblem:
     extra: dict
 
 
+def dedup_logits_fn(logits_fn: Callable) -> Callable:
+    """logits_fn run once per distinct (tokens, label) row, its outputs copied to the duplicates. In a search
+    update the candidates that perturb step t decode steps 0..t-1 exactly like the unperturbed schedule (same
+    random numbers), so at step t only 1 + (candidates perturbed earlier) rows differ: about half the forwards."""
+    def fn(tokens: torch.Tensor, labels: torch.Tensor):
+        uniq, inv = torch.unique(torch.cat([tokens, labels[:, None]], 1), dim=0, return_inverse=True)   # (U, N+1), (B,)
+        logits, feats = logits_fn(uniq[:, :-1], uniq[:, -1])
+        return logits[inv], feats[inv]
+    return fn
+
+
+def candidate_fids(pipe, ref: train.RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
+                   solver: str | None = None) -> torch.Tensor:
+    """FID against training statistics of C schedules, tables (C, T, K), on the same labels (n,) and random
+    numbers (candidate c of sample i draws sample i's numbers), all C x n as interleaved rows (group = C). The
+    NAT's tables [m, tau1, tau2, w]; with `solver`, the flow's [t_next, w] (experiments/flow.py)."""
+    C, n = tables.shape[0], len(labels)
+    y = labels.repeat_interleave(C)
+    if solver is None:
+        images = pipe.decode(pipe.generate(y, tables.shape[1], nat.table_schedule(tables), seed, group=C,
+                                           logits_fn=dedup_logits_fn(pipe.logits_fn)))
+    else:
+        images = pipe.generate(y, tables.shape[1], samplers.table_schedule(tables), solver, seed, group=C)
+    feats = fid.extract(pipe.featnet, images, device=pipe.device)[0].view(n, C, -1)     # (n, C, D)
+    return torch.tensor([fid.fid_from_features(feats[:, k], ref.train_mu, ref.train_sigma) for k in range(C)])
+
+
 def search_problem(c: train.TrainConfig, run_dir: str, device: torch.device, kind: str, T: int) -> SearchProblem:
     """The problem of a search `kind` for T steps (for "flow": an NFE budget T), starting from the heuristic."""
     extra = {}
     if kind == "flow":
         nfe, solver = T, c.flow_pi_solver
-        pipe = flow.FlowPipeline(run_dir, device, c.flow_path, c.bf16, rows=c.gen_rows)
-        ref = train.RealFeatures.of(pipe)
+        pipe = flow.FlowPipeline(run_dir, device, c.flow_path, c.bf16)
+        ref = train.RealFeatures(pipe)
         T = samplers.steps_for_nfe(solver, nfe)
         h = samplers.grid_table(samplers.uniform_grid(T), train.get_w0(pipe, ref, c.pi_sweep_samples))  # (T, 2)
-        fids = lambda tables, labels, seed: sample.candidate_fids(pipe, ref, tables, labels, seed, solver=solver)
+        fids = lambda tables, labels, seed: candidate_fids(pipe, ref, tables, labels, seed, solver=solver)
         name, columns, extra = f"{c.flow_path}_search_nfe{nfe}", ("t_next", "w"), {"solver": solver, "nfe": nfe}
     else:
-        pipe = train.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-        ref = train.RealFeatures.of(pipe)
+        pipe = train.Pipeline(run_dir, device, c.bf16)
+        ref = train.RealFeatures(pipe)
         w_0 = train.get_w0(pipe, ref, c.pi_sweep_samples)
         h = nat.heuristic_table(T, nat.ADANAT_TAU2_0, w_0)                # (T, 4)
-        fids = lambda tables, labels, seed: sample.candidate_fids(pipe, ref, tables, labels, seed)
+        fids = lambda tables, labels, seed: candidate_fids(pipe, ref, tables, labels, seed)
         name, columns = f"{SEARCH_FILES[kind]}_T{T}", autonat.COLUMNS
     K = h.shape[1]
     if kind in ("free", "flow"):
@@ -103,8 +132,7 @@ def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, lo
     P = search_problem(c, run_dir, device, kind, T)
     path = os.path.join(run_dir, f"{P.name}.pt")
     scfg = {"kind": kind, "T": P.T, "start": P.h.tolist(), **P.extra, "samples": c.search_samples, "seed": c.search_seed,
-            "eps": P.eps.tolist(), "lr": P.lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip,
-            "generator": P.pipe.fingerprint}
+            "eps": P.eps.tolist(), "lr": P.lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip}
     if os.path.exists(path):
         state = train.load_ckpt(path, expect_config=scfg)
         if state.get("final_step") == state["step"] < P.updates:          # extending a finished search
@@ -204,11 +232,11 @@ def stage_search(stage: str):
 def sub_run(c: train.TrainConfig, run_dir: str, sub: str, **changes) -> train.TrainConfig:
     """A run folder sharing this run's tokenizer and feature network (copied), its config = c + changes."""
     if train.DIST.main:                                                           # one rank touches the files
-        if os.path.exists(os.path.join(sub, "vq.pt")) and \
-                train.fingerprint(sub, ("vq", "featnet")) != train.fingerprint(run_dir, ("vq", "featnet")):
+        if os.path.exists(os.path.join(sub, "vq.pt")) and not all(
+                filecmp.cmp(os.path.join(sub, f), os.path.join(run_dir, f), shallow=False) for f in ("vq.pt", "featnet.pt")):
             shutil.rmtree(sub)                                              # made with another tokenizer: start over
         os.makedirs(sub, exist_ok=True)
-        for f in ("vq.pt", "featnet.pt", "fid_ref.pt"):
+        for f in ("vq.pt", "featnet.pt"):
             if os.path.exists(os.path.join(run_dir, f)) and not os.path.exists(os.path.join(sub, f)):
                 shutil.copyfile(os.path.join(run_dir, f), os.path.join(sub, f))
     c2 = dataclasses.replace(c, **changes)
@@ -228,14 +256,14 @@ def stage_pr_search(c: train.TrainConfig, run_dir: str, device: torch.device, lo
     budget). With pr_final, the chosen p(r) then trains the full generator in beta/ and the
     schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows). train_nat: the NAT
     stage (train.py gives its stage_nat)."""
-    pipe = train.Pipeline(run_dir, device, c.bf16, rows=c.gen_rows)
-    ref = train.RealFeatures.of(pipe)
-    found = train.searched_table(pipe, "search", c.pr_T)
+    pipe = train.Pipeline(run_dir, device, c.bf16)
+    ref = train.RealFeatures(pipe)
+    found = train.searched_table(run_dir, "search", c.pr_T)
     table = found[0] if found else nat.heuristic_table(c.pr_T, nat.ADANAT_TAU2_0, train.get_w0(pipe, ref, c.pi_sweep_samples))
     labels = train.balanced_labels(c.pr_samples, pipe.cfg.num_classes)
     path = os.path.join(run_dir, "pr_search.json")
     setup = {"steps": c.pr_steps, "T": c.pr_T, "schedule": table.tolist(), "samples": c.pr_samples,
-             "seed": c.search_seed, "tokenizer": train.fingerprint(run_dir, ("vq", "featnet"))}
+             "seed": c.search_seed}
     saved = train.read_json(path, {})
     results = saved if saved.get("setup") == setup else {"setup": setup, "cache": {}}
 
@@ -246,7 +274,7 @@ def stage_pr_search(c: train.TrainConfig, run_dir: str, device: torch.device, lo
         if not train.is_done(ck):
             train_nat(c2, d, device, train.Logger(d))
             train.barrier()                                                       # rank 0's nat.pt before anyone reads it
-        value = float(sample.candidate_fids(train.Pipeline(d, device, c.bf16, rows=c.gen_rows), ref, table[None], labels, c.search_seed)[0])
+        value = float(candidate_fids(train.Pipeline(d, device, c.bf16), ref, table[None], labels, c.search_seed)[0])
         log(stage="pr-search", candidate=sub, train_fid=value, **changes)
         print(f"pr-search: {sub}: training-set FID {value:.2f} (T={c.pr_T}, {c.pr_samples} samples)")
         return value
@@ -270,9 +298,8 @@ def stage_pr_search(c: train.TrainConfig, run_dir: str, device: torch.device, lo
         d = os.path.join(run_dir, "beta")
         c2 = sub_run(c, run_dir, d, nat_mask_dist="beta", nat_mask_alpha=alpha, nat_mask_beta=beta)
         ck = os.path.join(d, "nat.pt")
-        want = train.to_plain(train.nat_config(c2, pipe.cfg.num_classes, pipe.cfg.num_tokens, pipe.cfg.vocab_size))
         trained = train.load_ckpt(ck) if os.path.exists(ck) else None
-        if trained is not None and trained["config"] != want:
+        if trained is not None and (trained["config"]["alpha"], trained["config"]["beta"]) != (alpha, beta):
             raise train.UserError(f"{ck} was trained with another p(r); delete {d} to train the chosen one")
         if not (trained and trained.get("done")):
             train_nat(c2, d, device, train.Logger(d))

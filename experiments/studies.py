@@ -110,9 +110,9 @@ def refined_nat(pipe: train.Pipeline, labels: torch.Tensor, T: int, make, seed: 
     return images, train.all_sum(pipe.forwards - before) / len(labels)
 
 
-def study_table(pipe: train.Pipeline, ref: train.RealFeatures, rows: dict, samples: int, stem: str, note: str) -> list[dict]:
-    """Evaluate rows {name: (fn(labels, seed) -> (images, forwards per image), cache suffix)} over
-    EVAL_SEEDS on balanced labels, resuming from <stem>_cache.json; write <stem>.json / .md."""
+def study_table(pipe: train.Pipeline, ref: sample.EvalReferences, rows: dict, samples: int, stem: str, note: str) -> list[dict]:
+    """Evaluate rows {name: fn(labels, seed) -> (images, forwards per image)} over EVAL_SEEDS on balanced
+    labels; write <stem>.json / .md."""
     labels = train.balanced_labels(samples, pipe.cfg.num_classes)
 
     def cell(fn, s):
@@ -122,13 +122,10 @@ def study_table(pipe: train.Pipeline, ref: train.RealFeatures, rows: dict, sampl
             return {"images_per_s": len(labels) / (time.time() - t0), "forwards": forwards,
                     **sample.metrics(ref, images, labels)}
         return compute
-    cells = [(name, f"{name}|seed{s}|{samples}{suffix}", cell(fn, s))
-             for name, (fn, suffix) in rows.items() for s in sample.EVAL_SEEDS]
-    res = sample.seeded_cells(pipe, ref, stem, cells, stem)
+    res = sample.run_cells([(name, cell(fn, s)) for name, fn in rows.items() for s in sample.EVAL_SEEDS], stem)
     table = [{"schedule": name, "samples": samples, "seeds": list(sample.EVAL_SEEDS), **sample.seed_summary(res[name], ()),
               "forwards": res[name][0]["forwards"]} for name in rows]
-    train.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "fingerprint": pipe.fingerprint,
-                                                                   "device": str(pipe.device)})
+    train.write_json(os.path.join(pipe.run_dir, f"{stem}.json"), {"rows": table, "device": str(pipe.device)})
     head = f"| schedule | {sample.metric_head(ref)} forwards/image | images/s |"
     md = [f"{note} {samples} samples per row and seed, seeds {list(sample.EVAL_SEEDS)}; FID, precision and recall against the "
           f"test images{sample.REF_NOTE}; forwards = generator rows run per image, counted (a guided step is 2); images/s on "
@@ -141,14 +138,13 @@ def study_table(pipe: train.Pipeline, ref: train.RealFeatures, rows: dict, sampl
 
 
 def adaptive_nat_policy(pipe: train.Pipeline, T: int, kind: str = "policy", reward_name: str = "adversarial"):
-    """(make_schedule, cache-key suffix) of a trained NAT policy; a clear error if there is none."""
+    """make_schedule of a trained NAT policy; a clear error if there is none."""
     found = sample.policy_schedule(pipe, kind, T, "heuristic", reward_name)
     if found is None:
         raise train.UserError(f"{pipe.run_dir}/{train.policy_file(kind, 'heuristic', T, reward_name)}.pt not found: "
                               f"train it with python train.py --run-dir {pipe.run_dir} --stage {kind}"
-                              + (f" --reward {reward_name}" if reward_name != "adversarial" else "") + f" --set pi_T={T}")
-    make, _, fp = found
-    return make, f"|{fp}"
+                              + (f" --set pi_reward={reward_name}" if reward_name != "adversarial" else "") + f" --set pi_T={T}")
+    return found[0]
 
 
 def refine_study(pipe: train.Pipeline, samples: int, T: int, sweep_samples: int, k_repeat: tuple = (2, 3),
@@ -157,32 +153,32 @@ def refine_study(pipe: train.Pipeline, samples: int, T: int, sweep_samples: int,
     repeated sampling (D), look-ahead (V) and both; the same candidates picked at random; and
     the same forwards spent on more steps instead (policy_T{T'}.pt if trained, else AdaNAT's
     heuristic at T', said in the row's name)."""
-    make, fp = adaptive_nat_policy(pipe, T)
+    make = adaptive_nat_policy(pipe, T)
     refiner = Refiner(pipe, train.policy_file("policy", "heuristic", T))
     gen = lambda **kw: lambda y, s: refined_nat(pipe, y, T, make, s, refiner=refiner, **kw)
-    rows = {"adaptive": (gen(), fp)}
+    rows = {"adaptive": gen()}
     for k in k_repeat:
-        rows[f"adaptive + repeat {k} (D picks)"] = (gen(repeat=k), fp)
-    rows[f"adaptive + lookahead {k_look} (V picks)"] = (gen(lookahead=k_look), fp)
-    rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = (gen(repeat=k_repeat[0], lookahead=k_look), fp)
-    rows[f"control: repeat {k_repeat[0]}, random pick"] = (gen(repeat=k_repeat[0], random_pick=True), fp)
-    rows[f"control: lookahead {k_look}, random pick"] = (gen(lookahead=k_look, random_pick=True), fp + "|pick=stream")
-    ref = train.RealFeatures.of(pipe)
+        rows[f"adaptive + repeat {k} (D picks)"] = gen(repeat=k)
+    rows[f"adaptive + lookahead {k_look} (V picks)"] = gen(lookahead=k_look)
+    rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = gen(repeat=k_repeat[0], lookahead=k_look)
+    rows[f"control: repeat {k_repeat[0]}, random pick"] = gen(repeat=k_repeat[0], random_pick=True)
+    rows[f"control: lookahead {k_look}, random pick"] = gen(lookahead=k_look, random_pick=True)
+    ref = sample.EvalReferences(pipe)
     w_0 = train.get_w0(pipe, ref, sweep_samples)
     for k in k_repeat:                                                  # repeat k costs k x the forwards of T steps
         Tk = k * T
         try:
-            make_k, fp_k = adaptive_nat_policy(pipe, Tk)
+            make_k = adaptive_nat_policy(pipe, Tk)
             name = f"control: adaptive policy at T={Tk} (same forwards as repeat {k})"
         except train.UserError:
-            make_k, fp_k = (lambda Tk=Tk: nat.heuristic_schedule(Tk, nat.ADANAT_TAU2_0, w_0)), ""
+            make_k = lambda Tk=Tk: nat.heuristic_schedule(Tk, nat.ADANAT_TAU2_0, w_0)
             name = f"control: AdaNAT heuristic at T={Tk} (same forwards as repeat {k}; no policy_T{Tk}.pt)"
-        rows[name] = ((lambda y, s, Tk=Tk, m=make_k: refined_nat(pipe, y, Tk, m, s)), fp_k)
+        rows[name] = lambda y, s, Tk=Tk, m=make_k: refined_nat(pipe, y, Tk, m, s)
     study_table(pipe, ref, rows, samples, f"refine_T{T}", f"Inference-time refinement at T = {T}.")
 
 
 def blend_schedule(pipe: train.Pipeline, T: int, lam: float):
-    """(make_schedule, suffix) of AdaGen's fidelity blend (Eq. 14) at lam: fidelity_T{T}.pt on policy_T{T}.pt."""
+    """make_schedule of AdaGen's fidelity blend (Eq. 14) at lam: fidelity_T{T}.pt on policy_T{T}.pt."""
     file = train.policy_file("fidelity", "heuristic", T)
     path = os.path.join(pipe.run_dir, f"{file}.pt")
     if not os.path.exists(path):
@@ -194,16 +190,15 @@ def blend_schedule(pipe: train.Pipeline, T: int, lam: float):
         raise train.UserError(f"{path} and {cfg['base']}.pt start from different schedules (the w_0 sweep changed "
                               f"between them): retrain the fidelity stage")
     h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"])).to(pipe.device)
-    make = lambda: policy.PolicySchedule(pi_fid, h_pre, base=base, lam=lam)
-    return make, f"|{train.fingerprint(pipe.run_dir, (file, cfg['base']))}"
+    return lambda: policy.PolicySchedule(pi_fid, h_pre, base=base, lam=lam)
 
 
 def blend_study(pipe: train.Pipeline, samples: int, T: int, lams: list[float], classes: tuple = (0, 7), per_class: int = 16) -> None:
     """blend_T{T}.json / .md / _curve.png and blend_grids_T{T}.png (AdaGen §III-F2, Figure 13):
     FID / precision / recall per lam, and for two classes a 4x4 grid per lam side by side."""
     makes = {lam: blend_schedule(pipe, T, lam) for lam in lams}
-    rows = {f"lam = {lam:g}": ((lambda y, s, m=m: refined_nat(pipe, y, T, m, s)), fp) for lam, (m, fp) in makes.items()}
-    table = study_table(pipe, train.RealFeatures.of(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
+    rows = {f"lam = {lam:g}": (lambda y, s, m=m: refined_nat(pipe, y, T, m, s)) for lam, m in makes.items()}
+    table = study_table(pipe, sample.EvalReferences(pipe), rows, samples, f"blend_T{T}", f"Fidelity-diversity blend at T = {T}.")
     panels = [{"title": key, "series": [{"x": lams, "y": [r[key] for r in table], "color": color,
                                           "band": ([r[key] - r[key + "_sd"] for r in table], [r[key] + r[key + "_sd"] for r in table])}]}
               for key, color in (("fid", (200, 60, 30)), ("precision", (30, 90, 200)), ("recall", (20, 140, 60)))]
@@ -215,7 +210,7 @@ def blend_study(pipe: train.Pipeline, samples: int, T: int, lams: list[float], c
     blocks = []                                                          # per class: the lam grids left to right
     for cls in classes:
         labels = torch.full((per_class,), cls)
-        grids = [pipe.decode(pipe.generate(labels, T, m(), seed=0)).view(side, side, C, S, S) for m, _ in makes.values()]
+        grids = [pipe.decode(pipe.generate(labels, T, m(), seed=0)).view(side, side, C, S, S) for m in makes.values()]
         row = [torch.cat([g, torch.ones(side, 1, C, S, S)], dim=1) for g in grids]   # a white column after each
         blocks.append(torch.cat(row, dim=1))
         blocks.append(torch.ones(1, blocks[-1].shape[1], C, S, S))                   # a white row between classes
@@ -229,26 +224,26 @@ def hacking_study(pipe: train.Pipeline, samples: int, T: int, sweep_samples: int
     """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
     static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
     FID of the FID network (what the "fid" reward optimised) and of the independent featnet2."""
-    ref = train.RealFeatures.of(pipe)
+    ref = sample.EvalReferences(pipe)
     w_0 = train.get_w0(pipe, ref, sweep_samples)
-    rows = {f"AdaNAT heuristic (w_0={w_0:g})": ((lambda y, s: refined_nat(
-        pipe, y, T, lambda: nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0), s)), "")}
+    rows = {f"AdaNAT heuristic (w_0={w_0:g})": lambda y, s: refined_nat(
+        pipe, y, T, lambda: nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0), s)}
     for reward_name, kind in itertools.product(train.PI_REWARDS, ("policy", "static")):
         if os.path.exists(os.path.join(pipe.run_dir, f"{train.policy_file(kind, 'heuristic', T, reward_name)}.pt")):
-            make, fp = adaptive_nat_policy(pipe, T, kind, reward_name)
-            rows[f"{'adaptive' if kind == 'policy' else 'static'}, {reward_name} reward"] = (
-                (lambda y, s, m=make: refined_nat(pipe, y, T, m, s)), fp)
+            make = adaptive_nat_policy(pipe, T, kind, reward_name)
+            rows[f"{'adaptive' if kind == 'policy' else 'static'}, {reward_name} reward"] = \
+                lambda y, s, m=make: refined_nat(pipe, y, T, m, s)
     if len(rows) == 1:
         raise train.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
-                              f"--reward fid (and fixed, adversarial; --stage static too)")
-    if ref.net2 is None:
+                              f"--set pi_reward=fid (and fixed, adversarial; --stage static too)")
+    if "fid2" not in ref.judges:
         raise train.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
                               f"{pipe.run_dir} --stage featnet2")
     study_table(pipe, ref, rows, samples, f"hacking_T{T}", f"Reward-hacking study at T = {T}.")
     K = pipe.cfg.num_classes
     labels = torch.arange(K).repeat_interleave(per_class)
     C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
-    panels = [fn(labels, 0)[0].view(K, per_class, C, S, S) for fn, _ in rows.values()]     # seed 0, one class a row
+    panels = [fn(labels, 0)[0].view(K, per_class, C, S, S) for fn in rows.values()]     # seed 0, one class a row
     spaced = [torch.cat([p, torch.ones(K, 1, C, S, S)], dim=1) for p in panels]
     path = os.path.join(pipe.run_dir, f"hacking_grids_T{T}.png")
     sample.save_grid(torch.cat(spaced, dim=1).reshape(-1, C, S, S), path, nrow=len(panels) * (per_class + 1))
@@ -257,7 +252,7 @@ def hacking_study(pipe: train.Pipeline, samples: int, T: int, sweep_samples: int
 
 def refined_grid(pipe: train.Pipeline, T: int, repeat: int, lookahead: int, per_class: int = 10) -> None:
     """samples_adaptive_repeat<k>_lookahead<k>_T<T>.png: the adaptive policy with refinement, a row per class."""
-    make, _ = adaptive_nat_policy(pipe, T)
+    make = adaptive_nat_policy(pipe, T)
     refiner = Refiner(pipe, train.policy_file("policy", "heuristic", T))
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
     images, forwards = refined_nat(pipe, labels, T, make, 0, repeat, lookahead, refiner)

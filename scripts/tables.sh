@@ -10,14 +10,15 @@
 #
 #   scripts/tables.sh small runs/small                 # on one GPU: the README's tables (10 000 samples x 3 seeds)
 #   BUDGET_S=500 scripts/tables.sh small runs/small    # start no step after 500 s (rerun to continue)
-#   SAMPLE_ARGS="--samples 60 --sweep-samples 20 --check-samples 40 --check-d-steps 25 --batch 64 --grid-steps 4" \
+#   SAMPLE_ARGS="--samples 60 --sweep-samples 20 --batch 64 --grid-steps 4" CHECK_ARGS="--check-samples 40 --check-d-steps 25" \
 #       EVAL_ARGS="--decode-steps 4" scripts/tables.sh test /tmp/t   # the CPU check of this script (tests/test_cli.py)
 set -u
 P=${1:-small}
 R=$(realpath -m "${2:-runs/$P}")
 OUT=$(realpath -m "${OUT:-$R.out}")          # outside the run folder: the copy must not copy itself
 BUDGET_S=${BUDGET_S:-100000}
-SAMPLE_ARGS=${SAMPLE_ARGS:-}     # added to every sample.py command
+SAMPLE_ARGS=${SAMPLE_ARGS:-}     # added to every sampling command (sample.py and the experiments' tables)
+CHECK_ARGS=${CHECK_ARGS:-}       # added to the reward check (experiments/game.py)
 EVAL_ARGS=${EVAL_ARGS:-}         # added to the NAT's --eval
 H="--set pi_start=heuristic"     # --set values stay in the run folder's config.json: name the start after policy_search
 cd "$(dirname "$0")/.."
@@ -39,27 +40,28 @@ step() {            # step NAME COMMAND...: run it unless the budget is spent
 }
 
 step train python train.py --preset "$P" --run-dir "$R" $H
+step search python experiments/search.py --run-dir "$R"
 step floor python sample.py --run-dir "$R" --floor $SAMPLE_ARGS
 step d_nets python train.py --run-dir "$R" --stage dnet
 step d_ssl python train.py --run-dir "$R" --stage dssl
-step reward_check python sample.py --run-dir "$R" --reward-check --d-specs backbone,backbone@12,dnet@12,dssl@12,backbone+dssl@12 $SAMPLE_ARGS
-step headroom python sample.py --run-dir "$R" --headroom $SAMPLE_ARGS
+step reward_check python experiments/game.py --run-dir "$R" --reward-check --d-specs backbone,backbone@12,dnet@12,dssl@12,backbone+dssl@12 $SAMPLE_ARGS $CHECK_ARGS
+step headroom python experiments/game.py --run-dir "$R" --headroom $SAMPLE_ARGS
 step policy_search python train.py --run-dir "$R" --stage policy --set pi_start=search
 step eval python sample.py --run-dir "$R" --eval $EVAL_ARGS $SAMPLE_ARGS
-step bench python sample.py --run-dir "$R" --bench $SAMPLE_ARGS
-step flow python train.py --run-dir "$R" --stage flow
-step flow_policy python train.py --run-dir "$R" --stage flow-policy
-step flow_static python train.py --run-dir "$R" --stage flow-static
-step flow_search python train.py --run-dir "$R" --stage flow-search
-step flow_eval python sample.py --run-dir "$R" --flow flow --eval $SAMPLE_ARGS
-step refine python sample.py --run-dir "$R" --refine $SAMPLE_ARGS
+step bench python experiments/bench.py --run-dir "$R" $SAMPLE_ARGS
+step flow python experiments/flow.py train --run-dir "$R" --stage flow
+step flow_policy python experiments/flow.py train --run-dir "$R" --stage flow-policy
+step flow_static python experiments/flow.py train --run-dir "$R" --stage flow-static
+step flow_search python experiments/search.py --run-dir "$R" --stage flow-search
+step flow_eval python experiments/flow.py sample --run-dir "$R" --eval $SAMPLE_ARGS
+step refine python experiments/studies.py --run-dir "$R" --refine $SAMPLE_ARGS
 step fidelity python train.py --run-dir "$R" --stage fidelity $H
-step blend python sample.py --run-dir "$R" --lam 0,0.25,0.5,0.75,1 $SAMPLE_ARGS
-step policy_fid python train.py --run-dir "$R" --stage policy --reward fid $H
-step static_fid python train.py --run-dir "$R" --stage static --reward fid $H
-step policy_fixed python train.py --run-dir "$R" --stage policy --reward fixed $H
-step static_fixed python train.py --run-dir "$R" --stage static --reward fixed $H
-step hacking python sample.py --run-dir "$R" --hacking $SAMPLE_ARGS
+step blend python experiments/studies.py --run-dir "$R" --lam 0,0.25,0.5,0.75,1 $SAMPLE_ARGS
+step policy_fid python train.py --run-dir "$R" --stage policy --set pi_reward=fid $H
+step static_fid python train.py --run-dir "$R" --stage static --set pi_reward=fid $H
+step policy_fixed python train.py --run-dir "$R" --stage policy --set pi_reward=fixed $H
+step static_fixed python train.py --run-dir "$R" --stage static --set pi_reward=fixed $H
+step hacking python experiments/studies.py --run-dir "$R" --hacking $SAMPLE_ARGS
 
 echo "done: $OUT/steps.txt, $failed step(s) failed"
 (( failed == 0 ))

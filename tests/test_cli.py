@@ -1,4 +1,4 @@
-"""End to end through the real command line: train.py --preset test, then sample.py; bad input."""
+"""End to end through the real command line: train.py --preset test, the experiments' scripts, sample.py; bad input."""
 import json
 import math
 import os
@@ -23,7 +23,15 @@ def run_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("run") / "test")
     r = run("train.py", "--preset", "test", "--run-dir", d)
     assert r.returncode == 0, r.stderr[-3000:]
+    r = run("experiments/search.py", "--run-dir", d)                      # AutoNAT's searches: search, param-search
+    assert r.returncode == 0, r.stderr[-3000:]
     return d
+
+
+def copy(run_dir: str, d, *files: str) -> None:
+    d.mkdir()
+    for f in files:
+        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
 
 
 def test_train_writes_everything(run_dir):
@@ -77,9 +85,7 @@ def test_rerun_skips_finished_stages(run_dir):
 def test_resume_continues_an_interrupted_stage(run_dir, tmp_path):
     """A checkpoint with done=False at step k: re-running continues from k to the end."""
     d = tmp_path / "resume"
-    d.mkdir()
-    for f in ("config.json", "vq.pt", "featnet.pt"):
-        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    copy(run_dir, d, "config.json", "vq.pt", "featnet.pt")
     ck = torch.load(os.path.join(run_dir, "nat.pt"), weights_only=True)
     ck.update(done=False, step=20)
     torch.save(ck, d / "nat.pt")
@@ -93,9 +99,7 @@ def test_resume_continues_an_interrupted_stage(run_dir, tmp_path):
 def test_policy_stage_resumes(run_dir, tmp_path):
     """An interrupted policy checkpoint (done=False at iteration 2) continues to the end."""
     d = tmp_path / "policy"
-    d.mkdir()
-    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json", "fid_ref.pt"):
-        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    copy(run_dir, d, "config.json", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json")
     ck = torch.load(os.path.join(run_dir, "policy_T4.pt"), weights_only=True)
     ck.update(done=False, step=2, history=ck["history"][:3])
     torch.save(ck, d / "policy_T4.pt")
@@ -114,10 +118,8 @@ def test_policy_on_the_searched_table(run_dir, tmp_path):
     """pi_start=search: the residual's zero point is the finished AutoNAT table (its own file,
     its own eval row); a missing search or an unknown start is a one-line error."""
     d = tmp_path / "start"
-    d.mkdir()
-    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json", "fid_ref.pt", "search_T4.pt"):
-        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
-    r = run("train.py", "--stage", "static", "--run-dir", str(d), "--set", "pi_start=search", "--steps", "1")
+    copy(run_dir, d, "config.json", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json", "search_T4.pt")
+    r = run("train.py", "--stage", "static", "--run-dir", str(d), "--set", "pi_start=search", "--set", "pi_iters=1")
     assert r.returncode == 0, r.stderr[-2000:]
     ck = torch.load(d / "static_search_T4.pt", weights_only=True)
     table = torch.load(d / "search_T4.pt", weights_only=True)["table"]
@@ -133,58 +135,55 @@ def test_policy_on_the_searched_table(run_dir, tmp_path):
 
 
 def test_flow_stage_and_its_table(run_dir, tmp_path):
-    """--stage flow (both paths) trains the continuous generator; sample.py --flow draws its grid
-    and evaluates every solver x grid at an NFE budget, counting network evaluations."""
+    """experiments/flow.py train --stage flow (both paths) trains the continuous generator; its sample side
+    draws grids and evaluates every solver x grid at an NFE budget, counting network evaluations."""
     d = tmp_path / "flow"
-    d.mkdir()
-    for f in ("config.json", "featnet.pt", "fid_ref.pt", "backbone.pt"):
-        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    copy(run_dir, d, "config.json", "featnet.pt", "backbone.pt")
+    flow = lambda *a: run("experiments/flow.py", *a)
     for path in ("flow", "vp"):
-        r = run("train.py", "--stage", "flow", "--path", path, "--run-dir", str(d))
+        r = flow("train", "--stage", "flow", "--set", f"flow_path={path}", "--run-dir", str(d))
         assert r.returncode == 0, r.stderr[-2000:]
         ck = torch.load(d / f"{path}.pt", weights_only=True)
         assert ck["done"] and ck["step"] == 20 and ck["config"]["path"] == path
-    r = run("sample.py", "--run-dir", str(d), "--flow", "vp", "--nfe", "3")
+    r = flow("sample", "--run-dir", str(d), "--path", "vp", "--nfe", "3")
     assert r.returncode == 0 and os.path.exists(d / "vp_samples_nfe3.png"), r.stderr[-2000:]
-    r = run("train.py", "--stage", "flow-policy", "--run-dir", str(d))         # PPO on the ODE sampler's MDP
+    r = flow("train", "--stage", "flow-policy", "--run-dir", str(d))        # PPO on the ODE sampler's MDP
     assert r.returncode == 0, r.stderr[-2000:]
     ck = torch.load(d / "flow_policy_nfe4.pt", weights_only=True)
     assert ck["done"] and ck["step"] == 4 and ck["config"]["spec"] == ["f", "w"] and ck["config"]["T"] == 4
-    r = run("train.py", "--stage", "flow-search", "--run-dir", str(d), "--steps", "1")   # the static-search baseline
+    r = run("experiments/search.py", "--stage", "flow-search", "--run-dir", str(d), "--set", "search_updates=1")
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.load(open(d / "flow_search_nfe4.json"))
     assert summary["candidates_per_update"] == 1 + 2 * 4 - 1 and summary["columns"] == ["t_next", "w"]
     table = torch.tensor(summary["table"])                                     # a valid grid: decreasing to 0
     assert (table[1:, 0] < table[:-1, 0]).all() and table[-1, 0] == 0 and table[0, 0] < 1 and (table[:, 1] >= 0).all()
-    r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--eval", "--samples", "20", "--sweep-samples", "20",
-            "--nfe", "4")
+    r = flow("sample", "--run-dir", str(d), "--eval", "--samples", "20", "--sweep-samples", "20", "--nfe", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(d / "flow_eval.json"))["rows"]
     assert len(rows) == 14 and all(r["fid"] >= 0 for r in rows)       # 3 solvers x (3 grids + interval) + search + policy
     assert {(r["solver"], r["T"], r["nfe"]) for r in rows} == {("euler", 4, 4), ("heun", 2, 3), ("dpmpp2s", 2, 3)}
     adaptive = [r for r in rows if r["schedule"] == "adaptive policy (PPO, euler)"][0]
     assert len(adaptive["actions_sd_per_step"]) == 4 and adaptive["actions"] == ["f", "w"]
-    r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--plot", "--nfe", "4")
+    r = flow("sample", "--run-dir", str(d), "--plot", "--nfe", "4")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--bench", "--nfe", "4", "--batch", "8")
+    r = flow("sample", "--run-dir", str(d), "--bench", "--nfe", "4", "--batch", "8")
     assert r.returncode == 0 and "policy cost" in r.stdout, r.stderr[-2000:]
-    r = run("sample.py", "--run-dir", str(d), "--flow", "flow", "--nfe", "4", "--repeat", "2")   # D keeps the best of 2: 2 x 4 steps x [cond; null]
+    r = flow("sample", "--run-dir", str(d), "--nfe", "4", "--repeat", "2")   # D keeps the best of 2: 2 x 4 steps x [cond; null]
     assert r.returncode == 0 and "16.0 network rows per image" in r.stdout, r.stderr[-2000:]
     for f in ("flow_policy_grids_nfe4.png", "flow_heuristic_vs_adaptive_nfe4.png", "flow_samples_adaptive_repeat2_nfe4.png"):
         assert os.path.exists(d / f), f
-    _fails(run("sample.py", "--run-dir", str(run_dir), "--flow", "flow"), "--stage flow")
-    _fails(run("sample.py", "--run-dir", str(d), "--flow", "flow", "--lookahead", "2"), "NAT only")
+    _fails(flow("sample", "--run-dir", str(run_dir)), "--stage flow")
+    _fails(flow("sample", "--run-dir", str(d), "--lookahead", "2"), "unrecognized arguments: --lookahead")   # NAT only
+    _fails(flow("--run-dir", str(d)), "train|sample")
 
 
 def test_adagen_refinement_blend_and_reward_study(run_dir, tmp_path):
-    """AdaGen's unreleased parts through the command line: featnet2, --reward fixed|fid, the
-    fidelity stage; sample.py --refine (forwards counted), --lam, --hacking, --repeat/--lookahead."""
+    """AdaGen's unreleased parts through the command line: featnet2, the rewards fixed and fid, the fidelity
+    stage; experiments/studies.py --refine (forwards counted), --lam, --hacking, --repeat/--lookahead."""
     d = tmp_path / "adagen"
-    d.mkdir()
-    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json", "fid_ref.pt", "policy_T4.pt"):
-        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
-    for args in (["--stage", "featnet2"], ["--stage", "fidelity", "--steps", "2"],
-                 ["--stage", "policy", "--reward", "fixed", "--steps", "2"], ["--stage", "static", "--reward", "fid", "--steps", "2"]):
+    copy(run_dir, d, "config.json", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json", "policy_T4.pt")
+    for args in (["--stage", "featnet2"], ["--stage", "fidelity", "--set", "pi_iters=2"],
+                 ["--stage", "policy", "--set", "pi_reward=fixed"], ["--stage", "static", "--set", "pi_reward=fid"]):
         r = run("train.py", "--run-dir", str(d), *args)
         assert r.returncode == 0, (args, r.stderr[-2000:])
     fidelity = torch.load(d / "fidelity_T4.pt", weights_only=True)
@@ -195,47 +194,47 @@ def test_adagen_refinement_blend_and_reward_study(run_dir, tmp_path):
     fid_rw = [r for r in records if r["stage"] == "static_fid_T4" and "reward" in r]
     assert fid_rw and all(r["reward"] < 0 for r in fid_rw)                      # minus a chunk's FID
     assert not os.path.exists(d / "policy_T4_curve.png")                         # the adversarial policy untouched
-    r = run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--refine", "--samples", "10")
+    study = lambda *a: run("experiments/studies.py", "--run-dir", str(d), *a)
+    r = study("--grid-steps", "4", "--refine", "--samples", "10")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["schedule"]: row for row in json.load(open(d / "refine_T4.json"))["rows"]}
     forwards = {name.split(" (")[0]: row["forwards"] for name, row in rows.items()}
     assert forwards["adaptive"] == 8 and forwards["adaptive + repeat 2"] == 16 and forwards["adaptive + repeat 3"] == 24
     assert forwards["adaptive + lookahead 2"] == 2 * (1 + 2 * 3) and forwards["adaptive + repeat 2 + lookahead 2"] == 28
     assert forwards["control: repeat 2, random pick"] == 16 and len(rows) == 9
-    r = run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--lam", "0,1", "--samples", "10")
+    r = study("--grid-steps", "4", "--lam", "0,1", "--samples", "10")
     assert r.returncode == 0, r.stderr[-2000:]
     assert [row["schedule"] for row in json.load(open(d / "blend_T4.json"))["rows"]] == ["lam = 0", "lam = 1"]
-    r = run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--hacking", "--samples", "10")
+    r = study("--grid-steps", "4", "--hacking", "--samples", "10")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["schedule"]: row for row in json.load(open(d / "hacking_T4.json"))["rows"]}
     assert {"adaptive, adversarial reward", "adaptive, fixed reward", "static, fid reward"} <= set(rows)
     assert all(row["fid2"] >= 0 and row["fid_recon"] >= 0 for row in rows.values())
-    r = run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--repeat", "2", "--lookahead", "2")
+    r = study("--grid-steps", "4", "--repeat", "2", "--lookahead", "2")
     assert r.returncode == 0 and "28.0 generator forwards per image" in r.stdout, r.stderr[-2000:]
     for f in ("blend_T4_curve.png", "blend_grids_T4.png", "hacking_grids_T4.png", "samples_adaptive_repeat2_lookahead2_T4.png"):
         assert os.path.exists(d / f), f
-    _fails(run("sample.py", "--run-dir", str(d), "--lam", "1.5"), "each value in [0, 1]")
-    _fails(run("sample.py", "--run-dir", str(d), "--repeat", "0"), "at least 1")
+    _fails(study("--lam", "1.5"), "each value in [0, 1]")
+    _fails(study("--repeat", "0"), "at least 1")
+    _fails(study(), "name a study")
     os.remove(d / "featnet2.pt")
-    _fails(run("sample.py", "--run-dir", str(d), "--grid-steps", "4", "--hacking", "--samples", "10"), "--stage featnet2")
-    _fails(run("train.py", "--run-dir", str(d), "--stage", "policy", "--reward", "clip"), "invalid choice")
-    _fails(run("train.py", "--run-dir", str(d), "--stage", "fidelity", "--reward", "fid"), "drop --reward")
+    _fails(study("--grid-steps", "4", "--hacking", "--samples", "10"), "--stage featnet2")
+    _fails(run("train.py", "--run-dir", str(d), "--stage", "policy", "--set", "pi_reward=clip"), "pi_reward 'clip'")
+    _fails(run("train.py", "--run-dir", str(d), "--stage", "fidelity", "--set", "pi_reward=fid"), "drop --set pi_reward")
 
 
 def test_search_resumes_after_an_interrupt(run_dir, tmp_path):
     """A search stopped after update 1 (done=False, as Ctrl-C leaves it) continues with update 2 and
     ends like the uninterrupted run: same candidates, seed and samples give the same FIDs."""
     d = tmp_path / "search"
-    d.mkdir()
-    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt", "sweep_w.json", "fid_ref.pt"):
-        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
-    r = run("train.py", "--stage", "search", "--run-dir", str(d), "--steps", "1")
+    copy(run_dir, d, "config.json", "vq.pt", "featnet.pt", "nat.pt", "sweep_w.json")
+    r = run("experiments/search.py", "--stage", "search", "--run-dir", str(d), "--set", "search_updates=1")
     assert r.returncode == 0, r.stderr[-2000:]
     ck = torch.load(d / "search_T4.pt", weights_only=True)
     ck.update(done=False, history=ck["history"][:1])
     del ck["final_step"]
     torch.save(ck, d / "search_T4.pt")
-    r = run("train.py", "--stage", "search", "--run-dir", str(d), "--steps", "2")
+    r = run("experiments/search.py", "--stage", "search", "--run-dir", str(d), "--set", "search_updates=2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming search_T4 from update 1" in r.stdout
     back = torch.load(d / "search_T4.pt", weights_only=True)
@@ -249,10 +248,8 @@ def test_pr_search_then_beta_rows(run_dir, tmp_path):
     """The Beta line search within its budget (plus the cosine reference), the chosen p(r) trained
     in beta/ with its schedule searched, and sample.py --eval adding the Beta-trained rows."""
     d = tmp_path / "pr"
-    d.mkdir()
-    for f in ("config.json", "vq.pt", "featnet.pt", "nat.pt", "sweep_w.json", "fid_ref.pt", "search_T4.pt"):
-        (d / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
-    r = run("train.py", "--stage", "pr-search", "--run-dir", str(d))
+    copy(run_dir, d, "config.json", "vq.pt", "featnet.pt", "nat.pt", "sweep_w.json", "search_T4.pt")
+    r = run("experiments/search.py", "--stage", "pr-search", "--run-dir", str(d))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(d / "pr_search.json"))
     assert res["trainings"] == len(res["cache"]) == 2 and res["cosine_proxy"] > 0     # pr_budget = 2 in `test`
@@ -262,7 +259,7 @@ def test_pr_search_then_beta_rows(run_dir, tmp_path):
     assert nat_ck["done"] and nat_ck["config"]["mask_dist"] == "beta"
     assert (nat_ck["config"]["alpha"], nat_ck["config"]["beta"]) == pytest.approx((res["alpha"], res["beta"]))
     assert torch.load(d / "beta" / "search_T4.pt", weights_only=True)["done"]
-    r = run("train.py", "--stage", "pr-search", "--run-dir", str(d))                  # re-run: nothing retrained
+    r = run("experiments/search.py", "--stage", "pr-search", "--run-dir", str(d))     # re-run: nothing retrained
     assert r.returncode == 0 and "training-set FID" not in r.stdout, r.stdout[-2000:]
     r = run("sample.py", "--run-dir", str(d), "--eval", "--samples", "30", "--sweep-samples", "20", "--decode-steps", "4")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -291,7 +288,7 @@ def test_sample_grid_eval_bench(run_dir):
     assert r.returncode == 0 and "(floor)" in r.stdout, r.stderr[-2000:]
     rows = json.load(open(os.path.join(run_dir, "floor.json")))["rows"]
     assert rows["tokenizer reconstructions of test vs test (floor)"]["fid_recon"] < 1e-2 and len(rows) == 2
-    r = run("sample.py", "--run-dir", run_dir, "--reward-check", "--check-samples", "20", "--sweep-samples", "30",
+    r = run("experiments/game.py", "--run-dir", run_dir, "--reward-check", "--check-samples", "20", "--sweep-samples", "30",
             "--d-specs", "backbone,backbone@12", "--check-d-steps", "25")
     assert r.returncode == 0, r.stderr[-2000:]
     check = json.load(open(os.path.join(run_dir, "reward_check.json")))
@@ -301,14 +298,14 @@ def test_sample_grid_eval_bench(run_dir):
     assert all(-1 <= v <= 1 for d in check["spearman_two_sample"].values() for v in d.values())
     assert set(check["spearman_warmup"]) == {"fid", "fid2", "fd_ssl", "recall"}      # the warm-up reading beside it
     assert os.path.exists(os.path.join(run_dir, "reward_check.md"))
-    _fails(run("sample.py", "--run-dir", run_dir, "--reward-check", "--d-specs", "featnet2"), "never a judge")
-    r = run("sample.py", "--run-dir", run_dir, "--headroom", "--samples", "20", "--sweep-samples", "30")
+    _fails(run("experiments/game.py", "--run-dir", run_dir, "--reward-check", "--d-specs", "featnet2"), "never a judge")
+    r = run("experiments/game.py", "--run-dir", run_dir, "--headroom", "--samples", "20", "--sweep-samples", "30")
     assert r.returncode == 0, r.stderr[-2000:]
     head = json.load(open(os.path.join(run_dir, "headroom_T4.json")))
     only = head["rows"]["class-only schedule (each class its best pair)"]
     assert len(head["per_class_pairs"]) == 10 and all(math.isfinite(v) for v in only["gap_closed"].values())
     assert set(only["gap_closed"]) == {"fid", "fid_recon", "fid2", "fd_ssl"}
-    r = run("sample.py", "--run-dir", run_dir, "--bench", "--batch", "16", "--grid-steps", "4")
+    r = run("experiments/bench.py", "--run-dir", run_dir, "--batch", "16", "--grid-steps", "4")
     assert r.returncode == 0 and "decoding overhead" in r.stdout, r.stderr[-2000:]
     assert "policy cost" in r.stdout                                   # the adaptive policy's share of generation
     r = run("sample.py", "--run-dir", run_dir, "--plot", "--decode-steps", "4")
@@ -326,7 +323,9 @@ def _fails(r, text):
 def test_bad_input_one_line_errors(run_dir, tmp_path):
     _fails(run("train.py", "--preset", "nope", "--run-dir", str(tmp_path / "a")), "unknown preset")
     _fails(run("train.py", "--stage", "nope", "--run-dir", str(tmp_path / "a")), "unknown stage")
-    _fails(run("train.py", "--preset", "test", "--steps", "0", "--run-dir", str(tmp_path / "a")), "--steps 0")
+    _fails(run("train.py", "--preset", "test", "--set", "nat_steps=0", "--run-dir", str(tmp_path / "a")), "nat_steps = 0")
+    _fails(run("train.py", "--preset", "test", "--set", "nat_lr", "--run-dir", str(tmp_path / "a")), "--set nat_lr")
+    _fails(run("train.py", "--preset", "test", "--set", "nat_steps=ten", "--run-dir", str(tmp_path / "a")), "--set nat_steps=ten")
     _fails(run("train.py", "--preset", "test", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "b")),
            "no such file or folder")
     _fails(run("sample.py", "--run-dir", str(tmp_path / "nothing")), "not a run folder")
@@ -367,11 +366,12 @@ def test_tables_script_runs_every_step(tmp_path):
     the tables and the checkpoints come back under $OUT/run."""
     out, run_dir = tmp_path / "out", tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OUT": str(out), "EVAL_ARGS": "--decode-steps 4",
-           "SAMPLE_ARGS": "--samples 60 --sweep-samples 20 --check-samples 40 --check-d-steps 25 --batch 64 --grid-steps 4"}
+           "SAMPLE_ARGS": "--samples 60 --sweep-samples 20 --batch 64 --grid-steps 4",
+           "CHECK_ARGS": "--check-samples 40 --check-d-steps 25"}
     r = subprocess.run(["bash", "scripts/tables.sh", "test", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=env)
     steps = (out / "steps.txt").read_text().splitlines()
-    assert r.returncode == 0 and len(steps) == 22 and all(" rc=0 " in s for s in steps), steps
+    assert r.returncode == 0 and len(steps) == 23 and all(" rc=0 " in s for s in steps), steps
     back = set(os.listdir(out / "run"))
     assert {"eval.md", "floor.json", "reward_check.json", "headroom_T4.md", "dssl.pt", "flow_eval.md", "refine_T4.md", "blend_T4.md", "hacking_T4.md",
             "nat.pt", "policy_T4.pt", "policy_search_T4.pt", "fidelity_T4.pt", "policy_fid_T4.pt"} <= back

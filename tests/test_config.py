@@ -1,79 +1,87 @@
-"""The command line's configuration: --set and the dedicated flags never contradict each other."""
+"""The command line's configuration: presets, --set KEY=VALUE by type, the run folder's config.json, the lock
+once a stage has trained, one-line errors."""
 import argparse
+import dataclasses
+import json
+import os
 
 import pytest
 
 import train
 
 
-
 def args(tmp_path, *sets, **flags) -> argparse.Namespace:
-    base = dict(run_dir=str(tmp_path / "run"), preset="test", data=None, seed=None, steps=None, stage="policy",
-                set=list(sets), path=None, reward=None, compile=None)
+    base = dict(run_dir=str(tmp_path / "run"), preset="test", data=None, seed=None, stage="policy", set=list(sets))
     return argparse.Namespace(**{**base, **flags})
 
 
-@pytest.mark.parametrize("key, value, flag, flag_value, other", [
-    ("pi_reward", "fid", "reward", "fid", "fixed"),
-    ("flow_path", "vp", "path", "vp", "flow"),
-    ("compile", "true", "compile", True, None)])
-def test_set_of_a_flag_key_works_or_is_refused(tmp_path, key, value, flag, flag_value, other):
-    c, _ = train.build_config(args(tmp_path, f"{key}={value}"), ["backbone"])
-    assert getattr(c, key) == flag_value                              # --set alone works (it was silently dropped)
-    c, _ = train.build_config(args(tmp_path, **{flag: flag_value}), ["backbone"])
-    assert getattr(c, key) == flag_value                              # the flag alone
-    c, _ = train.build_config(args(tmp_path, f"{key}={value}", **{flag: flag_value}), ["backbone"])
-    assert getattr(c, key) == flag_value                              # both, agreeing
-    if other is not None:
-        with pytest.raises(train.UserError, match=f"contradicts --{flag}"):
-            train.build_config(args(tmp_path, f"{key}={value}", **{flag: other}), ["backbone"])
-    c, _ = train.build_config(args(tmp_path), ["backbone"])
-    assert getattr(c, key) == train.TrainConfig().__dict__[key]       # neither: the flag's default
+def build(tmp_path, *sets, running=("policy",), **flags) -> train.TrainConfig:
+    return train.build_config(args(tmp_path, *sets, **flags), train.STAGES, list(running))[0]
+
+
+def test_set_parses_by_type():
+    assert [train.parse_value(bool, v) for v in ("true", "0", "yes")] == [True, False, True]
+    assert train.parse_value(int, "12") == 12 and train.parse_value(float, "1e-3") == 1e-3
+    assert train.parse_value(tuple, "4,8") == (4, 8) and train.parse_value(tuple, "0.6,0.8") == (0.6, 0.8)
+    assert train.parse_value(tuple, "") == () and train.parse_value(str, "none") is None
+    with pytest.raises(ValueError):
+        train.parse_value(bool, "maybe")
+
+
+def test_every_stage_dataclass_joins_the_flat_config():
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    parts = (train.RunKeys, train.VQKeys, train.FrozenNetKeys, train.NATKeys, train.PolicyKeys, train.ExperimentKeys)
+    assert fields == {f.name for p in parts for f in dataclasses.fields(p)}
+    assert all(f.startswith("vq_") for f in {f.name for f in dataclasses.fields(train.VQKeys)})
+    assert all(f.startswith("pi_") for f in {f.name for f in dataclasses.fields(train.PolicyKeys)})
+    for preset in train.PRESETS.values():                             # every preset names real keys
+        assert set(preset) <= fields
+
+
+def test_set_keeps_its_value_in_the_run_folder_but_this_command_keys_do_not(tmp_path):
+    c = build(tmp_path, "nat_lr=5e-4", "pi_reward=fid", "compile=true")
+    assert (c.nat_lr, c.pi_reward, c.compile) == (5e-4, "fid", True)
+    os.makedirs(tmp_path / "run")
+    json.dump(train.to_plain(c), open(tmp_path / "run" / "config.json", "w"))
+    c = build(tmp_path, preset=None)
+    assert c.preset == "test" and c.nat_lr == 5e-4                    # kept
+    assert (c.pi_reward, c.compile) == ("adversarial", False)         # this command only
 
 
 def test_discriminator_never_sits_on_a_judge(tmp_path):
     for judge in ("featnet", "featnet2", "featssl"):
         with pytest.raises(train.UserError, match="a judge"):
-            train.build_config(args(tmp_path, f"pi_d_nets=backbone+{judge}"), ["backbone"])
-    c, _ = train.build_config(args(tmp_path, "pi_d_nets=backbone+dssl", "pi_d_taps=1,2", "pi_d_acc_band=0.6,0.8"),
-                               ["backbone"])
+            build(tmp_path, f"pi_d_nets=backbone+{judge}")
+    c = build(tmp_path, "pi_d_nets=backbone+dssl", "pi_d_taps=1,2", "pi_d_acc_band=0.6,0.8")
     assert (c.pi_d_nets, c.pi_d_taps, c.pi_d_acc_band) == ("backbone+dssl", (1, 2), (0.6, 0.8))
     with pytest.raises(train.UserError, match="pi_d_acc_band"):
-        train.build_config(args(tmp_path, "pi_d_acc_band=0.8,0.6"), ["backbone"])
+        build(tmp_path, "pi_d_acc_band=0.8,0.6")
 
 
-def test_an_older_run_folder_config_loads_under_the_new_names(tmp_path):
-    import json
-    import os
-    old = {**train.to_plain(train.TrainConfig(**train.PRESETS["test"], preset="test"))}
-    for new_key in ("backbone_steps", "featnet_dim", "vq_codebook_size", "nat_mask_dist", "nat_ema_decay", "flow_ema_decay"):
-        old.pop(new_key)
-    old.update(bb_steps=17, feat_dim=24, codebook_size=48, mask_dist="beta", ema_decay=0.97)   # not the preset's values
+def test_policy_keys_are_checked_only_when_a_policy_stage_runs(tmp_path):
+    assert build(tmp_path, "pi_group=3", running=("nat",)).pi_group == 3
+    with pytest.raises(train.UserError, match="pi_group 3 must be >= 1 and divide pi_batch 16"):
+        build(tmp_path, "pi_group=3")
+    with pytest.raises(train.UserError, match="nat_steps = 0: must be positive"):
+        build(tmp_path, "nat_steps=0", running=("vq",))
+
+
+@pytest.mark.parametrize("item, message", [("nat_dim", "--set nat_dim: expected KEY=VALUE"),
+                                           ("bb_steps=5", "unknown config key 'bb_steps'"),
+                                           ("nat_steps=ten", "--set nat_steps=ten: invalid literal"),
+                                           ("preset=small", "unknown config key 'preset'")])
+def test_bad_set_values_are_one_line_errors(tmp_path, item, message):
+    with pytest.raises(train.UserError, match=message):
+        build(tmp_path, item)
+
+
+def test_a_trained_run_folder_locks_its_config_except_free_keys(tmp_path):
+    c = build(tmp_path)
     os.makedirs(tmp_path / "run")
-    json.dump(old, open(tmp_path / "run" / "config.json", "w"))
-    c = train.load_config(str(tmp_path / "run"))
-    assert (c.backbone_steps, c.featnet_dim, c.vq_codebook_size, c.nat_mask_dist, c.nat_ema_decay, c.flow_ema_decay) == \
-        (17, 24, 48, "beta", 0.97, 0.97)
-    c, _ = train.build_config(args(tmp_path), ["backbone"])         # and through the command line
-    assert (c.backbone_steps, c.vq_codebook_size) == (17, 48)
-    with pytest.raises(train.UserError, match="now called backbone_steps"):
-        train.build_config(args(tmp_path, "bb_steps=5"), ["backbone"])
-
-
-def test_one_table_maps_every_stage_to_its_keys():
-    import train
-    assert set(train.STAGES_ALL) <= set(train.STAGE_KEYS)
-    fields = {f.name for f in config.dataclasses.fields(train.TrainConfig)}
-    assert all(k in fields for keys in train.STAGE_KEYS.values() for k in keys)
-    for loop, stage in (("policy_T4", "policy"), ("static_search_T8", "static"), ("flow_policy_nfe4", "flow-policy"),
-                        ("vp_static_nfe8", "flow-static"), ("search_T4", "search"), ("param_T8", "param-search"),
-                        ("flow_search_nfe4", "flow-search"), ("vp", "flow"), ("featssl", "featssl"), ("policy_fid_T4", "policy")):
-        assert train.stage_of(loop) == stage, loop
-    assert train.TrainConfig().fault_keys("static_T4") == ("pi_static_lr", "pi_batch")
-
-
-def test_validate_checks_only_the_stages_that_run(tmp_path):
-    c, _ = train.build_config(args(tmp_path, "search_samples=0", stage="nat"), ["backbone"])   # search does not run
-    assert c.search_samples == 0
-    with pytest.raises(train.UserError, match="search_samples"):
-        train.build_config(args(tmp_path, "search_samples=0", stage="search"), ["backbone"])
+    json.dump(train.to_plain(c), open(tmp_path / "run" / "config.json", "w"))
+    (tmp_path / "run" / "vq.pt").write_bytes(b"")                      # a stage has written its checkpoint
+    with pytest.raises(train.UserError, match="another config .differs in nat_dim"):
+        build(tmp_path, "nat_dim=64", preset=None)
+    assert build(tmp_path, "pi_lr=0.5", "search_T=4", preset=None).pi_lr == 0.5   # each policy carries its own copy
+    with pytest.raises(train.UserError, match="unknown preset 'nope'"):
+        build(tmp_path, preset="nope")

@@ -133,7 +133,7 @@ def test_search_is_the_same_on_one_and_two_processes(run_dir, tmp_path):
     for n in (1, 2):
         d = tmp_path / f"search{n}"
         shutil.copytree(run_dir, d)
-        r = run("--run-dir", str(d), "--stage", "search", "--steps", "1", n=n)
+        r = run("--run-dir", str(d), "--stage", "search", "--set", "search_updates=1", n=n, script="experiments/search.py")
         assert r.returncode == 0, r.stderr[-3000:]
         out[n] = json.load(open(d / "search_T4.json"))
     for key in ("table", "generator_forwards", "train_fid_best"):
@@ -141,15 +141,15 @@ def test_search_is_the_same_on_one_and_two_processes(run_dir, tmp_path):
 
 
 def test_compile_for_training_and_sampling(run_dir, tmp_path):
-    """--compile: the nat stage trains through torch.compile; --bench times eager, then compiled."""
+    """--set compile=true: the nat stage trains through torch.compile; the bench times eager, then compiled."""
     d = tmp_path / "compile"
     shutil.copytree(run_dir, d)
     ck = torch.load(d / "nat.pt", weights_only=True)
     ck.update(done=False, step=28)
     torch.save(ck, d / "nat.pt")
-    r = run("--run-dir", str(d), "--stage", "nat", "--compile")
+    r = run("--run-dir", str(d), "--stage", "nat", "--set", "compile=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(d / "nat.pt", weights_only=True)["step"] == 30
-    r = run("--run-dir", str(d), "--bench", "--compile", "--batch", "8", "--grid-steps", "2", script="sample.py")
+    r = run("--run-dir", str(d), "--compile", "--batch", "8", "--grid-steps", "2", script="experiments/bench.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "eager" in r.stdout and "compiled" in r.stdout and r.stdout.count("image-steps/s") >= 2

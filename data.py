@@ -35,7 +35,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 
 class DataError(RuntimeError):
@@ -326,6 +326,62 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.
         if not infinite:
             return
 
+
+
+# ----------------------------------------------------------------------------- PNG output (Pillow, no matplotlib)
+
+def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 3, save: bool = True) -> None:
+    """images (n, C, H, W) in [-1, 1] -> a PNG with `nrow` images per row (save=False: draw only)."""
+    x = to_uint8(images)                                         # (n, C, H, W)
+    n, C, H, W = x.shape
+    canvas = torch.full((C, -(-n // nrow) * (H + 2) + 2, nrow * (W + 2) + 2), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[:, 2 + r * (H + 2):2 + r * (H + 2) + H, 2 + col * (W + 2):2 + col * (W + 2) + W] = x[i]
+    arr = canvas.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if C == 1 else arr)
+    if save:
+        img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def plot_panels(path: str, panels: list[dict], title: str = "", size: tuple = (300, 200), save: bool = True) -> None:
+    """Line charts with Pillow, one panel each, side by side. panel = {"title", "series": [{"x", "y", "color",
+    "dashed", "band": (lo, hi)}]}. save=False draws without writing (the other ranks of a torchrun job)."""
+    W, H = size
+    ml, mr, mt, mb = 46, 10, 22, 22                                   # margins: left, right, top, bottom
+    img = Image.new("RGB", (W * len(panels), H + (18 if title else 0)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((6, 2), title, fill="black")
+    for p_i, panel in enumerate(panels):
+        ox, oy = p_i * W, 18 if title else 0
+        xs = [x for s in panel["series"] for x in s["x"]]
+        ys = [y for s in panel["series"] for y in s["y"] if y == y] + \
+             [v for s in panel["series"] if s.get("band") for part in s["band"] for v in part]
+        if not xs or not ys:
+            continue
+        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        pad = (max(ys) - min(ys)) * 0.05 or abs(min(ys)) * 0.05 or 1.0
+        y0, y1 = min(ys) - pad, max(ys) + pad
+        px = lambda x: ox + ml + (x - x0) / (x1 - x0) * (W - ml - mr)
+        py = lambda y: oy + mt + (y1 - y) / (y1 - y0) * (H - mt - mb)
+        d.rectangle([ox + ml, oy + mt, ox + W - mr, oy + H - mb], outline=(160, 160, 160))
+        d.text((ox + ml, oy + 6), panel["title"], fill="black")
+        for text, xy in ((f"{y1:.3g}", (ox + 2, oy + mt - 4)), (f"{y0:.3g}", (ox + 2, oy + H - mb - 8)),
+                         (f"{x0:g}", (ox + ml, oy + H - mb + 4)), (f"{x1:g}", (ox + W - mr - 24, oy + H - mb + 4))):
+            d.text(xy, text, fill=(90, 90, 90))
+        for s in panel["series"]:
+            if s.get("band"):
+                lo, hi = s["band"]
+                poly = [(px(x), py(v)) for x, v in zip(s["x"], hi)] + [(px(x), py(v)) for x, v in reversed(list(zip(s["x"], lo)))]
+                d.polygon(poly, fill=tuple(int(255 - (255 - c) * 0.25) for c in s["color"]))
+            pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if y == y]
+            for k, (a, b) in enumerate(zip(pts, pts[1:])):
+                if not s.get("dashed") or k % 2 == 0:
+                    d.line([a, b], fill=s["color"], width=2)
+            for x, y in pts if len(pts) == 1 or s.get("dashed") else []:
+                d.ellipse([x - 2, y - 2, x + 2, y + 2], outline=s["color"])
+    if save:
+        img.save(path)
 
 if __name__ == "__main__":
     x, y = synthetic(200, channels=3)

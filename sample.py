@@ -1,7 +1,7 @@
 """Sample from a trained run folder: grids, the evaluation table, the policy's actions.
 
     python sample.py --run-dir runs/small                           # grids: samples_<heuristic>_T8.png
-    python sample.py --run-dir runs/small --eval --samples 2000     # the table: eval.json + eval.md
+    python sample.py --run-dir runs/small --eval --samples 2000     # the table: eval.json + eval.md (and the grids)
     python sample.py --run-dir runs/small --plot --decode-steps 4   # the adaptive policy's actions, and its samples
     python sample.py --run-dir runs/small --sweep-w                 # (re)pick w_0 of AdaNAT's heuristic
     python sample.py --run-dir runs/small --floor                   # the reference rows alone (no NAT needed)
@@ -26,7 +26,6 @@ import types
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -249,20 +248,6 @@ def floor(run_dir: str, device: torch.device) -> dict:
 
 # ============================================================================= pictures
 
-def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 3) -> None:
-    """images (n, C, H, W) in [-1, 1] -> a PNG with `nrow` images per row (rank 0 writes)."""
-    x = data.to_uint8(images)                                         # (n, C, H, W)
-    n, C, H, W = x.shape
-    canvas = torch.full((C, -(-n // nrow) * (H + 2) + 2, nrow * (W + 2) + 2), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        canvas[:, 2 + r * (H + 2):2 + r * (H + 2) + H, 2 + col * (W + 2):2 + col * (W + 2) + W] = x[i]
-    arr = canvas.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if C == 1 else arr)
-    if train.DIST.main:
-        img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
 def grids(pipe: train.Pipeline, T: int, per_class: int = 10) -> None:
     """samples_maskgit_T{T}.png, samples_adanat_T{T}.png: one row per class (AdaNAT's w_0 swept, else 2)."""
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
@@ -270,7 +255,7 @@ def grids(pipe: train.Pipeline, T: int, per_class: int = 10) -> None:
     for name, (tau2_0, w) in {"maskgit": (nat.MASKGIT["tau2_0"], 0.0), "adanat": (nat.ADANAT_TAU2_0, w_0)}.items():
         path = os.path.join(pipe.run_dir, f"samples_{name}_T{T}.png")
         tokens = pipe.generate(labels, T, nat.heuristic_schedule(T, tau2_0=tau2_0, w_0=w), seed=0, guided=w != 0)
-        save_grid(pipe.decode(tokens), path, nrow=per_class)
+        data.save_grid(pipe.decode(tokens), path, nrow=per_class, save=train.DIST.main)
         print("wrote", path)
 
 
@@ -292,7 +277,7 @@ def plot_policy(pipe: train.Pipeline, T: int, samples: int = 1000, per_class: in
          "band": ((mean[:, j] - sd[:, j]).tolist(), (mean[:, j] + sd[:, j]).tolist())},
         {"x": steps, "y": h[:, j].tolist(), "color": (60, 60, 60), "dashed": True}]} for j, name in enumerate(policy.ACTIONS)]
     path = os.path.join(pipe.run_dir, f"policy_actions_T{T}.png")
-    train.plot_panels(path, panels, title=f"adaptive policy, T={T}: mean +- sd over {samples} samples per step "
+    data.plot_panels(path, panels, title=f"adaptive policy, T={T}: mean +- sd over {samples} samples per step "
                                           f"(x: step t); dashed: the heuristic it started from")
     print("wrote", path)
     K, C, S = pipe.cfg.num_classes, pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
@@ -303,7 +288,7 @@ def plot_policy(pipe: train.Pipeline, T: int, samples: int = 1000, per_class: in
     right = pipe.decode(pipe.generate(labels, T, make(), seed=0)).view(K, per_class, -1)
     both = torch.cat([left, torch.ones(K, 1, C * S * S), right], dim=1).view(-1, C, S, S)   # a white column between
     path = os.path.join(pipe.run_dir, f"heuristic_vs_adaptive_T{T}.png")
-    save_grid(both, path, nrow=2 * per_class + 1)
+    data.save_grid(both, path, nrow=2 * per_class + 1, save=train.DIST.main)
     print("wrote", path, f"(left: heuristic tau2_0=1, w_0={w_0:g}; right: adaptive policy; one class per row)")
 
 
@@ -387,7 +372,7 @@ def main(argv: list[str] | None = None, add_flags=None, run=None, check=None, do
             for T in steps if args.plot else []:
                 if os.path.exists(os.path.join(args.run_dir, f"policy_T{T}.pt")):
                     plot_policy(pipe, T)
-            if not (args.eval or args.sweep_w or args.plot):
+            if args.eval or not (args.sweep_w or args.plot):
                 grids(pipe, args.grid_steps)
     except (train.UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

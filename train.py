@@ -49,7 +49,6 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -676,46 +675,6 @@ def generator_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.opti
         for pe, p in zip(ema.parameters(), model.parameters()):
             pe.lerp_(p, 1 - d)
     return out
-
-
-def plot_panels(path: str, panels: list[dict], title: str = "", size: tuple = (300, 200)) -> None:
-    """Line charts with Pillow, one panel each, side by side. panel = {"title", "series": [{"x", "y", "color",
-    "dashed", "band": (lo, hi)}]}."""
-    W, H = size
-    ml, mr, mt, mb = 46, 10, 22, 22                                   # margins: left, right, top, bottom
-    img = Image.new("RGB", (W * len(panels), H + (18 if title else 0)), "white")
-    d = ImageDraw.Draw(img)
-    d.text((6, 2), title, fill="black")
-    for p_i, panel in enumerate(panels):
-        ox, oy = p_i * W, 18 if title else 0
-        xs = [x for s in panel["series"] for x in s["x"]]
-        ys = [y for s in panel["series"] for y in s["y"] if y == y] + \
-             [v for s in panel["series"] if s.get("band") for part in s["band"] for v in part]
-        if not xs or not ys:
-            continue
-        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        pad = (max(ys) - min(ys)) * 0.05 or abs(min(ys)) * 0.05 or 1.0
-        y0, y1 = min(ys) - pad, max(ys) + pad
-        px = lambda x: ox + ml + (x - x0) / (x1 - x0) * (W - ml - mr)
-        py = lambda y: oy + mt + (y1 - y) / (y1 - y0) * (H - mt - mb)
-        d.rectangle([ox + ml, oy + mt, ox + W - mr, oy + H - mb], outline=(160, 160, 160))
-        d.text((ox + ml, oy + 6), panel["title"], fill="black")
-        for text, xy in ((f"{y1:.3g}", (ox + 2, oy + mt - 4)), (f"{y0:.3g}", (ox + 2, oy + H - mb - 8)),
-                         (f"{x0:g}", (ox + ml, oy + H - mb + 4)), (f"{x1:g}", (ox + W - mr - 24, oy + H - mb + 4))):
-            d.text(xy, text, fill=(90, 90, 90))
-        for s in panel["series"]:
-            if s.get("band"):
-                lo, hi = s["band"]
-                poly = [(px(x), py(v)) for x, v in zip(s["x"], hi)] + [(px(x), py(v)) for x, v in reversed(list(zip(s["x"], lo)))]
-                d.polygon(poly, fill=tuple(int(255 - (255 - c) * 0.25) for c in s["color"]))
-            pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if y == y]
-            for k, (a, b) in enumerate(zip(pts, pts[1:])):
-                if not s.get("dashed") or k % 2 == 0:
-                    d.line([a, b], fill=s["color"], width=2)
-            for x, y in pts if len(pts) == 1 or s.get("dashed") else []:
-                d.ellipse([x - 2, y - 2, x + 2, y + 2], outline=s["color"])
-    if DIST.main:
-        img.save(path)
 
 
 # ============================================================================= models from a run folder
@@ -1414,7 +1373,8 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
               for key, color in (("reward", (200, 60, 30)), ("d_acc", (30, 90, 200)), ("d_steps", (30, 90, 200)),
                                  ("approx_kl", (120, 60, 160)), ("residual_rms", (120, 60, 160)), ("train_fid", (20, 140, 60)),
                                  ("train_fid2", (20, 140, 60)), ("train_fd_ssl", (20, 140, 60)))]
-    plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, f"{name}: per PPO iteration (training-set statistics)")
+    data.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, f"{name}: per PPO iteration (training-set statistics)",
+                     save=DIST.main)
     print(f"{name}: per iteration, mean over {len(its)}: " + ", ".join(f"{k} {v:.2f}" for k, v in state["time_split"].items()))
     which = "training-set FID at lam = 1 (last weights kept)" if kind == "fidelity" else "best training-set FID"
     print(f"{name}: done, {which} {state['best_fid']:.2f} (start {state['history'][0]['train_fid']:.2f}); curve in {name}_curve.png")

@@ -245,7 +245,7 @@ def flow_grids(pipe: FlowPipeline, nfe: int, per_class: int = 10) -> None:
     T = samplers.steps_for_nfe("dpmpp2s", nfe)
     images = pipe.generate(labels, T, samplers.heuristic_schedule(samplers.uniform_grid(T), w_0), "dpmpp2s", seed=0)
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_samples_nfe{nfe}.png")
-    sample.save_grid(images, path, nrow=per_class)
+    data.save_grid(images, path, nrow=per_class, save=train.DIST.main)
     print("wrote", path)
 
 
@@ -273,8 +273,8 @@ def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_clas
                    "band": ((w.mean(1) - w.std(1)).tolist(), (w.mean(1) + w.std(1)).tolist())},
                   {"x": steps[:-1], "y": h[:, 1].tolist(), "color": (60, 60, 60), "dashed": True}]}]
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_policy_grids_nfe{nfe}.png")
-    train.plot_panels(path, panels, size=(360, 240), title=f"adaptive policy, {solver}, T={T} (NFE {nfe}): {samples} samples; "
-                                                     f"dashed: the start schedule")
+    data.plot_panels(path, panels, size=(360, 240), title=f"adaptive policy, {solver}, T={T} (NFE {nfe}): {samples} samples; "
+                                                     f"dashed: the start schedule", save=train.DIST.main)
     print("wrote", path)
     K = pipe.cfg.num_classes
     labels = torch.arange(K).repeat_interleave(per_class)
@@ -284,7 +284,7 @@ def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_clas
     C, S = pipe.cfg.channels, pipe.cfg.img_size
     both = torch.cat([left, torch.ones(K, 1, C * S * S), right], dim=1).view(-1, C, S, S)
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_heuristic_vs_adaptive_nfe{nfe}.png")
-    sample.save_grid(both, path, nrow=2 * per_class + 1)
+    data.save_grid(both, path, nrow=2 * per_class + 1, save=train.DIST.main)
     print("wrote", path, "(left: the start schedule; right: the adaptive policy; one class per row)")
 
 
@@ -332,7 +332,7 @@ def flow_refined_grid(pipe: FlowPipeline, nfe: int, repeat: int, per_class: int 
     before = pipe.forwards
     images = studies.refine(lambda y: pipe.generate(y, T, make(), solver, seed=0), labels, repeat, refiner.score)
     path = os.path.join(pipe.run_dir, f"{pipe.path.name}_samples_adaptive_repeat{repeat}_nfe{nfe}.png")
-    sample.save_grid(images, path, nrow=per_class)
+    data.save_grid(images, path, nrow=per_class, save=train.DIST.main)
     print("wrote", path, f"({train.all_sum(pipe.forwards - before) / len(labels):.1f} network rows per image)")
 
 def add_flags(p) -> None:

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 import autonat
+import data
 import fid
 import nat
 import samplers
@@ -205,7 +206,7 @@ def write_search_summary(P: SearchProblem, state: dict, kind: str, scfg: dict, C
     panels += [{"title": f"{a} per step (start dashed)", "series": [
         {"x": steps, "y": h[:, j].tolist(), "color": (120, 120, 120), "dashed": True},
         {"x": steps, "y": table[:, j].tolist(), "color": (40, 90, 200)}]} for j, a in enumerate(P.columns)]
-    train.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search")
+    data.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, title=f"{name}: AutoNAT search", save=train.DIST.main)
     print(f"{name}: training-set FID {start:.2f} -> {state['best_fid']:.2f} in {state['step']} updates, "
           f"{state['forwards'] / 1e6:.2f}M generator forwards, {state['train_seconds'] / 60:.1f} min; {name}.json")
 

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+import data  # noqa: E402
 import nat
 import policy
 import reward
@@ -203,7 +204,7 @@ def blend_study(pipe: train.Pipeline, samples: int, T: int, lams: list[float], c
                                           "band": ([r[key] - r[key + "_sd"] for r in table], [r[key] + r[key + "_sd"] for r in table])}]}
               for key, color in (("fid", (200, 60, 30)), ("precision", (30, 90, 200)), ("recall", (20, 140, 60)))]
     path = os.path.join(pipe.run_dir, f"blend_T{T}_curve.png")
-    train.plot_panels(path, panels, title=f"fidelity blend, T={T}: x = lam (0: the adaptive policy, 1: the fidelity policy)")
+    data.plot_panels(path, panels, title=f"fidelity blend, T={T}: x = lam (0: the adaptive policy, 1: the fidelity policy)", save=train.DIST.main)
     print("wrote", path)
     side = int(per_class ** 0.5)
     C, S = pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
@@ -216,7 +217,7 @@ def blend_study(pipe: train.Pipeline, samples: int, T: int, lams: list[float], c
         blocks.append(torch.ones(1, blocks[-1].shape[1], C, S, S))                   # a white row between classes
     grid = torch.cat(blocks[:-1]).reshape(-1, C, S, S)
     path = os.path.join(pipe.run_dir, f"blend_grids_T{T}.png")
-    sample.save_grid(grid, path, nrow=len(lams) * (side + 1))
+    data.save_grid(grid, path, nrow=len(lams) * (side + 1), save=train.DIST.main)
     print("wrote", path, f"(classes {list(classes)} top to bottom; lam = {', '.join(f'{l:g}' for l in lams)} left to right)")
 
 
@@ -246,7 +247,7 @@ def hacking_study(pipe: train.Pipeline, samples: int, T: int, sweep_samples: int
     panels = [fn(labels, 0)[0].view(K, per_class, C, S, S) for fn in rows.values()]     # seed 0, one class a row
     spaced = [torch.cat([p, torch.ones(K, 1, C, S, S)], dim=1) for p in panels]
     path = os.path.join(pipe.run_dir, f"hacking_grids_T{T}.png")
-    sample.save_grid(torch.cat(spaced, dim=1).reshape(-1, C, S, S), path, nrow=len(panels) * (per_class + 1))
+    data.save_grid(torch.cat(spaced, dim=1).reshape(-1, C, S, S), path, nrow=len(panels) * (per_class + 1), save=train.DIST.main)
     print("wrote", path, "(left to right: " + "; ".join(rows) + "; one class per row)")
 
 
@@ -257,7 +258,7 @@ def refined_grid(pipe: train.Pipeline, T: int, repeat: int, lookahead: int, per_
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
     images, forwards = refined_nat(pipe, labels, T, make, 0, repeat, lookahead, refiner)
     path = os.path.join(pipe.run_dir, f"samples_adaptive_repeat{repeat}_lookahead{lookahead}_T{T}.png")
-    sample.save_grid(images, path, nrow=per_class)
+    data.save_grid(images, path, nrow=per_class, save=train.DIST.main)
     print("wrote", path, f"({forwards:.1f} generator forwards per image)")
 
 

@@ -81,7 +81,7 @@ def bench(pipe: train.Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dic
 def run(args, device: torch.device) -> None:
     """The bench at --grid-steps on --batch rows (default 1024 on CUDA, 256 on the CPU); with --compile
     eager first, then compiled."""
-    pipe = sample.nat_pipeline(args, device)
+    pipe = train.Pipeline(args.run_dir, device, bf16=not args.no_bf16, batch=args.batch)   # eager first
     batch = args.batch or (1024 if device.type == "cuda" else 256)
     bench(pipe, batch, T=args.grid_steps)
     if args.compile:

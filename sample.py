@@ -169,7 +169,7 @@ def last_is_best(run_dir: str, kind: str, T: int, start: str = "heuristic") -> b
     return all(torch.equal(ck["best"][k], ck["model"][k]) for k in ck["best"])
 
 
-def schedule_rows(pipe: train.Pipeline, w_0: float, steps: list[int]) -> dict:
+def schedule_rows(pipe: train.Pipeline, w_0: float, steps: list[int], sweep_samples: int) -> dict:
     """name -> {T: (make_schedule, guided, generator pipeline)}: the heuristics, every finished search and
     every trained policy (its best weights, and its last iterate when they differ), in the comparison's order;
     then the Beta-trained generator of experiments/search.py --stage pr-search (in <run>/beta)."""
@@ -196,7 +196,7 @@ def schedule_rows(pipe: train.Pipeline, w_0: float, steps: list[int]) -> dict:
     beta_dir = os.path.join(pipe.run_dir, "beta")
     if train.is_done(os.path.join(beta_dir, "nat.pt")):
         bp = train.Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch)
-        w_b = train.get_w0(bp, train.RealFeatures(bp), 2000)
+        w_b = train.get_w0(bp, train.RealFeatures(bp), sweep_samples)
         prefix = f"Beta({bp.cfg.alpha:.3g}, {bp.cfg.beta:.3g})-trained NAT: "
         rows[prefix + f"AdaNAT heuristic (w_0={w_b:g})"] = {
             T: (lambda T=T: nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_b), True, bp) for T in steps}
@@ -208,7 +208,7 @@ def evaluate(pipe: train.Pipeline, samples: int, steps: list[int], sweep_samples
     """The evaluation table: eval.json and eval.md."""
     ref = EvalReferences(pipe)
     w_0 = train.get_w0(pipe, ref, sweep_samples)
-    rows = schedule_rows(pipe, w_0, steps)
+    rows = schedule_rows(pipe, w_0, steps, sweep_samples)
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = train.balanced_labels(samples, pipe.cfg.num_classes)
 
@@ -278,7 +278,7 @@ def plot_policy(pipe: train.Pipeline, T: int, samples: int = 1000, per_class: in
         {"x": steps, "y": h[:, j].tolist(), "color": (60, 60, 60), "dashed": True}]} for j, name in enumerate(policy.ACTIONS)]
     path = os.path.join(pipe.run_dir, f"policy_actions_T{T}.png")
     data.plot_panels(path, panels, title=f"adaptive policy, T={T}: mean +- sd over {samples} samples per step "
-                                          f"(x: step t); dashed: the heuristic it started from")
+                                          f"(x: step t); dashed: the heuristic it started from", save=train.DIST.main)
     print("wrote", path)
     K, C, S = pipe.cfg.num_classes, pipe.vq.cfg.in_ch, pipe.vq.cfg.img_size
     labels = torch.arange(K).repeat_interleave(per_class)

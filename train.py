@@ -68,11 +68,11 @@ import vqgan
 
 @dataclass
 class RunKeys:
-    preset: str = "small"
+    preset: str = "small"            # the named overrides it started from (PRESETS)
     data: str | None = None          # None: Fashion-MNIST (./data, Debian package, download); a folder; "synthetic"
     img_size: int = 32               # images are padded / resized to img_size x img_size
-    channels: int = 1
-    seed: int = 0
+    channels: int = 1                # image channels (1: grey)
+    seed: int = 0                    # every stage's seed derives from it
     bf16: bool = True                # bf16 autocast for the transformers on CUDA (ignored on CPU)
     compile: bool = False            # torch.compile the generators' training forward (this command only)
     ckpt_every_s: float = 300.0      # seconds between checkpoints inside a stage
@@ -81,15 +81,15 @@ class RunKeys:
 
 @dataclass
 class VQKeys:
-    vq_steps: int = 5000
-    vq_batch: int = 128
-    vq_lr: float = 1e-3
+    vq_steps: int = 5000             # training steps
+    vq_batch: int = 128              # images per step
+    vq_lr: float = 1e-3              # Adam lr, betas (0.5, 0.9); warm-up, then cosine to 10%
     vq_ch: int = 32                  # encoder / decoder width
     vq_ch_mult: tuple = (1, 2)       # width multipliers per resolution (one downsampling each but the last)
     vq_n_res: int = 2                # residual blocks per resolution
-    vq_codebook_size: int = 512
-    vq_code_dim: int = 32
-    vq_warmup: int = 100
+    vq_codebook_size: int = 512      # K codes
+    vq_code_dim: int = 32            # code width
+    vq_warmup: int = 100             # warm-up steps
     vq_restart_every: int = 100      # dead-code restart period (steps); off in the last 20% of training
     vq_gan_weight: float = 0.0       # hinge patch-GAN generator weight (0: off)
     vq_gan_start: int = 0            # steps of plain reconstruction before the GAN starts
@@ -99,43 +99,43 @@ class VQKeys:
 @dataclass
 class FrozenNetKeys:
     feat_batch: int = 128            # every classifier trains with feat_batch, feat_lr, feat_warmup
-    feat_lr: float = 2e-3
-    feat_warmup: int = 50
+    feat_lr: float = 2e-3            # Adam lr
+    feat_warmup: int = 50            # warm-up steps
     backbone_steps: int = 400        # backbone: D's and the perceptual loss's frozen classifier
-    backbone_width: int = 16
-    backbone_dim: int = 64
+    backbone_width: int = 16         # first conv width (then 2x, 4x)
+    backbone_dim: int = 64           # penultimate features
     featnet_steps: int = 1500        # featnet: the FID network (every choice reads it)
-    featnet_width: int = 32
-    featnet_dim: int = 128
+    featnet_width: int = 32          # first conv width
+    featnet_dim: int = 128           # the FID features
     featnet2_steps: int = 1500       # featnet2: a held-out judge (no choice reads it)
-    featnet2_width: int = 32
-    featnet2_dim: int = 96
+    featnet2_width: int = 32         # first conv width
+    featnet2_dim: int = 96           # its FID features
     featnet2_convs: int = 2          # conv layers per stage (featnet: 2 with max pooling; featnet2: average pooling)
     ssl_steps: int = 800             # featssl (the self-supervised judge) and dssl (a D candidate): SimCLR
     ssl_batch: int = 256             # images per step (two views each)
-    ssl_lr: float = 2e-3
+    ssl_lr: float = 2e-3             # Adam lr
     ssl_tau: float = 0.2             # NT-Xent temperature
-    ssl_width: int = 32
+    ssl_width: int = 32              # first conv width
     ssl_dim: int = 128               # the FID features (f's penultimate layer)
     ssl_proj: int = 64               # the projection head's output z
     dnet_steps: int = 1500           # dnet: the backbone classifier wider and longer (a D candidate)
-    dnet_width: int = 32
-    dnet_dim: int = 128
+    dnet_width: int = 32             # first conv width
+    dnet_dim: int = 128              # penultimate features
 
 
 @dataclass
 class NATKeys:
-    nat_steps: int = 1500
-    nat_batch: int = 256
-    nat_lr: float = 1e-3
-    nat_warmup: int = 100
-    nat_wd: float = 0.05
-    nat_dim: int = 128
-    nat_depth: int = 4
-    nat_heads: int = 4
-    nat_dropout: float = 0.0
+    nat_steps: int = 1500            # training steps
+    nat_batch: int = 256             # token maps per step
+    nat_lr: float = 1e-3             # AdamW lr, betas (0.9, 0.95); warm-up, then cosine to 10%
+    nat_warmup: int = 100            # warm-up steps
+    nat_wd: float = 0.05             # weight decay of the matrices (not embeddings, norms, biases)
+    nat_dim: int = 128               # transformer width
+    nat_depth: int = 4               # blocks
+    nat_heads: int = 4               # attention heads
+    nat_dropout: float = 0.0         # dropout in the blocks
     nat_mask_dist: str = "cosine"    # training p(r): "cosine" (MaskGIT) or "beta" (AutoNAT)
-    nat_mask_alpha: float = 1.0
+    nat_mask_alpha: float = 1.0      # Beta(alpha, beta) of nat_mask_dist = beta
     nat_mask_beta: float = 1.0
     nat_ema_decay: float = 0.995     # EMA of the weights sampling uses
 
@@ -154,8 +154,8 @@ class PolicyKeys:                    # each policy checkpoint carries its own co
     pi_target_kl: float = 0.03       # stop an iteration's epochs once approx_kl passes this (0: off)
     pi_grad_clip: float = 1.0        # gradient-norm clip of the PPO steps (0: off)
     pi_clip: float = 0.2             # PPO's clip c
-    pi_vf_coef: float = 0.5
-    pi_ent_coef: float = 0.01
+    pi_vf_coef: float = 0.5          # value-loss weight
+    pi_ent_coef: float = 0.01        # entropy bonus weight
     pi_anchor: float = 1.0           # + pi_anchor * mean ||eta(s)||^2 on the knobs that act: the residual stays near h
     pi_adv_floor: float = 0.05       # advantages / returns divided by max(batch std, this)
     pi_sigma0: float = 0.15          # exploration std in pre-activation space, annealed to pi_sigma1 ...
@@ -196,7 +196,7 @@ class ExperimentKeys:                # read by experiments/search.py and experim
     search_eps: float = 0.1          # ... of tau1, tau2, w and of the family
     search_lr_m: float = 3e-4        # learning rate of the mask ratios
     search_lr: float = 0.01          # ... of tau1, tau2, w and the family
-    search_momentum: float = 0.5
+    search_momentum: float = 0.5     # heavy-ball momentum
     search_clip: float = 30.0        # gradient-norm clip (0: off)
     pr_budget: int = 6               # pr-search: proxy NAT trainings the Beta line search may spend
     pr_steps: int = 600              # steps of each proxy training
@@ -204,18 +204,18 @@ class ExperimentKeys:                # read by experiments/search.py and experim
     pr_samples: int = 1000           # samples per candidate FID
     pr_final: bool = True            # then train the chosen p(r) for nat_steps in <run>/beta
     flow_path: str = "flow"          # "flow" (rectified flow, predicts v) or "vp" (VP diffusion); this command only
-    flow_steps: int = 3000
-    flow_batch: int = 128
-    flow_lr: float = 1e-3
-    flow_warmup: int = 100
-    flow_wd: float = 0.0
-    flow_dim: int = 128
-    flow_depth: int = 4
-    flow_heads: int = 4
+    flow_steps: int = 3000           # the continuous generator: training steps
+    flow_batch: int = 128            # images per step
+    flow_lr: float = 1e-3            # AdamW lr, betas (0.9, 0.99)
+    flow_warmup: int = 100           # warm-up steps
+    flow_wd: float = 0.0             # weight decay
+    flow_dim: int = 128              # transformer width
+    flow_depth: int = 4              # blocks
+    flow_heads: int = 4              # attention heads
     flow_patch: int = 4              # 32x32 -> 64 patches of 4x4 (the policy sees (B, 64, C) features)
     flow_pi_nfe: tuple = (4, 8)      # flow-policy / -static / -smooth: one policy per NFE budget
     flow_pi_solver: str = "euler"    # ... with this solver and the most steps that fit
-    flow_ema_decay: float = 0.995
+    flow_ema_decay: float = 0.995    # EMA of the weights sampling uses
 
 
 @dataclass
@@ -295,6 +295,9 @@ def validate(c: TrainConfig, stages: list[str]) -> None:
             raise UserError(f"{f.name} = {getattr(c, f.name)}: must be positive")
     if c.vq_perceptual < 0 or c.nat_mask_dist not in ("cosine", "beta"):
         raise UserError(f"vq_perceptual must be >= 0 and nat_mask_dist cosine or beta (got {c.nat_mask_dist!r})")
+    if c.flow_path not in samplers.PATHS or c.flow_pi_solver not in samplers.SOLVERS:
+        raise UserError(f"flow_path {c.flow_path!r} / flow_pi_solver {c.flow_pi_solver!r}: use one of "
+                        f"{', '.join(samplers.PATHS)} / {', '.join(samplers.SOLVERS)}")
     if not set(stages) & {*POLICY_STAGES, "flow-policy", "flow-static", "flow-smooth"}:
         return
     bad_nets = [n for n in c.pi_d_nets.split("+") if n not in D_NETS]
@@ -353,7 +356,8 @@ def build_config(args: argparse.Namespace, stages: list[str], running: list[str]
             setattr(c, key, parse_value(fields[key], value))
         except ValueError as e:
             raise UserError(f"--set {item}: {e}") from None
-    c.data, c.seed = args.data if args.data is not None else c.data, args.seed if args.seed is not None else c.seed
+    c.data = args.data if args.data is not None else c.data
+    c.seed = args.seed if args.seed is not None else c.seed
     validate(c, running)
     saved = read_json(os.path.join(run_dir, "config.json"))
     if saved and any(os.path.exists(os.path.join(run_dir, f"{s}.pt")) for s in stages):
@@ -415,8 +419,12 @@ def all_mean(x) -> torch.Tensor:
 
 
 def all_sum(x: float) -> float:
-    """The sum of a number over the ranks."""
-    return float(all_mean(torch.tensor(x, dtype=torch.float64)) * DIST.world)
+    """The sum of a number over the ranks (float64: counts stay exact)."""
+    if DIST.world == 1:
+        return x
+    y = torch.tensor([x], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y)
+    return y.item()
 
 
 def all_cat(x: torch.Tensor) -> torch.Tensor:
@@ -685,7 +693,9 @@ def build_model(run_dir: str, stage: str, device: torch.device, weights: str = "
     path = os.path.join(run_dir, f"{stage}.pt")
     ck = load_ckpt(path)
     if not ck.get("done"):
-        raise UserError(f"{path} is unfinished (step {ck.get('step')}): finish it with python train.py --run-dir {run_dir}")
+        raise UserError(f"{path} is unfinished (step {ck.get('step')}): finish it with python "
+                        + (f"experiments/flow.py train --run-dir {run_dir} --stage flow --set flow_path={stage}"
+                           if stage in samplers.PATHS else f"train.py --run-dir {run_dir} --stage {stage}"))
     cfg = ck["config"]
     try:
         if stage == "vq":
@@ -716,7 +726,7 @@ def load_policy(path: str, device: torch.device, weights: str = "best") -> tuple
     """A finished policy checkpoint's policy and config; weights "best" (on featnet's training FID) or "model" (last)."""
     ck = load_ckpt(path)
     if not ck.get("done"):
-        raise UserError(f"{path} is unfinished (iteration {ck.get('step')}): finish it with python train.py")
+        raise UserError(f"{path} is unfinished (iteration {ck.get('step')}): re-run the command that trained it to resume")
     try:
         pi, _ = build_policy(ck["config"])
         pi.load_state_dict(ck[weights])

@@ -5,7 +5,7 @@ the ODE sampler's MDP (`flow_task`), and its sampling side: grids, the table of 
 grid beside the searched grid and the policies at each NFE budget, per-sample time-grid plots, the
 policy's share of sampling time, and repeated sampling.
 
-    python experiments/flow.py train --run-dir runs/small [--stage flow | flow-policy | flow-static | flow-smooth] [--path vp]
+    python experiments/flow.py train --run-dir runs/small [--stage flow | flow-policy | flow-static | flow-smooth] [--set flow_path=vp]
     python experiments/flow.py sample --run-dir runs/small [--path vp] [--eval | --plot | --bench | --repeat 2] [--nfe 4,8]
 
 (AutoNAT's search of the ODE sampler's grid: python experiments/search.py --stage flow-search.)
@@ -117,8 +117,10 @@ def stage_flow(c: train.TrainConfig, run_dir: str, device: torch.device, log: tr
     state = train.train_loop(name, path, state, modules, step_fn, c.flow_steps, c, log)
     state["done"] = True
     train.save_ckpt(path, state)
+    if os.path.exists(os.path.join(run_dir, f"{name}_sweep_w.json")):
+        os.remove(os.path.join(run_dir, f"{name}_sweep_w.json"))           # a sweep of other weights
     print(f"{name}: done, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-          f"python sample.py --run-dir {run_dir} --flow {name} draws its grids")
+          f"python experiments/flow.py sample --run-dir {run_dir} --path {name} draws its grids")
 
 
 def flow_task(c: train.TrainConfig, run_dir: str, device: torch.device, kind: str, nfe: int):
@@ -196,7 +198,8 @@ def adaptive_flow_policy(pipe: FlowPipeline, nfe: int) -> tuple:
     found = flow_policy_schedule(pipe, "policy", nfe)
     if found is None:
         raise train.UserError(f"{pipe.run_dir}/{flow_policy_file(pipe.path.name, 'policy', nfe)}.pt not found: "
-                              f"train it with python experiments/flow.py train --stage flow-policy --run-dir {pipe.run_dir}")
+                              f"train it with python experiments/flow.py train --stage flow-policy --run-dir {pipe.run_dir} "
+                              f"--set flow_path={pipe.path.name} --set flow_pi_nfe={nfe}")
     return found[1:4]
 
 
@@ -215,7 +218,7 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
         def compute() -> dict:
             before = pipe.forwards
             res = sample.measure(ref, labels, make(), lambda sched: pipe.generate(labels, T, sched, solver, seed=s))
-            return {**res, "nfe": (pipe.forwards - before) / (2 * samples)}  # a guided pair counts once
+            return {**res, "nfe": train.all_sum(pipe.forwards - before) / (2 * samples)}  # a guided pair counts once
         return compute
     res = sample.run_cells([((name, nfe), cell(make, solver, T, s)) for name in rows
                             for nfe, (make, solver, T) in rows[name].items() for s in sample.EVAL_SEEDS], f"{name_} eval")
@@ -345,7 +348,7 @@ def add_flags(p) -> None:
 
 
 def run(args, device: torch.device) -> None:
-    """Everything sample.py --flow does, as the flags ask."""
+    """The sampling side, as the flags ask: the table, the plots, the bench, repeated sampling, else the grids."""
     try:
         nfes = [int(v) for v in args.nfe.split(",")]
     except ValueError:

@@ -24,13 +24,14 @@ the class and more). Every (w_0, tau2_0) of a grid is scored per class on per-cl
 statistics of the FID network; each class takes its best pair; the class-only schedule, the best
 single pair and the heuristic are then measured on the test set over EVAL_SEEDS on every judge.
 
-Usage: python sample.py --run-dir runs/small --reward-check [--d-specs backbone,dnet,dssl] | --headroom
+Usage: python experiments/game.py --run-dir runs/small --reward-check [--d-specs backbone,dnet,dssl] | --headroom
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's root
 
+import glob
 import math
 
 import torch
@@ -57,9 +58,15 @@ def parse_spec(spec: str) -> tuple[str, tuple]:
     return nets, tuple(int(k) for k in taps) if taps else (0, 1, 2)
 
 
-def fresh(pipe: train.Pipeline, path: str) -> bool:
-    """Whether a cache file exists and is newer than the generator it was made with."""
-    return os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(os.path.join(pipe.run_dir, "nat.pt"))
+def fresh(pipe: train.Pipeline, path: str) -> dict:
+    """A cache file's contents, or a new cache when it is missing, older than a checkpoint of the run folder, or
+    made with other generation settings (chunk size, bf16, device: other random numbers or numerics)."""
+    setup = [pipe.batch, pipe.bf16, str(pipe.device)]
+    cache = train.read_json(path, {}) if os.path.exists(path) else {}
+    if cache.get("setup") != setup or any(os.path.getmtime(p) > os.path.getmtime(path)
+                                          for p in glob.glob(os.path.join(pipe.run_dir, "*.pt"))):
+        return {"setup": setup}
+    return cache
 
 
 def check_tables(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples: int, T: int) -> dict:
@@ -136,7 +143,7 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
                  T: int = 4) -> dict:
     """reward_check.md / .json: the two-sample readings of every D spec and the warm-up reading, with
     the judges and Spearman rho per spec and judge (module docstring). Resumable: reward_check_cache.json
-    (started over when nat.pt is newer)."""
+    (started over when a checkpoint is newer or the generation settings differ: `fresh`)."""
     ref = train.RealFeatures(pipe)
     if "fid2" not in ref.judges or "fd_ssl" not in ref.judges:
         raise train.UserError(f"the reward check reads both held-out judges: train them with python train.py --run-dir "
@@ -144,7 +151,7 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
     c = train.load_config(pipe.run_dir)
     tables = check_tables(pipe, ref, sweep_samples, T)
     path = os.path.join(pipe.run_dir, "reward_check_cache.json")
-    cache = train.read_json(path, {}) if fresh(pipe, path) else {}
+    cache = fresh(pipe, path)
     save = lambda: train.write_json(path, cache)
     images = schedule_readings(pipe, ref, tables, samples, T, cache, save)
     x_real, y_real = train.real_images(c)
@@ -218,10 +225,10 @@ HEADROOM_TAU2 = (0.5, 1.0, 2.0, 4.5)
 def class_sweep(pipe: train.Pipeline, ref: train.RealFeatures, per_class: int, T: int) -> dict:
     """Every (w_0, tau2_0) of HEADROOM_W x HEADROOM_TAU2 on per_class samples of each class (seed 0, common
     random numbers), FID on the FID network against each class's training statistics and against all of
-    them; cached in headroom_sweep.json (until nat.pt is newer). Returns {grid, per_class_fid (K, C), fid (C,),
+    them; cached in headroom_sweep.json (`fresh`). Returns {grid, per_class_fid (K, C), fid (C,),
     best (K,), best_all}."""
     path = os.path.join(pipe.run_dir, "headroom_sweep.json")
-    saved = train.read_json(path, {}) if fresh(pipe, path) else {}
+    saved = fresh(pipe, path)
     if (saved.get("per_class"), saved.get("T")) == (per_class, T):
         return saved
     grid = [(w, tau2) for w in HEADROOM_W for tau2 in HEADROOM_TAU2]
@@ -234,7 +241,7 @@ def class_sweep(pipe: train.Pipeline, ref: train.RealFeatures, per_class: int, T
     per_class_fid = [[fid.fid_from_features(feats[labels == k, j], *fid.statistics(ref.train_feats[ref.train_labels == k]))
                       for j in range(C)] for k in range(K)]
     overall = [fid.fid_from_features(feats[:, j], ref.train_mu, ref.train_sigma) for j in range(C)]
-    out = {"per_class": per_class, "T": T, "grid": grid,
+    out = {"setup": saved["setup"], "per_class": per_class, "T": T, "grid": grid,
            "per_class_fid": per_class_fid, "fid": overall,
            "best": [min(range(C), key=lambda j: row[j]) for row in per_class_fid],
            "best_all": min(range(C), key=lambda j: overall[j])}

@@ -6,7 +6,7 @@ Spearman's rho, perturbed schedules.
   among k next states), with random-pick and more-steps controls, forwards counted;
 - the fidelity blend of two policies by lam; the reward-hacking table (FID on two networks).
 
-Usage: python sample.py --run-dir runs/small --refine | --lam 0,0.5,1 | --hacking
+Usage: python experiments/studies.py --run-dir runs/small --refine | --lam 0,0.5,1 | --hacking | --repeat 2 --lookahead 2
 """
 import os
 import sys
@@ -223,7 +223,7 @@ def blend_study(pipe: train.Pipeline, samples: int, T: int, lams: list[float], c
 
 def hacking_study(pipe: train.Pipeline, samples: int, T: int, sweep_samples: int, per_class: int = 8) -> None:
     """hacking_T{T}.json / .md and hacking_grids_T{T}.png (AdaGen §III-D, Figure 3): the adaptive and
-    static policies trained on each reward (train.py --reward), beside AdaNAT's heuristic, with the
+    static policies trained on each reward (train.py --set pi_reward=...), beside AdaNAT's heuristic, with the
     FID of the FID network (what the "fid" reward optimised) and of the independent featnet2."""
     ref = sample.EvalReferences(pipe)
     w_0 = train.get_w0(pipe, ref, sweep_samples)
@@ -235,8 +235,9 @@ def hacking_study(pipe: train.Pipeline, samples: int, T: int, sweep_samples: int
             rows[f"{'adaptive' if kind == 'policy' else 'static'}, {reward_name} reward"] = \
                 lambda y, s, m=make: refined_nat(pipe, y, T, m, s)
     if len(rows) == 1:
-        raise train.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --stage policy "
-                              f"--set pi_reward=fid (and fixed, adversarial; --stage static too)")
+        raise train.UserError(f"no policies for T={T} in {pipe.run_dir}: train them with python train.py --run-dir "
+                              f"{pipe.run_dir} --stage policy --set pi_T={T} --set pi_reward=fid (and fixed, "
+                              f"adversarial; --stage static too)")
     if "fid2" not in ref.judges:
         raise train.UserError(f"{pipe.run_dir}/featnet2.pt not found: train it with python train.py --run-dir "
                               f"{pipe.run_dir} --stage featnet2")
@@ -265,7 +266,7 @@ def refined_grid(pipe: train.Pipeline, T: int, repeat: int, lookahead: int, per_
 def add_flags(p) -> None:
     """sample.py's flags of AdaGen's studies."""
     p.add_argument("--repeat", type=int, default=1, help="grids of the adaptive policy with repeated sampling: "
-                   "k candidates per image, the policy's discriminator keeps one (NAT and --flow)")
+                   "k candidates per image, the policy's discriminator keeps one (the NAT; experiments/flow.py sample --repeat: the flow)")
     p.add_argument("--lookahead", type=int, default=1, help="... with look-ahead: k candidates per NAT step, the critic keeps one")
     p.add_argument("--refine", action="store_true", help="the refinement table at --grid-steps: refine_T<T>.json/.md")
     p.add_argument("--lam", default=None, help="comma-separated lam values of the fidelity blend, e.g. 0,0.25,0.5,0.75,1: "

@@ -2,8 +2,12 @@
 log.jsonl value and every eval.json number must be identical (times and speeds aside).
 
     git worktree add /tmp/old <commit>
-    (cd /tmp/old && python train.py --preset test --run-dir /tmp/runA && python sample.py --run-dir /tmp/runA --eval --samples 60 --decode-steps 4)
-    python train.py --preset test --run-dir /tmp/runB && python sample.py --run-dir /tmp/runB --eval --samples 60 --decode-steps 4
+    for s in backbone vq featnet featnet2 featssl nat policy static smooth; do     # one process per stage: the
+        (cd /tmp/old && python train.py --preset test --run-dir /tmp/runA --stage $s)  # global random stream of a
+        python train.py --preset test --run-dir /tmp/runB --stage $s                  # process runs on across stages
+    done
+    (cd /tmp/old && python sample.py --run-dir /tmp/runA --eval --samples 60 --decode-steps 4)
+    python sample.py --run-dir /tmp/runB --eval --samples 60 --decode-steps 4
     python scripts/equivalence.py /tmp/runA /tmp/runB
 
 Exit code 0 and "identical" when they match; otherwise the first differences. config.json is

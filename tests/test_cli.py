@@ -114,6 +114,20 @@ def test_policy_stage_resumes(run_dir, tmp_path):
     _fails(run("train.py", "--stage", "policy", "--set", "pi_lr=0.5", "--run-dir", str(d)), "another config")
 
 
+def test_official_recipe_and_the_concept_self_checks(run_dir, tmp_path):
+    """The README's other commands: the AdaNAT release's PPO (--set pi_recipe=official) and the concept
+    files' self-checks (python samplers.py: the solvers' convergence orders)."""
+    d = tmp_path / "official"
+    copy(run_dir, d, "config.json", "vq.pt", "featnet.pt", "nat.pt", "backbone.pt", "sweep_w.json")
+    r = run("train.py", "--stage", "policy", "--run-dir", str(d), "--set", "pi_recipe=official", "--set", "pi_iters=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = torch.load(d / "policy_T4.pt", weights_only=True)["config"]
+    assert (cfg["pi_lr"], cfg["pi_minibatches"], cfg["pi_sigma_schedule"]) == (1e-5, 1, "step")   # OFFICIAL_RECIPE
+    for concept in ("samplers.py", "policy.py", "ppo.py"):
+        r = run(concept)
+        assert r.returncode == 0, (concept, r.stderr[-2000:])
+
+
 def test_policy_on_the_searched_table(run_dir, tmp_path):
     """pi_start=search: the residual's zero point is the finished AutoNAT table (its own file,
     its own eval row); a missing search or an unknown start is a one-line error."""

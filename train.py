@@ -1372,6 +1372,11 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         return out
 
     state = train_loop(name, path, state, modules, iteration, c.pi_iters, dataclasses.replace(c, log_every=1), log)
+    finish_policy(state, path, name, kind)
+
+
+def finish_policy(state: dict, path: str, name: str, kind: str) -> None:
+    """A trained policy's checkpoint finished (the time split per iteration), its curves drawn, its summary."""
     state["done"] = True
     state.pop("replay", None)                                        # D's replay is only needed to resume
     its = [r for r in state["history"][1:] if "sec_d" in r]
@@ -1383,7 +1388,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
               for key, color in (("reward", (200, 60, 30)), ("d_acc", (30, 90, 200)), ("d_steps", (30, 90, 200)),
                                  ("approx_kl", (120, 60, 160)), ("residual_rms", (120, 60, 160)), ("train_fid", (20, 140, 60)),
                                  ("train_fid2", (20, 140, 60)), ("train_fd_ssl", (20, 140, 60)))]
-    data.plot_panels(os.path.join(run_dir, f"{name}_curve.png"), panels, f"{name}: per PPO iteration (training-set statistics)",
+    data.plot_panels(os.path.join(os.path.dirname(path), f"{name}_curve.png"), panels, f"{name}: per PPO iteration (training-set statistics)",
                      save=DIST.main)
     print(f"{name}: per iteration, mean over {len(its)}: " + ", ".join(f"{k} {v:.2f}" for k, v in state["time_split"].items()))
     which = "training-set FID at lam = 1 (last weights kept)" if kind == "fidelity" else "best training-set FID"

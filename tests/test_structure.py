@@ -74,7 +74,7 @@ def test_concept_files_import_no_project_module_and_only_their_packages():
             assert top in sys.stdlib_module_names or top in allowed, f"{m}.py imports {i}"
 
 
-LONGER = {"train.train_policy": 190, "train.iteration": 150}   # Algorithm 1 in one loop: two screens (DESIGN.md)
+LONGER = {"train.train_policy": 160, "train.iteration": 150}   # Algorithm 1 in one loop: two screens (DESIGN.md)
 
 
 def test_no_function_over_80_lines():
@@ -87,7 +87,7 @@ def test_no_function_over_80_lines():
     assert not long, long
 
 
-BUDGETS = {"train": 1480, "sample": 450, "samplers": 550}   # DESIGN.md asks train.py <= 700 (not yet: README, Files)
+BUDGETS = {"train": 1490, "sample": 450, "samplers": 550}   # DESIGN.md asks train.py <= 700 (not yet: README, Files)
 TOTAL = 6100                               # every .py but tests and scripts (DESIGN.md asks <= 5 000: not yet)
 
 

@@ -1,4 +1,4 @@
-"""Data sets for the project: Fashion-MNIST, a folder of your own images, a synthetic set.
+"""Images in and out: Fashion-MNIST, a folder of your own images, a synthetic set; PNG grids and charts.
 
 Everything is loaded into memory as uint8 tensors (N, C, H, W) with long labels (N,);
 `to_float` maps them to [-1, 1] for the models and `batches` draws seeded minibatches.
@@ -12,7 +12,8 @@ Everything is loaded into memory as uint8 tensors (N, C, H, W) with long labels 
   so the short side is `size`, then centre-cropped; split 90% train / 10% test by seed.
 - `synthetic`: a tiny deterministic, class-dependent set of oriented bars, for tests.
 
-Every data problem raises `DataError` with one short message saying what to do.
+Every data problem raises `DataError` with one short message saying what to do. Out: `save_grid`
+writes images as one PNG grid, `plot_panels` draws small line charts, both with Pillow alone.
 
 Usage:
     import torch, data

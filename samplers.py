@@ -34,6 +34,11 @@ Implements
   f_k = 1 - t_{k+1}/t_k are its zero-residual point: `table_schedule(grid_table(grid, w))` and a
   policy on h = [fractions(grid), w] whose residual is zero give the same grid (`actions_to_step`).
 
+- the continuous generator (`FlowTransformer`): a class-conditional transformer on pixel patches
+  that predicts v (or eps on the VP path); time and class enter as two extra tokens (U-ViT), any
+  (B, L, C) -> (B, L, C) block (nat.Block here); its final patch features are the state the policy
+  observes.
+
 Usage:
     x0 = sample(velocity_fn, torch.randn(B, C, H, W), labels, T=4,
                 schedule=heuristic_schedule(uniform_grid(4), w_0=1.5), solver="dpmpp2s",

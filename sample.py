@@ -186,9 +186,9 @@ def schedule_rows(pipe: train.Pipeline, w_0: float, steps: list[int], sweep_samp
 
     add_searches(pipe, "")
     for start, kind, weights, T in itertools.product(train.PI_STARTS, POLICY_ROWS, ("best", "model"), steps):
-        found = policy_schedule(pipe, kind, T, start, weights=weights)
+        found = policy_schedule(pipe, kind, T, start, weights=weights)   # None: not trained
         if found is None or weights == "model" and last_is_best(pipe.run_dir, kind, T, start):
-            continue
+            continue                                                  # the last iterate: a row only if it differs
         make, cfg = found
         label = POLICY_ROWS[kind].format(beta_ema=cfg["beta_ema"])
         label = label[:-1] + f", on {train.PI_STARTS[start]})" if start != "heuristic" else label

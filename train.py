@@ -382,7 +382,10 @@ class Dist:
     """This process's place in a torchrun job (rank 0 of 1 without torchrun); rank 0 writes files."""
     rank: int = 0
     world: int = 1
-    main: bool = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 DIST = Dist()
@@ -394,7 +397,6 @@ def init_distributed(device: torch.device) -> torch.device:
     if "RANK" not in os.environ or dist.is_initialized():
         return device
     DIST.rank, DIST.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    DIST.main = DIST.rank == 0
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)

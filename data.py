@@ -345,14 +345,20 @@ def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 3, save: 
         img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
-def plot_panels(path: str, panels: list[dict], title: str = "", size: tuple = (300, 200), save: bool = True) -> None:
+def plot_panels(path: str, panels: list[dict], title: str = "", size: tuple = (300, 200), save: bool = True,
+                legend: tuple = ()) -> None:
     """Line charts with Pillow, one panel each, side by side. panel = {"title", "series": [{"x", "y", "color",
-    "dashed", "band": (lo, hi)}]}. save=False draws without writing (the other ranks of a torchrun job)."""
+    "dashed", "band": (lo, hi)}]}; legend: (name, color) pairs written after the title. save=False draws
+    without writing (the other ranks of a torchrun job)."""
     W, H = size
     ml, mr, mt, mb = 46, 10, 22, 22                                   # margins: left, right, top, bottom
     img = Image.new("RGB", (W * len(panels), H + (18 if title else 0)), "white")
     d = ImageDraw.Draw(img)
     d.text((6, 2), title, fill="black")
+    x_text = 12 + d.textlength(title)
+    for name, color in legend:
+        d.text((x_text, 2), name, fill=color)
+        x_text += 8 + d.textlength(name)
     for p_i, panel in enumerate(panels):
         ox, oy = p_i * W, 18 if title else 0
         xs = [x for s in panel["series"] for x in s["x"]]

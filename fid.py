@@ -319,7 +319,35 @@ def _check_simclr() -> None:
 
 # ----------------------------------------------------------------------------- KID (Binkowski et al. 2018)
 
-def kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
+def _poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """k(a_i, b_j) = (a_i . b_j / D + 1)^3: (len(a), len(b))."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def _kernel_row_sums(a: torch.Tensor, b: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(len(a),) sums over j of k(a_i, b_j), batch_size rows of a at a time."""
+    return torch.cat([_poly_kernel(a[i:i + batch_size], b).sum(1) for i in range(0, len(a), batch_size)])
+
+
+def _kernel_both_sums(a: torch.Tensor, b: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums over j of k(a_i, b_j) (len(a),), sums over i (len(b),)): each kernel block computed once."""
+    rows, cols = [], torch.zeros(len(b), dtype=a.dtype)
+    for i in range(0, len(a), batch_size):
+        block = _poly_kernel(a[i:i + batch_size], b)                           # (batch, len(b))
+        rows.append(block.sum(1))
+        cols += block.sum(0)
+    return torch.cat(rows), cols
+
+
+def kid_self_sums(feats: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """(m,) sum_{i' != i} k(x_i, x_i') of one feature set (m, D): a reference set's own term, computed once
+    and passed to `kid` as real_sums when many sets are measured against it."""
+    x = torch.as_tensor(feats).double()
+    return _kernel_row_sums(x, x, batch_size) - (x.pow(2).sum(1) / x.shape[1] + 1) ** 3
+
+
+def kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, batch_size: int = 2000,
+        real_sums: torch.Tensor | None = None) -> tuple[float, float]:
     """Kernel inception distance: the unbiased estimate of MMD^2 between real (m, D) and generated (n, D)
     features under the polynomial kernel k(x, y) = (x.y / D + 1)^3 (Binkowski et al. 2018, §3),
 
@@ -330,18 +358,15 @@ def kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, batch_size: int = 20
     Var ~ 4 Var_i(a_i) / m + 4 Var_j(b_j) / n with a_i = mean_{i'} k(x_i, x_i') - mean_j k(x_i, y_j) and
     b_j = mean_{j'} k(y_j, y_j') - mean_i k(x_i, y_j) (conservative near KID = 0, where that first-order
     term vanishes: 1.5 x the spread over draws there, in the self-check). Unbiased: its mean over draws is the true MMD^2,
-    so it can be negative and does not grow with fewer samples as the Fréchet distance does."""
+    so it can be negative and does not grow with fewer samples as the Fréchet distance does.
+    real_sums: kid_self_sums(real_feats), when it is already known."""
     x, y = (torch.as_tensor(f).double() for f in (real_feats, fake_feats))      # (m, D), (n, D)
-    (m, D), n = x.shape, y.shape[0]
+    m, n = x.shape[0], y.shape[0]
     if m < 2 or n < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {m} and {n}")
-    k = lambda a, b: (a @ b.T / D + 1) ** 3
-
-    def row_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:          # (len(a),) sums of k(a_i, b_j)
-        return torch.cat([k(a[i:i + batch_size], b).sum(1) for i in range(0, len(a), batch_size)])
-    kxx = row_sums(x, x) - (x.pow(2).sum(1) / D + 1) ** 3                    # without the diagonal
-    kyy = row_sums(y, y) - (y.pow(2).sum(1) / D + 1) ** 3
-    kxy, kyx = row_sums(x, y), row_sums(y, x)
+    kxx = kid_self_sums(x, batch_size) if real_sums is None else torch.as_tensor(real_sums).double()   # (m,)
+    kyy = kid_self_sums(y, batch_size)                                                                # (n,)
+    kxy, kyx = _kernel_both_sums(x, y, batch_size)                                  # (m,), (n,)
     value = kxx.sum() / (m * (m - 1)) + kyy.sum() / (n * (n - 1)) - 2 * kxy.sum() / (m * n)
     a, b = kxx / (m - 1) - kxy / n, kyy / (n - 1) - kyx / m
     se = (4 * a.var() / m + 4 * b.var() / n).sqrt()
@@ -375,7 +400,7 @@ if __name__ == "__main__":
     expect = brute(a, a, 1) + brute(b, b, 1) - 2 * brute(a, b, 0)
     value, se = kid(a, b)
     print(f"KID {value:.5f} +- {se:.5f}, by loops {expect:.5f}")
-    assert math.isclose(value, expect, rel_tol=1e-9)
+    assert math.isclose(value, expect, rel_tol=1e-9) and (value, se) == kid(a, b, real_sums=kid_self_sums(a))
     draws = [kid(torch.randn(200, 5, generator=rng_t), torch.randn(200, 5, generator=rng_t)) for _ in range(40)]
     vals, ses = torch.tensor([d[0] for d in draws]), torch.tensor([d[1] for d in draws])
     print(f"KID of two draws of one distribution: mean {vals.mean():.5f} (0 expected), sd over draws {vals.std():.5f}, "

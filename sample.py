@@ -37,10 +37,20 @@ import train
 
 # ============================================================================= references and metrics
 
+KID_OF = {"fid": "kid", "fid2": "kid2", "fd_ssl": "kid_ssl"}     # a network's Fréchet key -> its KID key
+NET_NAME = {"fid": "FID", "fid2": "featnet2 FD", "fd_ssl": "SSL FD"}
+
+
+def claim_judges(run_dir: str) -> list[str] | None:
+    """The Fréchet keys of the claim judges experiments/judges.py chose (judges.json), or None before it ran."""
+    found = train.read_json(os.path.join(run_dir, "judges.json"))
+    return None if found is None else [train.JUDGES[j] for j in found["claim_judges"]]
+
+
 class EvalReferences(train.RealFeatures):
-    """train.RealFeatures (training statistics on every network) plus the 10 000 test images' statistics on
-    every network ("fid", "fid2", "fd_ssl") and featnet's statistics of the tokenizer's reconstructions of
-    the test images (`recon`; None without a tokenizer)."""
+    """train.RealFeatures (training statistics on every network) plus the 10 000 test images' features and
+    statistics on every network ("fid", "fid2", "fd_ssl"), their KID self-sums, featnet's statistics of the
+    tokenizer's reconstructions of the test images (`recon`; None without a tokenizer), and the claim judges."""
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -48,9 +58,11 @@ class EvalReferences(train.RealFeatures):
         self.test_images, self.test_labels, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)  # uint8
         x = data.to_float(self.test_images)
         self.test_feats = fid.extract(self.featnet, x, device=self.device)[0]                    # (n, D)
-        self.test = {"fid": fid.statistics(self.test_feats)} | {
-            m: fid.statistics(fid.extract(net, x, device=self.device)[0]) for m, net in self.judges.items()}
+        self.test_all = {"fid": self.test_feats} | {m: fid.extract(net, x, device=self.device)[0] for m, net in self.judges.items()}
+        self.test = {m: fid.statistics(f) for m, f in self.test_all.items()}
+        self.test_sums = {m: fid.kid_self_sums(f) for m, f in self.test_all.items()}
         self.test_mu, self.test_sigma = self.test["fid"]
+        self.claims = claim_judges(self.run_dir)
         self.recon = None if self.vq is None else fid.statistics(
             fid.extract(self.featnet, reconstruct(self.vq, x, self.device), device=self.device)[0])
 
@@ -61,26 +73,31 @@ def reconstruct(vq: torch.nn.Module, x: torch.Tensor, device: torch.device) -> t
     return torch.cat([vq.detokenize(vq.tokenize(x[i:i + 500].to(device))).float().cpu() for i in range(0, len(x), 500)])
 
 
+def distances(ref: EvalReferences, feats: dict) -> dict:
+    """Fréchet distance and KID against the test images of each network's features {key: (n, D)}."""
+    return {m: fid.fid_from_features(f, *ref.test[m]) for m, f in feats.items()} | {
+        KID_OF[m]: fid.kid(ref.test_all[m], f, real_sums=ref.test_sums[m])[0] for m, f in feats.items()}
+
+
 def metrics(ref: EvalReferences, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """FID, precision, recall against the test images and conditional accuracy on featnet; FID against the
-    reconstructions ("fid_recon"); the Fréchet distance on each held-out judge ("fid2", "fd_ssl")."""
+    """FID, KID, precision, recall against the test images and conditional accuracy on featnet; FID against the
+    reconstructions ("fid_recon"); the Fréchet distance and KID on each held-out judge ("fid2", "fd_ssl")."""
     feats, logits = fid.extract(ref.featnet, images, device=ref.device)
     P, R = fid.precision_recall(ref.test_feats, feats, k=3, device=ref.device)
-    out = {"fid": fid.fid_from_features(feats, ref.test_mu, ref.test_sigma),
-           "precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
+    out = {"precision": P, "recall": R, "cond_acc": (logits.argmax(1) == labels).float().mean().item()}
     if ref.recon is not None:
         out["fid_recon"] = fid.fid_from_features(feats, *ref.recon)
-    return {**out, **ref.distances(images, {m: ref.test[m] for m in ref.judges})}
+    return out | distances(ref, {"fid": feats} | {m: fid.extract(net, images, device=ref.device)[0]
+                                                 for m, net in ref.judges.items()})
 
 
 def train_reference(ref: EvalReferences, n: int) -> dict:
-    """The metric's own noise: n real training images against the test set (the judges: all 10 000)."""
+    """The metric's own noise: n real training images against the test set, on every network."""
     P, R = fid.precision_recall(ref.test_feats, ref.train_feats[:n], k=3, device=ref.device)
-    out = {"fid": fid.fid_from_features(ref.train_feats[:n], ref.test_mu, ref.test_sigma),
-           "precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
+    out = {"precision": P, "recall": R, "cond_acc": ref.train_correct[:n].float().mean().item()}
     if ref.recon is not None:
         out["fid_recon"] = fid.fid_from_features(ref.train_feats[:n], *ref.recon)
-    return {**out, **{m: fid.frechet_distance(*ref.train[m], *ref.test[m]) for m in ref.judges}}
+    return out | distances(ref, {m: f[:n] for m, f in ref.train_all.items()})
 
 
 def recon_reference(ref: EvalReferences, n: int) -> dict:
@@ -88,29 +105,65 @@ def recon_reference(ref: EvalReferences, n: int) -> dict:
     return metrics(ref, reconstruct(ref.vq, data.to_float(ref.test_images[:n]), ref.device), ref.test_labels[:n])
 
 
-METRIC_KEYS = ("fid", "fid_recon", "fid2", "fd_ssl", "precision", "recall", "cond_acc")
+METRIC_KEYS = ("fid", "kid", "fid_recon", "fid2", "kid2", "fd_ssl", "kid_ssl", "precision", "recall", "cond_acc")
 REF_NOTE = ("; FID vs recon: against the tokenizer's reconstructions of the test images (the schedule's effect "
-            "without the tokenizer's); featnet2 FID, SSL FD: the Fréchet distance on the held-out judges (the "
-            "independent classifier featnet2, the self-supervised network featssl), which no choice reads")
+            "without the tokenizer's); featnet2 FD, SSL FD: the Fréchet distance on the held-out networks (the "
+            "independent classifier featnet2, the self-supervised network featssl), which no choice reads; KID x 1000 "
+            "beside every Fréchet distance (unbiased: comparable across sample sizes); claim judges (experiments/"
+            "judges.py, judges.json) marked *claim*")
+
+
+def metric_columns(ref: EvalReferences) -> list[tuple[str, str]]:
+    """(key, header) of every metric column: each network's Fréchet distance and KID (FID vs recon after the FID
+    network's), then precision, recall, cond. acc."""
+    cols = []
+    for m in ["fid", *ref.judges]:
+        mark = " *claim*" if ref.claims is not None and m in ref.claims else ""
+        cols += [(m, NET_NAME[m] + mark), (KID_OF[m], "KID" + (" " + NET_NAME[m].split()[0] if m != "fid" else "") + mark)]
+        if m == "fid" and ref.recon is not None:
+            cols.append(("fid_recon", "FID vs recon"))
+    return cols + [("precision", "precision"), ("recall", "recall"), ("cond_acc", "cond. acc.")]
 
 
 def metric_head(ref: EvalReferences) -> str:
     """The metric columns of every table."""
-    return ("FID | " + ("FID vs recon | " if ref.recon is not None else "") + ("featnet2 FID | " if "fid2" in ref.judges else "")
-            + ("SSL FD | " if "fd_ssl" in ref.judges else "") + "precision | recall | cond. acc. |")
+    return " | ".join(h for _, h in metric_columns(ref)) + " |"
 
 
 def metric_cells(r: dict, ref: EvalReferences) -> str:
-    """One row's cells for metric_head (mean ± sd when the row has an sd)."""
-    v = lambda k: f"{r[k]:.2f} ± {r[k + '_sd']:.2f}" if k + "_sd" in r else (f"{r[k]:.2f}" if k in r else "–")
-    return (f"{v('fid')} | " + (f"{v('fid_recon')} | " if ref.recon is not None else "") +
-            (f"{v('fid2')} | " if "fid2" in ref.judges else "") + (f"{v('fd_ssl')} | " if "fd_ssl" in ref.judges else "") +
-            f"{r['precision']:.3f} | {r['recall']:.3f} | {r['cond_acc']:.3f} |")
+    """One row's cells for metric_head (mean ± sd when the row has an sd; KID x 1000)."""
+    def v(k: str) -> str:
+        if k not in r:
+            return "–"
+        scale, digits = (1000, 2) if k.startswith("kid") else (1, 3 if k in ("precision", "recall", "cond_acc") else 2)
+        return f"{scale * r[k]:.{digits}f}" + (f" ± {scale * r[k + '_sd']:.{digits}f}" if r.get(k + "_sd") else "")
+    return " | ".join(v(k) for k, _ in metric_columns(ref)) + " |"
+
+
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20}
+
+
+def interval(diffs: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% t-interval) of paired differences."""
+    d = np.array(diffs)
+    return float(d.mean()), T_975.get(len(d) - 1, 2.0) * float(d.std(ddof=1)) / len(d) ** 0.5
+
+
+def claims(cells: list[dict], base: list[dict], keys: list[str]) -> dict:
+    """key -> (mean difference row - base, half-width): cell i paired with base cell i % len(base) (the same
+    sampling seed); a row's cells span its training seeds x the sampling seeds."""
+    return {k: interval([c[k] - base[i % len(base)][k] for i, c in enumerate(cells)]) for k in keys}
+
+
+def claim_text(mean: float, half: float, lower_is_better: bool = True) -> str:
+    """"-0.52 [-0.80, -0.24] better": a difference is claimed only when its interval excludes zero."""
+    verdict = "–" if abs(mean) <= half else ("better" if (mean < 0) == lower_is_better else "worse")
+    return f"{mean:+.3g} [{mean - half:+.3g}, {mean + half:+.3g}] {verdict}"
 
 
 def seed_summary(per_seed: list[dict], actions: tuple) -> dict:
     """Mean and sd over the seeds of each metric; a policy's per-step action spread (first seed)."""
-    row = {}
+    row = {"cells": len(per_seed)}
     for k in (*METRIC_KEYS, "images_per_s"):
         if all(k in r for r in per_seed):
             v = np.array([r[k] for r in per_seed])
@@ -152,10 +205,10 @@ SEARCH_ROWS = {"param": "parametric family (searched, 6 shape parameters)", "sea
 
 
 def policy_schedule(pipe, kind: str, T: int, start: str = "heuristic", reward_name: str = "adversarial",
-                    weights: str = "best") -> tuple | None:
+                    weights: str = "best", seed: int = 0) -> tuple | None:
     """(make_schedule, config) of the trained `kind` policy for T (started from `start`, trained on
-    `reward_name`), or None; weights "best" (on featnet's training FID) or "model" (the last iterate)."""
-    path = os.path.join(pipe.run_dir, f"{train.policy_file(kind, start, T, reward_name)}.pt")
+    `reward_name`, training seed `seed`), or None; weights "best" (on featnet's training FID) or "model" (the last iterate)."""
+    path = os.path.join(pipe.run_dir, f"{train.policy_file(kind, start, T, reward_name, seed)}.pt")
     if not os.path.exists(path):
         return None
     pi, cfg = train.load_policy(path, pipe.device, weights)
@@ -163,43 +216,44 @@ def policy_schedule(pipe, kind: str, T: int, start: str = "heuristic", reward_na
     return (lambda: policy.PolicySchedule(pi, h_pre, beta_ema=cfg["beta_ema"])), cfg
 
 
-def last_is_best(run_dir: str, kind: str, T: int, start: str = "heuristic") -> bool:
+def last_is_best(run_dir: str, kind: str, T: int, start: str = "heuristic", seed: int = 0) -> bool:
     """Whether a policy checkpoint's last iterate is its best weights (one row suffices)."""
-    ck = train.load_ckpt(os.path.join(run_dir, f"{train.policy_file(kind, start, T)}.pt"))
+    ck = train.load_ckpt(os.path.join(run_dir, f"{train.policy_file(kind, start, T, seed=seed)}.pt"))
     return all(torch.equal(ck["best"][k], ck["model"][k]) for k in ck["best"])
 
 
 def schedule_rows(pipe: train.Pipeline, w_0: float, steps: list[int], sweep_samples: int) -> dict:
-    """name -> {T: (make_schedule, guided, generator pipeline)}: the heuristics, every finished search and
-    every trained policy (its best weights, and its last iterate when they differ), in the comparison's order;
-    then the Beta-trained generator of experiments/search.py --stage pr-search (in <run>/beta)."""
-    rows = {"MaskGIT (cos m, tau2_0=4.5, no CFG)": {T: (lambda T=T: nat.heuristic_schedule(T, **nat.MASKGIT), False, pipe)
+    """name -> {T: [(make_schedule, guided, generator pipeline), one per training seed]}: the heuristics, every
+    finished search and every trained policy (its best weights, and its last iterate when they differ), in the
+    comparison's order; then the Beta-trained generator of experiments/search.py --stage pr-search (in <run>/beta).
+    The first row after MaskGIT is the heuristic every claim is measured against."""
+    rows = {"MaskGIT (cos m, tau2_0=4.5, no CFG)": {T: [(lambda T=T: nat.heuristic_schedule(T, **nat.MASKGIT), False, pipe)]
                                                    for T in steps},
             f"AdaNAT heuristic (tau2_0=1, w_0={w_0:g})":
-            {T: (lambda T=T: nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0), True, pipe) for T in steps}}
+            {T: [(lambda T=T: nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0), True, pipe)] for T in steps}}
 
     def add_searches(p: train.Pipeline, prefix: str) -> None:
         for (name, label), T in itertools.product(SEARCH_ROWS.items(), steps):
             found = train.searched_table(p.run_dir, name, T)
             if found is not None:
-                rows.setdefault(prefix + label, {})[T] = (lambda table=found[0]: nat.table_schedule(table), True, p)
+                rows.setdefault(prefix + label, {})[T] = [(lambda table=found[0]: nat.table_schedule(table), True, p)]
 
     add_searches(pipe, "")
     for start, kind, weights, T in itertools.product(train.PI_STARTS, POLICY_ROWS, ("best", "model"), steps):
-        found = policy_schedule(pipe, kind, T, start, weights=weights)   # None: not trained
-        if found is None or weights == "model" and last_is_best(pipe.run_dir, kind, T, start):
+        seeds = train.policy_seeds(pipe.run_dir, kind, start, T)
+        if not seeds or weights == "model" and all(last_is_best(pipe.run_dir, kind, T, start, k) for k in seeds):
             continue                                                  # the last iterate: a row only if it differs
-        make, cfg = found
-        label = POLICY_ROWS[kind].format(beta_ema=cfg["beta_ema"])
+        found = [policy_schedule(pipe, kind, T, start, weights=weights, seed=k) for k in seeds]
+        label = POLICY_ROWS[kind].format(beta_ema=found[0][1]["beta_ema"])
         label = label[:-1] + f", on {train.PI_STARTS[start]})" if start != "heuristic" else label
-        rows.setdefault(label + (", last iterate" if weights == "model" else ""), {})[T] = (make, True, pipe)
+        rows.setdefault(label + (", last iterate" if weights == "model" else ""), {})[T] = [(make, True, pipe) for make, _ in found]
     beta_dir = os.path.join(pipe.run_dir, "beta")
     if train.is_done(os.path.join(beta_dir, "nat.pt")):
         bp = train.Pipeline(beta_dir, pipe.device, pipe.bf16, pipe.batch)
         w_b = train.get_w0(bp, train.RealFeatures(bp), sweep_samples)
         prefix = f"Beta({bp.cfg.alpha:.3g}, {bp.cfg.beta:.3g})-trained NAT: "
         rows[prefix + f"AdaNAT heuristic (w_0={w_b:g})"] = {
-            T: (lambda T=T: nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_b), True, bp) for T in steps}
+            T: [(lambda T=T: nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_b), True, bp)] for T in steps}
         add_searches(bp, prefix)
     return rows
 
@@ -217,19 +271,44 @@ def evaluate(pipe: train.Pipeline, samples: int, steps: list[int], sweep_samples
                                pipe.decode)
     refs = {"real training images vs test": train_reference(ref, n),
             "tokenizer reconstructions of test vs test (floor)": recon_reference(ref, n)}
-    res = run_cells([((name, T), cell(*rows[name][T], T, s)) for name in rows for T in rows[name] for s in EVAL_SEEDS], "eval")
-    table = sorted(({"schedule": name, "T": T, "samples": samples, "seeds": list(EVAL_SEEDS),
-                     **seed_summary(res[(name, T)], policy.ACTIONS)} for name in rows for T in rows[name]), key=lambda r: r["T"])
+    res = run_cells([((name, T), cell(*variant, T, s)) for name in rows for T in rows[name] for variant in rows[name][T]
+                     for s in EVAL_SEEDS], "eval")
+    base = list(rows)[1]                                              # AdaNAT's heuristic: what every claim is against
+    keys = [k for m in (ref.claims if ref.claims is not None else ref.judges) for k in (m, KID_OF[m])] + ["fid", "recall"]
+    table = sorted(({"schedule": name, "T": T, "samples": samples, "seeds": list(EVAL_SEEDS), "training_seeds": len(rows[name][T]),
+                     **seed_summary(res[(name, T)], policy.ACTIONS),
+                     "vs_heuristic": claims(res[(name, T)], res[(base, T)], keys)} for name in rows for T in rows[name]),
+                   key=lambda r: r["T"])
     train.write_json(os.path.join(pipe.run_dir, "eval.json"), {"rows": table, "reference": refs, "w_0": w_0, "device": str(pipe.device),
+                                                               "claim_judges": ref.claims,
                                                                "nat_params": sum(p.numel() for p in pipe.net.parameters())})
     head = f"| schedule | T | {metric_head(ref)} images/s |"
-    md = [f"{samples} samples per row and seed, seeds {list(EVAL_SEEDS)}; FID, precision and recall against the {n} test "
-          f"images in this run's feature space{REF_NOTE}; images/s on {pipe.device} (generation only).", "",
-          head, "|" + "---|" * (head.count("|") - 1)]
+    md = [f"{samples} samples per row and seed, seeds {list(EVAL_SEEDS)} (mean ± sd over the cells: sampling seeds x "
+          f"training seeds); every distance against the {n} test images in this run's feature spaces{REF_NOTE}; images/s "
+          f"on {pipe.device} (generation only).", "", head, "|" + "---|" * (head.count("|") - 1)]
     md += [f"| {name} | – | {metric_cells(r, ref)} – |" for name, r in refs.items()]
     md += [f"| {r['schedule']} | {r['T']} | {metric_cells(r, ref)} {r['images_per_s']:.0f} |" for r in table]
+    md += ["", claims_table(table, base, keys, ref)]
     train.write_text(os.path.join(pipe.run_dir, "eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
+
+
+def claims_table(table: list[dict], base: str, keys: list[str], ref: EvalReferences) -> str:
+    """Markdown: each row minus the heuristic at its T, mean [95% interval] on the claim judges (Fréchet distance,
+    KID x 1000), the FID network and recall; "better" / "worse" only where the interval excludes zero."""
+    names = {**NET_NAME, **{KID_OF[m]: "KID " + NET_NAME[m].split()[0] for m in KID_OF}, "recall": "recall"}
+    unproven = "" if ref.claims is not None else (" The judges are NOT validated (no judges.json): run python "
+                                                  "experiments/judges.py first; every held-out network is shown.")
+    md = [f"Row minus the heuristic ({base}), paired on the sampling seed: mean [95% t-interval] (KID x 1000); "
+          f"a difference is claimed only when its interval excludes zero.{unproven}", "",
+          "| schedule | T | " + " | ".join(names[k] for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for r in table:
+        if r["schedule"] != base:
+            scale = lambda k: 1000 if k.startswith("kid") else 1
+            md.append(f"| {r['schedule']} | {r['T']} | " + " | ".join(
+                claim_text(scale(k) * r["vs_heuristic"][k][0], scale(k) * r["vs_heuristic"][k][1], k != "recall")
+                for k in keys) + " |")
+    return "\n".join(md)
 
 
 def floor(run_dir: str, device: torch.device) -> dict:

@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -181,6 +182,8 @@ class PolicyKeys:                    # each policy checkpoint carries its own co
     pi_reward: str = "adversarial"   # "adversarial" (D), "fixed" (log p(y|x), backbone) or "fid" (minus a chunk's
                                      # FID) (AdaGen §III-D); this command only; files *_<reward>_T*
     pi_fid_chunk: int = 64           # "fid" reward: trajectories per FID chunk
+    pi_seed: int = 0                 # a policy's training seed (its initial weights, exploration, D); files *_seed<k>
+                                     # when k > 0: the tables' intervals span training seeds
     pi_start: str = "heuristic"      # the residual's zero point: AdaNAT's heuristic, or a finished AutoNAT
                                      # "search" / "param" table (experiments/search.py); files <kind>_<start>_T{T}
 
@@ -851,6 +854,13 @@ class Pipeline(GeneratorPipeline):
                           for i in range(0, len(tokens), self.batch)])
 
 
+def training_draw(c: TrainConfig, n: int = 10000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed draw of n training images (float, [-1, 1]) and labels that training statistics are computed on."""
+    x_train, y_train, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
+    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:n]
+    return data.to_float(x_train[pick]), y_train[pick]
+
+
 class RealFeatures:
     """Training-set statistics on the FID network ("fid") and on each trained held-out judge ("fid2":
     featnet2, "fd_ssl": featssl): 10 000 training images (a fixed draw), what every choice is made on.
@@ -862,13 +872,12 @@ class RealFeatures:
         self.judges = {m: build_model(self.run_dir, s, self.device) for s, m in JUDGES.items()
                        if s != "featnet" and is_done(os.path.join(self.run_dir, f"{s}.pt"))}
         c = self.config
-        x_train, y_train, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-        pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:10000]
-        self.train_images, self.train_labels = data.to_float(x_train[pick]), y_train[pick]
+        self.train_images, self.train_labels = training_draw(c)
         self.train_feats, logits = fid.extract(self.featnet, self.train_images, device=self.device)   # (n, D)
         self.train_correct = logits.argmax(1) == self.train_labels
-        self.train = {"fid": fid.statistics(self.train_feats)} | {
-            m: fid.statistics(fid.extract(net, self.train_images, device=self.device)[0]) for m, net in self.judges.items()}
+        self.train_all = {"fid": self.train_feats} | {                # metric -> (n, D) training features
+            m: fid.extract(net, self.train_images, device=self.device)[0] for m, net in self.judges.items()}
+        self.train = {m: fid.statistics(f) for m, f in self.train_all.items()}
         self.train_mu, self.train_sigma = self.train["fid"]
 
     def distances(self, images: torch.Tensor, stats: dict, feats: torch.Tensor | None = None) -> dict:
@@ -1109,10 +1118,18 @@ class PolicyTask:
     extra: dict = dataclasses.field(default_factory=dict)   # recorded in the policy's config
 
 
-def policy_file(kind: str, start: str, T: int, reward_name: str = "adversarial") -> str:
-    """policy_T8; policy_search_T8 (started from the searched table); policy_fid_T8 (trained on another reward)."""
+def policy_file(kind: str, start: str, T: int, reward_name: str = "adversarial", seed: int = 0) -> str:
+    """policy_T8; policy_search_T8 (started from the searched table); policy_fid_T8 (trained on another reward);
+    policy_T8_seed1 (training seed 1)."""
     parts = [kind] + ([start] if start != "heuristic" else []) + ([reward_name] if reward_name != "adversarial" else [])
-    return "_".join(parts) + f"_T{T}"
+    return "_".join(parts) + f"_T{T}" + (f"_seed{seed}" if seed else "")
+
+
+def policy_seeds(run_dir: str, kind: str, start: str, T: int, reward_name: str = "adversarial") -> list[int]:
+    """The training seeds of `kind` whose checkpoints are finished (policy_file names), in order."""
+    found = [0] + [int(p.rsplit("_seed", 1)[1][:-3]) for p in
+                   glob.glob(os.path.join(run_dir, policy_file(kind, start, T, reward_name) + "_seed*.pt"))]
+    return sorted(k for k in found if is_done(os.path.join(run_dir, policy_file(kind, start, T, reward_name, k) + ".pt")))
 
 
 def searched_table(run_dir: str, name: str, T: int) -> tuple | None:
@@ -1149,7 +1166,7 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
         return x, y
 
     task = PolicyTask(
-        name=policy_file(kind, c.pi_start, T, c.pi_reward), T=T, spec=policy.NAT_ACTIONS,
+        name=policy_file(kind, c.pi_start, T, c.pi_reward, c.pi_seed), T=T, spec=policy.NAT_ACTIONS,
         h=h if c.pi_start == "heuristic" else h[0].float(), start=f"{PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim,
         N=cfg.num_tokens, num_classes=cfg.num_classes,
         generate=lambda y, sched, g, G: nat.generate(pipe.logits_fn, y, T, sched, cfg.mask_id, cfg.num_tokens,
@@ -1234,6 +1251,8 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     pcfg = {"kind": kind, "T": T, "heuristic": task.h.tolist(), "C": task.C, "N": task.N,
             "beta_ema": c.pi_beta_ema if kind == "smooth" else 0.0, "spec": list(spec.names), **task.extra,
             **{k: v for k, v in to_plain(c).items() if k.startswith("pi_") and k not in ("pi_T", "pi_beta_ema")}}
+    if c.pi_seed:                                                    # seed 0: the process's generator, as it always was
+        torch.manual_seed(c.seed + 7919 * c.pi_seed)
     pi, V = (m.to(device) for m in build_policy(pcfg))               # the policy pi (eta_phi) and its critic V
     classifier = build_model(run_dir, "backbone", device)            # r_fid's frozen classifier
     backbone, channels = d_backbone(run_dir, c.pi_d_nets, c.pi_d_taps, device)   # D's frozen feature maps
@@ -1281,7 +1300,7 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
         """One iteration of Algorithm 1; returns the logged values."""
         t0 = time.time()
         sigma = sigma_at(c, it)
-        seed = rank_seed(c.seed * 100003 + it)                       # per iteration (resumable) and rank
+        seed = rank_seed((c.seed + 7919 * c.pi_seed) * 100003 + it)  # per iteration (resumable), rank, training seed
         g, g_cpu = torch.Generator(device).manual_seed(seed), torch.Generator().manual_seed(seed)
 
         # 1 rollout: B trajectories of the exploring policy o_t ~ N(eta(s_t), sigma^2) on the frozen generator
@@ -1398,7 +1417,7 @@ def finish_policy(state: dict, path: str, name: str, kind: str) -> None:
 
 
 def stage_policies(kind: str, make_task: Callable = nat_task, counts: Callable = lambda c: c.pi_T,
-                   file: Callable = lambda c, kind, n: policy_file(kind, c.pi_start, n, c.pi_reward)) -> Callable:
+                   file: Callable = lambda c, kind, n: policy_file(kind, c.pi_start, n, c.pi_reward, c.pi_seed)) -> Callable:
     """The stage of one policy kind: a policy per count (the NAT: T in pi_T; the ODE sampler: NFE budgets),
     its task from make_task(c, run_dir, device, kind, n), trained by train_policy; finished ones skipped."""
     def stage(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:

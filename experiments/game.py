@@ -41,7 +41,7 @@ import fid
 import nat
 import reward
 from experiments.search import dedup_logits_fn  # noqa: E402
-from experiments.studies import Refiner, perturbed, spearman  # noqa: E402
+from experiments.studies import Refiner, spearman_interval  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
@@ -69,39 +69,69 @@ def fresh(pipe: train.Pipeline, path: str) -> dict:
     return cache
 
 
-def check_tables(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples: int, T: int) -> dict:
-    """The 12 fixed schedules {name: (T, 4) table} of the check (10 without a searched family)."""
+CHECK_W = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)        # the heuristic's w_0 grid (tau2_0 = 1) ...
+CHECK_TAU2 = (0.25, 0.5, 2.0, 3.0, 4.5, 8.0)              # ... and its tau2_0 grid at the swept w_0
+SPLITS = (0.5, 0.25, 0.25)                                # D trains on, is early-stopped on, is read on
+
+
+def three_splits(n: int) -> tuple[slice, slice, slice]:
+    """Disjoint train / stop / read slices of n items in SPLITS' proportions (each at least one item)."""
+    a = max(1, round(n * SPLITS[0]))
+    b = max(a + 1, round(n * (SPLITS[0] + SPLITS[1])))
+    if b >= n:
+        raise train.UserError(f"{n} items cannot make three splits: raise --check-samples")
+    return slice(0, a), slice(a, b), slice(b, n)
+
+
+def check_schedules(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples: int, T: int) -> dict:
+    """{name: make_schedule} of the check, none a perturbation of another: MaskGIT, AdaNAT's heuristic on the
+    CHECK_W and CHECK_TAU2 grids (and at the swept w_0), the searched table and family, the class-only schedule
+    (when --headroom's sweep is there) and every trained policy's best weights at T (training seed 0)."""
     w_0 = train.get_w0(pipe, ref, sweep_samples)
-    h = lambda tau2_0, w: nat.heuristic_table(T, tau2_0, w)
-    tables = {"MaskGIT": nat.heuristic_table(T, **nat.MASKGIT), f"AdaNAT heuristic (w_0={w_0:g})": h(nat.ADANAT_TAU2_0, w_0)}
+    h = lambda tau2_0, w: (lambda: nat.heuristic_schedule(T, tau2_0, w))
+    out = {"MaskGIT": lambda: nat.heuristic_schedule(T, **nat.MASKGIT)}
+    out |= {f"AdaNAT heuristic (tau2_0=1, w_0={w:g})": h(nat.ADANAT_TAU2_0, w) for w in sorted({*CHECK_W, w_0})}
+    out |= {f"heuristic, tau2_0={tau:g} (w_0={w_0:g})": h(tau, w_0) for tau in CHECK_TAU2}
     for name in ("search", "param"):                                     # the searched family only if it was searched
         found = train.searched_table(pipe.run_dir, name, T)
         if found is None and name == "search":
             raise train.UserError(f"the reward check compares the searched schedule too: run python experiments/search.py "
                                   f"--run-dir {pipe.run_dir} --stage search --set search_T={T}")
         if found is not None:
-            tables[sample.SEARCH_ROWS[name]] = found[0].float()
-    for i, (name, table) in enumerate(list(tables.items())):
-        tables[f"{name}, perturbed"] = perturbed(table, seed=i)
-    for w in (0.0, 1.0, 6.0):
-        tables.setdefault(f"AdaNAT heuristic (w_0={w:g})", h(nat.ADANAT_TAU2_0, w))
-    tables[f"heuristic, tau2_0 = 4.5 (w_0={w_0:g})"] = h(nat.MASKGIT["tau2_0"], w_0)
-    return tables
+            out[sample.SEARCH_ROWS[name]] = lambda table=found[0].float(): nat.table_schedule(table)
+    sweep = train.read_json(os.path.join(pipe.run_dir, "headroom_sweep.json"), {})
+    if sweep.get("T") == T:
+        tables = torch.stack([nat.heuristic_table(T, sweep["grid"][j][1], sweep["grid"][j][0]) for j in sweep["best"]])
+        out["class-only schedule (headroom sweep)"] = lambda: nat.class_table_schedule(tables)
+    for kind, label in sample.POLICY_ROWS.items():
+        found = sample.policy_schedule(pipe, kind, T)
+        if found is not None:
+            out[label.format(beta_ema=found[1]["beta_ema"])] = found[0]
+    return out
 
 
-def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, reals: tuple, hold: tuple, fakes: tuple,
+def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, reals: tuple, fakes: tuple,
             device: torch.device, max_steps: int, eval_every: int = 25, patience: int = 2) -> dict:
-    """One classifier two-sample test: a fresh projected D trained on fakes (x (n, C, H, W), y (n,)) against
-    reals, early-stopped on the held-out loss; returns its best held-out {loss, acc} and the steps run."""
-    (xr, yr), (f_hold_real, y_hold_real), (xf, yf) = reals, hold, fakes
-    n_hold = len(xf) // 4
-    xf_hold, yf_hold, xf, yf = xf[:n_hold].to(device), yf[:n_hold].to(device), xf[n_hold:], yf[n_hold:]
+    """One classifier two-sample test: a fresh projected D trained on the train split of fakes (x (n, C, H, W),
+    y (n,)) against the train split of reals, early-stopped on the stop splits' loss, read on the read splits
+    (three_splits: no reading is made on what chose the stopping point); returns the read {loss, acc}, the
+    stopping loss and the steps run."""
+    (xr, yr), (xf, yf) = reals, fakes
+    (tr_r, stop_r, read_r), (tr_f, stop_f, read_f) = three_splits(len(xr)), three_splits(len(xf))
+    feats = lambda x, y, part: (backbone(x[part].to(device)), y[part].to(device))   # frozen: computed once
+    stop, read = (feats(xr, yr, stop_r), feats(xf, yf, stop_f)), (feats(xr, yr, read_r), feats(xf, yf, read_f))
+    xr, yr, xf, yf = xr[tr_r], yr[tr_r], xf[tr_f], yf[tr_f]
     torch.manual_seed(c.seed)
     D = reward.ProjectedDiscriminator(channels, num_classes).to(device)
     opt = torch.optim.Adam(D.parameters(), lr=c.pi_d_lr, betas=(0.5, 0.999))
     g, g_cpu = torch.Generator(device).manual_seed(c.seed + 77), torch.Generator().manual_seed(c.seed + 77)
-    best, since, step = {"loss": math.inf, "acc": 1.0, "steps": 0}, 0, 0
-    f_hold_fake = backbone(xf_hold)                                            # frozen: computed once
+
+    @torch.no_grad()
+    def score(split) -> dict:
+        D.eval()
+        lr_, lf_ = D(*split[0]), D(*split[1])
+        return {"loss": reward.d_loss(lr_, lf_).item(), "acc": reward.accuracy(lr_, lf_)}
+    best, since, step = {"stop_loss": math.inf, "steps": 0, **score(read)}, 0, 0
     while step < max_steps and since < patience:
         D.train()
         for _ in range(eval_every):
@@ -113,28 +143,27 @@ def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, re
             loss.backward()
             opt.step()
         step += eval_every
-        D.eval()
-        with torch.no_grad():
-            lr_, lf_ = D(f_hold_real, y_hold_real), D(f_hold_fake, yf_hold)
-            held = {"loss": reward.d_loss(lr_, lf_).item(), "acc": reward.accuracy(lr_, lf_), "steps": step}
-        train.check_finite(d_loss=held["loss"])
-        best, since = (held, 0) if held["loss"] < best["loss"] else (best, since + 1)
+        stop_loss = score(stop)["loss"]
+        train.check_finite(d_loss=stop_loss)
+        if stop_loss < best["stop_loss"]:
+            best, since = {"stop_loss": stop_loss, "steps": step, **score(read)}, 0
+        else:
+            since += 1
     return best
 
 
-def schedule_readings(pipe: train.Pipeline, ref: train.RealFeatures, tables: dict, samples: int, T: int,
+def schedule_readings(pipe: train.Pipeline, ref: train.RealFeatures, schedules: dict, samples: int, T: int,
                       cache: dict, save) -> dict:
     """Per schedule: its images (made once, kept in memory) and the judges' readings (cached)."""
     labels = train.balanced_labels(samples, pipe.cfg.num_classes)
     images = {}
-    for name, table in tqdm(tables.items(), desc="schedules: images and judges", disable=not train.DIST.main):
-        images[name] = pipe.decode(pipe.generate(labels, T, nat.table_schedule(table), seed=1))
+    for name, make in tqdm(schedules.items(), desc="schedules: images and judges", disable=not train.DIST.main):
+        images[name] = pipe.decode(pipe.generate(labels, T, make(), seed=1))
         key = f"judges|{name}|{samples}"
         if key not in cache:
             feats, _ = fid.extract(pipe.featnet, images[name], device=pipe.device)
             P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
-            cache[key] = {"table": table.tolist(), "precision": P, "recall": R,
-                          **ref.distances(images[name], ref.train, feats)}
+            cache[key] = {"precision": P, "recall": R, **ref.distances(images[name], ref.train, feats)}
             save()
     return images
 
@@ -149,7 +178,7 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
         raise train.UserError(f"the reward check reads both held-out judges: train them with python train.py --run-dir "
                              f"{pipe.run_dir} --stage featnet2, then --stage featssl")
     c = train.load_config(pipe.run_dir)
-    tables = check_tables(pipe, ref, sweep_samples, T)
+    tables = check_schedules(pipe, ref, sweep_samples, T)
     path = os.path.join(pipe.run_dir, "reward_check_cache.json")
     cache = fresh(pipe, path)
     save = lambda: train.write_json(path, cache)
@@ -163,11 +192,10 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
                 raise train.UserError(f"--d-specs {spec}: {pipe.run_dir}/{n}.pt is missing; train it with python train.py "
                                      f"--run-dir {pipe.run_dir} --stage {n}")
         backbone, channels = train.d_backbone(pipe.run_dir, nets, taps, pipe.device)
-        hold = (backbone(x_real[:1000].to(pipe.device)), y_real[:1000].to(pipe.device))
         for name in tqdm(tables, desc=f"two-sample D on {spec}", disable=not train.DIST.main):
-            key = f"d|{spec}|{name}|{samples}|{max_steps}"
+            key = f"d3|{spec}|{name}|{samples}|{max_steps}"               # d3: the three-split reading
             if key not in cache:
-                cache[key] = fresh_d(c, backbone, channels, pipe.cfg.num_classes, (x_real[1000:], y_real[1000:]), hold,
+                cache[key] = fresh_d(c, backbone, channels, pipe.cfg.num_classes, (x_real, y_real),
                                      (images[name], labels), pipe.device, max_steps)
                 save()
     warm = None
@@ -181,37 +209,42 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
     """reward_check.json / .md from the cached readings."""
     rows = [{"schedule": name, **cache[f"judges|{name}|{samples}"],
              **({"warmup_reward": warm.score(images[name], labels).mean().item()} if warm else {}),
-             "two_sample": {s: cache[f"d|{s}|{name}|{samples}|{max_steps}"] for s in specs}} for name in tables]
+             "two_sample": {s: cache[f"d3|{s}|{name}|{samples}|{max_steps}"] for s in specs}} for name in tables]
     judge = lambda r, k: -r[k] if k == "recall" else r[k]
-    rho = {s: {f"{by}_vs_{k}": spearman([r["two_sample"][s]["acc"] if by == "acc" else -r["two_sample"][s]["loss"]
-                                         for r in rows], [judge(r, k) for r in rows])
+    rho = {s: {f"{by}_vs_{k}": spearman_interval([r["two_sample"][s]["acc"] if by == "acc" else -r["two_sample"][s]["loss"]
+                                                  for r in rows], [judge(r, k) for r in rows])
                for by in ("acc", "loss") for k in JUDGE_KEYS} for s in specs}
-    out = {"T": T, "samples": samples, "max_steps": max_steps, "rows": rows, "spearman_two_sample": rho,
-           "spearman_judges": {f"{a}_vs_{b}": spearman([r[a] for r in rows], [r[b] for r in rows])
+    out = {"T": T, "samples": samples, "max_steps": max_steps, "splits": SPLITS, "rows": rows, "spearman_two_sample": rho,
+           "claim_judges": sample.claim_judges(pipe.run_dir),
+           "spearman_judges": {f"{a}_vs_{b}": spearman_interval([r[a] for r in rows], [r[b] for r in rows])
                                for a, b in (("fid", "fid2"), ("fid", "fd_ssl"), ("fid2", "fd_ssl"))}}
     if warm:
-        out["spearman_warmup"] = {k: spearman([-r["warmup_reward"] for r in rows], [judge(r, k) for r in rows]) for k in JUDGE_KEYS}
+        out["spearman_warmup"] = {k: spearman_interval([-r["warmup_reward"] for r in rows], [judge(r, k) for r in rows])
+                                  for k in JUDGE_KEYS}
         out["d_acc_warmup"] = warm.d_acc_warmup
     train.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
-    md = [f"Reward check at T = {T}: {samples} samples per schedule (seed 1); judges against training-set statistics. "
-          f"Two-sample readings: a fresh D per schedule and spec, held-out accuracy / loss (lower accuracy, higher loss: "
-          f"harder to tell from real), early-stopped on the held-out loss (at most {max_steps} steps).", "",
+    fmt = lambda r: f"{r[0]:+.2f} [{r[1]:+.2f}, {r[2]:+.2f}]" + ("*" if r[1] > 0 or r[2] < 0 else "")
+    md = [f"Reward check at T = {T}: {len(rows)} fixed schedules, {samples} samples each (seed 1); judges against "
+          f"training-set statistics. Two-sample readings: a fresh D per schedule and spec trained on {SPLITS[0]:.0%} of "
+          f"the fakes and of the reals, early-stopped on the loss of another {SPLITS[1]:.0%} (at most {max_steps} steps), "
+          f"read on the last {SPLITS[2]:.0%}: accuracy / loss (lower accuracy, higher loss: harder to tell from real).", "",
           "| schedule | FID | featnet2 FID | SSL FD | precision | recall |" + "".join(f" {s} acc / loss |" for s in specs)
           + (" warm-up D reward |" if warm else ""), "|---" * (6 + len(specs) + bool(warm)) + "|"]
     for r in rows:
         md.append(f"| {r['schedule']} | {r['fid']:.2f} | {r['fid2']:.2f} | {r['fd_ssl']:.3f} | {r['precision']:.3f} | "
                   f"{r['recall']:.3f} |" + "".join(f" {r['two_sample'][s]['acc']:.3f} / {r['two_sample'][s]['loss']:.3f} |"
                                                   for s in specs) + (f" {r['warmup_reward']:.4f} |" if warm else ""))
-    md += ["", "Spearman rho (positive: D and the judge agree; badness = held-out accuracy or minus held-out loss):", "",
+    md += ["", "Spearman rho [95% bootstrap interval over the schedules; * excludes 0] (positive: D and the judge agree; "
+           "badness = the read split's accuracy or minus its loss):", "",
            "| D spec | by | " + " | ".join(JUDGE_KEYS.values()) + " |", "|---|---|" + "---|" * len(JUDGE_KEYS)]
     for s in specs:
         for by in ("acc", "loss"):
             md.append(f"| {s} | {'accuracy' if by == 'acc' else '-loss'} | " +
-                      " | ".join(f"{rho[s][f'{by}_vs_{k}']:.2f}" for k in JUDGE_KEYS) + " |")
+                      " | ".join(fmt(rho[s][f"{by}_vs_{k}"]) for k in JUDGE_KEYS) + " |")
     if warm:
         md.append(f"| warm-up D of policy_T{T}.pt (acc {out['d_acc_warmup']:.3f}) | -reward | " +
-                  " | ".join(f"{out['spearman_warmup'][k]:.2f}" for k in JUDGE_KEYS) + " |")
-    md += ["", "Judges among themselves: " + ", ".join(f"rho({k.replace('_vs_', ', ')}) = {v:.2f}"
+                  " | ".join(fmt(out["spearman_warmup"][k]) for k in JUDGE_KEYS) + " |")
+    md += ["", "Judges among themselves: " + ", ".join(f"rho({k.replace('_vs_', ', ')}) = {fmt(v)}"
                                                      for k, v in out["spearman_judges"].items()) + "."]
     train.write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
     print("\n".join(md))

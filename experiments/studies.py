@@ -1,6 +1,6 @@
 """AdaGen's inference-time studies (AdaGen §III-D, §III-F1 Algorithm 2, §III-F2 Eq. 14-15), and what
 the reward check (experiments/game.py) shares with them: the policy's D and critic (`Refiner`),
-Spearman's rho, perturbed schedules.
+Spearman's rho with its bootstrap interval.
 
 - refinement: repeated sampling (D picks among k candidates) and look-ahead (the critic picks
   among k next states), with random-pick and more-steps controls, forwards counted;
@@ -67,18 +67,25 @@ class Refiner:
         return self.V(features, t).float()
 
 
+def ranks(v) -> np.ndarray:
+    """Ranks 0..n-1 of a sequence, ties given the mean of their ranks."""
+    v = np.asarray(v, dtype=float)
+    first = np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float)
+    _, group = np.unique(v, return_inverse=True)
+    return (np.bincount(group, first) / np.bincount(group))[group]
+
+
 def spearman(x, y) -> float:
-    """Spearman's rank correlation of two equal-length sequences (ties: their order of appearance)."""
-    rank = lambda v: np.argsort(np.argsort(np.asarray(v, dtype=float), kind="stable"), kind="stable").astype(float)
-    return float(np.corrcoef(rank(x), rank(y))[0, 1])
+    """Spearman's rank correlation of two equal-length sequences (ties: mean ranks; 0 when one is constant)."""
+    rx, ry = ranks(x), ranks(y)
+    return 0.0 if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
 
 
-def perturbed(table: torch.Tensor, seed: int, scale: float = 0.5) -> torch.Tensor:
-    """A (T, 4) schedule moved by fixed Gaussian noise of sd `scale` in pre-activation space on
-    the knobs that act (policy.NAT_ACTIONS.active): a nearby schedule that exploration could reach."""
-    T = table.shape[0]
-    noise = torch.randn(T, 4, generator=torch.Generator().manual_seed(seed)) * policy.NAT_ACTIONS.active(T)
-    return policy.activation(policy.inverse_activation(table) + scale * noise)
+def spearman_interval(x, y, draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(rho, 2.5% and 97.5% quantiles of rho over bootstrap resamples of the pairs)."""
+    x, y, g = np.asarray(x, float), np.asarray(y, float), np.random.default_rng(seed)
+    boot = [spearman(x[i], y[i]) for i in g.integers(0, len(x), (draws, len(x)))]
+    return spearman(x, y), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
 
 
 def refine(make_images, labels: torch.Tensor, repeat: int, score_fn) -> torch.Tensor:

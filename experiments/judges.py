@@ -107,14 +107,13 @@ KID_REFERENCE = 2000                                    # training images KID co
 # ----------------------------------------------------------------------------- the sets' indices into the test set
 
 
-def per_class(pools: list[torch.Tensor], counts: list[int], g: torch.Generator, order=None) -> torch.Tensor:
-    """counts[k] distinct test indices of class k (from pools[k], in `order` when given, else random)."""
+def per_class(pools: list[torch.Tensor], counts: list[int], g: torch.Generator) -> torch.Tensor:
+    """counts[k] distinct random test indices of class k (from pools[k])."""
     out = []
     for k, c in enumerate(counts):
         if c > len(pools[k]):
             raise train.UserError(f"class {k} has {len(pools[k])} test images, {c} are needed: lower --n")
-        idx = pools[k] if order is not None else pools[k][torch.randperm(len(pools[k]), generator=g)]
-        out.append(idx[:c])
+        out.append(pools[k][torch.randperm(len(pools[k]), generator=g)[:c]])
     return torch.cat(out)
 
 
@@ -132,7 +131,8 @@ def diversity_sets(pools: list, typical_order: list, n: int, g: torch.Generator)
            "typical": [torch.cat([repeated(o[:mi], c) for o in typical_order]) for mi in m], "drop": [], "imbalance": []}
     for share in KEEP:
         kept = torch.randperm(K, generator=g)[:max(1, round(K * share))].tolist()
-        out["drop"].append(torch.cat([per_class([pools[k]], [n // len(kept)], g) for k in kept]))
+        counts = [n // len(kept) + (i < n % len(kept)) for i in range(len(kept))]        # n in all
+        out["drop"].append(per_class([pools[k] for k in kept], counts, g))
     for ratio in RATIO:
         rank = torch.randperm(K, generator=g).double()                         # class k's place in the ladder
         p = ratio ** (-rank / (K - 1))

@@ -42,11 +42,13 @@ step() {            # step NAME COMMAND...: run it unless the budget is spent
 step train python train.py --preset "$P" --run-dir "$R" $H
 step search python experiments/search.py --run-dir "$R"
 step floor python sample.py --run-dir "$R" --floor $SAMPLE_ARGS
+step judges python experiments/judges.py --run-dir "$R"
 step d_nets python train.py --run-dir "$R" --stage dnet
 step d_ssl python train.py --run-dir "$R" --stage dssl
 step reward_check python experiments/game.py --run-dir "$R" --reward-check --d-specs backbone,backbone@12,dnet@12,dssl@12,backbone+dssl@12 $SAMPLE_ARGS $CHECK_ARGS
 step headroom python experiments/game.py --run-dir "$R" --headroom $SAMPLE_ARGS
 step policy_search python train.py --run-dir "$R" --stage policy --set pi_start=search
+step policy_seed1 python train.py --run-dir "$R" --stage policy --set pi_seed=1 $H
 step eval python sample.py --run-dir "$R" --eval $EVAL_ARGS $SAMPLE_ARGS
 step bench python experiments/bench.py --run-dir "$R" $SAMPLE_ARGS
 step flow python experiments/flow.py train --run-dir "$R" --stage flow

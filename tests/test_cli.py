@@ -285,6 +285,15 @@ def test_sample_grid_eval_bench(run_dir):
     r = run("sample.py", "--run-dir", run_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.exists(os.path.join(run_dir, "samples_adanat_T8.png"))
+    r = run("experiments/judges.py", "--run-dir", run_dir, "--seeds", "2")    # the validation first: the table reads it
+    assert r.returncode == 0, r.stderr[-2000:]
+    j = json.load(open(os.path.join(run_dir, "judges.json")))
+    assert set(j["networks"]) == {"featnet", "featnet2", "featssl", "random", "pixels"} and j["candidates"] == ["featnet2", "featssl"]
+    sets = {"noise", "blur", "squares", "salt_pepper", "swirl", "collapse", "drop", "imbalance", "typical", "recon"}
+    assert all(set(r) == sets and len(r["noise"]["fd"]) == 2 and len(r["noise"]["fd"][0]) == 5 for r in j["networks"].values())
+    assert set(j["claim_judges"]) <= {"featnet2", "featssl"} and "Claim judges" in open(os.path.join(run_dir, "judges.md")).read()
+    assert os.path.exists(os.path.join(run_dir, "judges.png"))
+    _fails(run("experiments/judges.py", "--run-dir", run_dir, "--n", "5000"), "--n 5000")
     r = run("sample.py", "--run-dir", run_dir, "--eval", "--samples", "60", "--sweep-samples", "30", "--decode-steps", "2,4")
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.load(open(os.path.join(run_dir, "eval.json")))
@@ -297,7 +306,12 @@ def test_sample_grid_eval_bench(run_dir):
     assert os.path.exists(os.path.join(run_dir, "eval.md")) and os.path.exists(os.path.join(run_dir, "sweep_w.json"))
     assert all(r["fid_recon"] >= 0 and r["fid2"] >= 0 for r in ev["rows"])          # FID vs reconstructions, featnet2
     assert ev["reference"]["tokenizer reconstructions of test vs test (floor)"]["fid_recon"] < 1e-2   # ~0: the same images
-    assert "| FID vs recon | featnet2 FID |" in open(os.path.join(run_dir, "eval.md")).read()
+    md = open(os.path.join(run_dir, "eval.md")).read()
+    assert "| FID | KID | FID vs recon | featnet2 FD" in md and "Row minus the heuristic" in md   # KID beside, claims below
+    assert all(r["kid"] == r["kid"] and r["kid2"] == r["kid2"] and set(r.get("vs_heuristic", {})) >= {"fid", "recall"}
+               for r in ev["rows"] if not r["schedule"].startswith("AdaNAT heuristic"))
+    real = ev["reference"]["real training images vs test"]
+    assert {"fid", "kid", "fid2", "kid2", "fd_ssl", "kid_ssl"} <= set(real)          # every network at the same n
     r = run("sample.py", "--run-dir", run_dir, "--floor")                  # the reference rows alone
     assert r.returncode == 0 and "(floor)" in r.stdout, r.stderr[-2000:]
     rows = json.load(open(os.path.join(run_dir, "floor.json")))["rows"]
@@ -306,10 +320,12 @@ def test_sample_grid_eval_bench(run_dir):
             "--d-specs", "backbone,backbone@12", "--check-d-steps", "25")
     assert r.returncode == 0, r.stderr[-2000:]
     check = json.load(open(os.path.join(run_dir, "reward_check.json")))
-    assert len(check["rows"]) >= 11 and set(check["spearman_two_sample"]) == {"backbone", "backbone@12"}
-    assert all(0 <= row["two_sample"][s]["acc"] <= 1 and row["two_sample"][s]["steps"] == 25
+    assert len(check["rows"]) >= 16 and set(check["spearman_two_sample"]) == {"backbone", "backbone@12"}
+    assert not any("perturbed" in row["schedule"] for row in check["rows"])
+    assert {"adaptive policy (PPO)", "learned static (PPO, no state)"} <= {row["schedule"] for row in check["rows"]}
+    assert all(0 <= row["two_sample"][s]["acc"] <= 1 and row["two_sample"][s]["steps"] in (0, 25)
                for row in check["rows"] for s in ("backbone", "backbone@12"))
-    assert all(-1 <= v <= 1 for d in check["spearman_two_sample"].values() for v in d.values())
+    assert all(-1 <= lo <= rho <= hi <= 1 for d in check["spearman_two_sample"].values() for rho, lo, hi in d.values())
     assert set(check["spearman_warmup"]) == {"fid", "fid2", "fd_ssl", "recall"}      # the warm-up reading beside it
     assert os.path.exists(os.path.join(run_dir, "reward_check.md"))
     _fails(run("experiments/game.py", "--run-dir", run_dir, "--reward-check", "--d-specs", "featnet2"), "never a judge")
@@ -385,8 +401,8 @@ def test_tables_script_runs_every_step(tmp_path):
     r = subprocess.run(["bash", "scripts/tables.sh", "test", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=env)
     steps = (out / "steps.txt").read_text().splitlines()
-    assert r.returncode == 0 and len(steps) == 23 and all(" rc=0 " in s for s in steps), steps
+    assert r.returncode == 0 and len(steps) == 25 and all(" rc=0 " in s for s in steps), steps
     back = set(os.listdir(out / "run"))
-    assert {"eval.md", "floor.json", "reward_check.json", "headroom_T4.md", "dssl.pt", "flow_eval.md", "refine_T4.md", "blend_T4.md", "hacking_T4.md",
+    assert {"eval.md", "floor.json", "judges.json", "policy_T4_seed1.pt", "reward_check.json", "headroom_T4.md", "dssl.pt", "flow_eval.md", "refine_T4.md", "blend_T4.md", "hacking_T4.md",
             "nat.pt", "policy_T4.pt", "policy_search_T4.pt", "fidelity_T4.pt", "policy_fid_T4.pt"} <= back
     assert "static_search_T4.pt" not in back                   # the search start does not leak into later stages

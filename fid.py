@@ -331,7 +331,7 @@ def _kernel_row_sums(a: torch.Tensor, b: torch.Tensor, batch_size: int) -> torch
 
 def _kernel_both_sums(a: torch.Tensor, b: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums over j of k(a_i, b_j) (len(a),), sums over i (len(b),)): each kernel block computed once."""
-    rows, cols = [], torch.zeros(len(b), dtype=a.dtype)
+    rows, cols = [], torch.zeros(len(b), dtype=a.dtype, device=a.device)
     for i in range(0, len(a), batch_size):
         block = _poly_kernel(a[i:i + batch_size], b)                           # (batch, len(b))
         rows.append(block.sum(1))

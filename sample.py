@@ -19,6 +19,7 @@ chunk and sharded over the ranks of a torchrun job (train.GeneratorPipeline).
 """
 import argparse
 import itertools
+import math
 import os
 import sys
 import time
@@ -62,7 +63,7 @@ class EvalReferences(train.RealFeatures):
         self.test = {m: fid.statistics(f) for m, f in self.test_all.items()}
         self.test_sums = {m: fid.kid_self_sums(f) for m, f in self.test_all.items()}
         self.test_mu, self.test_sigma = self.test["fid"]
-        self.claims = claim_judges(self.run_dir)
+        self.claims = claim_judges(self.run_dir)                      # None: not validated yet
         self.recon = None if self.vq is None else fid.statistics(
             fid.extract(self.featnet, reconstruct(self.vq, x, self.device), device=self.device)[0])
 
@@ -75,8 +76,9 @@ def reconstruct(vq: torch.nn.Module, x: torch.Tensor, device: torch.device) -> t
 
 def distances(ref: EvalReferences, feats: dict) -> dict:
     """Fréchet distance and KID against the test images of each network's features {key: (n, D)}."""
+    kids = {m: fid.kid(ref.test_all[m], f, real_sums=ref.test_sums[m]) for m, f in feats.items()}   # (KID, its s.e.)
     return {m: fid.fid_from_features(f, *ref.test[m]) for m, f in feats.items()} | {
-        KID_OF[m]: fid.kid(ref.test_all[m], f, real_sums=ref.test_sums[m])[0] for m, f in feats.items()}
+        KID_OF[m]: v for m, (v, _) in kids.items()} | {KID_OF[m] + "_se": se for m, (_, se) in kids.items()}
 
 
 def metrics(ref: EvalReferences, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -119,7 +121,7 @@ def metric_columns(ref: EvalReferences) -> list[tuple[str, str]]:
     cols = []
     for m in ["fid", *ref.judges]:
         mark = " *claim*" if ref.claims is not None and m in ref.claims else ""
-        cols += [(m, NET_NAME[m] + mark), (KID_OF[m], "KID" + (" " + NET_NAME[m].split()[0] if m != "fid" else "") + mark)]
+        cols += [(m, NET_NAME[m] + mark), (KID_OF[m], "KID " + NET_NAME[m] + mark)]
         if m == "fid" and ref.recon is not None:
             cols.append(("fid_recon", "FID vs recon"))
     return cols + [("precision", "precision"), ("recall", "recall"), ("cond_acc", "cond. acc.")]
@@ -136,29 +138,65 @@ def metric_cells(r: dict, ref: EvalReferences) -> str:
         if k not in r:
             return "–"
         scale, digits = (1000, 2) if k.startswith("kid") else (1, 3 if k in ("precision", "recall", "cond_acc") else 2)
-        return f"{scale * r[k]:.{digits}f}" + (f" ± {scale * r[k + '_sd']:.{digits}f}" if r.get(k + "_sd") else "")
+        return f"{scale * r[k]:.{digits}f}" + (f" ± {scale * r[k + '_sd']:.{digits}f}" if k + "_sd" in r else "")
     return " | ".join(v(k) for k, _ in metric_columns(ref)) + " |"
 
 
-T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20}
-
-
-def interval(diffs: list[float]) -> tuple[float, float]:
-    """(mean, half-width of its 95% t-interval) of paired differences."""
-    d = np.array(diffs)
-    return float(d.mean()), T_975.get(len(d) - 1, 2.0) * float(d.std(ddof=1)) / len(d) ** 0.5
+T_975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
+         2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]   # t quantile, df = 1 .. 30
 
 
 def claims(cells: list[dict], base: list[dict], keys: list[str]) -> dict:
-    """key -> (mean difference row - base, half-width): cell i paired with base cell i % len(base) (the same
-    sampling seed); a row's cells span its training seeds x the sampling seeds."""
-    return {k: interval([c[k] - base[i % len(base)][k] for i, c in enumerate(cells)]) for k in keys}
+    """key -> (mean of row - base, half-width of its 95% interval). base: one cell per sampling seed; cells: the
+    row's training seeds x the same sampling seeds, seed-minor (run_cells' order). Per sampling seed s the row's
+    mean over training seeds minus base[s] (paired: the same labels and random numbers); the variance adds the
+    spread over sampling seeds (var_s / n_s) and, with several training seeds, over them (var_t / n_t), the
+    degrees of freedom by Welch-Satterthwaite (rounded down); a single sampling seed: half-width nan (no claim)."""
+    n_s = len(base)
+    n_t = len(cells) // n_s
+    out = {}
+    for k in keys:
+        r = np.array([c[k] for c in cells]).reshape(n_t, n_s)                 # (training seeds, sampling seeds)
+        d = r.mean(0) - np.array([c[k] for c in base])                        # (n_s,) paired differences
+        a = d.var(ddof=1) / n_s if n_s > 1 else math.nan
+        b = r.mean(1).var(ddof=1) / n_t if n_t > 1 else 0.0
+        terms = a ** 2 / (n_s - 1) + (b ** 2 / (n_t - 1) if n_t > 1 else 0.0) if n_s > 1 else math.nan
+        df = (a + b) ** 2 / terms if terms and terms == terms else max(n_s - 1, 1)
+        t = T_975[min(max(int(df), 1), 30) - 1]
+        out[k] = (float(d.mean()), t * math.sqrt(a + b))
+    return out
 
 
-def claim_text(mean: float, half: float, lower_is_better: bool = True) -> str:
-    """"-0.52 [-0.80, -0.24] better": a difference is claimed only when its interval excludes zero."""
-    verdict = "–" if abs(mean) <= half else ("better" if (mean < 0) == lower_is_better else "worse")
-    return f"{mean:+.3g} [{mean - half:+.3g}, {mean + half:+.3g}] {verdict}"
+def claim_text(mean: float, half: float, verdict: bool = True, lower_is_better: bool = True) -> str:
+    """"-0.52 [-0.80, -0.24] better": better or worse only where the interval excludes zero (and verdict)."""
+    claimed = verdict and math.isfinite(half) and abs(mean) > half
+    word = ("better" if (mean < 0) == lower_is_better else "worse") if claimed else "–"
+    return f"{mean:+.3g} [{mean - half:+.3g}, {mean + half:+.3g}]" + (f" {word}" if verdict else "")
+
+
+def claim_keys(ref) -> list[str]:
+    """The keys every claim table shows: each claim judge's Fréchet distance and KID (every held-out network's
+    before the validation ran), then the FID network and recall, shown without a verdict."""
+    nets = [m for m in ref.claims if m in ref.judges] if ref.claims is not None else list(ref.judges)
+    return [k for m in nets for k in (m, KID_OF[m])] + ["fid", "recall"]
+
+
+def claims_markdown(rows: list[tuple[str, dict]], against: str, ref) -> str:
+    """Each (name, claims) row minus `against`: mean [95% interval] (KID x 1000); verdicts on the claim judges only."""
+    keys = claim_keys(ref)
+    names = {**NET_NAME, **{KID_OF[m]: "KID " + NET_NAME[m] for m in KID_OF}, "recall": "recall"}
+    verdict = lambda k: ref.claims is not None and k not in ("fid", "recall")
+    note = (" The judges are NOT validated (no judges.json): run python experiments/judges.py; no verdicts."
+            if ref.claims is None else " No network passed the validation (judges.md): no claims." if not ref.claims
+            else " Verdicts on the claim judges only; the FID network (every choice reads it) and recall without one.")
+    md = [f"Row minus {against}, paired on the sampling seed: mean [95% interval] (KID x 1000; the interval spans "
+          f"sampling and training seeds); better / worse only where it excludes zero.{note}", "",
+          "| schedule | " + " | ".join(names[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    scale = lambda k: 1000 if k.startswith("kid") else 1
+    for name, c in rows:
+        md.append(f"| {name} | " + " | ".join(claim_text(scale(k) * c[k][0], scale(k) * c[k][1], verdict(k), k != "recall")
+                                              for k in keys) + " |")
+    return "\n".join(md)
 
 
 def seed_summary(per_seed: list[dict], actions: tuple) -> dict:
@@ -274,7 +312,7 @@ def evaluate(pipe: train.Pipeline, samples: int, steps: list[int], sweep_samples
     res = run_cells([((name, T), cell(*variant, T, s)) for name in rows for T in rows[name] for variant in rows[name][T]
                      for s in EVAL_SEEDS], "eval")
     base = list(rows)[1]                                              # AdaNAT's heuristic: what every claim is against
-    keys = [k for m in (ref.claims if ref.claims is not None else ref.judges) for k in (m, KID_OF[m])] + ["fid", "recall"]
+    keys = claim_keys(ref)
     table = sorted(({"schedule": name, "T": T, "samples": samples, "seeds": list(EVAL_SEEDS), "training_seeds": len(rows[name][T]),
                      **seed_summary(res[(name, T)], policy.ACTIONS),
                      "vs_heuristic": claims(res[(name, T)], res[(base, T)], keys)} for name in rows for T in rows[name]),
@@ -288,27 +326,11 @@ def evaluate(pipe: train.Pipeline, samples: int, steps: list[int], sweep_samples
           f"on {pipe.device} (generation only).", "", head, "|" + "---|" * (head.count("|") - 1)]
     md += [f"| {name} | – | {metric_cells(r, ref)} – |" for name, r in refs.items()]
     md += [f"| {r['schedule']} | {r['T']} | {metric_cells(r, ref)} {r['images_per_s']:.0f} |" for r in table]
-    md += ["", claims_table(table, base, keys, ref)]
+    for T in steps:
+        md += ["", f"T = {T}. " + claims_markdown([(r["schedule"], r["vs_heuristic"]) for r in table
+                                                   if r["T"] == T and r["schedule"] != base], base, ref)]
     train.write_text(os.path.join(pipe.run_dir, "eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
-
-
-def claims_table(table: list[dict], base: str, keys: list[str], ref: EvalReferences) -> str:
-    """Markdown: each row minus the heuristic at its T, mean [95% interval] on the claim judges (Fréchet distance,
-    KID x 1000), the FID network and recall; "better" / "worse" only where the interval excludes zero."""
-    names = {**NET_NAME, **{KID_OF[m]: "KID " + NET_NAME[m].split()[0] for m in KID_OF}, "recall": "recall"}
-    unproven = "" if ref.claims is not None else (" The judges are NOT validated (no judges.json): run python "
-                                                  "experiments/judges.py first; every held-out network is shown.")
-    md = [f"Row minus the heuristic ({base}), paired on the sampling seed: mean [95% t-interval] (KID x 1000); "
-          f"a difference is claimed only when its interval excludes zero.{unproven}", "",
-          "| schedule | T | " + " | ".join(names[k] for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for r in table:
-        if r["schedule"] != base:
-            scale = lambda k: 1000 if k.startswith("kid") else 1
-            md.append(f"| {r['schedule']} | {r['T']} | " + " | ".join(
-                claim_text(scale(k) * r["vs_heuristic"][k][0], scale(k) * r["vs_heuristic"][k][1], k != "recall")
-                for k in keys) + " |")
-    return "\n".join(md)
 
 
 def floor(run_dir: str, device: torch.device) -> dict:

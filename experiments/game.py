@@ -2,27 +2,29 @@
 
 AdaNAT keeps training the discriminator D on the current policy's samples, so the policy's fixed
 point is the schedule whose samples a freshly trained D can least tell from real images: a
-classifier two-sample test. `reward_check` measures it directly. For each of 12 fixed T-step
-schedules (MaskGIT; AdaNAT's heuristic at the swept w_0 and at w_0 = 0, 1, 6; the heuristic with
-MaskGIT's tau2_0 = 4.5; the searched table and family; one perturbation of each of the first,
-second and searched two), `samples` images are made once (seed 1, balanced labels), and:
+classifier two-sample test. `reward_check` measures it directly. For each of at least 16 fixed T-step
+schedules, none a perturbation of another (`check_schedules`: MaskGIT; AdaNAT's heuristic on a w_0 grid
+and a tau2_0 grid; the searched table and family; the class-only schedule of --headroom's sweep; every
+trained policy), `samples` images are made once (seed 1, balanced labels), and:
   - the judges score them against *training* statistics: FID on the FID network, on featnet2,
     the self-supervised network's Fréchet distance (SSL FD), precision and recall;
   - per discriminator spec (its frozen network(s) and taps: "backbone", "backbone@12",
     "dnet", "dssl", "backbone+dssl", ...) a fresh D of the policy's kind (heads, class projection,
     translation DiffAugment, Adam(pi_d_lr, (0.5, 0.999)), pi_batch reals + pi_batch fakes per
-    step) trains on 3/4 of the fakes against real training images and is scored every
-    `eval_every` steps on the held-out 1/4 and 1 000 held-out reals; it stops when the held-out
-    loss has not improved for `patience` scorings, and its best held-out loss and accuracy are
-    the schedule's reading (lower accuracy, higher loss: harder to tell from real);
+    step) trains on one split of the fakes and of the reals (`three_splits`), is scored every
+    `eval_every` steps on a second and stops when that loss has not improved for `patience`
+    scorings; the reading is its loss and accuracy on the third, which chose nothing (lower
+    accuracy, higher loss: harder to tell from real);
   - the warm-up reading: the mean reward of policy_T{T}.pt's D after its warm-up, if trained.
-Spearman rho(D's badness, judge) per spec and judge: badness = held-out accuracy, or minus the
-held-out loss; judge = FID, featnet2 FID, SSL FD or minus recall (positive rho: D and the judge agree).
+Spearman rho(D's badness, judge) per spec and judge with a 95% bootstrap interval over the schedules:
+badness = the read accuracy, or minus the read loss; judge = FID, featnet2 FD, SSL FD or minus recall
+(positive rho: D and the judge agree).
 
 `headroom`: how much a schedule that knows only the class gains (AdaNAT's adaptive policy sees
-the class and more). Every (w_0, tau2_0) of a grid is scored per class on per-class training
-statistics of the FID network; each class takes its best pair; the class-only schedule, the best
-single pair and the heuristic are then measured on the test set over EVAL_SEEDS on every judge.
+the class and more). Every (w_0, tau2_0) of a grid, widened until no class picks its edge, is scored
+per class on per-class training statistics of the FID network; each class takes its best pair; the
+class-only schedule, the best single pair and the heuristic are then measured on the test set over
+EVAL_SEEDS on every network, against the best single pair with 95% intervals.
 
 Usage: python experiments/game.py --run-dir runs/small --reward-check [--d-specs backbone,dnet,dssl] | --headroom
 """
@@ -100,10 +102,11 @@ def check_schedules(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples
         if found is not None:
             out[sample.SEARCH_ROWS[name]] = lambda table=found[0].float(): nat.table_schedule(table)
     saved = train.read_json(os.path.join(pipe.run_dir, "headroom_sweep.json"), {})
-    if saved.get("T") == T:                                               # its readings are cached: no generation
-        sweep = class_sweep(pipe, ref, saved["per_class"], T)
-        tables = torch.stack([nat.heuristic_table(T, sweep["grid"][j][1], sweep["grid"][j][0]) for j in sweep["best"]])
-        out["class-only schedule (headroom sweep)"] = lambda: nat.class_table_schedule(tables)
+    if saved.get("T") == T and "class_pairs" in saved:                    # named by its pairs: a new sweep, a new row
+        pairs = saved["class_pairs"]
+        tables = torch.stack([nat.heuristic_table(T, tau2, w) for w, tau2 in pairs])
+        out["class-only schedule (" + ", ".join(f"{w:g}/{tau2:g}" for w, tau2 in pairs) + ")"] = \
+            lambda: nat.class_table_schedule(tables)
     for kind, label in sample.POLICY_ROWS.items():
         found = sample.policy_schedule(pipe, kind, T)
         if found is not None:
@@ -274,18 +277,19 @@ def sweep_pairs(pipe: train.Pipeline, ref: train.RealFeatures, pairs: list, per_
 def class_sweep(pipe: train.Pipeline, ref: train.RealFeatures, per_class: int, T: int) -> dict:
     """Each class's best (w_0, tau2_0) on a grid widened until no class picks its edge (the largest w_0, the
     smallest or largest tau2_0; w_0 = 0 is a bound, not an edge): HEADROOM_W x HEADROOM_TAU2, then another w_0
-    (x 1.5) or tau2_0 (/ 2, x 2) row at a time, at most 4 times. Readings cached per pair in headroom_sweep.json
-    (`fresh`). Returns {grid, per_class_fid (K, C), fid (C,), best (K,), best_all, edges}."""
+    
+    (x 1.5) or tau2_0 (/ 2, x 2) row at a time, at most 4 times, the whole grid made again each time (common
+    random numbers). Readings cached in headroom_sweep.json (`fresh`) with the chosen class_pairs.
+    Returns {grid, per_class_fid (K, C), fid (C,), best (K,), best_all, edges}."""
     path = os.path.join(pipe.run_dir, "headroom_sweep.json")
     saved = fresh(pipe, path)
-    if (saved.get("per_class"), saved.get("T")) != (per_class, T):
+    if (saved.get("per_class"), saved.get("T")) != (per_class, T) or "pairs" not in saved:
         saved = {"setup": saved["setup"], "per_class": per_class, "T": T, "pairs": {}}
     ws, taus = list(HEADROOM_W), list(HEADROOM_TAU2)
     for _ in range(5):
         grid = [(w, tau2) for w in ws for tau2 in taus]
-        todo = [p for p in grid if f"{p[0]:g},{p[1]:g}" not in saved["pairs"]]
-        if todo:
-            saved["pairs"].update(sweep_pairs(pipe, ref, todo, per_class, T))
+        if any(f"{w:g},{tau2:g}" not in saved["pairs"] for w, tau2 in grid):   # the whole grid again: one set of
+            saved["pairs"] = sweep_pairs(pipe, ref, grid, per_class, T)       # random numbers for every pair
             train.write_json(path, saved)
         read = [saved["pairs"][f"{w:g},{tau2:g}"] for w, tau2 in grid]
         per_class_fid = [[r["per_class"][k] for r in read] for k in range(pipe.cfg.num_classes)]
@@ -297,8 +301,10 @@ def class_sweep(pipe: train.Pipeline, ref: train.RealFeatures, per_class: int, T
         ws += [ws[-1] * 1.5] if edges["w"] else []
         taus = ([taus[0] / 2] if edges["tau_low"] else []) + taus + ([taus[-1] * 2] if edges["tau_high"] else [])
     overall = [r["all"] for r in read]
-    return {"grid": grid, "per_class_fid": per_class_fid, "fid": overall, "best": best, "edges": edges,
-            "best_all": min(range(len(grid)), key=lambda j: overall[j])}
+    out = {"grid": grid, "per_class_fid": per_class_fid, "fid": overall, "best": best, "edges": edges,
+           "best_all": min(range(len(grid)), key=lambda j: overall[j])}
+    train.write_json(path, saved | {"class_pairs": [grid[j] for j in best]})   # what the reward check reads
+    return out
 
 
 def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: int = 150, T: int = 4) -> list:
@@ -323,11 +329,10 @@ def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: 
     pair_name = list(rows)[1]
     pair, floor = table[pair_name], table["floor"]
     keys = [k for k in ("fid", "fid_recon", "fid2", "fd_ssl") if k in floor]
-    claim_keys = [k for m in (ref.claims if ref.claims is not None else ref.judges) for k in (m, sample.KID_OF[m])]
     for name, r in table.items():
         r["gap_closed"] = {k: (pair[k] - r[k]) / (pair[k] - floor[k]) for k in keys}
         if name != "floor":
-            r["vs_best_pair"] = sample.claims(res[name], res[pair_name], claim_keys + ["fid", "recall"])
+            r["vs_best_pair"] = sample.claims(res[name], res[pair_name], sample.claim_keys(ref))
     train.write_json(os.path.join(pipe.run_dir, f"headroom_T{T}.json"), {
         "rows": table, "per_class_pairs": [grid[j] for j in sweep["best"]], "sweep": sweep})
     head = f"| schedule | {sample.metric_head(ref)} " + " | ".join(f"gap closed ({k})" for k in keys) + " |"
@@ -339,12 +344,8 @@ def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: 
           "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in table.items():
         md.append(f"| {name} | {sample.metric_cells(r, ref)} " + " | ".join(f"{r['gap_closed'][k]:.2f}" for k in keys) + " |")
-    md += ["", "Row minus the best single pair, paired on the sampling seed: mean [95% t-interval] (KID x 1000):", "",
-           "| schedule | " + " | ".join(claim_keys + ["fid", "recall"]) + " |", "|---" * (len(claim_keys) + 3) + "|"]
-    scale = lambda k: 1000 if k.startswith("kid") else 1
-    md += [f"| {name} | " + " | ".join(sample.claim_text(scale(k) * r["vs_best_pair"][k][0], scale(k) * r["vs_best_pair"][k][1],
-                                                         k != "recall") for k in claim_keys + ["fid", "recall"]) + " |"
-           for name, r in table.items() if name not in ("floor", pair_name)]
+    md += ["", sample.claims_markdown([(name, r["vs_best_pair"]) for name, r in table.items()
+                                       if name not in ("floor", pair_name)], pair_name, ref)]
     train.write_text(os.path.join(pipe.run_dir, f"headroom_T{T}.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return table

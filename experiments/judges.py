@@ -66,7 +66,7 @@ def gaussian_blur(x: torch.Tensor, sd: float, g: torch.Generator) -> torch.Tenso
 
 
 def black_squares(x: torch.Tensor, count: float, g: torch.Generator, side: int = 8) -> torch.Tensor:
-    """`count` black side x side squares per image, their corners uniform in the central half (on the object)."""
+    """`count` black side x side squares per image, their centres uniform in the central half (on the object)."""
     out, (B, _, H, W) = x.clone(), x.shape
     lo = (H // 4 - side // 2, W // 4 - side // 2)
     for _ in range(int(count)):
@@ -152,8 +152,9 @@ def networks(run_dir: str, device: torch.device) -> dict:
     nets = {s: train.build_model(run_dir, s, device) for s in train.JUDGES if train.is_done(os.path.join(run_dir, f"{s}.pt"))}
     if "featnet" not in nets:
         raise train.UserError(f"{run_dir}/featnet.pt is missing: python train.py --run-dir {run_dir} --stage featnet")
-    torch.manual_seed(0)
-    nets["random"] = fid.FeatureNet(nets["featnet"].cfg).to(device).eval()
+    with torch.random.fork_rng(devices=[]):                           # the process's generator untouched
+        torch.manual_seed(0)
+        nets["random"] = fid.FeatureNet(nets["featnet"].cfg).to(device).eval()
     out = {name: (lambda x, net=net: fid.extract(net, x, device=device)[0]) for name, net in nets.items()}
     return out | {"pixels": lambda x: x.flatten(1).float()}
 
@@ -196,12 +197,13 @@ def validate(run_dir: str, device: torch.device, n: int | None, seeds: int) -> d
     x_test, y_test, K = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
     x_test = data.to_float(x_test)
     pools = [torch.nonzero(y_test == k).flatten() for k in range(K)]
-    n = K * (min(1000, min(len(p) for p in pools)) // K) if n is None else n
+    n = K * ((min(1000, min(len(p) for p in pools)) if n is None else n) // K)       # n / K of each class
     if n < 2 * K or n > min(len(p) for p in pools):
         raise train.UserError(f"--n {n}: needs 2 x {K} <= n <= the smallest class's test images "
                               f"({min(len(p) for p in pools)}), so that one class alone can fill a set")
     t0 = time.time()
-    judges = {name: Judge(f, train.training_draw(c)[0]) for name, f in networks(run_dir, device).items()}
+    x_train = train.training_draw(c)[0]
+    judges = {name: Judge(f, x_train) for name, f in networks(run_dir, device).items()}
     backbone = train.build_model(run_dir, "backbone", device)
     sure = fid.extract(backbone, x_test, device=device)[1].softmax(1)[torch.arange(len(y_test)), y_test]   # (N,)
     typical_order = [p[torch.argsort(sure[p], descending=True)] for p in pools]
@@ -238,7 +240,9 @@ def summarise(run_dir: str, raw: dict, n: int, seeds: int, names: list, seconds:
     for j, sets in raw.items():
         curve = lambda d, key: np.array([[lv[key] for lv in per_seed] for per_seed in sets[d]])   # (seeds, levels)
         noise_fd, noise_kid = curve("noise_curve", "fd").mean(0), curve("noise_curve", "kid").mean(0)
-        table[j] = {d: {"fd": curve(d, "fd").tolist(), "kid": curve(d, "kid").tolist(),
+        typical_gap = curve("typical", "fd")[:, 1:] - curve("collapse", "fd")[:, 1:]       # (seeds, levels)
+        table[j] = {"typical_minus_collapse": typical_gap.tolist(), "prefers_typical": bool((typical_gap < 0).all())}
+        table[j] |= {d: {"fd": curve(d, "fd").tolist(), "kid": curve(d, "kid").tolist(),
                         "pass_fd": passes(curve(d, "fd")), "pass_kid": passes(curve(d, "kid")),
                         "noise_equivalent": noise_equivalent(noise_fd, curve(d, "fd").mean(0)[-1]),
                         "noise_equivalent_kid": noise_equivalent(noise_kid, curve(d, "kid").mean(0)[-1])}
@@ -249,7 +253,7 @@ def summarise(run_dir: str, raw: dict, n: int, seeds: int, names: list, seconds:
         "collapse": list(DISTINCT), "typical": list(DISTINCT), "drop": list(KEEP), "imbalance": list(RATIO),
         "noise_curve": list(NOISE_CURVE)}, "networks": table, "candidates": candidates, "claim_judges": claim,
         "rule": CLAIM_RULE}
-    train.write_json(os.path.join(run_dir, "judges.json"), out)
+    train.write_json(os.path.join(run_dir, "judges.json"), train.finite_json(out))
     md = markdown(out, names)
     train.write_text(os.path.join(run_dir, "judges.md"), md)
     plot(run_dir, out, names)
@@ -271,6 +275,9 @@ def markdown(out: dict, names: list) -> str:
           "| disturbance (strengths) | " + " | ".join(nets) + " |", "|---" * (len(nets) + 1) + "|"]
     for d in names:
         md.append(f"| {d} {out['levels'][d]} | " + " | ".join(tick(out["networks"][j][d]) for j in nets) + " |")
+    md.append("| typical − collapse at the same m (FD, mean per m) | " + " | ".join(
+        " / ".join(f"{v:+.3g}" for v in np.mean(out["networks"][j]["typical_minus_collapse"], 0))
+        + (" **prefers typical**" if out["networks"][j]["prefers_typical"] else "") for j in nets) + " |")
     md += ["", f"Claim judges: **{', '.join(out['claim_judges']) or 'none'}** (candidates: {', '.join(out['candidates'])}; "
            f"rule: {out['rule']}).", "",
            ]

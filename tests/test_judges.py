@@ -80,14 +80,20 @@ def test_noise_equivalent_interpolates_the_noise_curve():
     assert judges.noise_equivalent(curve, 64.0) == math.inf
 
 
-def test_claims_are_paired_t_intervals():
-    mean, half = sample.interval([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.30 / 3 ** 0.5)
-    cells = [{"fid": v} for v in (5.0, 6.0, 7.0, 5.5, 6.5, 7.5)]                  # 2 training seeds x 3 sampling seeds
+def test_claims_are_paired_intervals_over_sampling_and_training_seeds():
+    """One training seed: the paired differences' t-interval. Two: the spread over training seeds is added, with
+    Welch-Satterthwaite degrees of freedom (here 1: every sampling seed moved alike, the seeds differ)."""
     base = [{"fid": v} for v in (6.0, 7.0, 8.0)]
-    got = sample.claims(cells, base, ["fid"])["fid"]
-    assert got[0] == pytest.approx(-0.75) and got[1] == pytest.approx(2.57 * 0.2739 / 6 ** 0.5, rel=1e-3)
-    assert sample.claim_text(*got).endswith("better") and sample.claim_text(0.1, 0.5).endswith("–")
+    mean, half = sample.claims([{"fid": v} for v in (5.0, 6.0, 8.0)], base, ["fid"])["fid"]
+    assert mean == pytest.approx(-2 / 3) and half == pytest.approx(4.30 * (1 / 3 / 3) ** 0.5)
+    cells = [{"fid": v} for v in (5.0, 6.0, 7.0, 5.5, 6.5, 7.5)]                  # 2 training seeds x 3 sampling seeds
+    mean, half = sample.claims(cells, base, ["fid"])["fid"]
+    assert mean == pytest.approx(-0.75) and half == pytest.approx(12.71 * 0.25)     # b = var(6, 6.5) / 2 = 1/16
+    assert sample.claim_text(mean, half) .endswith("–") and sample.claim_text(-1.0, 0.5).endswith("better")
+    assert sample.claim_text(-1.0, 0.5, lower_is_better=False).endswith("worse")
+    assert sample.claim_text(-1.0, 0.5, verdict=False) == "-1 [-1.5, -0.5]"
+    assert sample.claims([{"fid": 1.0}], [{"fid": 2.0}], ["fid"])["fid"][1] != sample.claims([{"fid": 1.0}], [{"fid": 2.0}],
+                                                                                          ["fid"])["fid"][1]   # nan: no claim
 
 
 def test_the_reward_checks_three_splits_are_disjoint():

@@ -138,7 +138,9 @@ def metric_cells(r: dict, ref: EvalReferences) -> str:
         if k not in r:
             return "–"
         scale, digits = (1000, 2) if k.startswith("kid") else (1, 3 if k in ("precision", "recall", "cond_acc") else 2)
-        return f"{scale * r[k]:.{digits}f}" + (f" ± {scale * r[k + '_sd']:.{digits}f}" if k + "_sd" in r else "")
+        spread = (f" ± {scale * r[k + '_sd']:.{digits}f}" if k + "_sd" in r else      # over seeds, else KID's own
+                  f" (s.e. {scale * r[k + '_se']:.{digits}f})" if k + "_se" in r else "")
+        return f"{scale * r[k]:.{digits}f}" + spread
     return " | ".join(v(k) for k, _ in metric_columns(ref)) + " |"
 
 
@@ -202,7 +204,7 @@ def claims_markdown(rows: list[tuple[str, dict]], against: str, ref) -> str:
 def seed_summary(per_seed: list[dict], actions: tuple) -> dict:
     """Mean and sd over the seeds of each metric; a policy's per-step action spread (first seed)."""
     row = {"cells": len(per_seed)}
-    for k in (*METRIC_KEYS, "images_per_s"):
+    for k in (*METRIC_KEYS, *(KID_OF[m] + "_se" for m in KID_OF), "images_per_s"):
         if all(k in r for r in per_seed):
             v = np.array([r[k] for r in per_seed])
             row[k], row[k + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0

@@ -324,7 +324,8 @@ def evaluate(pipe: train.Pipeline, samples: int, steps: list[int], sweep_samples
                                                                "nat_params": sum(p.numel() for p in pipe.net.parameters())})
     head = f"| schedule | T | {metric_head(ref)} images/s |"
     md = [f"{samples} samples per row and seed, seeds {list(EVAL_SEEDS)} (mean ± sd over the cells: sampling seeds x "
-          f"training seeds); every distance against the {n} test images in this run's feature spaces{REF_NOTE}; images/s "
+          f"training seeds); every distance against the {len(ref.test_feats)} test images in this run's feature spaces (the "
+          f"reference rows: {n} images each){REF_NOTE}; images/s "
           f"on {pipe.device} (generation only).", "", head, "|" + "---|" * (head.count("|") - 1)]
     md += [f"| {name} | – | {metric_cells(r, ref)} – |" for name, r in refs.items()]
     md += [f"| {r['schedule']} | {r['T']} | {metric_cells(r, ref)} {r['images_per_s']:.0f} |" for r in table]

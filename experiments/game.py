@@ -360,6 +360,8 @@ def add_flags(p) -> None:
                    "backbone,backbone@12,dnet,dssl,backbone+dssl (default: the run's pi_d_nets at pi_d_taps)")
     p.add_argument("--check-d-steps", type=int, default=150, help="the most D steps per two-sample test")
     p.add_argument("--headroom", action="store_true", help="the class-only schedule's headroom at T = 4: headroom_T4.md/.json")
+    p.add_argument("--headroom-per-class", type=int, default=150, help="samples per class and (w_0, tau2_0) pair of "
+                   "--headroom's per-class sweep")
 
 
 def run(args, device: torch.device) -> None:
@@ -373,7 +375,7 @@ def run(args, device: torch.device) -> None:
             parse_spec(s)
         reward_check(pipe, args.check_samples, args.sweep_samples, specs, args.check_d_steps)
     if args.headroom:
-        headroom(pipe, args.samples, args.sweep_samples)
+        headroom(pipe, args.samples, args.sweep_samples, args.headroom_per_class)
     if not (args.reward_check or args.headroom):
         raise train.UserError("name a check: --reward-check or --headroom")
 

@@ -18,7 +18,7 @@ R=$(realpath -m "${2:-runs/$P}")
 OUT=$(realpath -m "${OUT:-$R.out}")          # outside the run folder: the copy must not copy itself
 BUDGET_S=${BUDGET_S:-100000}
 SAMPLE_ARGS=${SAMPLE_ARGS:-}     # added to every sampling command (sample.py and the experiments' tables)
-CHECK_ARGS=${CHECK_ARGS:-}       # added to the reward check (experiments/game.py)
+CHECK_ARGS=${CHECK_ARGS:-}       # added to the reward check and the headroom (experiments/game.py)
 EVAL_ARGS=${EVAL_ARGS:-}         # added to the NAT's --eval
 H="--set pi_start=heuristic"     # --set values stay in the run folder's config.json: name the start after policy_search
 cd "$(dirname "$0")/.."
@@ -46,7 +46,7 @@ step judges python experiments/judges.py --run-dir "$R"
 step d_nets python train.py --run-dir "$R" --stage dnet
 step d_ssl python train.py --run-dir "$R" --stage dssl
 step reward_check python experiments/game.py --run-dir "$R" --reward-check --d-specs backbone,backbone@12,dnet@12,dssl@12,backbone+dssl@12 $SAMPLE_ARGS $CHECK_ARGS
-step headroom python experiments/game.py --run-dir "$R" --headroom $SAMPLE_ARGS
+step headroom python experiments/game.py --run-dir "$R" --headroom $SAMPLE_ARGS $CHECK_ARGS
 step policy_search python train.py --run-dir "$R" --stage policy --set pi_start=search
 step policy_seed1 python train.py --run-dir "$R" --stage policy --set pi_seed=1 $H
 step eval python sample.py --run-dir "$R" --eval $EVAL_ARGS $SAMPLE_ARGS

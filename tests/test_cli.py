@@ -329,7 +329,8 @@ def test_sample_grid_eval_bench(run_dir):
     assert set(check["spearman_warmup"]) == {"fid", "fid2", "fd_ssl", "recall"}      # the warm-up reading beside it
     assert os.path.exists(os.path.join(run_dir, "reward_check.md"))
     _fails(run("experiments/game.py", "--run-dir", run_dir, "--reward-check", "--d-specs", "featnet2"), "never a judge")
-    r = run("experiments/game.py", "--run-dir", run_dir, "--headroom", "--samples", "20", "--sweep-samples", "30")
+    r = run("experiments/game.py", "--run-dir", run_dir, "--headroom", "--samples", "20", "--sweep-samples", "30",
+            "--headroom-per-class", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     head = json.load(open(os.path.join(run_dir, "headroom_T4.json")))
     only = head["rows"]["class-only schedule (each class its best pair)"]
@@ -397,7 +398,7 @@ def test_tables_script_runs_every_step(tmp_path):
     out, run_dir = tmp_path / "out", tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OUT": str(out), "EVAL_ARGS": "--decode-steps 4",
            "SAMPLE_ARGS": "--samples 60 --sweep-samples 20 --batch 64 --grid-steps 4",
-           "CHECK_ARGS": "--check-samples 40 --check-d-steps 25"}
+           "CHECK_ARGS": "--check-samples 40 --check-d-steps 25 --headroom-per-class 8"}
     r = subprocess.run(["bash", "scripts/tables.sh", "test", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=env)
     steps = (out / "steps.txt").read_text().splitlines()

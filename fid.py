@@ -324,11 +324,6 @@ def _poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b.T / a.shape[1] + 1) ** 3
 
 
-def _kernel_row_sums(a: torch.Tensor, b: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(len(a),) sums over j of k(a_i, b_j), batch_size rows of a at a time."""
-    return torch.cat([_poly_kernel(a[i:i + batch_size], b).sum(1) for i in range(0, len(a), batch_size)])
-
-
 def _kernel_both_sums(a: torch.Tensor, b: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums over j of k(a_i, b_j) (len(a),), sums over i (len(b),)): each kernel block computed once."""
     rows, cols = [], torch.zeros(len(b), dtype=a.dtype, device=a.device)
@@ -343,7 +338,7 @@ def kid_self_sums(feats: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
     """(m,) sum_{i' != i} k(x_i, x_i') of one feature set (m, D): a reference set's own term, computed once
     and passed to `kid` as real_sums when many sets are measured against it."""
     x = torch.as_tensor(feats).double()
-    return _kernel_row_sums(x, x, batch_size) - (x.pow(2).sum(1) / x.shape[1] + 1) ** 3
+    return _kernel_both_sums(x, x, batch_size)[0] - (x.pow(2).sum(1) / x.shape[1] + 1) ** 3
 
 
 def kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, batch_size: int = 2000,

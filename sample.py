@@ -160,12 +160,10 @@ def claims(cells: list[dict], base: list[dict], keys: list[str]) -> dict:
     for k in keys:
         r = np.array([c[k] for c in cells]).reshape(n_t, n_s)                 # (training seeds, sampling seeds)
         d = r.mean(0) - np.array([c[k] for c in base])                        # (n_s,) paired differences
-        a = d.var(ddof=1) / n_s if n_s > 1 else math.nan
+        a = d.var(ddof=1) / n_s if n_s > 1 else math.nan                     # one sampling seed: nan, no claim
         b = r.mean(1).var(ddof=1) / n_t if n_t > 1 else 0.0
-        terms = a ** 2 / (n_s - 1) + (b ** 2 / (n_t - 1) if n_t > 1 else 0.0) if n_s > 1 else math.nan
-        df = (a + b) ** 2 / terms if terms and terms == terms else max(n_s - 1, 1)
-        t = T_975[min(max(int(df), 1), 30) - 1]
-        out[k] = (float(d.mean()), t * math.sqrt(a + b))
+        df = (a + b) ** 2 / (a ** 2 / (n_s - 1) + (b ** 2 / (n_t - 1) if n_t > 1 else 0.0)) if a + b > 0 else 1
+        out[k] = (float(d.mean()), T_975[min(max(int(df), 1), 30) - 1] * math.sqrt(a + b))
     return out
 
 

@@ -268,16 +268,15 @@ def sweep_pairs(pipe: train.Pipeline, ref: train.RealFeatures, pairs: list, per_
     tok = pipe.generate(labels.repeat_interleave(C), T, nat.table_schedule(tables), seed=0, group=C, progress=True,
                         logits_fn=dedup_logits_fn(pipe.logits_fn))
     feats = fid.extract(pipe.featnet, pipe.decode(tok), device=pipe.device)[0].view(len(labels), C, -1)   # (n, C, D)
+    class_stats = [fid.statistics(ref.train_feats[ref.train_labels == k]) for k in range(K)]   # once, not per pair
     return {f"{w:g},{tau2:g}": {
-        "per_class": [fid.fid_from_features(feats[labels == k, j], *fid.statistics(ref.train_feats[ref.train_labels == k]))
-                      for k in range(K)],
+        "per_class": [fid.fid_from_features(feats[labels == k, j], *class_stats[k]) for k in range(K)],
         "all": fid.fid_from_features(feats[:, j], ref.train_mu, ref.train_sigma)} for j, (w, tau2) in enumerate(pairs)}
 
 
 def class_sweep(pipe: train.Pipeline, ref: train.RealFeatures, per_class: int, T: int) -> dict:
     """Each class's best (w_0, tau2_0) on a grid widened until no class picks its edge (the largest w_0, the
     smallest or largest tau2_0; w_0 = 0 is a bound, not an edge): HEADROOM_W x HEADROOM_TAU2, then another w_0
-    
     (x 1.5) or tau2_0 (/ 2, x 2) row at a time, at most 4 times, the whole grid made again each time (common
     random numbers). Readings cached in headroom_sweep.json (`fresh`) with the chosen class_pairs.
     Returns {grid, per_class_fid (K, C), fid (C,), best (K,), best_all, edges}."""

@@ -223,13 +223,12 @@ def validate(run_dir: str, device: torch.device, n: int | None, seeds: int) -> d
         base = measure(clean)
         sets = {d: [measure(fn(clean, v, g)) for v in levels] for d, (fn, levels) in FIDELITY.items()}
         sets |= {d: [measure(x_test[idx]) for idx in ix] for d, ix in diversity_sets(pools, typical_order, n, g).items()}
-        sets["noise_curve"] = [measure(gaussian_noise(clean, v, g)) for v in NOISE_CURVE[-2:]]
+        sets["noise_curve"] = sets["noise"] + [measure(gaussian_noise(clean, v, g)) for v in NOISE_CURVE[-2:]]
         if vq is not None:
             sets["recon"] = [measure(sample.reconstruct(vq, clean, device))]
         for j in judges:
             for d, levels in sets.items():
-                extra = [sets["noise"][i][j] for i in range(len(FIDELITY["noise"][1]))] if d == "noise_curve" else []
-                raw[j][d].append([base[j]] + extra + [lv[j] for lv in levels])
+                raw[j][d].append([base[j]] + [lv[j] for lv in levels])
     bar.close()
     return summarise(run_dir, raw, n, seeds, names, time.time() - t0)
 

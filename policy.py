@@ -70,6 +70,8 @@ class ActionSpec:
 
 NAT_ACTIONS = ActionSpec(("m", "tau1", "tau2", "w"), ("sigmoid", "softplus", "softplus", "softplus"), ("m", "tau2"))
 FLOW_ACTIONS = ActionSpec(("f", "w"), ("sigmoid", "softplus"), ("f",))   # samplers.py: t' = t (1 - f), guidance w
+VAR_ACTIONS = ActionSpec(("w", "k_frac", "p", "tau"), ("softplus", "sigmoid", "sigmoid", "softplus"))   # var.py: every
+                                        # knob acts at every scale (each scale samples its tokens), so none is dead
 ACTIONS = NAT_ACTIONS.names             # column order of nat.heuristic_table and of every (.., 4) NAT tensor
 
 

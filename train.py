@@ -219,6 +219,16 @@ class ExperimentKeys:                # read by experiments/search.py and experim
     flow_pi_nfe: tuple = (4, 8)      # flow-policy / -static / -smooth: one policy per NFE budget
     flow_pi_solver: str = "euler"    # ... with this solver and the most steps that fit
     flow_ema_decay: float = 0.995    # EMA of the weights sampling uses
+    var_msvq_steps: int = 1000       # VAR (experiments/var.py): the multi-scale tokenizer, fine-tuned from vq.pt
+    var_msvq_lr: float = 3e-4        # ... Adam lr, betas (0.5, 0.9)
+    var_steps: int = 1500            # the next-scale transformer: training steps
+    var_batch: int = 128             # token maps per step
+    var_lr: float = 1e-3             # AdamW lr, betas (0.9, 0.95); var_warmup steps, then cosine to 10%
+    var_warmup: int = 100
+    var_dim: int = 128               # transformer width, blocks, heads
+    var_depth: int = 4
+    var_heads: int = 4
+    var_ema_decay: float = 0.995     # EMA of the weights sampling uses
 
 
 @dataclass
@@ -237,7 +247,8 @@ PRESETS: dict[str, dict] = {
                  search_samples=40, pr_budget=2, pr_steps=5, pr_samples=40, flow_steps=20, flow_batch=16, flow_dim=32,
                  flow_depth=1, flow_heads=2, flow_warmup=5, flow_pi_nfe=(4,), featnet2_steps=30, featnet2_width=8,
                  featnet2_dim=16, featnet2_convs=1, ssl_steps=20, ssl_batch=32, ssl_width=8, ssl_dim=16, ssl_proj=8,
-                 dnet_steps=20, dnet_width=8, dnet_dim=16, pi_fid_chunk=4, vq_perceptual=0.1),
+                 dnet_steps=20, dnet_width=8, dnet_dim=16, pi_fid_chunk=4, vq_perceptual=0.1, var_msvq_steps=10,
+                 var_steps=10, var_batch=16, var_dim=32, var_depth=1, var_heads=2, var_warmup=2, var_ema_decay=0.9),
     # the default, for 2 CPU cores (stage times in the README)
     "small": dict(),
     # the whole method at T = 4 in about 15 minutes on 2 CPU cores (undertrained: far from small's numbers)
@@ -259,7 +270,7 @@ OFFICIAL_RECIPE = dict(pi_lr=1e-5, pi_static_lr=1e-5, pi_epochs=5, pi_minibatche
                        pi_sigma_schedule="step", pi_target_kl=0.0, pi_grad_clip=0.0, pi_anchor=0.0, pi_adv_floor=0.0)
 THIS_COMMAND = {"flow_path": "flow", "pi_reward": "adversarial", "pi_seed": 0, "compile": False}   # not kept in config.json's meaning:
                                                    # each command's --set, else this default
-FREE_PREFIXES = ("pi_", "search_", "pr_", "flow_", "featnet2_", "ssl_", "dnet_", "ckpt_every_s", "log_every", "compile")
+FREE_PREFIXES = ("pi_", "search_", "pr_", "flow_", "var_", "featnet2_", "ssl_", "dnet_", "ckpt_every_s", "log_every", "compile")
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
 PI_STARTS = {"heuristic": "AdaNAT's heuristic", "search": "the AutoNAT table", "param": "the searched family"}
 PI_REWARDS = ("adversarial", "fixed", "fid")

@@ -191,6 +191,39 @@ def test_flow_stage_and_its_table(run_dir, tmp_path):
     _fails(flow("--run-dir", str(d)), "train|sample")
 
 
+def test_var_stages_and_table(run_dir, tmp_path):
+    """experiments/var.py: the multi-scale tokenizer from vq.pt, the next-scale transformer, both PPO stages on the
+    K = 7 scale MDP, then the table (floor row, VAR's defaults, no guidance, the swept w_max, the policies), the
+    per-scale action plot, the bench and the grids; a missing stage is a one-line error naming the command."""
+    d = tmp_path / "var"
+    copy(run_dir, d, "config.json", "vq.pt", "featnet.pt", "backbone.pt")
+    v = lambda *a: run("experiments/var.py", *a, "--run-dir", str(d))
+    _fails(v("sample"), "--stage msvq")
+    for stage in ("msvq", "var", "var-policy", "var-static"):
+        r = v("train", "--stage", stage)
+        assert r.returncode == 0, (stage, r.stderr[-2000:])
+    ms = torch.load(d / "msvq.pt", weights_only=True)
+    assert ms["done"] and ms["step"] == 10 and {f"usage_s{s}" for s in (1, 2, 3, 4, 5, 6, 8)} <= set(ms["metrics"])
+    ck = torch.load(d / "var_policy_T7.pt", weights_only=True)
+    assert ck["done"] and ck["config"]["spec"] == ["w", "k_frac", "p", "tau"] and ck["config"]["T"] == 7
+    assert len(ck["history"][-1]["act_mean"]) == 7                           # a decision per scale
+    r = v("train", "--stage", "var")                                         # finished: skipped
+    assert r.returncode == 0 and "var: done" in r.stdout and "skipped" in r.stdout, r.stderr[-2000:]
+    r = v("sample", "--eval", "--plot", "--samples", "20", "--sweep-samples", "20")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.load(open(d / "var_eval.json"))
+    names = [row["schedule"] for row in out["rows"]]
+    assert names[:2] == ["VAR defaults (w ramp 0 -> 1.5, top-k 900/4096, top-p 0.96, tau 1)", "no guidance (top-k 900/4096, top-p 0.96)"]
+    assert {"learned static (PPO, no state)", "adaptive policy (PPO)"} <= set(names)
+    assert "multi-scale tokenizer reconstructions of test vs test (floor)" in out["reference"]
+    assert all(math.isfinite(row["fid"]) and "kid" in row for row in out["rows"])
+    for f in ("var_eval.md", "var_samples.png", "var_policy_actions.png", "var_sweep_w.json"):
+        assert os.path.exists(d / f), f
+    r = v("sample", "--bench", "--batch", "8")
+    assert r.returncode == 0 and "policy cost" in r.stdout, r.stderr[-2000:]
+    _fails(run("experiments/var.py", "--run-dir", str(d)), "train|sample")
+
+
 def test_adagen_refinement_blend_and_reward_study(run_dir, tmp_path):
     """AdaGen's unreleased parts through the command line: featnet2, the rewards fixed and fid, the fidelity
     stage; experiments/studies.py --refine (forwards counted), --lam, --hacking, --repeat/--lookahead."""

@@ -7,7 +7,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONCEPTS = {"data": {"numpy", "PIL", "torch"}, "fid": {"numpy", "scipy", "torch"}, "vqgan": {"torch"}, "nat": {"torch"},
-            "samplers": {"torch"}, "policy": {"torch"}, "ppo": {"torch"}, "reward": {"torch"}, "autonat": {"torch"}}
+            "samplers": {"torch"}, "policy": {"torch"}, "ppo": {"torch"}, "reward": {"torch"}, "autonat": {"torch"},
+            "var": {"torch"}}
 
 
 def modules() -> dict:
@@ -87,8 +88,9 @@ def test_no_function_over_80_lines():
     assert not long, long
 
 
-BUDGETS = {"train": 1505, "sample": 500, "samplers": 550}   # DESIGN.md asks train.py <= 700 (not yet: README, Files)
-TOTAL = 6750                               # every .py but tests and scripts (DESIGN.md asks <= 5 000: not yet)
+BUDGETS = {"train": 1515, "sample": 500, "samplers": 550}   # DESIGN.md asks train.py <= 700 (not yet: README, Files)
+TOTAL = 7450                               # every .py but tests and scripts (DESIGN.md asks <= 5 000: not yet;
+                                           # the fourth paradigm, var.py + experiments/var.py, added 720)
 
 
 def test_line_budgets():

@@ -119,7 +119,8 @@ def search_problem(c: train.TrainConfig, run_dir: str, device: torch.device, kin
                          extra)
 
 
-def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, log: train.Logger, kind: str, T: int) -> None:
+def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, log: train.Logger, kind: str, T: int,
+                    problem: SearchProblem | None = None) -> None:
     """AutoNAT §4.2 for one T: finite-difference gradient descent on training-set FID.
 
     kind "free": xi = the whole T x 4 table [m, tau1, tau2, w] (the paper's search);
@@ -129,8 +130,9 @@ def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, lo
     All start from the heuristic (NAT: AdaNAT's, tau2_0 = 1, w_0 from the training-FID sweep;
     flow: uniform grid, constant swept w_0). One update generates its 1 + A candidates (A
     perturbed coordinates) on the same labels and random numbers as one interleaved batch; the
-    checkpoint is written after every update."""
-    P = search_problem(c, run_dir, device, kind, T)
+    checkpoint is written after every update. Another paradigm passes its own `problem` (experiments/var.py:
+    kind "var", its eps signed already)."""
+    P = problem or search_problem(c, run_dir, device, kind, T)
     path = os.path.join(run_dir, f"{P.name}.pt")
     scfg = {"kind": kind, "T": P.T, "start": P.h.tolist(), **P.extra, "samples": c.search_samples, "seed": c.search_seed,
             "eps": P.eps.tolist(), "lr": P.lr.tolist(), "momentum": c.search_momentum, "clip": c.search_clip}
@@ -157,7 +159,7 @@ def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, lo
 
     def step_fn(k: int) -> dict:
         xi = state["model"]["xi"]
-        e = autonat.signed_steps(xi, P.eps, K=P.h.shape[1]) if kind != "param" else P.eps   # every candidate valid
+        e = autonat.signed_steps(xi, P.eps, K=P.h.shape[1]) if kind in ("free", "flow") else P.eps   # candidates valid
         new, v, values, g = autonat.fd_update(F, xi, state["model"]["v"], e, P.lr, P.project, c.search_momentum,
                                               P.active, c.search_clip)          # values (C,): F(xi) first
         if values[0] < state["best_fid"]:
@@ -192,7 +194,7 @@ def write_search_summary(P: SearchProblem, state: dict, kind: str, scfg: dict, C
                "updates": state["step"], "candidates_per_update": C, "samples_per_candidate": n,
                "generator_forwards": state["forwards"],
                "generator_forwards_without_dedup": (state["step"] + 1) * C * n * T * 2
-               if kind != "flow" else None,                                # the flow's candidates share no prefix
+               if kind in ("free", "param") else None,                     # the others' candidates share no prefix
                "minutes": state["train_seconds"] / 60,
                "device": str(device), "history": state["history"], "config": scfg}
     if kind == "param":

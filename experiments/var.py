@@ -4,7 +4,7 @@ sample's [w, k_frac, p, tau] at every scale (train.py's Algorithm 1 on `var_task
 grids, the table (VAR's defaults, no guidance, a swept guidance, the learned schedules), per-scale action plots
 and the policy's cost.
 
-    python experiments/var.py train --run-dir runs/small --stage msvq | var | var-policy | var-static
+    python experiments/var.py train --run-dir runs/small --stage msvq | var | var-search | var-policy | var-static
     python experiments/var.py sample --run-dir runs/small [--eval | --plot | --bench]
 """
 import copy
@@ -17,13 +17,15 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import autonat  # noqa: E402
 import data  # noqa: E402
+import fid  # noqa: E402
 import policy  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 import var  # noqa: E402
 import vqgan  # noqa: E402
-from experiments import bench  # noqa: E402
+from experiments import bench, search  # noqa: E402
 
 K = len(var.SCALES)                   # decisions per trajectory: one per scale
 W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # the w_max sweep of VAR's ramp
@@ -235,6 +237,38 @@ def var_task(c: train.TrainConfig, run_dir: str, device: torch.device, kind: str
     return task, pipe, ref
 
 
+def search_problem(c: train.TrainConfig, run_dir: str, device: torch.device) -> search.SearchProblem:
+    """AutoNAT's finite-difference search (experiments/search.py) of the free K x 4 table [w, k_frac, p, tau],
+    from VAR's defaults at the swept w_max: p steps backwards (it starts near its bound 1), the fractions' learning
+    rate a quarter of search_lr; projected onto w >= 0, k_frac in [1/V, 1], p in [0.05, 1], tau >= 0.05."""
+    pipe = VARPipeline(run_dir, device, c.bf16)
+    ref = train.RealFeatures(pipe)
+    h = var.default_table(K, train.get_w0(pipe, ref, c.pi_sweep_samples))
+    lo, hi = torch.tensor([0.0, 1 / pipe.cfg.vocab_size, 0.05, 0.05]), torch.tensor([1e9, 1.0, 1.0, 1e9])
+    column = lambda *v: torch.tensor(v).repeat_interleave(K)                      # per column -> xi's layout (4K,)
+    project = lambda xi: autonat.table_to_xi(torch.maximum(torch.minimum(autonat.xi_to_table(xi), hi), lo))
+
+    def fids(tables: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        """Training-set FID of C tables (C, K, 4) on the same labels and noise: row i of a chunk follows table i % C."""
+        C, n, tab = len(tables), len(labels), tables.to(device)
+        sched = lambda k, state: tuple(tab[torch.arange(len(state.labels), device=device) % C, k].unbind(-1))
+        images = pipe.decode(pipe.generate(labels.repeat_interleave(C), sched, seed, group=C))
+        feats = fid.extract(pipe.featnet, images, device=device)[0].view(n, C, -1)
+        return torch.tensor([fid.fid_from_features(feats[:, j], ref.train_mu, ref.train_sigma) for j in range(C)])
+    return search.SearchProblem(f"var_search_T{K}", K, h, var.ACTIONS, fids, pipe, autonat.table_to_xi(h),
+                                column(c.search_eps, 0.05, -0.02, c.search_eps),
+                                column(c.search_lr, c.search_lr / 4, c.search_lr / 4, c.search_lr),
+                                torch.ones(4 * K, dtype=torch.bool), autonat.xi_to_table, project, c.search_updates, {})
+
+
+def stage_search(c: train.TrainConfig, run_dir: str, device: torch.device, log: train.Logger) -> None:
+    """var-search: var_search_T7.pt / .json / _curve.png (resumable after every update)."""
+    if train.is_done(os.path.join(run_dir, f"var_search_T{K}.pt")):
+        print(f"var_search_T{K}: done, skipped")
+        return
+    search.search_schedule(c, run_dir, device, log, "var", K, problem=search_problem(c, run_dir, device))
+
+
 def policy_rows(pipe: VARPipeline) -> dict:
     """name -> [make_schedule per training seed] of the trained VAR policies (best weights; last iterate if it differs)."""
     rows = {}
@@ -259,7 +293,11 @@ def evaluate(pipe: VARPipeline, samples: int, sweep_samples: int) -> None:
     swept = DEFAULTS.format(w=w_max) + ", w_max swept"
     rows = {DEFAULTS.format(w=1.5): [lambda: var.table_schedule(var.default_table(K))],
             "no guidance (top-k 900/4096, top-p 0.96)": [lambda: var.table_schedule(var.default_table(K, 0.0))],
-            swept: [lambda: var.table_schedule(var.default_table(K, w_max))], **policy_rows(pipe)}
+            swept: [lambda: var.table_schedule(var.default_table(K, w_max))]}
+    found = train.searched_table(pipe.run_dir, "var_search", K)
+    if found is not None:
+        rows[sample.SEARCH_ROWS["search"].replace("T x 4", "K x 4")] = [lambda: var.table_schedule(found[0])]
+    rows.update(policy_rows(pipe))
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = train.balanced_labels(samples, pipe.cfg.num_classes)
     refs = {"real training images vs test": sample.train_reference(ref, n),
@@ -374,7 +412,7 @@ def run(args, device: torch.device) -> None:
         grids(pipe)
 
 
-STAGES = {"msvq": stage_msvq, "var": stage_var, **{f"var-{kind}": train.stage_policies(
+STAGES = {"msvq": stage_msvq, "var": stage_var, "var-search": stage_search, **{f"var-{kind}": train.stage_policies(
     kind, make_task=var_task, counts=lambda c: (K,), file=lambda c, kind, n: policy_file(kind, c)) for kind in ("policy", "static")}}
 
 

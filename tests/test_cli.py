@@ -199,14 +199,18 @@ def test_var_stages_and_table(run_dir, tmp_path):
     copy(run_dir, d, "config.json", "vq.pt", "featnet.pt", "backbone.pt")
     v = lambda *a: run("experiments/var.py", *a, "--run-dir", str(d))
     _fails(v("sample"), "--stage msvq")
-    for stage in ("msvq", "var", "var-policy", "var-static"):
-        r = v("train", "--stage", stage)
+    for stage in ("msvq", "var", "var-search", "var-policy", "var-static"):
+        r = v("train", "--stage", stage, "--set", "search_updates=1")
         assert r.returncode == 0, (stage, r.stderr[-2000:])
     ms = torch.load(d / "msvq.pt", weights_only=True)
     assert ms["done"] and ms["step"] == 10 and {f"usage_s{s}" for s in (1, 2, 3, 4, 5, 6, 8)} <= set(ms["metrics"])
     ck = torch.load(d / "var_policy_T7.pt", weights_only=True)
     assert ck["done"] and ck["config"]["spec"] == ["w", "k_frac", "p", "tau"] and ck["config"]["T"] == 7
     assert len(ck["history"][-1]["act_mean"]) == 7                           # a decision per scale
+    summary = json.load(open(d / "var_search_T7.json"))                      # 1 + 7 x 4 candidates, a valid table
+    table = torch.tensor(summary["table"])
+    assert summary["candidates_per_update"] == 29 and summary["columns"] == ["w", "k_frac", "p", "tau"]
+    assert (table[:, 0] >= 0).all() and (table[:, 1:3] <= 1).all() and (table[:, 1:] > 0).all()
     r = v("train", "--stage", "var")                                         # finished: skipped
     assert r.returncode == 0 and "var: done" in r.stdout and "skipped" in r.stdout, r.stderr[-2000:]
     r = v("sample", "--eval", "--plot", "--samples", "20", "--sweep-samples", "20")
@@ -214,7 +218,7 @@ def test_var_stages_and_table(run_dir, tmp_path):
     out = json.load(open(d / "var_eval.json"))
     names = [row["schedule"] for row in out["rows"]]
     assert names[:2] == ["VAR defaults (w ramp 0 -> 1.5, top-k 900/4096, top-p 0.96, tau 1)", "no guidance (top-k 900/4096, top-p 0.96)"]
-    assert {"learned static (PPO, no state)", "adaptive policy (PPO)"} <= set(names)
+    assert {"learned static (PPO, no state)", "adaptive policy (PPO)", "AutoNAT search (free K x 4 table)"} <= set(names)
     assert "multi-scale tokenizer reconstructions of test vs test (floor)" in out["reference"]
     assert all(math.isfinite(row["fid"]) and "kid" in row for row in out["rows"])
     for f in ("var_eval.md", "var_samples.png", "var_policy_actions.png", "var_sweep_w.json"):

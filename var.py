@@ -182,18 +182,24 @@ class AdaLNBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
         self.ada = nn.Linear(dim, 6 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: Optional[torch.Tensor],
+                past: Optional[tuple] = None) -> tuple[torch.Tensor, tuple]:
+        """x (B, n, C) -> (x, (k, v) of the past and these n tokens, each (B, heads, l, C/heads))."""
         B, L, C = x.shape
         b1, s1, g1, b2, s2, g2 = self.ada(F.silu(cond))[:, None].chunk(6, -1)        # (B, 1, C) each
         q, k, v = self.qkv(self.norm(x) * (1 + s1) + b1).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # (B, heads, L, C/heads)
+        if past is not None:                                                         # the cache of the earlier scales
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # (B, heads, n, C/heads)
         x = x + g1 * self.proj(a.transpose(1, 2).reshape(B, L, C))
-        return x + g2 * self.mlp(self.norm(x) * (1 + s2) + b2)
+        return x + g2 * self.mlp(self.norm(x) * (1 + s2) + b2), (k, v)
 
 
 class VAR(nn.Module):
-    """forward(x_in (B, l - 1, C_vae), labels (B,)) -> (logits (B, l, V), features (B, l, dim)) for the first l
-    tokens (l a scale boundary; x_in the inputs of scales 2.. up to it). Features: the final AdaLN's output."""
+    """forward(x_in (B, l - 1, C_vae), labels (B,)) -> (logits (B, l, V), features (B, l, dim), cache) for the first
+    l tokens (l a scale boundary; x_in the inputs of scales 2.. up to it). Features: the final AdaLN's output.
+    With `past` (the cache of an earlier call: each block's keys and values), x_in is one more scale's inputs
+    alone and the outputs are its tokens' (VAR's KV cache: the block-causal mask makes them the same)."""
 
     def __init__(self, cfg: VARConfig):
         super().__init__()
@@ -213,16 +219,21 @@ class VAR(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x_in: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_in: torch.Tensor, labels: torch.Tensor, past: Optional[list] = None):
         cond = self.class_emb(labels)                                                  # (B, dim)
-        x = torch.cat([cond[:, None], self.word_embed(x_in.float())], 1)               # (B, l, dim)
-        l = x.shape[1]
-        x = x + self.pos[:, :l] + self.lvl_emb(self.level[:l])
-        for blk in self.blocks:
-            x = blk(x, cond, self.mask[:l, :l])
+        x = self.word_embed(x_in.float())                                              # (B, n, dim)
+        if past is None:
+            x, a, mask = torch.cat([cond[:, None], x], 1), 0, self.mask[:x.shape[1] + 1, :x.shape[1] + 1]
+        else:                                                                          # one scale: sees all of it
+            a, mask = past[0][0].shape[2], None
+        x = x + self.pos[:, a:a + x.shape[1]] + self.lvl_emb(self.level[a:a + x.shape[1]])
+        cache = []
+        for j, blk in enumerate(self.blocks):
+            x, kv = blk(x, cond, mask, None if past is None else past[j])
+            cache.append(kv)
         shift, scale = self.head_ada(F.silu(cond))[:, None].chunk(2, -1)
-        h = self.head_norm(x) * (1 + scale) + shift                                    # (B, l, dim)
-        return self.head(h), h
+        h = self.head_norm(x) * (1 + scale) + shift                                    # (B, n, dim)
+        return self.head(h), h, cache
 
 
 def var_loss(net: nn.Module, codes: torch.Tensor, x_in: torch.Tensor, labels: torch.Tensor, null_label: int,
@@ -230,7 +241,7 @@ def var_loss(net: nn.Module, codes: torch.Tensor, x_in: torch.Tensor, labels: to
     """Cross-entropy over all L tokens (codes (B, L), x_in (B, L - 1, C_vae)), the class replaced by the null class
     with probability class_drop."""
     drop = torch.rand(labels.shape, device=labels.device, generator=generator) < class_drop
-    logits, _ = net(x_in, torch.where(drop, torch.full_like(labels, null_label), labels))
+    logits = net(x_in, torch.where(drop, torch.full_like(labels, null_label), labels))[0]
     return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
 
 
@@ -276,33 +287,54 @@ def filter_logits(l: torch.Tensor, k_frac: torch.Tensor, p: torch.Tensor, tau: t
     return torch.full_like(l, -math.inf).scatter(-1, idx, torch.where(keep, srt, -math.inf))
 
 
+def rows_of(cache: list, idx: torch.Tensor) -> list:
+    """The cache's rows idx."""
+    return [(k[idx], v[idx]) for k, v in cache]
+
+
 def generate(logits_fn: Callable, quant: MultiScaleQuantizer, labels: torch.Tensor, schedule: Schedule, null_label: int,
              generator: Optional[torch.Generator] = None, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (B, L) and f_hat (B, C_vae, H, H) of labels (B,) scale by scale. logits_fn(x_in, labels) ->
-    (logits, features) over the prefix (VAR.forward). Sampling is the Gumbel-max trick on the filtered logits
-    with noise from `generator`; group = G: consecutive blocks of G rows share the noise (common random numbers)."""
-    B, scales, H = len(labels), quant.scales, quant.scales[-1]
-    f_hat = torch.zeros(B, quant.C, H, H, device=labels.device)
-    x_in, codes = f_hat.new_zeros(B, 0, quant.C), []
-    full = lambda v: torch.as_tensor(v, dtype=torch.float, device=labels.device).expand(B)
+    """Codes (B, L) and f_hat (B, C_vae, H, H) of labels (B,) scale by scale. logits_fn(x_in, labels, past) ->
+    (logits, features, cache) as VAR.forward: the class-conditional rows run with a KV cache; the null-class rows
+    only where w != 0, cached where their cache is complete (their earlier scales were guided), else on the whole
+    prefix. Sampling is the Gumbel-max trick on the filtered logits with noise from `generator`; group = G:
+    consecutive blocks of G rows share the noise (common random numbers)."""
+    B, scales, H, dev = len(labels), quant.scales, quant.scales[-1], labels.device
+    f_hat = torch.zeros(B, quant.C, H, H, device=dev)
+    x_all, codes, cache, cache_u = f_hat.new_zeros(B, 0, quant.C), [], None, None   # x_all: every scale's inputs so far
+    has_u = torch.zeros(B, dtype=torch.bool, device=dev)                              # rows whose cache_u is complete
+    full = lambda v: torch.as_tensor(v, dtype=torch.float, device=dev).expand(B)
     for k, s in enumerate(scales):
-        logits, feats = logits_fn(x_in, labels)
-        l, h = logits[:, -s * s:].float(), feats[:, -s * s:].float()                     # (B, s*s, V), (B, s*s, dim)
-        h = resize(h.transpose(1, 2).reshape(B, -1, s, s), H, "nearest").flatten(2).transpose(1, 2)   # (B, H*H, dim)
-        w, k_frac, p, tau = (full(v) for v in schedule(k, VARState(k, h, labels, f_hat)))
+        x_new = x_all[:, x_all.shape[1] - (s * s if k else 0):]                        # (B, s*s, C); none at scale 1
+        logits, feats, cache = logits_fn(x_new, labels, cache)
+        l = logits.float()                                                             # (B, s*s, V)
+        h = resize(feats.float().transpose(1, 2).reshape(B, -1, s, s), H, "nearest").flatten(2).transpose(1, 2)
+        w, k_frac, p, tau = (full(v) for v in schedule(k, VARState(k, h, labels, f_hat)))   # h: (B, H*H, dim)
         guided = w != 0
         if guided.any():                                                               # the null class, where w != 0
-            l_u = logits_fn(x_in[guided], torch.full_like(labels[guided], null_label))[0][:, -s * s:].float()
+            l_u, kv_u = l.clone(), None
+            for cached in (True, False):                                               # cached / whole prefix
+                idx = (guided & (has_u if cached else ~has_u)).nonzero()[:, 0]
+                if len(idx) == 0:
+                    continue
+                y0 = torch.full_like(labels[idx], null_label)
+                out = logits_fn(x_new[idx], y0, rows_of(cache_u, idx)) if cached else logits_fn(x_all[idx], y0, None)
+                l_u[idx] = out[0][:, -s * s:].float()
+                kv_u = kv_u or [(torch.zeros_like(kc), torch.zeros_like(vc)) for kc, vc in cache]
+                for (ku, vu), (kn, vn) in zip(kv_u, out[2]):
+                    ku[idx], vu[idx] = kn, vn
+            cache_u, has_u = kv_u, guided.clone()
             wg = w[guided].view(-1, 1, 1)
-            l = l.clone()
-            l[guided] = (1 + wg) * l[guided] - wg * l_u
-        u = torch.rand((B // group, s * s, l.shape[-1]), device=l.device, generator=generator)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20)).repeat_interleave(group, 0)
+            l[guided] = (1 + wg) * l[guided] - wg * l_u[guided]
+        else:
+            has_u = torch.zeros_like(has_u)
+        u = torch.rand((B // group, s * s, l.shape[-1]), device=dev, generator=generator)
+        gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)).repeat_interleave(group, 0)
         q = (filter_logits(l, k_frac, p, tau) + gumbel).argmax(-1)                   # (B, s*s)
         codes.append(q)
         f_hat = f_hat + quant.contribution(q, k, H)
         if k + 1 < len(scales):
-            x_in = torch.cat([x_in, resize(f_hat, scales[k + 1], "area").flatten(2).transpose(1, 2)], 1)
+            x_all = torch.cat([x_all, resize(f_hat, scales[k + 1], "area").flatten(2).transpose(1, 2)], 1)
     return torch.cat(codes, 1), f_hat
 
 
@@ -316,7 +348,7 @@ if __name__ == "__main__":
     print("residual norm by scale:", [round((f - s).norm().item(), 2) for s in sums])
     net = VAR(VARConfig(vocab_size=64, code_dim=8, num_classes=3, dim=32, depth=2, heads=2))
     x_in = quant.next_inputs(codes)
-    logits, _ = net(x_in, torch.tensor([0, 1]))
+    logits = net(x_in, torch.tensor([0, 1]))[0]
     x2 = x_in.clone()
     x2[:, -64:] += 1.0                                                                 # change the last scale's inputs
     assert torch.equal(net(x2, torch.tensor([0, 1]))[0][:, :offsets()[-2]], logits[:, :offsets()[-2]])

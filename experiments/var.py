@@ -199,8 +199,9 @@ class VARPipeline(train.GeneratorPipeline):
         self.net = load(run_dir, "var", device, weights="ema")
         self.cfg: var.VARConfig = self.net.cfg
 
-    def logits_fn(self, x_in: torch.Tensor, labels: torch.Tensor):
-        return self.counted(self.net, x_in, labels)
+    def logits_fn(self, x_in: torch.Tensor, labels: torch.Tensor, past: list | None = None):
+        """VAR.forward counted: (logits, features, cache) of x_in's tokens (one scale's, with the cache `past`)."""
+        return self.counted(self.net, x_in, labels, past)
 
     def generate(self, labels: torch.Tensor, schedule, seed: int, group: int = 1) -> torch.Tensor:
         """Codes (n, L) for labels (n,), chunk by chunk (train.GeneratorPipeline.chunked)."""
@@ -364,8 +365,8 @@ def plot_policy(pipe: VARPipeline, samples: int = 1000) -> None:
 
 
 def var_bench(pipe: VARPipeline, batch: int, repeats: int = 3) -> dict:
-    """The adaptive policy's cost: its K forwards against the transformer's K guided forwards (2B rows, the
-    whole prefix), and images/s of sampling with the policy vs the start table."""
+    """The adaptive policy's cost: its K forwards against the transformer's K guided forwards (2B rows, KV-cached),
+    and images/s of sampling with the policy vs the start table."""
     make, h = adaptive(pipe)
     labels = train.balanced_labels(batch, pipe.cfg.num_classes).to(pipe.device)
     x_in = torch.randn(2 * batch, var.offsets(pipe.cfg.scales)[-1] - 1, pipe.cfg.code_dim, device=pipe.device)
@@ -375,9 +376,10 @@ def var_bench(pipe: VARPipeline, batch: int, repeats: int = 3) -> dict:
     o = var.offsets(pipe.cfg.scales)
 
     @torch.no_grad()
-    def run_forwards():
+    def run_forwards():                                                           # scale by scale, KV-cached
+        cache = None
         for k in range(K):
-            pipe.logits_fn(x_in[:, :o[k + 1] - 1], y2)
+            cache = pipe.logits_fn(x_in[:, max(0, o[k] - 1):o[k + 1] - 1], y2, cache)[2]
 
     def run_policy():
         sched = make()

@@ -25,12 +25,12 @@ def test_block_causal_mask_later_scales_never_reach_earlier_logits():
     codes = torch.randint(0, 16, (2, 155))
     labels = torch.tensor([0, 2])
     x_in = quant.next_inputs(codes)                                           # (2, 154, 4)
-    logits, _ = net(x_in, labels)
+    logits = net(x_in, labels)[0]
     o = var.offsets()
     for k in range(1, len(var.SCALES)):                                        # change scale k's inputs (and all later)
         x2 = x_in.clone()
         x2[:, o[k] - 1:] = torch.randn_like(x2[:, o[k] - 1:])
-        l2, _ = net(x2, labels)
+        l2 = net(x2, labels)[0]
         assert torch.equal(l2[:, :o[k]], logits[:, :o[k]])                    # scales < k: bit-equal
         assert not torch.allclose(l2[:, o[k]:o[k + 1]], logits[:, o[k]:o[k + 1]])
     assert torch.equal(net(x_in[:, :o[3] - 1], labels)[0], logits[:, :o[3]])   # a prefix alone: the same logits
@@ -71,13 +71,28 @@ def test_top_k_and_top_p_keep_what_they_say():
     assert count(0.5, 0.99) == 2                                             # top-k first, then the nucleus
 
 
+def test_sampling_follows_the_softmax_of_the_kept_logits():
+    """4 000 draws of scale 1's token: frequencies near softmax(l / tau) over the kept tokens (here the top half)."""
+    quant, net = small_var()
+    labels = torch.zeros(4000, dtype=torch.long)
+    table = var.default_table(w_max=0.0, k_frac=0.5, p=1.0, tau=0.7)
+    with torch.no_grad():
+        codes, _ = var.generate(net, quant, labels, var.table_schedule(table), null_label=3,
+                                generator=torch.Generator().manual_seed(0))
+        l = net(torch.zeros(1, 0, 4), labels[:1])[0][0, 0]                          # (V,) scale 1's logits
+    expect = var.filter_logits(l.view(1, 1, -1), torch.tensor([0.5]), torch.ones(1), torch.tensor([0.7])).view(-1).softmax(0)
+    freq = torch.bincount(codes[:, 0], minlength=16).float() / 4000
+    assert (expect > 0).sum() == 8 and (freq[expect == 0] == 0).all()
+    assert (freq - expect).abs().max() < 0.03, (freq, expect)
+
+
 def test_guidance_runs_the_null_class_only_where_w_is_not_zero():
     quant, net = small_var()
     null_rows = []
 
-    def logits_fn(x_in, labels):
+    def logits_fn(x_in, labels, past):
         null_rows.append(int((labels == 3).sum()))
-        return net(x_in, labels)
+        return net(x_in, labels, past)
     labels = torch.tensor([0, 1, 2, 0])
     w = torch.tensor([0.0, 1.0, 0.0, 2.0])                                    # two guided rows
     sched = lambda k, state: (w, 0.5, 0.9, 1.0)
@@ -110,6 +125,42 @@ def test_per_sample_knobs_equal_a_loop_over_samples():
         for i in range(3):
             alone, f_i = var.generate(net, quant, labels[i:i + 1], var.table_schedule(greedy), null_label=3)
             assert torch.equal(batch[i:i + 1], alone) and torch.allclose(f_hat[i:i + 1], f_i, atol=1e-5)
+
+
+def test_kv_cache_gives_the_whole_prefix_logits():
+    """Scale by scale with the cache = one call on the whole prefix (the block-causal mask)."""
+    quant, net = small_var()
+    codes, labels = torch.randint(0, 16, (2, 155)), torch.tensor([1, 0])
+    x_in, o = quant.next_inputs(codes), var.offsets()
+    with torch.no_grad():
+        whole = net(x_in, labels)[0]
+        cache, parts = None, []
+        for k in range(len(var.SCALES)):
+            logits, _, cache = net(x_in[:, max(0, o[k] - 1):o[k + 1] - 1], labels, cache)
+            parts.append(logits)
+    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-5)
+
+
+def test_generate_equals_a_whole_prefix_loop_when_guidance_switches_on_and_off():
+    """Greedy decoding (top-k = 1) with w switching per row and scale (rows whose null-class cache is stale run on
+    the whole prefix) against a plain loop that runs both classes on the whole prefix at every scale."""
+    quant, net = small_var()
+    w = torch.tensor([[0, 1, 0, 2, 0, 1, 1], [0] * 7, [1] * 7], dtype=torch.float)        # per class, per scale
+    tables = var.default_table().repeat(3, 1, 1)
+    tables[:, :, 0], tables[:, :, 1] = w, 1e-3
+    labels = torch.tensor([0, 1, 2, 0, 2])
+    with torch.no_grad():
+        codes, f_hat = var.generate(net, quant, labels, var.table_schedule(tables), null_label=3)
+        x_all, f_ref, ref = torch.zeros(5, 0, 4), torch.zeros(5, 4, 8, 8), []
+        for k, s in enumerate(var.SCALES):
+            l_c, l_u = (net(x_all, y)[0][:, -s * s:] for y in (labels, torch.full_like(labels, 3)))
+            wk = w[labels, k].view(-1, 1, 1)
+            q = ((1 + wk) * l_c - wk * l_u).argmax(-1)
+            ref.append(q)
+            f_ref = f_ref + quant.contribution(q, k, 8)
+            if k + 1 < len(var.SCALES):
+                x_all = torch.cat([x_all, F.interpolate(f_ref, size=var.SCALES[k + 1], mode="area").flatten(2).transpose(1, 2)], 1)
+    assert torch.equal(codes, torch.cat(ref, 1)) and torch.allclose(f_hat, f_ref, atol=1e-5)
 
 
 def test_group_rows_share_the_noise_and_training_loss_is_finite():

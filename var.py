@@ -340,13 +340,15 @@ def generate(logits_fn: Callable, quant: MultiScaleQuantizer, labels: torch.Tens
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    quant = MultiScaleQuantizer(V=64, C_vae=8)
-    f = torch.randn(2, 8, 8, 8)
+    quant = MultiScaleQuantizer(V=4096, C_vae=8)
+    with torch.no_grad():
+        quant.embedding.weight.copy_(torch.randn(4096, 8) * torch.rand(4096, 1))       # dense at every magnitude
+    f = F.interpolate(torch.randn(2, 8, 3, 3), size=(8, 8), mode="bicubic")            # most energy at low frequencies
     f_hat, codes, _ = quant(f)
     sums = quant.partial_sums(codes, 8)
     assert torch.allclose(f_hat, sums[-1], atol=1e-5) and codes.shape == (2, offsets()[-1])
     print("residual norm by scale:", [round((f - s).norm().item(), 2) for s in sums])
-    net = VAR(VARConfig(vocab_size=64, code_dim=8, num_classes=3, dim=32, depth=2, heads=2))
+    net = VAR(VARConfig(vocab_size=4096, code_dim=8, num_classes=3, dim=32, depth=2, heads=2))
     x_in = quant.next_inputs(codes)
     logits = net(x_in, torch.tensor([0, 1]))[0]
     x2 = x_in.clone()

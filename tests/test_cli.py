@@ -123,7 +123,7 @@ def test_official_recipe_and_the_concept_self_checks(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = torch.load(d / "policy_T4.pt", weights_only=True)["config"]
     assert (cfg["pi_lr"], cfg["pi_minibatches"], cfg["pi_sigma_schedule"]) == (1e-5, 1, "step")   # OFFICIAL_RECIPE
-    for concept in ("samplers.py", "policy.py", "ppo.py"):
+    for concept in ("samplers.py", "policy.py", "ppo.py", "var.py"):
         r = run(concept)
         assert r.returncode == 0, (concept, r.stderr[-2000:])
 

@@ -30,6 +30,7 @@ from experiments import bench, search  # noqa: E402
 K = len(var.SCALES)                   # decisions per trajectory: one per scale
 W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # the w_max sweep of VAR's ramp
 DEFAULTS = "VAR defaults (w ramp 0 -> {w:g}, top-k 900/4096, top-p 0.96, tau 1)"
+NO_GUIDANCE = "no guidance (top-k 900/4096, top-p 0.96)"
 
 
 class MSVQ(nn.Module):
@@ -275,8 +276,10 @@ def policy_rows(pipe: VARPipeline) -> dict:
     rows = {}
     for kind in ("static", "policy"):
         for weights in ("best", "model"):
-            makes = []
-            for s in train.policy_seeds(pipe.run_dir, "var_" + kind, "heuristic", K):
+            makes, seeds = [], train.policy_seeds(pipe.run_dir, "var_" + kind, "heuristic", K)
+            if weights == "model" and all(sample.last_is_best(pipe.run_dir, "var_" + kind, K, seed=s) for s in seeds):
+                continue                                                          # the last iterate: a row only if it differs
+            for s in seeds:
                 path = os.path.join(pipe.run_dir, train.policy_file("var_" + kind, "heuristic", K, seed=s) + ".pt")
                 pi, cfg = train.load_policy(path, pipe.device, weights)
                 h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"]), policy.VAR_ACTIONS).to(pipe.device)
@@ -292,9 +295,8 @@ def evaluate(pipe: VARPipeline, samples: int, sweep_samples: int) -> None:
     ref = sample.EvalReferences(pipe)
     w_max = train.get_w0(pipe, ref, sweep_samples)
     swept = DEFAULTS.format(w=w_max) + ", w_max swept"
-    rows = {DEFAULTS.format(w=1.5): [lambda: var.table_schedule(var.default_table(K))],
-            "no guidance (top-k 900/4096, top-p 0.96)": [lambda: var.table_schedule(var.default_table(K, 0.0))],
-            swept: [lambda: var.table_schedule(var.default_table(K, w_max))]}
+    rows = {name: [lambda w=w: var.table_schedule(var.default_table(K, w))]       # a fixed row only if it differs
+            for name, w in ((DEFAULTS.format(w=1.5), 1.5), (NO_GUIDANCE, 0.0), (swept, w_max)) if w != w_max or name == swept}
     found = train.searched_table(pipe.run_dir, "var_search", K)
     if found is not None:
         rows[sample.SEARCH_ROWS["search"].replace("T x 4", "K x 4")] = [lambda: var.table_schedule(found[0])]

@@ -217,7 +217,10 @@ def test_var_stages_and_table(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.load(open(d / "var_eval.json"))
     names = [row["schedule"] for row in out["rows"]]
-    assert names[:2] == ["VAR defaults (w ramp 0 -> 1.5, top-k 900/4096, top-p 0.96, tau 1)", "no guidance (top-k 900/4096, top-p 0.96)"]
+    w_max = json.load(open(d / "var_sweep_w.json"))["w_0"]
+    swept = f"VAR defaults (w ramp 0 -> {w_max:g}, top-k 900/4096, top-p 0.96, tau 1), w_max swept"
+    assert swept in names and ("VAR defaults (w ramp 0 -> 1.5, top-k 900/4096, top-p 0.96, tau 1)" in names) == (w_max != 1.5)
+    assert ("no guidance (top-k 900/4096, top-p 0.96)" in names) == (w_max != 0)   # a fixed row only if it differs
     assert {"learned static (PPO, no state)", "adaptive policy (PPO)", "AutoNAT search (free K x 4 table)"} <= set(names)
     assert "multi-scale tokenizer reconstructions of test vs test (floor)" in out["reference"]
     assert all(math.isfinite(row["fid"]) and "kid" in row for row in out["rows"])

@@ -153,11 +153,10 @@ def stage_var(c: train.TrainConfig, run_dir: str, device: torch.device, log: tra
         return
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
     msvq = load(run_dir, "msvq", device)
-    with torch.no_grad():
-        codes = torch.cat([msvq.tokenize(data.to_float(x_train[i:i + 1000]).to(device).flip(-1) if flip else
-                                         data.to_float(x_train[i:i + 1000]).to(device)).cpu()
-                           for flip in (False, True) for i in range(0, len(x_train), 1000)])      # (2M, L)
-    labels = y_train.repeat(2)
+    batches = [data.to_float(x_train[i:i + 1000]).to(device) for i in range(0, len(x_train), 1000)]
+    with torch.no_grad():                                                            # the images, then their mirrors
+        codes = torch.cat([msvq.tokenize(x.flip(-1) if flip else x).cpu() for flip in (False, True) for x in batches])
+    labels = y_train.repeat(2)                                                      # codes (2M, L), labels (2M,)
     cfg = var.VARConfig(vocab_size=msvq.cfg.codebook_size, code_dim=msvq.cfg.code_dim, num_classes=num_classes,
                         dim=c.var_dim, depth=c.var_depth, heads=c.var_heads)
     model = var.VAR(cfg).to(device)

@@ -2,7 +2,7 @@
 # Every results table of one run folder, in priority order, from an empty folder or resuming one:
 # train the default stages, the reference rows, the reward check on every D backbone, the headroom
 # table, the policy on the AutoNAT
-# table, the evaluation table, the bench, the continuous paradigm's policies and its table, the
+# table, the evaluation table, the bench, the continuous and the autoregressive paradigms' policies and tables, the
 # refinement / blend / reward-hacking studies. Each command's output goes to $OUT/<step>.log and
 # one line per step (exit code, seconds) to $OUT/steps.txt; a failing step does not stop the rest,
 # but the script exits 1. On exit (also when killed) the run folder is copied to $OUT/run, so a
@@ -56,6 +56,10 @@ step flow_policy python experiments/flow.py train --run-dir "$R" --stage flow-po
 step flow_static python experiments/flow.py train --run-dir "$R" --stage flow-static
 step flow_search python experiments/search.py --run-dir "$R" --stage flow-search
 step flow_eval python experiments/flow.py sample --run-dir "$R" --eval $SAMPLE_ARGS
+step var python experiments/var.py train --run-dir "$R"
+step var_policy python experiments/var.py train --run-dir "$R" --stage var-policy
+step var_static python experiments/var.py train --run-dir "$R" --stage var-static
+step var_eval python experiments/var.py sample --run-dir "$R" --eval $SAMPLE_ARGS
 step refine python experiments/studies.py --run-dir "$R" --refine $SAMPLE_ARGS
 step fidelity python train.py --run-dir "$R" --stage fidelity $H
 step blend python experiments/studies.py --run-dir "$R" --lam 0,0.25,0.5,0.75,1 $SAMPLE_ARGS

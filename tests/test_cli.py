@@ -442,8 +442,8 @@ def test_tables_script_runs_every_step(tmp_path):
     r = subprocess.run(["bash", "scripts/tables.sh", "test", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=env)
     steps = (out / "steps.txt").read_text().splitlines()
-    assert r.returncode == 0 and len(steps) == 25 and all(" rc=0 " in s for s in steps), steps
+    assert r.returncode == 0 and len(steps) == 29 and all(" rc=0 " in s for s in steps), steps
     back = set(os.listdir(out / "run"))
-    assert {"eval.md", "floor.json", "judges.json", "policy_T4_seed1.pt", "reward_check.json", "headroom_T4.md", "dssl.pt", "flow_eval.md", "refine_T4.md", "blend_T4.md", "hacking_T4.md",
+    assert {"eval.md", "floor.json", "judges.json", "policy_T4_seed1.pt", "reward_check.json", "headroom_T4.md", "dssl.pt", "flow_eval.md", "var_eval.md", "refine_T4.md", "blend_T4.md", "hacking_T4.md",
             "nat.pt", "policy_T4.pt", "policy_search_T4.pt", "fidelity_T4.pt", "policy_fid_T4.pt"} <= back
     assert "static_search_T4.pt" not in back                   # the search start does not leak into later stages

@@ -270,19 +270,23 @@ def stage_search(c: train.TrainConfig, run_dir: str, device: torch.device, log: 
     search.search_schedule(c, run_dir, device, log, "var", K, problem=search_problem(c, run_dir, device))
 
 
+def policy_schedule(pipe: VARPipeline, path: str, weights: str = "best") -> tuple:
+    """(make_schedule, h_pre (K, 4)) of a finished VAR policy checkpoint: its network on its start table."""
+    pi, cfg = train.load_policy(path, pipe.device, weights)
+    h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"]), policy.VAR_ACTIONS).to(pipe.device)
+    return (lambda: policy.PolicySchedule(pi, h_pre, spec=policy.VAR_ACTIONS)), h_pre
+
+
 def policy_rows(pipe: VARPipeline) -> dict:
     """name -> [make_schedule per training seed] of the trained VAR policies (best weights; last iterate if it differs)."""
     rows = {}
     for kind in ("static", "policy"):
         for weights in ("best", "model"):
-            makes, seeds = [], train.policy_seeds(pipe.run_dir, "var_" + kind, "heuristic", K)
+            seeds = train.policy_seeds(pipe.run_dir, "var_" + kind, "heuristic", K)
             if weights == "model" and all(sample.last_is_best(pipe.run_dir, "var_" + kind, K, seed=s) for s in seeds):
                 continue                                                          # the last iterate: a row only if it differs
-            for s in seeds:
-                path = os.path.join(pipe.run_dir, train.policy_file("var_" + kind, "heuristic", K, seed=s) + ".pt")
-                pi, cfg = train.load_policy(path, pipe.device, weights)
-                h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"]), policy.VAR_ACTIONS).to(pipe.device)
-                makes.append(lambda pi=pi, h_pre=h_pre: policy.PolicySchedule(pi, h_pre, spec=policy.VAR_ACTIONS))
+            makes = [policy_schedule(pipe, os.path.join(pipe.run_dir, train.policy_file("var_" + kind, "heuristic", K, seed=s)
+                                                        + ".pt"), weights)[0] for s in seeds]
             if makes:
                 rows[sample.POLICY_ROWS[kind] + (", last iterate" if weights == "model" else "")] = makes
     return rows
@@ -339,9 +343,8 @@ def adaptive(pipe: VARPipeline):
     if not os.path.exists(path):
         raise train.UserError(f"{path} not found: train it with python experiments/var.py train --run-dir {pipe.run_dir} "
                               f"--stage var-policy")
-    pi, cfg = train.load_policy(path, pipe.device)
-    h_pre = policy.inverse_activation(torch.tensor(cfg["heuristic"]), policy.VAR_ACTIONS).to(pipe.device)
-    return lambda: policy.PolicySchedule(pi, h_pre, spec=policy.VAR_ACTIONS), policy.activation(h_pre.cpu(), policy.VAR_ACTIONS)
+    make, h_pre = policy_schedule(pipe, path)
+    return make, policy.activation(h_pre.cpu(), policy.VAR_ACTIONS)
 
 
 def plot_policy(pipe: VARPipeline, samples: int = 1000) -> None:

@@ -60,13 +60,19 @@ def parse_spec(spec: str) -> tuple[str, tuple]:
     return nets, tuple(int(k) for k in taps) if taps else (0, 1, 2)
 
 
+NOT_READ = ("flow", "msvq", "var", "dnet", "dssl")   # checkpoints the NAT's images and judges never read
+
+
 def fresh(pipe: train.Pipeline, path: str) -> dict:
-    """A cache file's contents, or a new cache when it is missing, older than a checkpoint of the run folder, or
-    made with other generation settings (chunk size, bf16, device: other random numbers or numerics)."""
+    """A cache file's contents, or a new cache when it is missing, made with other generation settings (chunk size,
+    bf16, device: other random numbers or numerics), or older than a checkpoint of the run folder that its images
+    or judges read (not the other paradigms' nor the D candidates dnet, dssl: one trained later adds readings;
+    retrain one and delete the cache)."""
     setup = [pipe.batch, pipe.bf16, str(pipe.device)]
     cache = train.read_json(path, {}) if os.path.exists(path) else {}
     if cache.get("setup") != setup or any(os.path.getmtime(p) > os.path.getmtime(path)
-                                          for p in glob.glob(os.path.join(pipe.run_dir, "*.pt"))):
+                                          for p in glob.glob(os.path.join(pipe.run_dir, "*.pt"))
+                                          if not os.path.basename(p).startswith(NOT_READ)):
         return {"setup": setup}
     return cache
 

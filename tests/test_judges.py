@@ -105,6 +105,21 @@ def test_the_reward_checks_three_splits_are_disjoint():
         game.three_splits(2)
 
 
+def test_the_checks_cache_survives_other_paradigms_checkpoints_but_not_the_nats(tmp_path):
+    from types import SimpleNamespace
+    pipe = SimpleNamespace(run_dir=str(tmp_path), batch=64, bf16=False, device=torch.device("cpu"))
+    path = os.path.join(tmp_path, "cache.json")
+    game.train.write_json(path, {"setup": [64, False, "cpu"], "judges|x": 1})
+    touch = lambda name, t: (open(os.path.join(tmp_path, name), "w").close(), os.utime(os.path.join(tmp_path, name), (t, t)))
+    later = os.path.getmtime(path) + 10
+    for name in ("var_policy_T7.pt", "msvq.pt", "flow.pt", "dnet.pt"):
+        touch(name, later)
+    assert game.fresh(pipe, path)["judges|x"] == 1                     # another paradigm, a D candidate: kept
+    assert "judges|x" not in game.fresh(SimpleNamespace(**{**vars(pipe), "batch": 32}), path)   # other settings
+    touch("policy_T4.pt", later)
+    assert game.fresh(pipe, path) == {"setup": [64, False, "cpu"]}      # a NAT checkpoint changed: started over
+
+
 def test_spearman_interval_with_ties():
     assert studies.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
     rho, lo, hi = studies.spearman_interval(list(range(16)), list(range(16)))

@@ -26,7 +26,9 @@ per class on per-class training statistics of the FID network; each class takes 
 class-only schedule, the best single pair and the heuristic are then measured on the test set over
 EVAL_SEEDS on every network, against the best single pair with 95% intervals.
 
-Usage: python experiments/game.py --run-dir runs/small --reward-check [--d-specs backbone,dnet,dssl] | --headroom
+`training_table` (--training): what each finished policy did while it trained, from its checkpoint's history.
+
+Usage: python experiments/game.py --run-dir runs/small --reward-check [--d-specs backbone,dnet,dssl] | --headroom | --training
 """
 import os
 import sys
@@ -65,9 +67,8 @@ NOT_READ = ("flow", "msvq", "var", "dnet", "dssl")   # checkpoints the NAT's ima
 
 def fresh(pipe: train.Pipeline, path: str) -> dict:
     """A cache file's contents, or a new cache when it is missing, made with other generation settings (chunk size,
-    bf16, device: other random numbers or numerics), or older than a checkpoint of the run folder that its images
-    or judges read (not the other paradigms' nor the D candidates dnet, dssl: one trained later adds readings;
-    retrain one and delete the cache)."""
+    bf16, device: other numbers) or older than a checkpoint its images or judges read (NOT_READ: a D candidate
+    trained later adds readings; retrain one and delete the cache)."""
     setup = [pipe.batch, pipe.bf16, str(pipe.device)]
     cache = train.read_json(path, {}) if os.path.exists(path) else {}
     if cache.get("setup") != setup or any(os.path.getmtime(p) > os.path.getmtime(path)
@@ -356,6 +357,40 @@ def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: 
     return table
 
 
+def training_table(run_dir: str) -> list[dict]:
+    """training.md / .json: what every finished PPO policy of the run folder did while it trained, from its checkpoint's
+    history: the choice network's training-set FID (start, best, last), the held-out judges' (start, last), D's held-out
+    accuracy (after its warm-up, last ten iterations) and steps, PPO's approx. KL, and per knob the drift of its mean
+    action (the largest |last - first iteration| over the steps)."""
+    rows, mean = [], lambda v: sum(v) / max(1, len(v))
+    for path in sorted(glob.glob(os.path.join(run_dir, "*.pt"))):
+        ck = train.load_ckpt(path)
+        if ck.get("done") and "history" in ck and "pi_iters" in ck["config"]:
+            h = ck["history"]
+            ppo_its, checks = [r for r in h if "approx_kl" in r], [r for r in h if "train_fid" in r]
+            best, acts = min(checks, key=lambda r: r["train_fid"]), [torch.tensor(r["act_mean"]) for r in h if "act_mean" in r]
+            rows.append({"run": os.path.basename(path)[:-3], "iterations": len(h) - 1, "best at iteration": best["iter"],
+                         "FID start / best / last": [checks[0]["train_fid"], best["train_fid"], checks[-1]["train_fid"]],
+                         **{f"{n} start / last": [checks[0][k], checks[-1][k]] for k, n in
+                            (("train_fid2", "featnet2"), ("train_fd_ssl", "SSL FD")) if k in checks[0]},
+                         "D acc. after warm-up / last 10": [ck.get("d_acc_warmup", math.nan), mean([r["d_acc"] for r in h[-10:]])],
+                         "D steps": mean([r["d_steps"] for r in ppo_its]),
+                         "approx. KL mean / max": [mean([r["approx_kl"] for r in ppo_its]), max(r["approx_kl"] for r in ppo_its)],
+                         "mean-action drift": dict(zip(ck["config"]["spec"], (acts[-1] - acts[0]).abs().amax(0).tolist()))})
+    if not rows:
+        raise train.UserError(f"no finished policy in {run_dir}: train one first (python train.py --stage policy, ...)")
+    train.write_json(os.path.join(run_dir, "training.json"), rows)
+    cell = lambda v: (" / ".join(f"{x:.3g}" for x in v) if isinstance(v, list) else
+                      ", ".join(f"{k} {x:.3g}" for k, x in v.items()) if isinstance(v, dict) else f"{v:.3g}" if isinstance(v, float) else v)
+    md = ["What each finished policy did while it trained (training-set statistics; D's accuracy: held-out reals vs the "
+          "rollout's fakes; drift: the largest change of a knob's mean action at any step, last vs first iteration).", "",
+          "| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"] + [
+          "| " + " | ".join(str(cell(r.get(k, "–"))) for k in rows[0]) + " |" for r in rows]
+    train.write_text(os.path.join(run_dir, "training.md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return rows
+
+
 def add_flags(p) -> None:
     """sample.py's flags of the reward check and the headroom table."""
     p.add_argument("--reward-check", action="store_true", help="the reward's fixed point at T = 4: a fresh D per fixed "
@@ -364,6 +399,8 @@ def add_flags(p) -> None:
     p.add_argument("--d-specs", default=None, help="comma-separated discriminator specs of --reward-check, e.g. "
                    "backbone,backbone@12,dnet,dssl,backbone+dssl (default: the run's pi_d_nets at pi_d_taps)")
     p.add_argument("--check-d-steps", type=int, default=150, help="the most D steps per two-sample test")
+    p.add_argument("--training", action="store_true", help="what every finished policy did while it trained (its "
+                   "checkpoint's history: FIDs, D's accuracy and steps, KL, mean-action drift): training.md/.json")
     p.add_argument("--headroom", action="store_true", help="the class-only schedule's headroom at T = 4: headroom_T4.md/.json")
     p.add_argument("--headroom-per-class", type=int, default=150, help="samples per class and (w_0, tau2_0) pair of "
                    "--headroom's per-class sweep")
@@ -371,18 +408,19 @@ def add_flags(p) -> None:
 
 def run(args, device: torch.device) -> None:
     """The checks the flags ask for."""
-    pipe = sample.nat_pipeline(args, device)
+    if not (args.reward_check or args.headroom or args.training):
+        raise train.UserError("name a check: --reward-check, --headroom or --training")
+    if args.training:
+        training_table(args.run_dir)
+    pipe = sample.nat_pipeline(args, device) if args.reward_check or args.headroom else None
     if args.reward_check:
         c = train.load_config(pipe.run_dir)
         specs = args.d_specs.split(",") if args.d_specs else [c.pi_d_nets + ("" if c.pi_d_taps == (0, 1, 2) else
                                                                               "@" + "".join(map(str, c.pi_d_taps)))]
-        for s in specs:
-            parse_spec(s)
+        list(map(parse_spec, specs))                                         # a bad spec stops before any work
         reward_check(pipe, args.check_samples, args.sweep_samples, specs, args.check_d_steps)
     if args.headroom:
         headroom(pipe, args.samples, args.sweep_samples, args.headroom_per_class)
-    if not (args.reward_check or args.headroom):
-        raise train.UserError("name a check: --reward-check or --headroom")
 
 
 if __name__ == "__main__":

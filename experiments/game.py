@@ -126,11 +126,11 @@ def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, re
     """One classifier two-sample test: a fresh projected D trained on the train split of fakes (x (n, C, H, W),
     y (n,)) against the train split of reals, early-stopped on the stop splits' loss, read on the read splits
     (three_splits: no reading is made on what chose the stopping point); returns the read {loss, acc}, the
-    stopping loss and the steps run."""
-    (xr, yr), (xf, yf) = reals, fakes
-    (tr_r, stop_r, read_r), (tr_f, stop_f, read_f) = three_splits(len(xr)), three_splits(len(xf))
+    stopping loss and the steps run. reals = (x, y, the frozen features of their stop and read splits: real_splits)."""
+    (xr, yr, (stop_real, read_real)), (xf, yf) = reals, fakes
+    (tr_r, _, _), (tr_f, stop_f, read_f) = three_splits(len(xr)), three_splits(len(xf))
     feats = lambda x, y, part: (backbone(x[part].to(device)), y[part].to(device))   # frozen: computed once
-    stop, read = (feats(xr, yr, stop_r), feats(xf, yf, stop_f)), (feats(xr, yr, read_r), feats(xf, yf, read_f))
+    stop, read = (stop_real, feats(xf, yf, stop_f)), (read_real, feats(xf, yf, read_f))
     xr, yr, xf, yf = xr[tr_r], yr[tr_r], xf[tr_f], yf[tr_f]
     torch.manual_seed(c.seed)
     D = reward.ProjectedDiscriminator(channels, num_classes).to(device)
@@ -203,10 +203,12 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
                 raise train.UserError(f"--d-specs {spec}: {pipe.run_dir}/{n}.pt is missing; train it with python train.py "
                                      f"--run-dir {pipe.run_dir} --stage {n}")
         backbone, channels = train.d_backbone(pipe.run_dir, nets, taps, pipe.device)
+        _, stop_r, read_r = three_splits(len(x_real))                  # the reals' held-out features, once per spec
+        held_out = [(backbone(x_real[p].to(pipe.device)), y_real[p].to(pipe.device)) for p in (stop_r, read_r)]
         for name in tqdm(tables, desc=f"two-sample D on {spec}", disable=not train.DIST.main):
             key = f"d3|{spec}|{name}|{samples}|{max_steps}"               # d3: the three-split reading
             if key not in cache:
-                cache[key] = fresh_d(c, backbone, channels, pipe.cfg.num_classes, (x_real, y_real),
+                cache[key] = fresh_d(c, backbone, channels, pipe.cfg.num_classes, (x_real, y_real, held_out),
                                      (images[name], labels), pipe.device, max_steps)
                 save()
     warm = None

@@ -126,7 +126,7 @@ def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, re
     """One classifier two-sample test: a fresh projected D trained on the train split of fakes (x (n, C, H, W),
     y (n,)) against the train split of reals, early-stopped on the stop splits' loss, read on the read splits
     (three_splits: no reading is made on what chose the stopping point); returns the read {loss, acc}, the
-    stopping loss and the steps run. reals = (x, y, the frozen features of their stop and read splits: real_splits)."""
+    stopping loss and the steps run. reals = (x, y, [(features, labels) of their stop and read splits])."""
     (xr, yr, (stop_real, read_real)), (xf, yf) = reals, fakes
     (tr_r, _, _), (tr_f, stop_f, read_f) = three_splits(len(xr)), three_splits(len(xf))
     feats = lambda x, y, part: (backbone(x[part].to(device)), y[part].to(device))   # frozen: computed once
@@ -190,12 +190,10 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
                              f"{pipe.run_dir} --stage featnet2, then --stage featssl")
     c = train.load_config(pipe.run_dir)
     tables = check_schedules(pipe, ref, sweep_samples, T)
-    path = os.path.join(pipe.run_dir, "reward_check_cache.json")
-    cache = fresh(pipe, path)
+    cache = fresh(pipe, path := os.path.join(pipe.run_dir, "reward_check_cache.json"))
     save = lambda: train.write_json(path, cache)
     images = schedule_readings(pipe, ref, tables, samples, T, cache, save)
-    x_real, y_real = train.real_images(c)
-    labels = train.balanced_labels(samples, pipe.cfg.num_classes)
+    (x_real, y_real), labels = train.real_images(c), train.balanced_labels(samples, pipe.cfg.num_classes)
     for spec in specs:
         nets, taps = parse_spec(spec)
         for n in nets.split("+"):
@@ -203,8 +201,8 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
                 raise train.UserError(f"--d-specs {spec}: {pipe.run_dir}/{n}.pt is missing; train it with python train.py "
                                      f"--run-dir {pipe.run_dir} --stage {n}")
         backbone, channels = train.d_backbone(pipe.run_dir, nets, taps, pipe.device)
-        _, stop_r, read_r = three_splits(len(x_real))                  # the reals' held-out features, once per spec
-        held_out = [(backbone(x_real[p].to(pipe.device)), y_real[p].to(pipe.device)) for p in (stop_r, read_r)]
+        held_out = [(backbone(x_real[p].to(pipe.device)), y_real[p].to(pipe.device))   # the reals' stop and read
+                    for p in three_splits(len(x_real))[1:]]                            # splits: once per spec
         for name in tqdm(tables, desc=f"two-sample D on {spec}", disable=not train.DIST.main):
             key = f"d3|{spec}|{name}|{samples}|{max_steps}"               # d3: the three-split reading
             if key not in cache:
@@ -377,7 +375,7 @@ def training_table(run_dir: str) -> list[dict]:
                             (("train_fid2", "featnet2"), ("train_fd_ssl", "SSL FD")) if k in checks[0]},
                          "D acc. after warm-up / last 10": [ck.get("d_acc_warmup", math.nan), mean([r["d_acc"] for r in h[-10:]])],
                          "D steps": mean([r["d_steps"] for r in ppo_its]),
-                         "approx. KL mean / max": [mean([r["approx_kl"] for r in ppo_its]), max(r["approx_kl"] for r in ppo_its)],
+                         "approx. KL mean / max": [mean([r["approx_kl"] for r in ppo_its]), max((r["approx_kl"] for r in ppo_its), default=math.nan)],
                          "mean-action drift": dict(zip(ck["config"]["spec"], (acts[-1] - acts[0]).abs().amax(0).tolist()))})
     if not rows:
         raise train.UserError(f"no finished policy in {run_dir}: train one first (python train.py --stage policy, ...)")

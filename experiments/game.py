@@ -373,8 +373,8 @@ def training_table(run_dir: str) -> list[dict]:
                          "FID start / best / last": [checks[0]["train_fid"], best["train_fid"], checks[-1]["train_fid"]],
                          **{f"{n} start / last": [checks[0][k], checks[-1][k]] for k, n in
                             (("train_fid2", "featnet2"), ("train_fd_ssl", "SSL FD")) if k in checks[0]},
-                         "D acc. after warm-up / last 10": [ck.get("d_acc_warmup", math.nan), mean([r["d_acc"] for r in h[-10:]])],
-                         "D steps": mean([r["d_steps"] for r in ppo_its]),
+                         "D acc. after warm-up / last 10": [ck.get("d_acc_warmup", math.nan), mean([r["d_acc"] for r in h if "d_acc" in r][-10:])],
+                         "D steps": mean([r.get("d_steps", 0) for r in ppo_its]),
                          "approx. KL mean / max": [mean([r["approx_kl"] for r in ppo_its]), max((r["approx_kl"] for r in ppo_its), default=math.nan)],
                          "mean-action drift": dict(zip(ck["config"]["spec"], (acts[-1] - acts[0]).abs().amax(0).tolist()))})
     if not rows:

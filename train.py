@@ -1390,9 +1390,10 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
             state["d_steps"] = min(c.pi_d_steps_max, out["d_steps"] + 1) if out["d_acc"] < lo else \
                 max(1, out["d_steps"] - 1) if out["d_acc"] > hi else out["d_steps"]
 
-        for j, a in enumerate(spec.names):                           # per-sample spread of each action
-            out[f"{a}_sd"] = ro.actions[:, :, j].std(1).mean().item()
+        out.update({f"{a}_sd": ro.actions[:, :, j].std(1).mean().item() for j, a in enumerate(spec.names)})   # per-sample spreads
         out["act_mean"] = [[round(v, 5) for v in row] for row in ro.actions.mean(1).tolist()]   # (T, D)
+        share = torch.nn.functional.one_hot(labels.cpu(), task.num_classes).float()   # (B, K): each class's mean action
+        out["act_class"] = torch.einsum("bk,tbd->ktd", share / share.sum(0), ro.actions.cpu()).round(decimals=4).tolist()   # nan: absent
         record = {"iter": it + 1, **out}
         if (it + 1) % c.pi_fid_every == 0 or it + 1 == c.pi_iters:   # the checkpoint choice: featnet's training FID
             pi.eval()

@@ -65,6 +65,11 @@ def test_train_writes_everything(run_dir):
         assert all(0 <= r["d_acc"] <= 1 and 0 < r["reward"] < 1 for r in ppo_records)
         assert all(len(r["act_mean"]) == 4 and len(r["act_mean"][0]) == 4 and r["residual_rms"] >= 0 and
                    "penalty" in r for r in ppo_records)                  # the mean action per step, the anchor
+        for r in ppo_records:                                           # per class (nan: absent): the mean lies between
+            per_class = torch.tensor([[[math.nan if a is None else a for a in row] for row in k] for k in r["act_class"]])   # (K, T, D)
+            mean = torch.tensor(r["act_mean"])                          # (T, D)
+            seen = per_class[~per_class.isnan().any(-1).any(-1)]
+            assert per_class.shape == (10, 4, 4) and 0 < len(seen) < 10 and (seen.amin(0) - 1e-4 <= mean).all() and (mean <= seen.amax(0) + 1e-4).all()
         assert "disc_warmup" in ck and 0 <= ck["d_acc_warmup"] <= 1 and "replay" not in ck
     assert ck["config"]["beta_ema"] == 0.5 and ck["config"]["kind"] == "smooth"
     for stage in ("vq", "featnet", "nat"):

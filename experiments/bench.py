@@ -21,14 +21,13 @@ def time_round_robin(fns: list, device: torch.device, repeats: int) -> dict:
     """name -> best seconds of each (name, fn) over `repeats` rounds, run round-robin so that
     drift hits all alike; the first round warms up."""
     times: dict = {name: [] for name, _ in fns}
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for r in range(repeats + 1):
         for name, fn in fns:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t0 = time.time()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             if r > 0:
                 times[name].append(time.time() - t0)
     return {name: min(ts) for name, ts in times.items()}
@@ -42,20 +41,19 @@ def bench(pipe: train.Pipeline, batch: int, T: int = 8, repeats: int = 3) -> dic
     tokens = torch.randint(0, pipe.cfg.vocab_size, (2 * batch, pipe.cfg.num_tokens), device=pipe.device)
     y2 = torch.cat([labels, torch.full_like(labels, pipe.cfg.null_label)])
 
-    def run_generate():
-        nat.generate(pipe.logits_fn, labels, T, sched, pipe.cfg.mask_id, pipe.cfg.num_tokens, pipe.cfg.null_label, g)
+    def run_generate(schedule):
+        nat.generate(pipe.logits_fn, labels, T, schedule, pipe.cfg.mask_id, pipe.cfg.num_tokens, pipe.cfg.null_label, g)
 
     @torch.no_grad()
     def run_forwards():
         for _ in range(T):
             pipe.logits_fn(tokens, y2)
 
-    fns = [("generate", run_generate), ("bare forwards", run_forwards)]
+    fns = [("generate", lambda: run_generate(sched)), ("bare forwards", run_forwards)]
     found = sample.policy_schedule(pipe, "policy", T)
     if found is not None:                                               # the adaptive policy as the schedule
         make_policy = found[0]
-        fns.append(("generate + policy", lambda: nat.generate(pipe.logits_fn, labels, T, make_policy(), pipe.cfg.mask_id,
-                                                              pipe.cfg.num_tokens, pipe.cfg.null_label, g)))
+        fns.append(("generate + policy", lambda: run_generate(make_policy())))
         feats = torch.randn(batch, pipe.cfg.num_tokens, pipe.cfg.dim, device=pipe.device)     # (B, N, C)
         state = nat.NATState(0, tokens[:batch], feats, labels)
 

@@ -77,9 +77,8 @@ def flow_config(c: train.TrainConfig, num_classes: int) -> samplers.FlowConfig:
 
 
 def stage_flow(c: train.TrainConfig, run_dir: str, device: torch.device, log: train.Logger) -> None:
-    """Train the continuous generator on pixels (flow_path: rectified flow or VP diffusion, see
-    samplers.py), with horizontal flips, class dropout for guidance and an EMA of the weights.
-    Writes flow.pt (or vp.pt)."""
+    """Train the continuous generator on pixels (flow_path: rectified flow or VP diffusion, see samplers.py), with horizontal
+    flips, class dropout for guidance and an EMA of the weights. Writes flow.pt (or vp.pt)."""
     name = c.flow_path
     path = os.path.join(run_dir, f"{name}.pt")
     if train.is_done(path):
@@ -87,7 +86,6 @@ def stage_flow(c: train.TrainConfig, run_dir: str, device: torch.device, log: tr
         return
     x_train, y_train, num_classes = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
     cfg = flow_config(c, num_classes)
-    path_obj = samplers.PATHS[c.flow_path]
     model = samplers.FlowTransformer(cfg, nat.Block).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=c.flow_lr, betas=(0.9, 0.99), weight_decay=c.flow_wd,
@@ -110,7 +108,7 @@ def stage_flow(c: train.TrainConfig, run_dir: str, device: torch.device, log: tr
         x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
         model.train()
         with train.autocast(device, c.bf16):
-            loss = samplers.training_loss(loss_fn, path_obj, x, y.to(device), gd)
+            loss = samplers.training_loss(loss_fn, samplers.PATHS[c.flow_path], x, y.to(device), gd)
         out = train.generator_step(model, ema, opt, loss, step, c.flow_ema_decay)
         return {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"]}
 
@@ -164,8 +162,7 @@ def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
             n: (lambda T=samplers.steps_for_nfe(solver, n): samplers.heuristic_schedule(samplers.uniform_grid(T), w_0, samplers.FLOW_INTERVAL),
                 solver, samplers.steps_for_nfe(solver, n)) for n in nfes}
     for n in nfes:                                                     # the searched T x [t_next, w] table
-        name = f"{pipe.path.name}_search_nfe{n}"
-        path = os.path.join(pipe.run_dir, f"{name}.pt")
+        path = os.path.join(pipe.run_dir, f"{pipe.path.name}_search_nfe{n}.pt")
         ck = train.load_ckpt(path) if os.path.exists(path) else {}
         if ck.get("done"):
             solver = ck["config"]["solver"]
@@ -181,8 +178,7 @@ def flow_rows(pipe: FlowPipeline, w_0: float, nfes: list[int]) -> dict:
 
 def flow_policy_schedule(pipe: FlowPipeline, kind: str, nfe: int) -> tuple | None:
     """(row name, make_schedule, solver, T) of the trained `kind` flow policy for the NFE budget, or None."""
-    file = flow_policy_file(pipe.path.name, kind, nfe)
-    path = os.path.join(pipe.run_dir, f"{file}.pt")
+    path = os.path.join(pipe.run_dir, f"{flow_policy_file(pipe.path.name, kind, nfe)}.pt")
     if not os.path.exists(path):
         return None
     pi, cfg = train.load_policy(path, pipe.device)
@@ -233,10 +229,9 @@ def evaluate_flow(pipe: FlowPipeline, samples: int, nfes: list[int], sweep_sampl
     md = [f"{name_} path: {samples} samples per row and seed, seeds {list(sample.EVAL_SEEDS)}; FID, precision and recall against "
           f"the {n} test images{sample.REF_NOTE}; NFE = network evaluations per image (a guided pair in one batch counts as one); "
           f"images/s on {pipe.device}.", "", head, "|" + "---|" * (head.count("|") - 1)]
-    for name, r in refs.items():
-        md.append(f"| {name} | – | – | {sample.metric_cells(r, ref)} – |")
-    for r in table:
-        md.append(f"| {r['schedule']} | {r['T']} | {r['nfe']:g} | {sample.metric_cells(r, ref)} {r['images_per_s']:.0f} |")
+    md += [f"| {name} | – | – | {sample.metric_cells(r, ref)} – |" for name, r in refs.items()]
+    md += [f"| {r['schedule']} | {r['T']} | {r['nfe']:g} | {sample.metric_cells(r, ref)} {r['images_per_s']:.0f} |"
+           for r in table]
     train.write_text(os.path.join(pipe.run_dir, f"{name_}_eval.md"), "\n".join(md) + "\n")
     print("\n".join(md))
 
@@ -253,10 +248,9 @@ def flow_grids(pipe: FlowPipeline, nfe: int, per_class: int = 10) -> None:
 
 
 def plot_flow_policy(pipe: FlowPipeline, nfe: int, samples: int = 1000, per_class: int = 6, lines: int = 24) -> None:
-    """<path>_policy_grids_nfe<nfe>.png: the adaptive policy's per-sample time grids t_k (thin lines:
-    `lines` samples; red: mean +- sd; dashed: the uniform grid it started from) and guidance w per
-    step; <path>_heuristic_vs_adaptive_nfe<nfe>.png: each class's samples from the start schedule
-    (left) and the policy (right), same noise."""
+    """<path>_policy_grids_nfe<nfe>.png: the adaptive policy's per-sample time grids t_k (thin lines: `lines` samples; red:
+    mean +- sd; dashed: the uniform grid it started from) and guidance w per step; <path>_heuristic_vs_adaptive_nfe<nfe>.png:
+    each class's samples from the start schedule (left) and the policy (right), same noise."""
     make, solver, T = adaptive_flow_policy(pipe, nfe)
     sched = make()
     h = policy.activation(sched.h_pre.cpu(), policy.FLOW_ACTIONS)                   # (T, 2) the start, as executed

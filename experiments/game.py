@@ -1,33 +1,31 @@
 """The reward's fixed point (AdaNAT §4.3, Eq. 13-14 and Algorithm 1, step 4) and the headroom of adaptivity.
 
-AdaNAT keeps training the discriminator D on the current policy's samples, so the policy's fixed
-point is the schedule whose samples a freshly trained D can least tell from real images: a
-classifier two-sample test. `reward_check` measures it directly. For each of at least 16 fixed T-step
-schedules, none a perturbation of another (`check_schedules`: MaskGIT; AdaNAT's heuristic on a w_0 grid
-and a tau2_0 grid; the searched table and family; the class-only schedule of --headroom's sweep; every
-trained policy), `samples` images are made once (seed 1, balanced labels), and:
-  - the judges score them against *training* statistics: FID on the FID network, on featnet2,
-    the self-supervised network's Fréchet distance (SSL FD), precision and recall;
-  - per discriminator spec (its frozen network(s) and taps: "backbone", "backbone@12",
-    "dnet", "dssl", "backbone+dssl", ...) a fresh D of the policy's kind (heads, class projection,
-    translation DiffAugment, Adam(pi_d_lr, (0.5, 0.999)), pi_batch reals + pi_batch fakes per
-    step) trains on one split of the fakes and of the reals (`three_splits`), is scored every
-    `eval_every` steps on a second and stops when that loss has not improved for `patience`
-    scorings; the reading is its loss and accuracy on the third, which chose nothing (lower
-    accuracy, higher loss: harder to tell from real);
+AdaNAT keeps training the discriminator D on the current policy's samples, so the policy's fixed point is the schedule
+whose samples a freshly trained D can least tell from real images: a classifier two-sample test. `reward_check` measures
+it directly. For each of at least 16 fixed T-step schedules, none a perturbation of another (`check_schedules`: MaskGIT;
+AdaNAT's heuristic on a w_0 grid and a tau2_0 grid; the searched table and family; the class-only schedule of
+--headroom's sweep; every trained policy), `samples` images are made once (seed 1, balanced labels), and:
+  - the judges score them against *training* statistics: FID on the FID network, on featnet2, the self-supervised
+    network's Fréchet distance (SSL FD), precision and recall;
+  - per discriminator spec (its frozen network(s) and taps: "backbone", "backbone@12", "dnet", "dssl",
+    "backbone+dssl", ...) a fresh D of the policy's kind (heads, class projection, translation DiffAugment,
+    Adam(pi_d_lr, (0.5, 0.999)), pi_batch reals + pi_batch fakes per step) trains on one split of the fakes and of the
+    reals (`three_splits`), is scored every `eval_every` steps on a second and stops when that loss has not improved
+    for `patience` scorings; the reading is its loss and accuracy on the third, which chose nothing (lower accuracy,
+    higher loss: harder to tell from real);
   - the warm-up reading: the mean reward of policy_T{T}.pt's D after its warm-up, if trained.
-Spearman rho(D's badness, judge) per spec and judge with a 95% bootstrap interval over the schedules:
-badness = the read accuracy, or minus the read loss; judge = FID, featnet2 FD, SSL FD or minus recall
-(positive rho: D and the judge agree).
+Spearman rho(D's badness, judge) per spec and judge with a 95% bootstrap interval over the schedules: badness = the
+read accuracy, or minus the read loss; judge = FID, featnet2 FD, SSL FD or minus recall (positive rho: D and the judge
+agree). The pair that matters: the class-only schedule's read accuracy minus the heuristic's, with a binomial interval.
 
-`headroom`: how much a schedule that knows only the class gains (AdaNAT's adaptive policy sees
-the class and more). Every (w_0, tau2_0) of a grid, widened until no class picks its edge, is scored
-per class on per-class training statistics of the FID network; each class takes its best pair; the
-class-only schedule, the best single pair and the heuristic are then measured on the test set over
-EVAL_SEEDS on every network, against the best single pair with 95% intervals.
+`headroom`: how much a schedule that knows only the class gains (AdaNAT's adaptive policy sees the class and more).
+Every (w_0, tau2_0) of a grid, widened until no class picks its edge, is scored per class on per-class training
+statistics of the FID network; each class takes its best pair; the class-only schedule, the best single pair and the
+heuristic are then measured on the test set over EVAL_SEEDS on every network, against the best single pair with 95%
+intervals.
 
-`training_table` (--training): what each finished policy did while it trained, from its checkpoint's history.
-
+`training_table` (--training): what each finished policy did while it trained, from its checkpoint's history, and
+whether it learned the class-only schedule's per-class choices (`class_actions`).
 Usage: python experiments/game.py --run-dir runs/small --reward-check [--d-specs backbone,dnet,dssl] | --headroom | --training
 """
 import os
@@ -41,11 +39,12 @@ import math
 import torch
 from tqdm import tqdm
 
+import data
 import fid
 import nat
 import reward
 from experiments.search import dedup_logits_fn  # noqa: E402
-from experiments.studies import Refiner, spearman_interval  # noqa: E402
+from experiments.studies import Refiner, spearman, spearman_interval  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
@@ -112,8 +111,7 @@ def check_schedules(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples
     if saved.get("T") == T and "class_pairs" in saved:                    # named by its pairs: a new sweep, a new row
         pairs = saved["class_pairs"]
         tables = torch.stack([nat.heuristic_table(T, tau2, w) for w, tau2 in pairs])
-        out["class-only schedule (" + ", ".join(f"{w:g}/{tau2:g}" for w, tau2 in pairs) + ")"] = \
-            lambda: nat.class_table_schedule(tables)
+        out["class-only schedule (" + ", ".join(f"{w:g}/{tau2:g}" for w, tau2 in pairs) + ")"] = lambda: nat.class_table_schedule(tables)
     for kind, label in sample.POLICY_ROWS.items():
         found = sample.policy_schedule(pipe, kind, T)
         if found is not None:
@@ -123,10 +121,10 @@ def check_schedules(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples
 
 def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, reals: tuple, fakes: tuple,
             device: torch.device, max_steps: int, eval_every: int = 25, patience: int = 2) -> dict:
-    """One classifier two-sample test: a fresh projected D trained on the train split of fakes (x (n, C, H, W),
-    y (n,)) against the train split of reals, early-stopped on the stop splits' loss, read on the read splits
-    (three_splits: no reading is made on what chose the stopping point); returns the read {loss, acc}, the
-    stopping loss and the steps run. reals = (x, y, [(features, labels) of their stop and read splits])."""
+    """One classifier two-sample test: a fresh projected D trained on the train split of fakes (x (n, C, H, W), y (n,))
+    against the train split of reals, early-stopped on the stop splits' loss, read on the read splits (three_splits: no
+    reading is made on what chose the stopping point); returns the read {loss, acc}, the stopping loss and the steps
+    run. reals = (x, y, [(features, labels) of their stop and read splits])."""
     (xr, yr, (stop_real, read_real)), (xf, yf) = reals, fakes
     (tr_r, _, _), (tr_f, stop_f, read_f) = three_splits(len(xr)), three_splits(len(xf))
     feats = lambda x, y, part: (backbone(x[part].to(device)), y[part].to(device))   # frozen: computed once
@@ -195,12 +193,7 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
     images = schedule_readings(pipe, ref, tables, samples, T, cache, save)
     (x_real, y_real), labels = train.real_images(c), train.balanced_labels(samples, pipe.cfg.num_classes)
     for spec in specs:
-        nets, taps = parse_spec(spec)
-        for n in nets.split("+"):
-            if not os.path.exists(os.path.join(pipe.run_dir, f"{n}.pt")):
-                raise train.UserError(f"--d-specs {spec}: {pipe.run_dir}/{n}.pt is missing; train it with python train.py "
-                                     f"--run-dir {pipe.run_dir} --stage {n}")
-        backbone, channels = train.d_backbone(pipe.run_dir, nets, taps, pipe.device)
+        backbone, channels = train.d_backbone(pipe.run_dir, *parse_spec(spec), pipe.device)
         held_out = [(backbone(x_real[p].to(pipe.device)), y_real[p].to(pipe.device))   # the reals' stop and read
                     for p in three_splits(len(x_real))[1:]]                            # splits: once per spec
         for name in tqdm(tables, desc=f"two-sample D on {spec}", disable=not train.DIST.main):
@@ -209,15 +202,17 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
                 cache[key] = fresh_d(c, backbone, channels, pipe.cfg.num_classes, (x_real, y_real, held_out),
                                      (images[name], labels), pipe.device, max_steps)
                 save()
-    warm = None
-    if os.path.exists(os.path.join(pipe.run_dir, f"{train.policy_file('policy', 'heuristic', T)}.pt")):
-        warm = Refiner(pipe, train.policy_file("policy", "heuristic", T), disc="disc_warmup")
-    return write_check(pipe, tables, specs, cache, samples, max_steps, T, warm, images, labels)
+    first = train.policy_file("policy", "heuristic", T)                   # its D after the warm-up: the warm-up reading
+    warm = Refiner(pipe, first, disc="disc_warmup") if os.path.exists(os.path.join(pipe.run_dir, f"{first}.pt")) else None
+    heuristic = f"AdaNAT heuristic (tau2_0=1, w_0={train.get_w0(pipe, ref, sweep_samples):g})"      # check_schedules' name
+    read_sizes = [(p.stop - p.start) for p in (three_splits(len(x_real))[2], three_splits(samples)[2])]
+    return write_check(pipe, tables, specs, cache, samples, max_steps, T, warm, images, labels, heuristic, read_sizes)
 
 
 def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_steps: int, T: int, warm, images,
-                labels) -> dict:
-    """reward_check.json / .md from the cached readings."""
+                labels, heuristic: str, read_sizes: list) -> dict:
+    """reward_check.json / .md from the cached readings; the class-only schedule's read accuracy minus the heuristic's
+    per spec, with a 95% binomial interval over the read items (reals and fakes weighted equally; D's seed not varied)."""
     rows = [{"schedule": name, **cache[f"judges|{name}|{samples}"],
              **({"warmup_reward": warm.score(images[name], labels).mean().item()} if warm else {}),
              "two_sample": {s: cache[f"d3|{s}|{name}|{samples}|{max_steps}"] for s in specs}} for name in tables]
@@ -229,6 +224,11 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
            "claim_judges": sample.claim_judges(pipe.run_dir),
            "spearman_judges": {f"{a}_vs_{b}": spearman_interval([r[a] for r in rows], [r[b] for r in rows])
                                for a, b in (("fid", "fid2"), ("fid", "fd_ssl"), ("fid2", "fd_ssl"))}}
+    pair = [r["two_sample"] for r in rows if r["schedule"].startswith("class-only") or r["schedule"] == heuristic]
+    if len(pair) == 2:                  # [heuristic, class-only]: is the class-only schedule harder to tell from real?
+        var = lambda a: a * (1 - a) / 4 * sum(1 / n for n in read_sizes)   # a reading's binomial variance (reals, fakes)
+        out["class_only_minus_heuristic"] = {s: [d := pair[1][s]["acc"] - pair[0][s]["acc"], *(
+            d + k * 1.96 * (var(pair[0][s]["acc"]) + var(pair[1][s]["acc"])) ** 0.5 for k in (-1, 1))] for s in specs}
     if warm:
         out["spearman_warmup"] = {k: spearman_interval([-r["warmup_reward"] for r in rows], [judge(r, k) for r in rows])
                                   for k in JUDGE_KEYS}
@@ -255,6 +255,9 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
     if warm:
         md.append(f"| warm-up D of policy_T{T}.pt (acc {out['d_acc_warmup']:.3f}) | -reward | " +
                   " | ".join(fmt(out["spearman_warmup"][k]) for k in JUDGE_KEYS) + " |")
+    if "class_only_minus_heuristic" in out:
+        md += ["", f"Class-only schedule minus {heuristic}, read accuracy (95% binomial interval over the read items; D's own "
+               "seed not varied): " + ", ".join(f"{s} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for s, (d, lo, hi) in out["class_only_minus_heuristic"].items())]
     md += ["", "Judges among themselves: " + ", ".join(f"rho({k.replace('_vs_', ', ')}) = {fmt(v)}"
                                                      for k, v in out["spearman_judges"].items()) + "."]
     train.write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
@@ -328,9 +331,8 @@ def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: 
             "class-only schedule (each class its best pair)": nat.class_table_schedule(tables)}
     labels = train.balanced_labels(samples, pipe.cfg.num_classes)
     cell = lambda sched, s: lambda: sample.metrics(ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
-    cells = [("floor", lambda: sample.recon_reference(ref, samples))]
-    cells += [(name, cell(sched, s)) for name, sched in rows.items() for s in sample.EVAL_SEEDS]
-    res = sample.run_cells(cells, "headroom")
+    res = sample.run_cells([("floor", lambda: sample.recon_reference(ref, samples))] + [
+        (name, cell(sched, s)) for name, sched in rows.items() for s in sample.EVAL_SEEDS], "headroom")
     table = {name: sample.seed_summary(res[name], ()) for name in res}
     pair_name = list(rows)[1]
     pair, floor = table[pair_name], table["floor"]
@@ -357,6 +359,24 @@ def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: 
     return table
 
 
+def class_actions(run_dir: str, run: str, history: list, spec: list) -> dict:
+    """Does the policy learn the class-only schedule's per-class choices? Each class's mean action (over the steps) per
+    knob and iteration, drawn as {run}_classes.png; over the last ten iterations: its range across the classes and, for
+    w and tau2, Spearman rho with the class-only schedule's w_0 and tau2_0 (headroom_sweep.json, when there)."""
+    its = [r for r in history if "act_class" in r]
+    per_class = torch.tensor([r["act_class"] for r in its], dtype=torch.float).nanmean(2)       # (iterations, K, D)
+    data.plot_panels(os.path.join(run_dir, f"{run}_classes.png"), [{"title": f"{a} by class", "series": [
+        {"x": [r["iter"] for r in its], "y": per_class[:, k, j].tolist(), "color": (25 * k, 140 - 14 * k, 220 - 20 * k)}
+        for k in range(per_class.shape[1])]} for j, a in enumerate(spec)], f"{run}: each class's mean action (over the steps)")
+    last = per_class[-10:].nanmean(0)                                                           # (K, D)
+    seen = last[~last.isnan().any(1)]                                                           # (classes seen, D)
+    out = {f"{a} range": (seen[:, j].amax() - seen[:, j].amin()).item() for j, a in enumerate(spec)}
+    pairs = train.read_json(os.path.join(run_dir, "headroom_sweep.json"), {}).get("class_pairs")
+    if pairs and "tau2" in spec and len(seen) == len(last):                                     # the NAT's knobs
+        out |= {f"{a} rho vs class-only": spearman(last[:, spec.index(a)].tolist(), [p[a == "tau2"] for p in pairs]) for a in ("w", "tau2")}
+    return out
+
+
 def training_table(run_dir: str) -> list[dict]:
     """training.md / .json: what every finished PPO policy of the run folder did while it trained, from its checkpoint's
     history: the choice network's training-set FID (start, best, last), the held-out judges' (start, last), D's held-out
@@ -377,6 +397,8 @@ def training_table(run_dir: str) -> list[dict]:
                          "D steps": mean([r.get("d_steps", 0) for r in ppo_its]),
                          "approx. KL mean / max": [mean([r["approx_kl"] for r in ppo_its]), max((r["approx_kl"] for r in ppo_its), default=math.nan)],
                          "mean-action drift": dict(zip(ck["config"]["spec"], (acts[-1] - acts[0]).abs().amax(0).tolist()))})
+            if any("act_class" in r for r in h):
+                rows[-1]["per-class mean action (last 10)"] = class_actions(run_dir, rows[-1]["run"], h, ck["config"]["spec"])
     if not rows:
         raise train.UserError(f"no finished policy in {run_dir}: train one first (python train.py --stage policy, ...)")
     train.write_json(os.path.join(run_dir, "training.json"), rows)
@@ -384,8 +406,8 @@ def training_table(run_dir: str) -> list[dict]:
                       ", ".join(f"{k} {x:.3g}" for k, x in v.items()) if isinstance(v, dict) else f"{v:.3g}" if isinstance(v, float) else v)
     md = ["What each finished policy did while it trained (training-set statistics; D's accuracy: held-out reals vs the "
           "rollout's fakes; drift: the largest change of a knob's mean action at any step, last vs first iteration).", "",
-          "| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"] + [
-          "| " + " | ".join(str(cell(r.get(k, "–"))) for k in rows[0]) + " |" for r in rows]
+          "| " + " | ".join(cols := list(dict.fromkeys(k for r in rows for k in r))) + " |", "|---" * len(cols) + "|"] + [
+          "| " + " | ".join(str(cell(r.get(k, "–"))) for k in cols) + " |" for r in rows]
     train.write_text(os.path.join(run_dir, "training.md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return rows
@@ -417,7 +439,8 @@ def run(args, device: torch.device) -> None:
         c = train.load_config(pipe.run_dir)
         specs = args.d_specs.split(",") if args.d_specs else [c.pi_d_nets + ("" if c.pi_d_taps == (0, 1, 2) else
                                                                               "@" + "".join(map(str, c.pi_d_taps)))]
-        list(map(parse_spec, specs))                                         # a bad spec stops before any work
+        for spec in specs:                                                   # a bad or untrained spec stops first
+            train.d_backbone(pipe.run_dir, *parse_spec(spec), device)
         reward_check(pipe, args.check_samples, args.sweep_samples, specs, args.check_d_steps)
     if args.headroom:
         headroom(pipe, args.samples, args.sweep_samples, args.headroom_per_class)

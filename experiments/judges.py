@@ -1,12 +1,11 @@
 """Judges proven before they judge: every feature network's distance under disturbances of known effect.
 
-A distance between image sets measures quality only if it rises when quality is taken away. Heusel et
-al. 2017 (§4, Fig. 3) show FID rising monotonically under Gaussian noise, Gaussian blur, implanted black
-rectangles, swirl and salt-and-pepper noise; Kynkäänniemi et al. 2019 separate fidelity (each image
-real-looking) from coverage (the set as varied as the data); Stein et al. 2023 find self-supervised
-features closer to people than classifier features, once validated. This script runs those tests on
-every network of a run folder and on two judges that should fail some: raw pixels, and a random-weight
-network of the FID network's shape.
+A distance between image sets measures quality only if it rises when quality is taken away. Heusel et al. 2017 (§4, Fig. 3)
+show FID rising monotonically under Gaussian noise, Gaussian blur, implanted black rectangles, swirl and salt-and-pepper
+noise; Kynkäänniemi et al. 2019 separate fidelity (each image real-looking) from coverage (the set as varied as the data);
+Stein et al. 2023 find self-supervised features closer to people than classifier features, once validated. This script runs
+those tests on every network of a run folder and on two judges that should fail some: raw pixels, and a random-weight network
+of the FID network's shape.
 
 Sets, each of `n` test images measured against the training statistics (10 000 training images,
 train.training_draw) on every network, by the Fréchet distance (FD) and KID (fid.kid):
@@ -183,9 +182,7 @@ def passes(curves: np.ndarray) -> bool:
 def noise_equivalent(noise: np.ndarray, value: float) -> float:
     """The noise sd whose (mean) distance equals value, interpolated on NOISE_CURVE; inf beyond its end."""
     climb = np.maximum.accumulate(noise)                                       # monotone for the interpolation
-    if value > climb[-1]:
-        return math.inf
-    return float(np.interp(value, climb, NOISE_CURVE))
+    return math.inf if value > climb[-1] else float(np.interp(value, climb, NOISE_CURVE))
 
 
 # ----------------------------------------------------------------------------- the validation
@@ -214,8 +211,7 @@ def validate(run_dir: str, device: torch.device, n: int | None, seeds: int) -> d
                desc="judges: sets x networks")
     for s in range(seeds):
         g = torch.Generator().manual_seed(1000 + s)
-        clean_idx = per_class(pools, [n // K] * K, g)
-        clean = x_test[clean_idx]
+        clean = x_test[per_class(pools, [n // K] * K, g)]
 
         def measure(images: torch.Tensor) -> dict:
             bar.update()
@@ -278,8 +274,7 @@ def markdown(out: dict, names: list) -> str:
         " / ".join(f"{v:+.3g}" for v in np.mean(out["networks"][j]["typical_minus_collapse"], 0))
         + (" **prefers typical**" if out["networks"][j]["prefers_typical"] else "") for j in nets) + " |")
     md += ["", f"Claim judges: **{', '.join(out['claim_judges']) or 'none'}** (candidates: {', '.join(out['candidates'])}; "
-           f"rule: {out['rule']}).", "",
-           ]
+           f"rule: {out['rule']}).", ""]
     for key, what in (("fd", "Fréchet distance"), ("kid", "KID x 1000")):
         md += [f"Mean {what} over the seeds, the clean set then each strength:", "",
                "| disturbance | " + " | ".join(nets) + " |", "|---" * (len(nets) + 1) + "|"]

@@ -1,11 +1,10 @@
 """AutoNAT's searches as training stages (AutoNAT §4.2-4.3, Eq. 4-6, App. A.2; autonat.py holds the math).
 
-- search / param-search / flow-search: descend the training-set FID of a static schedule (the
-  free T x 4 table, a 6-parameter hand-written family, or the ODE sampler's [t_next, w] table)
-  by forward finite differences with momentum; every candidate of an update runs as one
-  interleaved batch with common random numbers; checkpointed after every update.
-- pr-search: the greedy Beta(alpha, beta) line search over the NAT's training mask-ratio
-  distribution, each candidate scored by a short proxy training; then one full training.
+- search / param-search / flow-search: descend the training-set FID of a static schedule (the free T x 4 table, a 6-parameter
+  hand-written family, or the ODE sampler's [t_next, w] table) by forward finite differences with momentum; every candidate
+  of an update runs as one interleaved batch with common random numbers; checkpointed after every update.
+- pr-search: the greedy Beta(alpha, beta) line search over the NAT's training mask-ratio distribution, each candidate scored
+  by a short proxy training; then one full training.
 
 Usage: python experiments/search.py --run-dir runs/small [--stage search | param-search | flow-search | pr-search]
 (--stage all: search and param-search; every train.py flag and stage works here too)
@@ -35,8 +34,6 @@ from experiments import flow  # noqa: E402
 
 
 SEARCH_KINDS = {"search": "free", "param-search": "param", "flow-search": "flow"}   # stage -> what is searched
-
-
 SEARCH_FILES = {"free": "search", "param": "param"}              # -> <file>_T{T}.pt / .json / _curve.png
 
 
@@ -127,11 +124,10 @@ def search_schedule(c: train.TrainConfig, run_dir: str, device: torch.device, lo
     kind "param": theta = the six shape parameters of autonat.parametric_table;
     kind "flow": the ODE sampler's T x [t_next, w] table, T = the steps of flow_pi_solver that
     fit in the NFE budget `T` (AdaGen's continuous paradigm; the static-search baseline).
-    All start from the heuristic (NAT: AdaNAT's, tau2_0 = 1, w_0 from the training-FID sweep;
-    flow: uniform grid, constant swept w_0). One update generates its 1 + A candidates (A
-    perturbed coordinates) on the same labels and random numbers as one interleaved batch; the
-    checkpoint is written after every update. Another paradigm passes its own `problem` (experiments/var.py:
-    kind "var", its eps signed already)."""
+    All start from the heuristic (NAT: AdaNAT's, tau2_0 = 1, w_0 from the training-FID sweep; flow: uniform grid, constant
+    swept w_0). One update generates its 1 + A candidates (A perturbed coordinates) on the same labels and random numbers as
+    one interleaved batch; the checkpoint is written after every update. Another paradigm passes its own `problem`
+    (experiments/var.py: kind "var", its eps signed already)."""
     P = problem or search_problem(c, run_dir, device, kind, T)
     path = os.path.join(run_dir, f"{P.name}.pt")
     scfg = {"kind": kind, "T": P.T, "start": P.h.tolist(), **P.extra, "samples": c.search_samples, "seed": c.search_seed,
@@ -195,8 +191,7 @@ def write_search_summary(P: SearchProblem, state: dict, kind: str, scfg: dict, C
                "generator_forwards": state["forwards"],
                "generator_forwards_without_dedup": (state["step"] + 1) * C * n * T * 2
                if kind in ("free", "param") else None,                     # the others' candidates share no prefix
-               "minutes": state["train_seconds"] / 60,
-               "device": str(device), "history": state["history"], "config": scfg}
+               "minutes": state["train_seconds"] / 60, "device": str(device), "history": state["history"], "config": scfg}
     if kind == "param":
         summary["theta"] = dict(zip(autonat.PARAMS, state["best_xi"].tolist()))
     train.write_json(os.path.join(run_dir, f"{name}.json"), summary)
@@ -251,30 +246,26 @@ def sub_run(c: train.TrainConfig, run_dir: str, sub: str, **changes) -> train.Tr
 def stage_pr_search(c: train.TrainConfig, run_dir: str, device: torch.device, log: train.Logger, train_nat: Callable) -> None:
     """AutoNAT §4.3 and one round of its Algorithm 1, with short proxy trainings.
 
-    Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>_s<steps>/
-    (same tokenizer, data and seed) and is scored by the training-set FID of its samples at
-    T = pr_T under the searched schedule (search_T{pr_T}.pt, else AdaNAT's heuristic); the greedy
-    line search in (alpha/beta, beta) (autonat.beta_line_search) spends at most pr_budget
-    trainings. A proxy of the default cosine p(r) is trained as the reference (outside the
-    budget). With pr_final, the chosen p(r) then trains the full generator in beta/ and the
-    schedule is searched again for it (Algorithm 1, lines 5-9: sample.py adds its rows). train_nat: the NAT
-    stage (train.py gives its stage_nat)."""
+    Each candidate p(r) = Beta(alpha, beta) trains a NAT for pr_steps in pr/beta_<alpha>_<beta>_s<steps>/ (same tokenizer,
+    data and seed) and is scored by the training-set FID of its samples at T = pr_T under the searched schedule
+    (search_T{pr_T}.pt, else AdaNAT's heuristic); the greedy line search in (alpha/beta, beta) (autonat.beta_line_search)
+    spends at most pr_budget trainings. A proxy of the default cosine p(r) is trained as the reference (outside the budget).
+    With pr_final, the chosen p(r) then trains the full generator in beta/ and the schedule is searched again for it
+    (Algorithm 1, lines 5-9: sample.py adds its rows). train_nat: the NAT stage (train.py gives its stage_nat)."""
     pipe = train.Pipeline(run_dir, device, c.bf16)
     ref = train.RealFeatures(pipe)
     found = train.searched_table(run_dir, "search", c.pr_T)
     table = found[0] if found else nat.heuristic_table(c.pr_T, nat.ADANAT_TAU2_0, train.get_w0(pipe, ref, c.pi_sweep_samples))
     labels = train.balanced_labels(c.pr_samples, pipe.cfg.num_classes)
     path = os.path.join(run_dir, "pr_search.json")
-    setup = {"steps": c.pr_steps, "T": c.pr_T, "schedule": table.tolist(), "samples": c.pr_samples,
-             "seed": c.search_seed}
+    setup = {"steps": c.pr_steps, "T": c.pr_T, "schedule": table.tolist(), "samples": c.pr_samples, "seed": c.search_seed}
     saved = train.read_json(path, {})
     results = saved if saved.get("setup") == setup else {"setup": setup, "cache": {}}
 
     def proxy_fid(sub: str, **changes) -> float:
         d = os.path.join(run_dir, "pr", sub)
         c2 = sub_run(c, run_dir, d, nat_steps=c.pr_steps, **changes)
-        ck = os.path.join(d, "nat.pt")
-        if not train.is_done(ck):
+        if not train.is_done(os.path.join(d, "nat.pt")):
             train_nat(c2, d, device, train.Logger(d))
             train.barrier()                                                       # rank 0's nat.pt before anyone reads it
         value = float(candidate_fids(train.Pipeline(d, device, c.bf16), ref, table[None], labels, c.search_seed)[0])
@@ -310,11 +301,9 @@ def stage_pr_search(c: train.TrainConfig, run_dir: str, device: torch.device, lo
         STAGES["search"](c2, d, device, train.Logger(d))                      # skips the T already searched
         print(f"pr-search: the Beta-trained generator and its searched schedules are in {d}; sample.py --eval adds their rows")
 
-STAGES = {"search": stage_search("search"), "param-search": stage_search("param-search"),
-          "flow-search": stage_search("flow-search"), "pr-search": stage_pr_search}
 
-
-STAGES["pr-search"] = functools.partial(stage_pr_search, train_nat=train.stage_nat)
+STAGES = {**{stage: stage_search(stage) for stage in SEARCH_KINDS},
+          "pr-search": functools.partial(stage_pr_search, train_nat=train.stage_nat)}
 
 if __name__ == "__main__":
     train.main(stages=STAGES, default=["search", "param-search"], doc=__doc__)

@@ -28,10 +28,9 @@ import train  # noqa: E402
 
 
 class Refiner:
-    """A trained policy checkpoint's auxiliary networks reused at sampling (AdaGen §III-F1): its
-    discriminator D ranks finished images (repeated sampling), its critic V ranks the candidate
-    next states of a NAT step (look-ahead, nat.generate). Both are the checkpoint's last weights
-    (the policy's are its best by training FID)."""
+    """A trained policy checkpoint's auxiliary networks reused at sampling (AdaGen §III-F1): its discriminator D ranks
+    finished images (repeated sampling), its critic V ranks the candidate next states of a NAT step (look-ahead,
+    nat.generate). Both are the checkpoint's last weights (the policy's are its best by training FID)."""
 
     def __init__(self, pipe, file: str, disc: str = "disc"):
         path = os.path.join(pipe.run_dir, f"{file}.pt")
@@ -57,9 +56,8 @@ class Refiner:
     @torch.no_grad()
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """D's reward of images (n, C, H, W) for labels (n,) -> (n,) on the CPU."""
-        return torch.cat([reward.reward(self.D(self.backbone(images[i:i + 500].to(self.device)),
-                                               labels[i:i + 500].to(self.device))).cpu()
-                          for i in range(0, len(images), 500)])
+        return torch.cat([reward.reward(self.D(self.backbone(x.to(self.device)), y.to(self.device))).cpu()
+                          for x, y in zip(images.split(500), labels.split(500))])
 
     @torch.no_grad()
     def value(self, features: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -94,9 +92,7 @@ def refine(make_images, labels: torch.Tensor, repeat: int, score_fn) -> torch.Te
     highest score_fn(images, labels) (n*k,). repeat = 1 is plain sampling."""
     y = labels.repeat_interleave(repeat)
     images = make_images(y)
-    if repeat == 1:
-        return images
-    return images[reward.best_of(score_fn(images, y), repeat)]
+    return images if repeat == 1 else images[reward.best_of(score_fn(images, y), repeat)]
 
 
 def random_scores(seed: int):
@@ -157,16 +153,13 @@ def adaptive_nat_policy(pipe: train.Pipeline, T: int, kind: str = "policy", rewa
 
 def refine_study(pipe: train.Pipeline, samples: int, T: int, sweep_samples: int, k_repeat: tuple = (2, 3),
                  k_look: int = 2) -> None:
-    """refine_T{T}.json / .md (AdaGen §III-F1, Tables IX-X): the adaptive policy alone, with
-    repeated sampling (D), look-ahead (V) and both; the same candidates picked at random; and
-    the same forwards spent on more steps instead (policy_T{T'}.pt if trained, else AdaNAT's
-    heuristic at T', said in the row's name)."""
+    """refine_T{T}.json / .md (AdaGen §III-F1, Tables IX-X): the adaptive policy alone, with repeated sampling (D),
+    look-ahead (V) and both; the same candidates picked at random; and the same forwards spent on more steps instead
+    (policy_T{T'}.pt if trained, else AdaNAT's heuristic at T', said in the row's name)."""
     make = adaptive_nat_policy(pipe, T)
     refiner = Refiner(pipe, train.policy_file("policy", "heuristic", T))
     gen = lambda **kw: lambda y, s: refined_nat(pipe, y, T, make, s, refiner=refiner, **kw)
-    rows = {"adaptive": gen()}
-    for k in k_repeat:
-        rows[f"adaptive + repeat {k} (D picks)"] = gen(repeat=k)
+    rows = {"adaptive": gen(), **{f"adaptive + repeat {k} (D picks)": gen(repeat=k) for k in k_repeat}}
     rows[f"adaptive + lookahead {k_look} (V picks)"] = gen(lookahead=k_look)
     rows[f"adaptive + repeat {k_repeat[0]} + lookahead {k_look}"] = gen(repeat=k_repeat[0], lookahead=k_look)
     rows[f"control: repeat {k_repeat[0]}, random pick"] = gen(repeat=k_repeat[0], random_pick=True)

@@ -101,8 +101,7 @@ def stage_msvq(c: train.TrainConfig, run_dir: str, device: torch.device, log: tr
     model.encoder.load_state_dict(vq.encoder.state_dict())
     model.decoder.load_state_dict(vq.decoder.state_dict())
     model.quant.embedding.weight.data.copy_(vq.vq.embedding.weight.data)
-    x_train, _, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    x_test, _, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
+    x_train, x_test = (data.load_dataset(c.data, split, c.img_size, c.channels, c.seed)[0] for split in ("train", "test"))
     opt = torch.optim.Adam(model.parameters(), lr=c.var_msvq_lr, betas=(0.5, 0.9))
     modules = {"model": model, "optim": opt}
     mcfg = {"vq": train.to_plain(vq.cfg), "scales": list(var.SCALES)}
@@ -332,8 +331,7 @@ def grids(pipe: VARPipeline, per_class: int = 10) -> None:
     w_max = train.read_json(os.path.join(pipe.run_dir, pipe.sweep_file), {}).get("w_0", 1.5)
     labels = torch.arange(pipe.cfg.num_classes).repeat_interleave(per_class)
     path = os.path.join(pipe.run_dir, "var_samples.png")
-    data.save_grid(pipe.decode(pipe.generate(labels, var.table_schedule(var.default_table(K, w_max)), seed=0)), path,
-                   nrow=per_class, save=train.DIST.main)
+    data.save_grid(pipe.sweep_images(labels, w_max), path, nrow=per_class, save=train.DIST.main)   # VAR's defaults, seed 0
     print("wrote", path)
 
 

@@ -361,6 +361,13 @@ def test_sample_grid_eval_bench(run_dir):
     assert r.returncode == 0 and "(floor)" in r.stdout, r.stderr[-2000:]
     rows = json.load(open(os.path.join(run_dir, "floor.json")))["rows"]
     assert rows["tokenizer reconstructions of test vs test (floor)"]["fid_recon"] < 1e-2 and len(rows) == 2
+    r = run("experiments/game.py", "--run-dir", run_dir, "--headroom", "--samples", "20", "--sweep-samples", "30",
+            "--headroom-per-class", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    head = json.load(open(os.path.join(run_dir, "headroom_T4.json")))
+    only = head["rows"]["class-only schedule (each class its best pair)"]
+    assert len(head["per_class_pairs"]) == 10 and all(math.isfinite(v) for v in only["gap_closed"].values())
+    assert set(only["gap_closed"]) == {"fid", "fid_recon", "fid2", "fd_ssl"}
     r = run("experiments/game.py", "--run-dir", run_dir, "--reward-check", "--check-samples", "20", "--sweep-samples", "30",
             "--d-specs", "backbone,backbone@12", "--check-d-steps", "25")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -372,20 +379,16 @@ def test_sample_grid_eval_bench(run_dir):
                for row in check["rows"] for s in ("backbone", "backbone@12"))
     assert all(-1 <= lo <= rho <= hi <= 1 for d in check["spearman_two_sample"].values() for rho, lo, hi in d.values())
     assert set(check["spearman_warmup"]) == {"fid", "fid2", "fd_ssl", "recall"}      # the warm-up reading beside it
-    assert os.path.exists(os.path.join(run_dir, "reward_check.md"))
+    assert os.path.exists(os.path.join(run_dir, "reward_check.md")) and any(r["schedule"].startswith("class-only") for r in check["rows"])
+    assert all(lo <= d <= hi for d, lo, hi in check["class_only_minus_heuristic"].values())   # after --headroom's sweep
     _fails(run("experiments/game.py", "--run-dir", run_dir, "--reward-check", "--d-specs", "featnet2"), "never a judge")
-    r = run("experiments/game.py", "--run-dir", run_dir, "--headroom", "--samples", "20", "--sweep-samples", "30",
-            "--headroom-per-class", "8")
-    assert r.returncode == 0, r.stderr[-2000:]
-    head = json.load(open(os.path.join(run_dir, "headroom_T4.json")))
-    only = head["rows"]["class-only schedule (each class its best pair)"]
-    assert len(head["per_class_pairs"]) == 10 and all(math.isfinite(v) for v in only["gap_closed"].values())
-    assert set(only["gap_closed"]) == {"fid", "fid_recon", "fid2", "fd_ssl"}
     r = run("experiments/game.py", "--run-dir", run_dir, "--training")               # what each policy did in training
     assert r.returncode == 0, r.stderr[-2000:]
     trained = {row["run"]: row for row in json.load(open(os.path.join(run_dir, "training.json")))}
     assert {"policy_T4", "static_T4"} <= set(trained) and set(trained["policy_T4"]["mean-action drift"]) == {"m", "tau1", "tau2", "w"}
     assert trained["policy_T4"]["iterations"] == 4 and 0 <= trained["policy_T4"]["D acc. after warm-up / last 10"][1] <= 1
+    per_class = trained["policy_T4"]["per-class mean action (last 10)"]                  # across the classes seen
+    assert per_class["tau2 range"] >= 0 and os.path.exists(os.path.join(run_dir, "policy_T4_classes.png"))
     r = run("experiments/bench.py", "--run-dir", run_dir, "--batch", "16", "--grid-steps", "4")
     assert r.returncode == 0 and "decoding overhead" in r.stdout, r.stderr[-2000:]
     assert "policy cost" in r.stdout                                   # the adaptive policy's share of generation

@@ -1,40 +1,37 @@
 """The reward's fixed point (AdaNAT §4.3, Eq. 13-14 and Algorithm 1, step 4) and the headroom of adaptivity.
 
-AdaNAT keeps training the discriminator D on the current policy's samples, so the policy's fixed point is the schedule
-whose samples a freshly trained D can least tell from real images: a classifier two-sample test. `reward_check` measures
-it directly. For each of at least 16 fixed T-step schedules, none a perturbation of another (`check_schedules`: MaskGIT;
-AdaNAT's heuristic on a w_0 grid and a tau2_0 grid; the searched table and family; the class-only schedule of
---headroom's sweep; every trained policy), `samples` images are made once (seed 1, balanced labels), and:
-  - the judges score them against *training* statistics: FID on the FID network, on featnet2, the self-supervised
-    network's Fréchet distance (SSL FD), precision and recall;
-  - per discriminator spec (its frozen network(s) and taps: "backbone", "backbone@12", "dnet", "dssl",
-    "backbone+dssl", ...) a fresh D of the policy's kind (heads, class projection, translation DiffAugment,
-    Adam(pi_d_lr, (0.5, 0.999)), pi_batch reals + pi_batch fakes per step) trains on one split of the fakes and of the
-    reals (`three_splits`), is scored every `eval_every` steps on a second and stops when that loss has not improved
-    for `patience` scorings; the reading is its loss and accuracy on the third, which chose nothing (lower accuracy,
-    higher loss: harder to tell from real);
+AdaNAT keeps training the discriminator D on the current policy's samples, so the policy's fixed point is the schedule whose
+samples a freshly trained D can least tell from real images: a classifier two-sample test. `reward_check` measures it
+directly. For each of at least 16 fixed T-step schedules, none a perturbation of another (`check_schedules`: MaskGIT;
+AdaNAT's heuristic on a w_0 grid and a tau2_0 grid; the searched table and family; the class-only schedule of --headroom's
+sweep; every trained policy), `samples` images are made once (seed 1, balanced labels), and:
+  - the judges score them against *training* statistics: FID on the FID network, on featnet2, the self-supervised network's
+    Fréchet distance (SSL FD), precision and recall;
+  - per discriminator spec (its frozen network(s) and taps: "backbone", "backbone@12", "dnet", "dssl", "backbone+dssl",
+    ...) a fresh D of the policy's kind (heads, class projection, translation DiffAugment, Adam(pi_d_lr, (0.5, 0.999)),
+    pi_batch reals + pi_batch fakes per step) trains on one split of the fakes and of the reals (`three_splits`), is scored
+    every `eval_every` steps on a second and stops when that loss has not improved for `patience` scorings; the reading is
+    its loss and accuracy on the third, which chose nothing (lower accuracy, higher loss: harder to tell from real);
   - the warm-up reading: the mean reward of policy_T{T}.pt's D after its warm-up, if trained.
 Spearman rho(D's badness, judge) per spec and judge with a 95% bootstrap interval over the schedules: badness = the
 read accuracy, or minus the read loss; judge = FID, featnet2 FD, SSL FD or minus recall (positive rho: D and the judge
 agree). The pair that matters: the class-only schedule's read accuracy minus the heuristic's, with a binomial interval.
 
-`headroom`: how much a schedule that knows only the class gains (AdaNAT's adaptive policy sees the class and more).
-Every (w_0, tau2_0) of a grid, widened until no class picks its edge, is scored per class on per-class training
-statistics of the FID network; each class takes its best pair; the class-only schedule, the best single pair and the
-heuristic are then measured on the test set over EVAL_SEEDS on every network, against the best single pair with 95%
-intervals.
+`headroom`: how much a schedule that knows only the class gains (AdaNAT's adaptive policy sees the class and more). Every
+(w_0, tau2_0) of a grid, widened until no class picks its edge, is scored per class on per-class training statistics of the
+FID network; each class takes its best pair; the class-only schedule, the best single pair and the heuristic are then
+measured on the test set over EVAL_SEEDS on every network, against the best single pair with 95% intervals.
 
 `training_table` (--training): what each finished policy did while it trained, from its checkpoint's history, and
 whether it learned the class-only schedule's per-class choices (`class_actions`).
 Usage: python experiments/game.py --run-dir runs/small --reward-check [--d-specs backbone,dnet,dssl] | --headroom | --training
 """
+import glob
+import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project's root
-
-import glob
-import math
 
 import torch
 from tqdm import tqdm
@@ -49,37 +46,32 @@ import sample  # noqa: E402
 import train  # noqa: E402
 
 JUDGE_KEYS = {"fid": "FID", "fid2": "featnet2 FID", "fd_ssl": "SSL FD", "recall": "-recall"}
+NOT_READ = ("flow", "msvq", "var", "dnet", "dssl")   # checkpoints the NAT's images and judges never read
+CHECK_W = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)        # the heuristic's w_0 grid (tau2_0 = 1) ...
+CHECK_TAU2 = (0.25, 0.5, 2.0, 3.0, 4.5, 8.0)              # ... and its tau2_0 grid at the swept w_0
+SPLITS = (0.5, 0.25, 0.25)                                # D trains on, is early-stopped on, is read on
+HEADROOM_W = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
+HEADROOM_TAU2 = (0.25, 0.5, 1.0, 2.0, 4.5, 8.0)
+HEURISTIC = "AdaNAT heuristic (tau2_0=1, w_0={:g})"       # check_schedules' row of the heuristic at a w_0
 
 
 def parse_spec(spec: str) -> tuple[str, tuple]:
     """"backbone+dssl@12" -> ("backbone+dssl", (1, 2)); no "@": every tap (0, 1, 2)."""
     nets, _, taps = spec.partition("@")
-    bad = [n for n in nets.split("+") if n not in train.D_NETS]
-    if bad or (taps and not (set(taps) <= set("012") and len(set(taps)) == len(taps))):
+    if set(nets.split("+")) - set(train.D_NETS) or (taps and not (set(taps) <= set("012") and len(set(taps)) == len(taps))):
         raise train.UserError(f"--d-specs {spec!r}: networks among {', '.join(train.D_NETS)} joined by +, then "
                              f"optionally @ and taps among 0 1 2 (e.g. backbone@12); never a judge")
     return nets, tuple(int(k) for k in taps) if taps else (0, 1, 2)
-
-
-NOT_READ = ("flow", "msvq", "var", "dnet", "dssl")   # checkpoints the NAT's images and judges never read
 
 
 def fresh(pipe: train.Pipeline, path: str) -> dict:
     """A cache file's contents, or a new cache when it is missing, made with other generation settings (chunk size,
     bf16, device: other numbers) or older than a checkpoint its images or judges read (NOT_READ: a D candidate
     trained later adds readings; retrain one and delete the cache)."""
-    setup = [pipe.batch, pipe.bf16, str(pipe.device)]
-    cache = train.read_json(path, {}) if os.path.exists(path) else {}
-    if cache.get("setup") != setup or any(os.path.getmtime(p) > os.path.getmtime(path)
-                                          for p in glob.glob(os.path.join(pipe.run_dir, "*.pt"))
-                                          if not os.path.basename(p).startswith(NOT_READ)):
-        return {"setup": setup}
-    return cache
-
-
-CHECK_W = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)        # the heuristic's w_0 grid (tau2_0 = 1) ...
-CHECK_TAU2 = (0.25, 0.5, 2.0, 3.0, 4.5, 8.0)              # ... and its tau2_0 grid at the swept w_0
-SPLITS = (0.5, 0.25, 0.25)                                # D trains on, is early-stopped on, is read on
+    setup, cache = [pipe.batch, pipe.bf16, str(pipe.device)], train.read_json(path, {})   # {}: no cache file yet
+    read = [p for p in glob.glob(os.path.join(pipe.run_dir, "*.pt")) if not os.path.basename(p).startswith(NOT_READ)]
+    stale = cache.get("setup") != setup or any(os.path.getmtime(p) > os.path.getmtime(path) for p in read)
+    return {"setup": setup} if stale else cache
 
 
 def three_splits(n: int) -> tuple[slice, slice, slice]:
@@ -98,7 +90,7 @@ def check_schedules(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples
     w_0 = train.get_w0(pipe, ref, sweep_samples)
     h = lambda tau2_0, w: (lambda: nat.heuristic_schedule(T, tau2_0, w))
     out = {"MaskGIT": lambda: nat.heuristic_schedule(T, **nat.MASKGIT)}
-    out |= {f"AdaNAT heuristic (tau2_0=1, w_0={w:g})": h(nat.ADANAT_TAU2_0, w) for w in sorted({*CHECK_W, w_0})}
+    out |= {HEURISTIC.format(w): h(nat.ADANAT_TAU2_0, w) for w in sorted({*CHECK_W, w_0})}
     out |= {f"heuristic, tau2_0={tau:g} (w_0={w_0:g})": h(tau, w_0) for tau in CHECK_TAU2}
     for name in ("search", "param"):                                     # the searched family only if it was searched
         found = train.searched_table(pipe.run_dir, name, T)
@@ -112,11 +104,8 @@ def check_schedules(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples
         pairs = saved["class_pairs"]
         tables = torch.stack([nat.heuristic_table(T, tau2, w) for w, tau2 in pairs])
         out["class-only schedule (" + ", ".join(f"{w:g}/{tau2:g}" for w, tau2 in pairs) + ")"] = lambda: nat.class_table_schedule(tables)
-    for kind, label in sample.POLICY_ROWS.items():
-        found = sample.policy_schedule(pipe, kind, T)
-        if found is not None:
-            out[label.format(beta_ema=found[1]["beta_ema"])] = found[0]
-    return out
+    trained = {label: sample.policy_schedule(pipe, kind, T) for kind, label in sample.POLICY_ROWS.items()}   # or None
+    return out | {label.format(beta_ema=p[1]["beta_ema"]): p[0] for label, p in trained.items() if p is not None}
 
 
 def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, reals: tuple, fakes: tuple,
@@ -151,30 +140,11 @@ def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, re
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        step += eval_every
-        stop_loss = score(stop)["loss"]
+        step, stop_loss = step + eval_every, score(stop)["loss"]
         train.check_finite(d_loss=stop_loss)
-        if stop_loss < best["stop_loss"]:
-            best, since = {"stop_loss": stop_loss, "steps": step, **score(read)}, 0
-        else:
-            since += 1
+        improved = stop_loss < best["stop_loss"]
+        best, since = ({"stop_loss": stop_loss, "steps": step, **score(read)}, 0) if improved else (best, since + 1)
     return best
-
-
-def schedule_readings(pipe: train.Pipeline, ref: train.RealFeatures, schedules: dict, samples: int, T: int,
-                      cache: dict, save) -> dict:
-    """Per schedule: its images (made once, kept in memory) and the judges' readings (cached)."""
-    labels = train.balanced_labels(samples, pipe.cfg.num_classes)
-    images = {}
-    for name, make in tqdm(schedules.items(), desc="schedules: images and judges", disable=not train.DIST.main):
-        images[name] = pipe.decode(pipe.generate(labels, T, make(), seed=1))
-        key = f"judges|{name}|{samples}"
-        if key not in cache:
-            feats, _ = fid.extract(pipe.featnet, images[name], device=pipe.device)
-            P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
-            cache[key] = {"precision": P, "recall": R, **ref.distances(images[name], ref.train, feats)}
-            save()
-    return images
 
 
 def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: list[str], max_steps: int,
@@ -186,27 +156,37 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
     if "fid2" not in ref.judges or "fd_ssl" not in ref.judges:
         raise train.UserError(f"the reward check reads both held-out judges: train them with python train.py --run-dir "
                              f"{pipe.run_dir} --stage featnet2, then --stage featssl")
-    c = train.load_config(pipe.run_dir)
-    tables = check_schedules(pipe, ref, sweep_samples, T)
+    c, tables = train.load_config(pipe.run_dir), check_schedules(pipe, ref, sweep_samples, T)
     cache = fresh(pipe, path := os.path.join(pipe.run_dir, "reward_check_cache.json"))
-    save = lambda: train.write_json(path, cache)
-    images = schedule_readings(pipe, ref, tables, samples, T, cache, save)
-    (x_real, y_real), labels = train.real_images(c), train.balanced_labels(samples, pipe.cfg.num_classes)
-    for spec in specs:
+    labels, images = train.balanced_labels(samples, pipe.cfg.num_classes), {}   # images: made once, kept in memory
+    for name, make in tqdm(tables.items(), desc="schedules: images and judges", disable=not train.DIST.main):
+        images[name] = pipe.decode(pipe.generate(labels, T, make(), seed=1))
+        if (key := f"judges|{name}|{samples}") not in cache:               # the judges' readings: cached
+            feats, _ = fid.extract(pipe.featnet, images[name], device=pipe.device)
+            P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
+            cache[key] = {"precision": P, "recall": R, **ref.distances(images[name], ref.train, feats)}
+            train.write_json(path, cache)
+    x_real, y_real = train.real_images(c)
+    for spec in specs:                         # the reals' stop and read splits through D's backbone: once per spec
         backbone, channels = train.d_backbone(pipe.run_dir, *parse_spec(spec), pipe.device)
-        held_out = [(backbone(x_real[p].to(pipe.device)), y_real[p].to(pipe.device))   # the reals' stop and read
-                    for p in three_splits(len(x_real))[1:]]                            # splits: once per spec
+        held_out = [(backbone(x_real[p].to(pipe.device)), y_real[p].to(pipe.device)) for p in three_splits(len(x_real))[1:]]
         for name in tqdm(tables, desc=f"two-sample D on {spec}", disable=not train.DIST.main):
-            key = f"d3|{spec}|{name}|{samples}|{max_steps}"               # d3: the three-split reading
-            if key not in cache:
+            if (key := f"d3|{spec}|{name}|{samples}|{max_steps}") not in cache:   # d3: the three-split reading
                 cache[key] = fresh_d(c, backbone, channels, pipe.cfg.num_classes, (x_real, y_real, held_out),
                                      (images[name], labels), pipe.device, max_steps)
-                save()
+                train.write_json(path, cache)
     first = train.policy_file("policy", "heuristic", T)                   # its D after the warm-up: the warm-up reading
     warm = Refiner(pipe, first, disc="disc_warmup") if os.path.exists(os.path.join(pipe.run_dir, f"{first}.pt")) else None
-    heuristic = f"AdaNAT heuristic (tau2_0=1, w_0={train.get_w0(pipe, ref, sweep_samples):g})"      # check_schedules' name
+    heuristic = HEURISTIC.format(train.get_w0(pipe, ref, sweep_samples))
     read_sizes = [(p.stop - p.start) for p in (three_splits(len(x_real))[2], three_splits(samples)[2])]
     return write_check(pipe, tables, specs, cache, samples, max_steps, T, warm, images, labels, heuristic, read_sizes)
+
+
+def publish(run_dir: str, stem: str, obj, md: list) -> None:
+    """{stem}.json (obj) and {stem}.md (the markdown lines, printed too) in the run folder."""
+    train.write_json(os.path.join(run_dir, f"{stem}.json"), obj)
+    train.write_text(os.path.join(run_dir, f"{stem}.md"), "\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_steps: int, T: int, warm, images,
@@ -216,9 +196,9 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
     rows = [{"schedule": name, **cache[f"judges|{name}|{samples}"],
              **({"warmup_reward": warm.score(images[name], labels).mean().item()} if warm else {}),
              "two_sample": {s: cache[f"d3|{s}|{name}|{samples}|{max_steps}"] for s in specs}} for name in tables]
-    judge = lambda r, k: -r[k] if k == "recall" else r[k]
+    judge = lambda k: [-r[k] if k == "recall" else r[k] for r in rows]           # a judge's badness per row
     rho = {s: {f"{by}_vs_{k}": spearman_interval([r["two_sample"][s]["acc"] if by == "acc" else -r["two_sample"][s]["loss"]
-                                                  for r in rows], [judge(r, k) for r in rows])
+                                                  for r in rows], judge(k))
                for by in ("acc", "loss") for k in JUDGE_KEYS} for s in specs}
     out = {"T": T, "samples": samples, "max_steps": max_steps, "splits": SPLITS, "rows": rows, "spearman_two_sample": rho,
            "claim_judges": sample.claim_judges(pipe.run_dir),
@@ -229,11 +209,8 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
         var = lambda a: a * (1 - a) / 4 * sum(1 / n for n in read_sizes)   # a reading's binomial variance (reals, fakes)
         out["class_only_minus_heuristic"] = {s: [d := pair[1][s]["acc"] - pair[0][s]["acc"], *(
             d + k * 1.96 * (var(pair[0][s]["acc"]) + var(pair[1][s]["acc"])) ** 0.5 for k in (-1, 1))] for s in specs}
-    if warm:
-        out["spearman_warmup"] = {k: spearman_interval([-r["warmup_reward"] for r in rows], [judge(r, k) for r in rows])
-                                  for k in JUDGE_KEYS}
-        out["d_acc_warmup"] = warm.d_acc_warmup
-    train.write_json(os.path.join(pipe.run_dir, "reward_check.json"), out)
+    out |= {"spearman_warmup": {k: spearman_interval([-r["warmup_reward"] for r in rows], judge(k)) for k in JUDGE_KEYS},
+            "d_acc_warmup": warm.d_acc_warmup} if warm else {}
     fmt = lambda r: f"{r[0]:+.2f} [{r[1]:+.2f}, {r[2]:+.2f}]" + ("*" if r[1] > 0 or r[2] < 0 else "")
     md = [f"Reward check at T = {T}: {len(rows)} fixed schedules, {samples} samples each (seed 1); judges against "
           f"training-set statistics. Two-sample readings: a fresh D per schedule and spec trained on {SPLITS[0]:.0%} of "
@@ -241,32 +218,60 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
           f"read on the last {SPLITS[2]:.0%}: accuracy / loss (lower accuracy, higher loss: harder to tell from real).", "",
           "| schedule | FID | featnet2 FID | SSL FD | precision | recall |" + "".join(f" {s} acc / loss |" for s in specs)
           + (" warm-up D reward |" if warm else ""), "|---" * (6 + len(specs) + bool(warm)) + "|"]
-    for r in rows:
-        md.append(f"| {r['schedule']} | {r['fid']:.2f} | {r['fid2']:.2f} | {r['fd_ssl']:.3f} | {r['precision']:.3f} | "
-                  f"{r['recall']:.3f} |" + "".join(f" {r['two_sample'][s]['acc']:.3f} / {r['two_sample'][s]['loss']:.3f} |"
-                                                  for s in specs) + (f" {r['warmup_reward']:.4f} |" if warm else ""))
+    md += [f"| {r['schedule']} | {r['fid']:.2f} | {r['fid2']:.2f} | {r['fd_ssl']:.3f} | {r['precision']:.3f} | "
+           f"{r['recall']:.3f} |" + "".join(f" {r['two_sample'][s]['acc']:.3f} / {r['two_sample'][s]['loss']:.3f} |"
+                                           for s in specs) + (f" {r['warmup_reward']:.4f} |" if warm else "") for r in rows]
     md += ["", "Spearman rho [95% bootstrap interval over the schedules; * excludes 0] (positive: D and the judge agree; "
            "badness = the read split's accuracy or minus its loss):", "",
            "| D spec | by | " + " | ".join(JUDGE_KEYS.values()) + " |", "|---|---|" + "---|" * len(JUDGE_KEYS)]
-    for s in specs:
-        for by in ("acc", "loss"):
-            md.append(f"| {s} | {'accuracy' if by == 'acc' else '-loss'} | " +
-                      " | ".join(fmt(rho[s][f"{by}_vs_{k}"]) for k in JUDGE_KEYS) + " |")
-    if warm:
-        md.append(f"| warm-up D of policy_T{T}.pt (acc {out['d_acc_warmup']:.3f}) | -reward | " +
-                  " | ".join(fmt(out["spearman_warmup"][k]) for k in JUDGE_KEYS) + " |")
+    md += [f"| {s} | {name} | " + " | ".join(fmt(rho[s][f"{by}_vs_{k}"]) for k in JUDGE_KEYS) + " |"
+           for s in specs for by, name in (("acc", "accuracy"), ("loss", "-loss"))]
+    md += [f"| warm-up D of policy_T{T}.pt (acc {out['d_acc_warmup']:.3f}) | -reward | " +
+           " | ".join(fmt(out["spearman_warmup"][k]) for k in JUDGE_KEYS) + " |"] if warm else []
     if "class_only_minus_heuristic" in out:
         md += ["", f"Class-only schedule minus {heuristic}, read accuracy (95% binomial interval over the read items; D's own "
                "seed not varied): " + ", ".join(f"{s} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for s, (d, lo, hi) in out["class_only_minus_heuristic"].items())]
     md += ["", "Judges among themselves: " + ", ".join(f"rho({k.replace('_vs_', ', ')}) = {fmt(v)}"
                                                      for k, v in out["spearman_judges"].items()) + "."]
-    train.write_text(os.path.join(pipe.run_dir, "reward_check.md"), "\n".join(md) + "\n")
-    print("\n".join(md))
+    publish(pipe.run_dir, "reward_check", out, md)
     return out
 
 
-HEADROOM_W = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
-HEADROOM_TAU2 = (0.25, 0.5, 1.0, 2.0, 4.5, 8.0)
+def pair_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: list[str], max_steps: int, folds: int = 4,
+               T: int = 4) -> dict:
+    """pair_check.md / .json: is the class-only schedule harder to tell from real than AdaNAT's heuristic, beyond D's
+    noise? Each makes `samples` images (seed 2); per D spec and fold f, a fresh D per schedule on the f-th rotation of
+    the fakes and the reals (three_splits of the rotated sets: each fold reads other items and trains D anew); the
+    read accuracy, class-only minus heuristic, paired by fold: its mean and 95% t-interval over the folds."""
+    ref, c = train.RealFeatures(pipe), train.load_config(pipe.run_dir)
+    tables = check_schedules(pipe, ref, sweep_samples, T)
+    pair = [HEURISTIC.format(train.get_w0(pipe, ref, sweep_samples))] + [n for n in tables if n.startswith("class-only")]
+    if len(pair) < 2:
+        raise train.UserError(f"the pair check needs the class-only schedule: run python experiments/game.py --run-dir "
+                              f"{pipe.run_dir} --headroom first")
+    labels, (x_real, y_real) = train.balanced_labels(samples, pipe.cfg.num_classes), train.real_images(c)
+    images = {n: pipe.decode(pipe.generate(labels, T, tables[n](), seed=2, progress=True)) for n in pair}
+    out = {"samples": samples, "folds": folds, "pair": pair, "acc": {}}
+    for spec in specs:
+        backbone, channels = train.d_backbone(pipe.run_dir, *parse_spec(spec), pipe.device)
+        acc = {n: [] for n in pair}                                          # per schedule: the read accuracy per fold
+        for f in tqdm(range(folds), desc=f"pair check on {spec}", disable=not train.DIST.main):
+            rot = lambda x: torch.roll(x, f * len(x) // folds, 0)           # fold f: the splits over rotated sets
+            xr, yr = rot(x_real), rot(y_real)
+            held_out = [(backbone(xr[p].to(pipe.device)), yr[p].to(pipe.device)) for p in three_splits(len(xr))[1:]]
+            for n in pair:
+                acc[n].append(fresh_d(c, backbone, channels, pipe.cfg.num_classes, (xr, yr, held_out),
+                                      (rot(images[n]), rot(labels)), pipe.device, max_steps)["acc"])
+        d, half = sample.claims([{"acc": a} for a in acc[pair[1]]], [{"acc": a} for a in acc[pair[0]]], ["acc"])["acc"]
+        out["acc"][spec] = {"per_fold": acc, "class_only_minus_heuristic": [d, d - half, d + half]}
+    md = [f"Pair check at T = {T}: {pair[1]} minus {pair[0]}, read accuracy of a fresh D ({samples} samples each, seed 2; "
+          f"{folds} folds, each its own D and read split; 95% t-interval over the folds; negative: harder to tell from real).",
+          "", "| D spec | heuristic acc | class-only acc | class-only minus heuristic |", "|---|---|---|---|"]
+    md += [f"| {s} | {sum(r['per_fold'][pair[0]]) / folds:.3f} | {sum(r['per_fold'][pair[1]]) / folds:.3f} | "
+           f"{sample.claim_text(r['class_only_minus_heuristic'][0], r['class_only_minus_heuristic'][2] - r['class_only_minus_heuristic'][0])} |"
+           for s, r in out["acc"].items()]
+    publish(pipe.run_dir, "pair_check", out, md)
+    return out
 
 
 def sweep_pairs(pipe: train.Pipeline, ref: train.RealFeatures, pairs: list, per_class: int, T: int) -> dict:
@@ -290,8 +295,7 @@ def class_sweep(pipe: train.Pipeline, ref: train.RealFeatures, per_class: int, T
     (x 1.5) or tau2_0 (/ 2, x 2) row at a time, at most 4 times, the whole grid made again each time (common
     random numbers). Readings cached in headroom_sweep.json (`fresh`) with the chosen class_pairs.
     Returns {grid, per_class_fid (K, C), fid (C,), best (K,), best_all, edges}."""
-    path = os.path.join(pipe.run_dir, "headroom_sweep.json")
-    saved = fresh(pipe, path)
+    saved = fresh(pipe, path := os.path.join(pipe.run_dir, "headroom_sweep.json"))
     if (saved.get("per_class"), saved.get("T")) != (per_class, T) or "pairs" not in saved:
         saved = {"setup": saved["setup"], "per_class": per_class, "T": T, "pairs": {}}
     ws, taus = list(HEADROOM_W), list(HEADROOM_TAU2)
@@ -310,10 +314,9 @@ def class_sweep(pipe: train.Pipeline, ref: train.RealFeatures, per_class: int, T
         ws += [ws[-1] * 1.5] if edges["w"] else []
         taus = ([taus[0] / 2] if edges["tau_low"] else []) + taus + ([taus[-1] * 2] if edges["tau_high"] else [])
     overall = [r["all"] for r in read]
-    out = {"grid": grid, "per_class_fid": per_class_fid, "fid": overall, "best": best, "edges": edges,
-           "best_all": min(range(len(grid)), key=lambda j: overall[j])}
     train.write_json(path, saved | {"class_pairs": [grid[j] for j in best]})   # what the reward check reads
-    return out
+    return {"grid": grid, "per_class_fid": per_class_fid, "fid": overall, "best": best, "edges": edges,
+            "best_all": min(range(len(grid)), key=lambda j: overall[j])}
 
 
 def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: int = 150, T: int = 4) -> list:
@@ -321,10 +324,9 @@ def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: 
     (each class its best pair) on the test set over EVAL_SEEDS, every judge; the share of the best single
     pair -> floor gap each closes, and each row minus the best single pair with its 95% interval."""
     ref = sample.EvalReferences(pipe)
-    w_0 = train.get_w0(pipe, ref, sweep_samples)
-    sweep = class_sweep(pipe, ref, per_class, T)
-    grid = sweep["grid"]
-    tables = torch.stack([nat.heuristic_table(T, grid[j][1], grid[j][0]) for j in sweep["best"]])   # (K, T, 4)
+    w_0, sweep = train.get_w0(pipe, ref, sweep_samples), class_sweep(pipe, ref, per_class, T)
+    grid, best = sweep["grid"], sweep["best"]
+    tables = torch.stack([nat.heuristic_table(T, grid[j][1], grid[j][0]) for j in best])   # (K, T, 4)
     w_all, tau_all = grid[sweep["best_all"]]
     rows = {f"AdaNAT heuristic (tau2_0 = 1, w_0 = {w_0:g})": nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0),
             f"best single pair (w_0 = {w_all:g}, tau2_0 = {tau_all:g})": nat.heuristic_schedule(T, tau_all, w_all),
@@ -333,29 +335,25 @@ def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: 
     cell = lambda sched, s: lambda: sample.metrics(ref, pipe.decode(pipe.generate(labels, T, sched, seed=s)), labels)
     res = sample.run_cells([("floor", lambda: sample.recon_reference(ref, samples))] + [
         (name, cell(sched, s)) for name, sched in rows.items() for s in sample.EVAL_SEEDS], "headroom")
-    table = {name: sample.seed_summary(res[name], ()) for name in res}
-    pair_name = list(rows)[1]
+    table, pair_name = {name: sample.seed_summary(res[name], ()) for name in res}, list(rows)[1]   # the best single pair
     pair, floor = table[pair_name], table["floor"]
     keys = [k for k in ("fid", "fid_recon", "fid2", "fd_ssl") if k in floor]
     for name, r in table.items():
         r["gap_closed"] = {k: (pair[k] - r[k]) / (pair[k] - floor[k]) for k in keys}
         if name != "floor":
             r["vs_best_pair"] = sample.claims(res[name], res[pair_name], sample.claim_keys(ref))
-    train.write_json(os.path.join(pipe.run_dir, f"headroom_T{T}.json"), {
-        "rows": table, "per_class_pairs": [grid[j] for j in sweep["best"]], "sweep": sweep})
     head = f"| schedule | {sample.metric_head(ref)} " + " | ".join(f"gap closed ({k})" for k in keys) + " |"
     md = [f"Headroom of a schedule that knows only the class, T = {T}: per-class pairs (w_0, tau2_0) chosen on {per_class} "
           f"samples per class against per-class training statistics (FID network); rows: {samples} samples x seeds "
           f"{list(sample.EVAL_SEEDS)} against the test images{sample.REF_NOTE}; gap closed = (best single pair - row) / "
-          f"(best single pair - floor). Per-class pairs: " + ", ".join(f"{k}: {grid[j]}" for k, j in enumerate(sweep["best"]))
+          f"(best single pair - floor). Per-class pairs: " + ", ".join(f"{k}: {grid[j]}" for k, j in enumerate(best))
           + ("" if not any(sweep["edges"].values()) else f". Still at the grid's edge after widening: {sweep['edges']}"),
           "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in table.items():
         md.append(f"| {name} | {sample.metric_cells(r, ref)} " + " | ".join(f"{r['gap_closed'][k]:.2f}" for k in keys) + " |")
     md += ["", sample.claims_markdown([(name, r["vs_best_pair"]) for name, r in table.items()
                                        if name not in ("floor", pair_name)], pair_name, ref)]
-    train.write_text(os.path.join(pipe.run_dir, f"headroom_T{T}.md"), "\n".join(md) + "\n")
-    print("\n".join(md))
+    publish(pipe.run_dir, f"headroom_T{T}", {"rows": table, "per_class_pairs": [grid[j] for j in best], "sweep": sweep}, md)
     return table
 
 
@@ -384,8 +382,7 @@ def training_table(run_dir: str) -> list[dict]:
     action (the largest |last - first iteration| over the steps)."""
     rows, mean = [], lambda v: sum(v) / max(1, len(v))
     for path in sorted(glob.glob(os.path.join(run_dir, "*.pt"))):
-        ck = train.load_ckpt(path)
-        if ck.get("done") and "history" in ck and "pi_iters" in ck["config"]:
+        if (ck := train.load_ckpt(path)).get("done") and "history" in ck and "pi_iters" in ck["config"]:
             h = ck["history"]
             ppo_its, checks = [r for r in h if "approx_kl" in r], [r for r in h if "train_fid" in r]
             best, acts = min(checks, key=lambda r: r["train_fid"]), [torch.tensor(r["act_mean"]) for r in h if "act_mean" in r]
@@ -401,15 +398,13 @@ def training_table(run_dir: str) -> list[dict]:
                 rows[-1]["per-class mean action (last 10)"] = class_actions(run_dir, rows[-1]["run"], h, ck["config"]["spec"])
     if not rows:
         raise train.UserError(f"no finished policy in {run_dir}: train one first (python train.py --stage policy, ...)")
-    train.write_json(os.path.join(run_dir, "training.json"), rows)
     cell = lambda v: (" / ".join(f"{x:.3g}" for x in v) if isinstance(v, list) else
                       ", ".join(f"{k} {x:.3g}" for k, x in v.items()) if isinstance(v, dict) else f"{v:.3g}" if isinstance(v, float) else v)
     md = ["What each finished policy did while it trained (training-set statistics; D's accuracy: held-out reals vs the "
           "rollout's fakes; drift: the largest change of a knob's mean action at any step, last vs first iteration).", "",
           "| " + " | ".join(cols := list(dict.fromkeys(k for r in rows for k in r))) + " |", "|---" * len(cols) + "|"] + [
           "| " + " | ".join(str(cell(r.get(k, "–"))) for k in cols) + " |" for r in rows]
-    train.write_text(os.path.join(run_dir, "training.md"), "\n".join(md) + "\n")
-    print("\n".join(md))
+    publish(run_dir, "training", rows, md)
     return rows
 
 
@@ -417,8 +412,10 @@ def add_flags(p) -> None:
     """sample.py's flags of the reward check and the headroom table."""
     p.add_argument("--reward-check", action="store_true", help="the reward's fixed point at T = 4: a fresh D per fixed "
                    "schedule and --d-specs (two-sample test) against every judge, and the warm-up D: reward_check.md/.json")
-    p.add_argument("--check-samples", type=int, default=2000, help="samples per schedule of --reward-check")
-    p.add_argument("--d-specs", default=None, help="comma-separated discriminator specs of --reward-check, e.g. "
+    p.add_argument("--pair-check", action="store_true", help="is the class-only schedule harder to tell from real than "
+                   "the heuristic? per --d-specs, 4 folds of fresh D's, a t-interval: pair_check.md/.json")
+    p.add_argument("--check-samples", type=int, default=2000, help="samples per schedule of --reward-check, --pair-check")
+    p.add_argument("--d-specs", default=None, help="comma-separated discriminator specs of the checks, e.g. "
                    "backbone,backbone@12,dnet,dssl,backbone+dssl (default: the run's pi_d_nets at pi_d_taps)")
     p.add_argument("--check-d-steps", type=int, default=150, help="the most D steps per two-sample test")
     p.add_argument("--training", action="store_true", help="what every finished policy did while it trained (its "
@@ -430,18 +427,19 @@ def add_flags(p) -> None:
 
 def run(args, device: torch.device) -> None:
     """The checks the flags ask for."""
-    if not (args.reward_check or args.headroom or args.training):
-        raise train.UserError("name a check: --reward-check, --headroom or --training")
+    if not (args.reward_check or args.pair_check or args.headroom or args.training):
+        raise train.UserError("name a check: --reward-check, --pair-check, --headroom or --training")
     if args.training:
         training_table(args.run_dir)
-    pipe = sample.nat_pipeline(args, device) if args.reward_check or args.headroom else None
-    if args.reward_check:
+    pipe = sample.nat_pipeline(args, device) if args.reward_check or args.pair_check or args.headroom else None
+    if args.reward_check or args.pair_check:
         c = train.load_config(pipe.run_dir)
         specs = args.d_specs.split(",") if args.d_specs else [c.pi_d_nets + ("" if c.pi_d_taps == (0, 1, 2) else
                                                                               "@" + "".join(map(str, c.pi_d_taps)))]
         for spec in specs:                                                   # a bad or untrained spec stops first
             train.d_backbone(pipe.run_dir, *parse_spec(spec), device)
-        reward_check(pipe, args.check_samples, args.sweep_samples, specs, args.check_d_steps)
+        check = reward_check if args.reward_check else pair_check
+        check(pipe, args.check_samples, args.sweep_samples, specs, args.check_d_steps)
     if args.headroom:
         headroom(pipe, args.samples, args.sweep_samples, args.headroom_per_class)
 

@@ -382,6 +382,11 @@ def test_sample_grid_eval_bench(run_dir):
     assert os.path.exists(os.path.join(run_dir, "reward_check.md")) and any(r["schedule"].startswith("class-only") for r in check["rows"])
     assert all(lo <= d <= hi for d, lo, hi in check["class_only_minus_heuristic"].values())   # after --headroom's sweep
     _fails(run("experiments/game.py", "--run-dir", run_dir, "--reward-check", "--d-specs", "featnet2"), "never a judge")
+    r = run("experiments/game.py", "--run-dir", run_dir, "--pair-check", "--check-samples", "40", "--sweep-samples", "30",
+            "--d-specs", "backbone@12", "--check-d-steps", "25")                 # class-only vs heuristic, 4 folds
+    pair = json.load(open(os.path.join(run_dir, "pair_check.json")))["acc"]["backbone@12"]
+    d, lo, hi = pair["class_only_minus_heuristic"]
+    assert r.returncode == 0 and lo <= d <= hi and all(len(a) == 4 for a in pair["per_fold"].values()), r.stderr[-2000:]
     r = run("experiments/game.py", "--run-dir", run_dir, "--training")               # what each policy did in training
     assert r.returncode == 0, r.stderr[-2000:]
     trained = {row["run"]: row for row in json.load(open(os.path.join(run_dir, "training.json")))}

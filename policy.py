@@ -189,7 +189,8 @@ class PolicySchedule:
     default the columns of a). sigma > 0 samples o_t ~ N(eta(s_t), sigma^2) on the knobs that
     act at step t (spec.active; the others take the mean) for training rollouts, sigma = 0 takes
     the mean. With `record` a list, each step appends (features, t, o, logp) for PPO. Resets
-    its EMA at t = 0. state needs only `.features` (B, N, C).
+    its EMA at t = 0. state needs only `.features` (B, N, C), and `.labels` (B,) when h_pre is
+    (K, T, D): a start schedule per class (the class-only schedule), else h_pre is (T, D).
     """
 
     def __init__(self, policy: nn.Module, h_pre: torch.Tensor, sigma: float = 0.0, beta_ema: float = 0.0,
@@ -199,7 +200,7 @@ class PolicySchedule:
         self.policy, self.h_pre, self.sigma, self.beta_ema = policy, h_pre, sigma, beta_ema
         self.generator, self.record, self.spec, self.to_step = generator, record, spec, to_step
         self.base, self.lam = base, lam                                 # the fidelity blend (Eq. 14), see blend()
-        self.active = spec.active(len(h_pre), h_pre.device)             # (T, D) knobs that act: the noise's mask
+        self.active = spec.active(h_pre.shape[-2], h_pre.device)        # (T, D) knobs that act: the noise's mask
         self.r: Optional[torch.Tensor] = None                          # (B, D) smoothed residual r_{t-1}
         self.executed: list[torch.Tensor] = []                          # (B, D) actions per step of this batch
         self.finished: list[torch.Tensor] = []                          # (T, B, D) of earlier batches
@@ -224,7 +225,8 @@ class PolicySchedule:
             self.r, self.executed = o, []
         else:
             self.r = self.beta_ema * self.r + (1 - self.beta_ema) * o
-        a = activation(self.h_pre[t].to(o.device) + self.r, self.spec)  # (B, D)
+        h_t = self.h_pre[t] if self.h_pre.dim() == 2 else self.h_pre[state.labels, t]   # (D,) or per class (B, D)
+        a = activation(h_t.to(o.device) + self.r, self.spec)            # (B, D)
         self.executed.append(a)
         if self.to_step is not None:
             return self.to_step(t, state, a)

@@ -184,8 +184,8 @@ class PolicyKeys:                    # each policy checkpoint carries its own co
     pi_fid_chunk: int = 64           # "fid" reward: trajectories per FID chunk
     pi_seed: int = 0                 # a policy's training seed (its initial weights, exploration, D); files *_seed<k>
                                      # when k > 0: the tables' intervals span training seeds
-    pi_start: str = "heuristic"      # the residual's zero point: AdaNAT's heuristic, or a finished AutoNAT
-                                     # "search" / "param" table (experiments/search.py); files <kind>_<start>_T{T}
+    pi_start: str = "heuristic"      # the residual's zero point: AdaNAT's heuristic, a finished AutoNAT "search" / "param"
+                                     # table, or "classonly" (game.py --headroom); files <kind>_<start>_T{T}
 
 
 @dataclass
@@ -272,7 +272,8 @@ THIS_COMMAND = {"flow_path": "flow", "pi_reward": "adversarial", "pi_seed": 0, "
                                                    # each command's --set, else this default
 FREE_PREFIXES = ("pi_", "search_", "pr_", "flow_", "var_", "featnet2_", "ssl_", "dnet_", "ckpt_every_s", "log_every", "compile")
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
-PI_STARTS = {"heuristic": "AdaNAT's heuristic", "search": "the AutoNAT table", "param": "the searched family"}
+PI_STARTS = {"heuristic": "AdaNAT's heuristic", "search": "the AutoNAT table", "param": "the searched family",
+             "classonly": "the class-only schedule"}
 PI_REWARDS = ("adversarial", "fixed", "fid")
 D_NETS = ("backbone", "dnet", "dssl")              # the frozen networks D may sit on
 JUDGES = {"featnet": "fid", "featnet2": "fid2", "featssl": "fd_ssl"}   # judge -> its metric key: never D's backbone
@@ -428,8 +429,7 @@ def all_mean(x) -> torch.Tensor:
     x = torch.as_tensor(x, dtype=torch.float32 if not torch.is_tensor(x) else None)
     if DIST.world == 1:
         return x
-    on_gpu = dist.get_backend() == "nccl"
-    y = x.detach().clone().to(torch.device("cuda", torch.cuda.current_device()) if on_gpu else x.device)
+    y = x.detach().clone().to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device)
     dist.all_reduce(y)
     return y / DIST.world
 
@@ -571,11 +571,9 @@ def read_json(path: str, default=None):
 
 def finite_json(v):
     """v with every non-finite float replaced by None (valid JSON: null, not NaN)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (list, tuple)):
-        return [finite_json(x) for x in v]
-    return {k: finite_json(x) for k, x in v.items()} if isinstance(v, dict) else v
+    if isinstance(v, (list, tuple, dict)):
+        return {k: finite_json(x) for k, x in v.items()} if isinstance(v, dict) else [finite_json(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 class Logger:
@@ -1150,6 +1148,13 @@ def searched_table(run_dir: str, name: str, T: int) -> tuple | None:
     return (ck["table"], ck["config"]) if ck.get("done") else None
 
 
+def class_only_table(run_dir: str, T: int) -> torch.Tensor | None:
+    """(K, T, 4): each class the heuristic at its own (w_0, tau2_0) of experiments/game.py --headroom's sweep, or None."""
+    saved = read_json(os.path.join(run_dir, "headroom_sweep.json"), {})
+    pairs = saved.get("class_pairs") if saved.get("T") == T else None
+    return torch.stack([nat.heuristic_table(T, tau2, w) for w, tau2 in pairs]) if pairs else None
+
+
 def real_images(c: TrainConfig, n: int = 11000) -> tuple[torch.Tensor, torch.Tensor]:
     """n random training images (float, [-1, 1]) and their labels: the discriminator's reals."""
     x_train, y_train, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
@@ -1163,11 +1168,12 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
     pipe = Pipeline(run_dir, device, c.bf16)
     ref = RealFeatures(pipe)
     w_0 = get_w0(pipe, ref, c.pi_sweep_samples)
-    h = nat.heuristic_table(T, nat.ADANAT_TAU2_0, w_0) if c.pi_start == "heuristic" else searched_table(run_dir, c.pi_start, T)
+    h = (nat.heuristic_table(T, nat.ADANAT_TAU2_0, w_0) if c.pi_start == "heuristic" else class_only_table(run_dir, T)
+         if c.pi_start == "classonly" else searched_table(run_dir, c.pi_start, T))
     if h is None:
-        raise UserError(f"pi_start={c.pi_start}: {run_dir} has no finished {c.pi_start}_T{T}.pt; run python "
-                        f"experiments/search.py --run-dir {run_dir} --stage {'search' if c.pi_start == 'search' else 'param-search'}"
-                        f" --set search_T={T} first")
+        fix = "experiments/game.py --headroom" if c.pi_start == "classonly" else \
+            f"experiments/search.py --stage {'search' if c.pi_start == 'search' else 'param-search'} --set search_T={T}"
+        raise UserError(f"pi_start={c.pi_start}: {run_dir} has no such schedule at T = {T}; run python {fix} --run-dir {run_dir} first")
     cfg = pipe.cfg
 
     def reals():                                   # raw training images, or (pi_d_real = recon) their reconstructions
@@ -1178,7 +1184,7 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
 
     task = PolicyTask(
         name=policy_file(kind, c.pi_start, T, c.pi_reward, c.pi_seed), T=T, spec=policy.NAT_ACTIONS,
-        h=h if c.pi_start == "heuristic" else h[0].float(), start=f"{PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim,
+        h=h[0].float() if isinstance(h, tuple) else h, start=f"{PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim,
         N=cfg.num_tokens, num_classes=cfg.num_classes,
         generate=lambda y, sched, g, G: nat.generate(pipe.logits_fn, y, T, sched, cfg.mask_id, cfg.num_tokens,
                                                      cfg.null_label, g, group=G),
@@ -1188,9 +1194,8 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
 
 def sigma_at(c: TrainConfig, it: int) -> float:
     """Exploration std of iteration `it`: linear pi_sigma0 -> pi_sigma1, or a step at the half."""
-    if c.pi_sigma_schedule == "step":
-        return c.pi_sigma0 if it < c.pi_iters // 2 else c.pi_sigma1
-    return c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
+    step = c.pi_sigma0 if it < c.pi_iters // 2 else c.pi_sigma1
+    return step if c.pi_sigma_schedule == "step" else c.pi_sigma0 + (c.pi_sigma1 - c.pi_sigma0) * it / max(1, c.pi_iters - 1)
 
 
 def advantages(c: TrainConfig, R_all: torch.Tensor, value: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1209,12 +1214,10 @@ def reward_hook(c: TrainConfig, kind: str, pipe, ref: RealFeatures) -> Callable:
     """R (B,) from (r_adv, r_fid, fake images, lam): D's score r_adv (AdaNAT Eq. 13); the fidelity blend
     (AdaGen Eq. 15); or for the reward-hacking study the fixed reward r_fid = log p(y|x) or minus the FID
     (training statistics) of the trajectory's chunk of pi_fid_chunk (AdaGen §III-D)."""
-    if kind == "fidelity":
-        return lambda r_adv, r_fid, fake, lam: reward.blended_reward(r_adv, r_fid, lam)
-    if c.pi_reward == "fixed":
-        return lambda r_adv, r_fid, fake, lam: r_fid
-    if c.pi_reward == "adversarial":
-        return lambda r_adv, r_fid, fake, lam: r_adv
+    simple = {"fidelity": lambda r_adv, r_fid, fake, lam: reward.blended_reward(r_adv, r_fid, lam),
+              "fixed": lambda r_adv, r_fid, fake, lam: r_fid, "adversarial": lambda r_adv, r_fid, fake, lam: r_adv}
+    if (key := "fidelity" if kind == "fidelity" else c.pi_reward) in simple:
+        return simple[key]
 
     def chunk_fid(r_adv, r_fid, fake, lam):
         feats = all_cat(fid.extract(pipe.featnet, fake, device=fake.device)[0].to(fake.device)).cpu()   # (B, D)
@@ -1500,12 +1503,9 @@ def main(argv: list[str] | None = None, stages: dict | None = None, default: lis
                 raise RunFault(f"{s}: out of memory; lower its batch in a new run folder") from None
             barrier()                                                # its files are written before the next stage reads them
             log(stage=s, wall_seconds=round(time.time() - t0, 1))
-    except (UserError, data.DataError) as e:
+    except (UserError, data.DataError, RunFault) as e:               # a run fault: every rank stops with the same line
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RunFault as e:                                            # every rank stops with the same line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(FAULT_EXIT)
+        sys.exit(FAULT_EXIT if isinstance(e, RunFault) else 2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

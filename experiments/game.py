@@ -99,10 +99,8 @@ def check_schedules(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples
                                   f"--run-dir {pipe.run_dir} --stage search --set search_T={T}")
         if found is not None:
             out[sample.SEARCH_ROWS[name]] = lambda table=found[0].float(): nat.table_schedule(table)
-    saved = train.read_json(os.path.join(pipe.run_dir, "headroom_sweep.json"), {})
-    if saved.get("T") == T and "class_pairs" in saved:                    # named by its pairs: a new sweep, a new row
-        pairs = saved["class_pairs"]
-        tables = torch.stack([nat.heuristic_table(T, tau2, w) for w, tau2 in pairs])
+    pairs = train.read_json(os.path.join(pipe.run_dir, "headroom_sweep.json"), {}).get("class_pairs")
+    if (tables := train.class_only_table(pipe.run_dir, T)) is not None:    # named by its pairs: a new sweep, a new row
         out["class-only schedule (" + ", ".join(f"{w:g}/{tau2:g}" for w, tau2 in pairs) + ")"] = lambda: nat.class_table_schedule(tables)
     trained = {label: sample.policy_schedule(pipe, kind, T) for kind, label in sample.POLICY_ROWS.items()}   # or None
     return out | {label.format(beta_ema=p[1]["beta_ema"]): p[0] for label, p in trained.items() if p is not None}

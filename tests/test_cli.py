@@ -361,9 +361,13 @@ def test_sample_grid_eval_bench(run_dir):
     assert r.returncode == 0 and "(floor)" in r.stdout, r.stderr[-2000:]
     rows = json.load(open(os.path.join(run_dir, "floor.json")))["rows"]
     assert rows["tokenizer reconstructions of test vs test (floor)"]["fid_recon"] < 1e-2 and len(rows) == 2
+    classonly = ("train.py", "--run-dir", run_dir, "--stage", "policy", "--set", "pi_start=classonly")
+    _fails(run(*classonly), "game.py --headroom")                            # a policy on the class-only schedule: not yet
     r = run("experiments/game.py", "--run-dir", run_dir, "--headroom", "--samples", "20", "--sweep-samples", "30",
             "--headroom-per-class", "8")
     assert r.returncode == 0, r.stderr[-2000:]
+    r = run(*classonly)                                                      # now its residual starts from each class's pair
+    assert r.returncode == 0 and train.is_done(os.path.join(run_dir, "policy_classonly_T4.pt")), r.stderr[-2000:]
     head = json.load(open(os.path.join(run_dir, "headroom_T4.json")))
     only = head["rows"]["class-only schedule (each class its best pair)"]
     assert len(head["per_class_pairs"]) == 10 and all(math.isfinite(v) for v in only["gap_closed"].values())

@@ -56,6 +56,21 @@ def test_untrained_policy_is_the_heuristic(kind, beta_ema):
     assert torch.equal(got, run(nat.table_schedule(h)))                      # the clamp changes no token here
 
 
+def test_untrained_policy_on_a_per_class_start_is_the_class_only_schedule():
+    """h_pre (K, T, D): each sample starts from its class's table; zero residual makes the class-only schedule."""
+    net, cfg = tiny_nat()
+    T = 4
+    tables = torch.stack([nat.heuristic_table(T, tau2, w) for w, tau2 in ((0.0, 1.0), (3.0, 4.5), (8.0, 0.25))])   # (K, T, 4)
+    labels = torch.tensor([0, 1, 2, 1])
+    sched = policy.PolicySchedule(policy.AdaptivePolicy(T, cfg.dim, cfg.num_tokens, width=16, hidden=16),
+                                  policy.inverse_activation(tables))
+    run = lambda s: nat.generate(net, labels, T, s, cfg.mask_id, cfg.num_tokens, cfg.null_label, torch.Generator().manual_seed(1))
+    got = run(sched)
+    executed = torch.stack(sched.executed)                                   # (T, B, 4)
+    assert torch.allclose(executed, policy.activation(policy.inverse_activation(tables))[labels].transpose(0, 1), atol=1e-6)
+    assert torch.equal(got, run(nat.class_table_schedule(tables)))
+
+
 class Scripted(torch.nn.Module):
     """A 'policy' whose output at step t is a given row: o_t = outs[t]."""
 

@@ -237,10 +237,11 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
 
 def pair_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: list[str], max_steps: int, folds: int = 4,
                T: int = 4) -> dict:
-    """pair_check.md / .json: is the class-only schedule harder to tell from real than AdaNAT's heuristic, beyond D's
-    noise? Each makes `samples` images (seed 2); per D spec and fold f, a fresh D per schedule on the f-th rotation of
-    the fakes and the reals (three_splits of the rotated sets: each fold reads other items and trains D anew); the
-    read accuracy, class-only minus heuristic, paired by fold: its mean and 95% t-interval over the folds."""
+    """pair_check.md / .json: is the class-only schedule harder to tell from real than AdaNAT's heuristic, beyond D's noise?
+    Each makes `samples` images (seed 2); per D spec and fold f, a fresh D per schedule on the f-th rotation of the fakes
+    and the reals (three_splits of the rotated sets: each fold reads other items and trains D anew; the readings cached in
+    pair_check_cache.json, `fresh`); the read accuracy, class-only minus heuristic, paired by fold: its mean and 95%
+    t-interval over the folds."""
     ref, c = train.RealFeatures(pipe), train.load_config(pipe.run_dir)
     tables = check_schedules(pipe, ref, sweep_samples, T)
     pair = [HEURISTIC.format(train.get_w0(pipe, ref, sweep_samples))] + [n for n in tables if n.startswith("class-only")]
@@ -249,7 +250,7 @@ def pair_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: li
                               f"{pipe.run_dir} --headroom first")
     labels, (x_real, y_real) = train.balanced_labels(samples, pipe.cfg.num_classes), train.real_images(c)
     images = {n: pipe.decode(pipe.generate(labels, T, tables[n](), seed=2, progress=True)) for n in pair}
-    out = {"samples": samples, "folds": folds, "pair": pair, "acc": {}}
+    out, cache = {"samples": samples, "folds": folds, "pair": pair, "acc": {}}, fresh(pipe, path := os.path.join(pipe.run_dir, "pair_check_cache.json"))   # one reading per D: resumable
     for spec in specs:
         backbone, channels = train.d_backbone(pipe.run_dir, *parse_spec(spec), pipe.device)
         acc = {n: [] for n in pair}                                          # per schedule: the read accuracy per fold
@@ -258,8 +259,11 @@ def pair_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: li
             xr, yr = rot(x_real), rot(y_real)
             held_out = [(backbone(xr[p].to(pipe.device)), yr[p].to(pipe.device)) for p in three_splits(len(xr))[1:]]
             for n in pair:
-                acc[n].append(fresh_d(c, backbone, channels, pipe.cfg.num_classes, (xr, yr, held_out),
-                                      (rot(images[n]), rot(labels)), pipe.device, max_steps)["acc"])
+                if (key := f"{spec}|{n}|{samples}|{max_steps}|fold {f} of {folds}") not in cache:
+                    cache[key] = fresh_d(c, backbone, channels, pipe.cfg.num_classes, (xr, yr, held_out),
+                                         (rot(images[n]), rot(labels)), pipe.device, max_steps)["acc"]
+                    train.write_json(path, cache)
+                acc[n].append(cache[key])
         d, half = sample.claims([{"acc": a} for a in acc[pair[1]]], [{"acc": a} for a in acc[pair[0]]], ["acc"])["acc"]
         out["acc"][spec] = {"per_fold": acc, "class_only_minus_heuristic": [d, d - half, d + half]}
     md = [f"Pair check at T = {T}: {pair[1]} minus {pair[0]}, read accuracy of a fresh D ({samples} samples each, seed 2; "

@@ -1171,9 +1171,9 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
     h = (nat.heuristic_table(T, nat.ADANAT_TAU2_0, w_0) if c.pi_start == "heuristic" else class_only_table(run_dir, T)
          if c.pi_start == "classonly" else searched_table(run_dir, c.pi_start, T))
     if h is None:
-        fix = "experiments/game.py --headroom" if c.pi_start == "classonly" else \
-            f"experiments/search.py --stage {'search' if c.pi_start == 'search' else 'param-search'} --set search_T={T}"
-        raise UserError(f"pi_start={c.pi_start}: {run_dir} has no such schedule at T = {T}; run python {fix} --run-dir {run_dir} first")
+        what, fix = ("no class-only schedule", "experiments/game.py --headroom") if c.pi_start == "classonly" else (
+            f"no finished {c.pi_start}_T{T}.pt", f"experiments/search.py --stage {'search' if c.pi_start == 'search' else 'param-search'} --set search_T={T}")
+        raise UserError(f"pi_start={c.pi_start}: {run_dir} has {what} at T = {T}; run python {fix} --run-dir {run_dir} first")
     cfg = pipe.cfg
 
     def reals():                                   # raw training images, or (pi_d_real = recon) their reconstructions

@@ -328,7 +328,7 @@ def headroom(pipe: train.Pipeline, samples: int, sweep_samples: int, per_class: 
     ref = sample.EvalReferences(pipe)
     w_0, sweep = train.get_w0(pipe, ref, sweep_samples), class_sweep(pipe, ref, per_class, T)
     grid, best = sweep["grid"], sweep["best"]
-    tables = torch.stack([nat.heuristic_table(T, grid[j][1], grid[j][0]) for j in best])   # (K, T, 4)
+    tables = train.class_only_table(pipe.run_dir, T)                        # (K, T, 4): the pairs class_sweep wrote
     w_all, tau_all = grid[sweep["best_all"]]
     rows = {f"AdaNAT heuristic (tau2_0 = 1, w_0 = {w_0:g})": nat.heuristic_schedule(T, nat.ADANAT_TAU2_0, w_0),
             f"best single pair (w_0 = {w_all:g}, tau2_0 = {tau_all:g})": nat.heuristic_schedule(T, tau_all, w_all),

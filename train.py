@@ -229,6 +229,7 @@ class ExperimentKeys:                # read by experiments/search.py and experim
     var_depth: int = 4
     var_heads: int = 4
     var_ema_decay: float = 0.995     # EMA of the weights sampling uses
+    var_pi_width: int = 32           # the VAR policy's pi_width: its K forwards <= 3% of the transformer's (--bench)
 
 
 @dataclass
@@ -992,8 +993,7 @@ FROZEN_NETS = {   # stage -> (sizes, steps key, seed offset, SimCLR); the discri
 
 def stage_vq(c: TrainConfig, run_dir: str, device: torch.device, log: Logger) -> None:
     """The VQ tokenizer: L = |x - G(z_q)| + (x - G(z_q))^2 + L_vq + vq_perceptual * L_P (+ hinge patch-GAN)."""
-    x_train, _, _ = data.load_dataset(c.data, "train", c.img_size, c.channels, c.seed)
-    x_test, _, _ = data.load_dataset(c.data, "test", c.img_size, c.channels, c.seed)
+    x_train, x_test = (data.load_dataset(c.data, split, c.img_size, c.channels, c.seed)[0] for split in ("train", "test"))
     cfg = vq_config(c)
     model = vqgan.VQModel(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=c.vq_lr, betas=(0.5, 0.9))
@@ -1124,7 +1124,7 @@ class PolicyTask:
     fid_images: Callable       # (labels, schedule) -> images on the CPU (seed 0), for the training-set FID
     reals: Callable            # () -> (x (n, C, H, W) float, y (n,)): what D calls real
     to_step: Optional[Callable] = None   # PolicySchedule's to_step (the ODE sampler's [f, w] -> (t', w))
-    extra: dict = dataclasses.field(default_factory=dict)   # recorded in the policy's config
+    extra: dict = dataclasses.field(default_factory=dict)   # recorded in the policy's config, over the pi_ flags
 
 
 def policy_file(kind: str, start: str, T: int, reward_name: str = "adversarial", seed: int = 0) -> str:
@@ -1263,8 +1263,8 @@ def train_policy(c: TrainConfig, run_dir: str, device: torch.device, log: Logger
     c = dataclasses.replace(c, pi_iters=max(1, c.pi_iters * 4 // task.T))   # the same generator forwards at any T
     T, spec, G, name = task.T, task.spec, c.pi_group, task.name
     pcfg = {"kind": kind, "T": T, "heuristic": task.h.tolist(), "C": task.C, "N": task.N,
-            "beta_ema": c.pi_beta_ema if kind == "smooth" else 0.0, "spec": list(spec.names), **task.extra,
-            **{k: v for k, v in to_plain(c).items() if k.startswith("pi_") and k not in ("pi_T", "pi_beta_ema")}}
+            "beta_ema": c.pi_beta_ema if kind == "smooth" else 0.0, "spec": list(spec.names),
+            **{k: v for k, v in to_plain(c).items() if k.startswith("pi_") and k not in ("pi_T", "pi_beta_ema")}, **task.extra}
     if c.pi_seed:                                                    # seed 0: the process's generator, as it always was
         torch.manual_seed(c.seed + 7919 * c.pi_seed)
     pi, V = (m.to(device) for m in build_policy(pcfg))               # the policy pi (eta_phi) and its critic V

@@ -4,14 +4,11 @@ AdaNAT keeps training the discriminator D on the current policy's samples, so th
 samples a freshly trained D can least tell from real images: a classifier two-sample test. `reward_check` measures it
 directly. For each of at least 16 fixed T-step schedules, none a perturbation of another (`check_schedules`: MaskGIT;
 AdaNAT's heuristic on a w_0 grid and a tau2_0 grid; the searched table and family; the class-only schedule of --headroom's
-sweep; every trained policy), `samples` images are made once (seed 1, balanced labels), and:
-  - the judges score them against *training* statistics: FID on the FID network, on featnet2, the self-supervised network's
-    Fréchet distance (SSL FD), precision and recall;
-  - per discriminator spec (its frozen network(s) and taps: "backbone", "backbone@12", "dnet", "dssl", "backbone+dssl",
-    ...) a fresh D of the policy's kind (heads, class projection, translation DiffAugment, Adam(pi_d_lr, (0.5, 0.999)),
-    pi_batch reals + pi_batch fakes per step) trains on one split of the fakes and of the reals (`three_splits`), is scored
-    every `eval_every` steps on a second and stops when that loss has not improved for `patience` scorings; the reading is
-    its loss and accuracy on the third, which chose nothing (lower accuracy, higher loss: harder to tell from real);
+sweep; every trained policy; experiments/var.py passes the VAR's), `samples` images are made once (seed 1), and:
+  - the judges score them against *training* statistics: FID, featnet2 FD, SSL FD, precision and recall;
+  - per discriminator spec (frozen network(s) and taps: "backbone", "backbone@12", "dnet", "dssl", "backbone+dssl", ...)
+    a fresh D of the policy's kind (`fresh_d`) trains on one split of the fakes and of the reals (`three_splits`), is
+    early-stopped on a second and read on the third, which chose nothing (lower accuracy, higher loss: harder to tell);
   - the warm-up reading: the mean reward of policy_T{T}.pt's D after its warm-up, if trained.
 Spearman rho(D's badness, judge) per spec and judge with a 95% bootstrap interval over the schedules: badness = the
 read accuracy, or minus the read loss; judge = FID, featnet2 FD, SSL FD or minus recall (positive rho: D and the judge
@@ -64,12 +61,13 @@ def parse_spec(spec: str) -> tuple[str, tuple]:
     return nets, tuple(int(k) for k in taps) if taps else (0, 1, 2)
 
 
-def fresh(pipe: train.Pipeline, path: str) -> dict:
+def fresh(pipe: train.Pipeline, path: str, reads: tuple = ()) -> dict:
     """A cache file's contents, or a new cache when it is missing, made with other generation settings (chunk size,
-    bf16, device: other numbers) or older than a checkpoint its images or judges read (NOT_READ: a D candidate
-    trained later adds readings; retrain one and delete the cache)."""
+    bf16, device: other numbers) or older than a checkpoint its images or judges read: those named `reads`, else all
+    but NOT_READ (a D candidate trained later adds readings; retrain one and delete the cache)."""
     setup, cache = [pipe.batch, pipe.bf16, str(pipe.device)], train.read_json(path, {})   # {}: no cache file yet
-    read = [p for p in glob.glob(os.path.join(pipe.run_dir, "*.pt")) if not os.path.basename(p).startswith(NOT_READ)]
+    keep = (lambda n: n.startswith(reads)) if reads else (lambda n: not n.startswith(NOT_READ))
+    read = [p for p in glob.glob(os.path.join(pipe.run_dir, "*.pt")) if keep(os.path.basename(p))]
     stale = cache.get("setup") != setup or any(os.path.getmtime(p) > os.path.getmtime(path) for p in read)
     return {"setup": setup} if stale else cache
 
@@ -108,10 +106,12 @@ def check_schedules(pipe: train.Pipeline, ref: train.RealFeatures, sweep_samples
 
 def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, reals: tuple, fakes: tuple,
             device: torch.device, max_steps: int, eval_every: int = 25, patience: int = 2) -> dict:
-    """One classifier two-sample test: a fresh projected D trained on the train split of fakes (x (n, C, H, W), y (n,))
-    against the train split of reals, early-stopped on the stop splits' loss, read on the read splits (three_splits: no
-    reading is made on what chose the stopping point); returns the read {loss, acc}, the stopping loss and the steps
-    run. reals = (x, y, [(features, labels) of their stop and read splits])."""
+    """One classifier two-sample test: a fresh projected D of the policy's kind (heads, class projection, translation
+    DiffAugment, pi_batch reals + pi_batch fakes a step) trained on the train split of fakes (x (n, C, H, W), y (n,))
+    against the train split of reals, scored every eval_every steps on the stop splits' loss and stopped after
+    `patience` scorings without a better one, read on the read splits (three_splits: no reading is made on what chose
+    the stopping point); returns the read {loss, acc}, the stopping loss and the steps run. reals = (x, y,
+    [(features, labels) of their stop and read splits])."""
     (xr, yr, (stop_real, read_real)), (xf, yf) = reals, fakes
     (tr_r, _, _), (tr_f, stop_f, read_f) = three_splits(len(xr)), three_splits(len(xf))
     feats = lambda x, y, part: (backbone(x[part].to(device)), y[part].to(device))   # frozen: computed once
@@ -145,20 +145,19 @@ def fresh_d(c: train.TrainConfig, backbone, channels: list, num_classes: int, re
     return best
 
 
-def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: list[str], max_steps: int,
-                 T: int = 4) -> dict:
-    """reward_check.md / .json: the two-sample readings of every D spec and the warm-up reading, with
-    the judges and Spearman rho per spec and judge (module docstring). Resumable: reward_check_cache.json
-    (started over when a checkpoint is newer or the generation settings differ: `fresh`)."""
-    ref = train.RealFeatures(pipe)
+def reward_check(pipe: train.Pipeline, ref: train.RealFeatures, samples: int, specs: list[str], max_steps: int, tables: dict,
+                 make_images, T: int = 4, stem: str = "reward_check", reads: tuple = (), warm=None, heuristic: str = "") -> dict:
+    """{stem}.md / .json: the two-sample readings of every D spec on the schedules `tables` ({name: make_schedule};
+    make_images(labels, schedule) -> images, seed 1) and the warm-up reading (`warm`, a Refiner), with the judges and
+    Spearman rho per spec and judge (module docstring). Resumable: {stem}_cache.json (started over when a checkpoint it
+    reads is newer or the generation settings differ: `fresh`)."""
     if "fid2" not in ref.judges or "fd_ssl" not in ref.judges:
         raise train.UserError(f"the reward check reads both held-out judges: train them with python train.py --run-dir "
                              f"{pipe.run_dir} --stage featnet2, then --stage featssl")
-    c, tables = train.load_config(pipe.run_dir), check_schedules(pipe, ref, sweep_samples, T)
-    cache = fresh(pipe, path := os.path.join(pipe.run_dir, "reward_check_cache.json"))
+    c, cache = train.load_config(pipe.run_dir), fresh(pipe, path := os.path.join(pipe.run_dir, f"{stem}_cache.json"), reads)
     labels, images = train.balanced_labels(samples, pipe.cfg.num_classes), {}   # images: made once, kept in memory
     for name, make in tqdm(tables.items(), desc="schedules: images and judges", disable=not train.DIST.main):
-        images[name] = pipe.decode(pipe.generate(labels, T, make(), seed=1))
+        images[name] = make_images(labels, make())
         if (key := f"judges|{name}|{samples}") not in cache:               # the judges' readings: cached
             feats, _ = fid.extract(pipe.featnet, images[name], device=pipe.device)
             P, R = fid.precision_recall(ref.train_feats, feats, k=3, device=ref.device)
@@ -173,11 +172,8 @@ def reward_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: 
                 cache[key] = fresh_d(c, backbone, channels, pipe.cfg.num_classes, (x_real, y_real, held_out),
                                      (images[name], labels), pipe.device, max_steps)
                 train.write_json(path, cache)
-    first = train.policy_file("policy", "heuristic", T)                   # its D after the warm-up: the warm-up reading
-    warm = Refiner(pipe, first, disc="disc_warmup") if os.path.exists(os.path.join(pipe.run_dir, f"{first}.pt")) else None
-    heuristic = HEURISTIC.format(train.get_w0(pipe, ref, sweep_samples))
     read_sizes = [(p.stop - p.start) for p in (three_splits(len(x_real))[2], three_splits(samples)[2])]
-    return write_check(pipe, tables, specs, cache, samples, max_steps, T, warm, images, labels, heuristic, read_sizes)
+    return write_check(pipe, tables, specs, cache, samples, max_steps, T, warm, images, labels, heuristic, read_sizes, stem)
 
 
 def publish(run_dir: str, stem: str, obj, md: list) -> None:
@@ -188,8 +184,8 @@ def publish(run_dir: str, stem: str, obj, md: list) -> None:
 
 
 def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_steps: int, T: int, warm, images,
-                labels, heuristic: str, read_sizes: list) -> dict:
-    """reward_check.json / .md from the cached readings; the class-only schedule's read accuracy minus the heuristic's
+                labels, heuristic: str, read_sizes: list, stem: str) -> dict:
+    """{stem}.json / .md from the cached readings; the class-only schedule's read accuracy minus the heuristic's
     per spec, with a 95% binomial interval over the read items (reals and fakes weighted equally; D's seed not varied)."""
     rows = [{"schedule": name, **cache[f"judges|{name}|{samples}"],
              **({"warmup_reward": warm.score(images[name], labels).mean().item()} if warm else {}),
@@ -231,7 +227,7 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
                "seed not varied): " + ", ".join(f"{s} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for s, (d, lo, hi) in out["class_only_minus_heuristic"].items())]
     md += ["", "Judges among themselves: " + ", ".join(f"rho({k.replace('_vs_', ', ')}) = {fmt(v)}"
                                                      for k, v in out["spearman_judges"].items()) + "."]
-    publish(pipe.run_dir, "reward_check", out, md)
+    publish(pipe.run_dir, stem, out, md)
     return out
 
 
@@ -410,16 +406,31 @@ def training_table(run_dir: str) -> list[dict]:
     return rows
 
 
-def add_flags(p) -> None:
-    """sample.py's flags of the reward check and the headroom table."""
-    p.add_argument("--reward-check", action="store_true", help="the reward's fixed point at T = 4: a fresh D per fixed "
-                   "schedule and --d-specs (two-sample test) against every judge, and the warm-up D: reward_check.md/.json")
-    p.add_argument("--pair-check", action="store_true", help="is the class-only schedule harder to tell from real than "
-                   "the heuristic? per --d-specs, 4 folds of fresh D's, a t-interval: pair_check.md/.json")
+def add_check_flags(p) -> None:
+    """The reward check's flags (experiments/var.py has them too)."""
+    p.add_argument("--reward-check", action="store_true", help="the reward's fixed point: a fresh D per fixed schedule "
+                   "and --d-specs (two-sample test) against every judge, and the warm-up D: reward_check.md/.json")
     p.add_argument("--check-samples", type=int, default=2000, help="samples per schedule of --reward-check, --pair-check")
     p.add_argument("--d-specs", default=None, help="comma-separated discriminator specs of the checks, e.g. "
                    "backbone,backbone@12,dnet,dssl,backbone+dssl (default: the run's pi_d_nets at pi_d_taps)")
     p.add_argument("--check-d-steps", type=int, default=150, help="the most D steps per two-sample test")
+
+
+def d_specs(args, pipe: train.Pipeline) -> list[str]:
+    """--d-specs, else the run's pi_d_nets at pi_d_taps; a bad or untrained spec stops here, before any image."""
+    c = train.load_config(pipe.run_dir)
+    specs = args.d_specs.split(",") if args.d_specs else [c.pi_d_nets + ("" if c.pi_d_taps == (0, 1, 2) else
+                                                                          "@" + "".join(map(str, c.pi_d_taps)))]
+    for spec in specs:
+        train.d_backbone(pipe.run_dir, *parse_spec(spec), pipe.device)
+    return specs
+
+
+def add_flags(p) -> None:
+    """sample.py's flags of the checks and the headroom table."""
+    add_check_flags(p)
+    p.add_argument("--pair-check", action="store_true", help="is the class-only schedule harder to tell from real than "
+                   "the heuristic? per --d-specs, 4 folds of fresh D's, a t-interval: pair_check.md/.json")
     p.add_argument("--training", action="store_true", help="what every finished policy did while it trained (its "
                    "checkpoint's history: FIDs, D's accuracy and steps, KL, mean-action drift): training.md/.json")
     p.add_argument("--headroom", action="store_true", help="the class-only schedule's headroom at T = 4: headroom_T4.md/.json")
@@ -434,14 +445,15 @@ def run(args, device: torch.device) -> None:
     if args.training:
         training_table(args.run_dir)
     pipe = sample.nat_pipeline(args, device) if args.reward_check or args.pair_check or args.headroom else None
-    if args.reward_check or args.pair_check:
-        c = train.load_config(pipe.run_dir)
-        specs = args.d_specs.split(",") if args.d_specs else [c.pi_d_nets + ("" if c.pi_d_taps == (0, 1, 2) else
-                                                                              "@" + "".join(map(str, c.pi_d_taps)))]
-        for spec in specs:                                                   # a bad or untrained spec stops first
-            train.d_backbone(pipe.run_dir, *parse_spec(spec), device)
-        check = reward_check if args.reward_check else pair_check
-        check(pipe, args.check_samples, args.sweep_samples, specs, args.check_d_steps)
+    if args.reward_check:
+        specs, first = d_specs(args, pipe), train.policy_file("policy", "heuristic", 4)     # a bad spec stops first
+        ref = train.RealFeatures(pipe)
+        warm = Refiner(pipe, first, disc="disc_warmup") if os.path.exists(os.path.join(pipe.run_dir, f"{first}.pt")) else None
+        reward_check(pipe, ref, args.check_samples, specs, args.check_d_steps, check_schedules(pipe, ref, args.sweep_samples, 4),
+                     lambda y, sched: pipe.decode(pipe.generate(y, 4, sched, seed=1)), warm=warm,
+                     heuristic=HEURISTIC.format(train.get_w0(pipe, ref, args.sweep_samples)))
+    if args.pair_check:
+        pair_check(pipe, args.check_samples, args.sweep_samples, d_specs(args, pipe), args.check_d_steps)
     if args.headroom:
         headroom(pipe, args.samples, args.sweep_samples, args.headroom_per_class)
 

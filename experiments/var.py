@@ -25,12 +25,13 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import var  # noqa: E402
 import vqgan  # noqa: E402
-from experiments import bench, search  # noqa: E402
+from experiments import bench, game, search  # noqa: E402
 
 K = len(var.SCALES)                   # decisions per trajectory: one per scale
 W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # the w_max sweep of VAR's ramp
 DEFAULTS = "VAR defaults (w ramp 0 -> {w:g}, top-k 900/4096, top-p 0.96, tau 1)"
 NO_GUIDANCE = "no guidance (top-k 900/4096, top-p 0.96)"
+SEARCH_ROW = sample.SEARCH_ROWS["search"].replace("T x 4", "K x 4")   # AutoNAT search (free K x 4 table)
 
 
 class MSVQ(nn.Module):
@@ -233,7 +234,7 @@ def var_task(c: train.TrainConfig, run_dir: str, device: torch.device, kind: str
         start=DEFAULTS.format(w=w_max), C=pipe.cfg.dim, N=H * H, num_classes=pipe.cfg.num_classes,
         generate=lambda y, sched, g, G: var.generate(pipe.logits_fn, pipe.vq.quant, y, sched, pipe.cfg.null_label, g, G)[0],
         to_images=pipe.vq.detokenize, fid_images=lambda y, sched: pipe.decode(pipe.generate(y, sched, seed=0)),
-        reals=lambda: train.real_images(c))
+        reals=lambda: train.real_images(c), extra={"pi_width": c.var_pi_width})
     return task, pipe, ref
 
 
@@ -301,7 +302,7 @@ def evaluate(pipe: VARPipeline, samples: int, sweep_samples: int) -> None:
             for name, w in ((DEFAULTS.format(w=1.5), 1.5), (NO_GUIDANCE, 0.0), (swept, w_max)) if w != w_max or name == swept}
     found = train.searched_table(pipe.run_dir, "var_search", K)
     if found is not None:
-        rows[sample.SEARCH_ROWS["search"].replace("T x 4", "K x 4")] = [lambda: var.table_schedule(found[0])]
+        rows[SEARCH_ROW] = [lambda: var.table_schedule(found[0])]
     rows.update(policy_rows(pipe))
     n = min(samples, len(ref.test_feats), len(ref.train_feats))
     labels = train.balanced_labels(samples, pipe.cfg.num_classes)
@@ -397,8 +398,24 @@ def var_bench(pipe: VARPipeline, batch: int, repeats: int = 3) -> dict:
     return res
 
 
+def reward_check(pipe: VARPipeline, args) -> dict:
+    """var_reward_check.md / .json: game.py's reward check on the VAR's schedules, none a copy of another: VAR's
+    defaults on the w_max sweep's grid, the searched table and each training seed's last iterate of both policies."""
+    rows = {f"VAR defaults, w_max={w:g}": (lambda w=w: var.table_schedule(var.default_table(K, w))) for w in W_GRID}
+    if (found := train.searched_table(pipe.run_dir, "var_search", K)) is not None:
+        rows[SEARCH_ROW] = lambda: var.table_schedule(found[0])
+    for kind in ("static", "policy"):
+        for s in train.policy_seeds(pipe.run_dir, "var_" + kind, "heuristic", K):
+            path = os.path.join(pipe.run_dir, train.policy_file("var_" + kind, "heuristic", K, seed=s) + ".pt")
+            rows[f"{sample.POLICY_ROWS[kind]}, last iterate, seed {s}"] = policy_schedule(pipe, path, "model")[0]
+    return game.reward_check(pipe, train.RealFeatures(pipe), args.check_samples, game.d_specs(args, pipe), args.check_d_steps,
+                             rows, lambda y, sched: pipe.decode(pipe.generate(y, sched, seed=1)), T=K, stem="var_reward_check",
+                             reads=("msvq", "var", "featnet", "featssl", "backbone"))
+
+
 def add_flags(p) -> None:
     p.add_argument("--bench", action="store_true", help="images/s of sampling vs bare forwards, and the policy's cost")
+    game.add_check_flags(p)
 
 
 def run(args, device: torch.device) -> None:
@@ -412,7 +429,9 @@ def run(args, device: torch.device) -> None:
         plot_policy(pipe)
     if args.bench:
         var_bench(pipe, args.batch or (1024 if device.type == "cuda" else 256))
-    if args.eval or not (args.plot or args.bench or args.sweep_w):
+    if args.reward_check:
+        reward_check(pipe, args)
+    if args.eval or not (args.plot or args.bench or args.sweep_w or args.reward_check):
         grids(pipe)
 
 

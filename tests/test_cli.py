@@ -199,9 +199,9 @@ def test_flow_stage_and_its_table(run_dir, tmp_path):
 def test_var_stages_and_table(run_dir, tmp_path):
     """experiments/var.py: the multi-scale tokenizer from vq.pt, the next-scale transformer, both PPO stages on the
     K = 7 scale MDP, then the table (floor row, VAR's defaults, no guidance, the swept w_max, the policies), the
-    per-scale action plot, the bench and the grids; a missing stage is a one-line error naming the command."""
+    per-scale action plot, the reward check, the bench and the grids; a missing stage is a one-line error naming the command."""
     d = tmp_path / "var"
-    copy(run_dir, d, "config.json", "vq.pt", "featnet.pt", "backbone.pt")
+    copy(run_dir, d, "config.json", "vq.pt", "featnet.pt", "featnet2.pt", "featssl.pt", "backbone.pt")
     v = lambda *a: run("experiments/var.py", *a, "--run-dir", str(d))
     _fails(v("sample"), "--stage msvq")
     for stage in ("all", "var-search", "var-policy", "var-static"):                 # all: msvq, then var
@@ -211,6 +211,7 @@ def test_var_stages_and_table(run_dir, tmp_path):
     assert ms["done"] and ms["step"] == 10 and {f"usage_s{s}" for s in (1, 2, 3, 4, 5, 6, 8)} <= set(ms["metrics"])
     ck = torch.load(d / "var_policy_T7.pt", weights_only=True)
     assert ck["done"] and ck["config"]["spec"] == ["w", "k_frac", "p", "tau"] and ck["config"]["T"] == 7
+    assert ck["config"]["pi_width"] == 32                                    # var_pi_width, over the preset's pi_width
     assert len(ck["history"][-1]["act_mean"]) == 7                           # a decision per scale
     summary = json.load(open(d / "var_search_T7.json"))                      # 1 + 7 x 4 candidates, a valid table
     table = torch.tensor(summary["table"])
@@ -231,8 +232,14 @@ def test_var_stages_and_table(run_dir, tmp_path):
     assert all(math.isfinite(row["fid"]) and "kid" in row for row in out["rows"])
     for f in ("var_eval.md", "var_samples.png", "var_policy_actions.png", "var_sweep_w.json"):
         assert os.path.exists(d / f), f
+    r = v("sample", "--reward-check", "--check-samples", "20", "--check-d-steps", "25")   # the evidence's reward check
+    assert r.returncode == 0, r.stderr[-2000:]
+    check = json.load(open(d / "var_reward_check.json"))             # 8 w_max, the search, each policy's last iterate
+    assert len(check["rows"]) == 11 and len(check["spearman_two_sample"]) == 1 and "class_only_minus_heuristic" not in check
     r = v("sample", "--bench", "--batch", "8")
     assert r.returncode == 0 and "policy cost" in r.stdout, r.stderr[-2000:]
+    r = run("scripts/var_floor_decoder.py", "--run-dir", str(d), "--steps", "2", "--every", "1", "--samples", "20", "--gan", "0.1")
+    assert r.returncode == 0 and len([x for x in r.stdout.splitlines() if x.startswith("| ")]) == 3, r.stderr[-2000:]
     _fails(run("experiments/var.py", "--run-dir", str(d)), "train|sample")
 
 
@@ -460,12 +467,12 @@ def test_tables_script_runs_every_step(tmp_path):
     out, run_dir = tmp_path / "out", tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OUT": str(out), "EVAL_ARGS": "--decode-steps 4",
            "SAMPLE_ARGS": "--samples 60 --sweep-samples 20 --batch 64 --grid-steps 4",
-           "CHECK_ARGS": "--check-samples 40 --check-d-steps 25 --headroom-per-class 8"}
+           "CHECK_ARGS": "--check-samples 40 --check-d-steps 25", "HEADROOM_ARGS": "--headroom-per-class 8"}
     r = subprocess.run(["bash", "scripts/tables.sh", "test", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=env)
     steps = (out / "steps.txt").read_text().splitlines()
-    assert r.returncode == 0 and len(steps) == 29 and all(" rc=0 " in s for s in steps), steps
+    assert r.returncode == 0 and len(steps) == 31 and all(" rc=0 " in s for s in steps), steps
     back = set(os.listdir(out / "run"))
-    assert {"eval.md", "floor.json", "judges.json", "policy_T4_seed1.pt", "reward_check.json", "headroom_T4.md", "dssl.pt", "flow_eval.md", "var_eval.md", "refine_T4.md", "blend_T4.md", "hacking_T4.md",
+    assert {"eval.md", "floor.json", "judges.json", "policy_T4_seed1.pt", "reward_check.json", "headroom_T4.md", "dssl.pt", "flow_eval.md", "var_eval.md", "var_reward_check.md", "refine_T4.md", "blend_T4.md", "hacking_T4.md",
             "nat.pt", "policy_T4.pt", "policy_search_T4.pt", "fidelity_T4.pt", "policy_fid_T4.pt"} <= back
     assert "static_search_T4.pt" not in back                   # the search start does not leak into later stages

@@ -88,9 +88,10 @@ def test_no_function_over_80_lines():
     assert not long, long
 
 
-BUDGETS = {"train": 1515, "sample": 500, "samplers": 550}   # DESIGN.md asks train.py <= 700 (not yet: README, Files)
-TOTAL = 7545                               # every .py but tests and scripts (DESIGN.md asks <= 5 000: not yet;
-                                           # the fourth paradigm, var.py + experiments/var.py, added ~800)
+BUDGETS = {"train": 1515, "sample": 500, "samplers": 550,   # DESIGN.md asks train.py <= 700 (not yet: README, Files)
+           "experiments.game": 462}        # the reward check shared with experiments/var.py (issue 33's evidence)
+TOTAL = 7574                               # every .py but tests and scripts (DESIGN.md asks <= 5 000: not yet;
+                                           # the fourth paradigm, var.py + experiments/var.py, added ~830)
 
 
 def test_line_budgets():

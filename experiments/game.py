@@ -409,7 +409,7 @@ def training_table(run_dir: str) -> list[dict]:
 def add_check_flags(p) -> None:
     """The reward check's flags (experiments/var.py has them too)."""
     p.add_argument("--reward-check", action="store_true", help="the reward's fixed point: a fresh D per fixed schedule "
-                   "and --d-specs (two-sample test) against every judge, and the warm-up D: reward_check.md/.json")
+                   "and --d-specs (two-sample test) against every judge, and the warm-up D: (var_)reward_check.md/.json")
     p.add_argument("--check-samples", type=int, default=2000, help="samples per schedule of --reward-check, --pair-check")
     p.add_argument("--d-specs", default=None, help="comma-separated discriminator specs of the checks, e.g. "
                    "backbone,backbone@12,dnet,dssl,backbone+dssl (default: the run's pi_d_nets at pi_d_taps)")

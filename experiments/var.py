@@ -1,11 +1,11 @@
 """AdaGen's autoregressive paradigm (AdaGen §III; VAR §3, var.py holds the math): the multi-scale residual
 tokenizer fine-tuned from the run's VQ tokenizer, the next-scale transformer, the PPO policies that choose each
 sample's [w, k_frac, p, tau] at every scale (train.py's Algorithm 1 on `var_task`), and the sampling side:
-grids, the table (VAR's defaults, no guidance, a swept guidance, the learned schedules), per-scale action plots
-and the policy's cost.
+grids, the table (VAR's defaults, no guidance, a swept guidance, the learned schedules), per-scale action plots,
+the policy's cost and game.py's reward check on the VAR's schedules.
 
     python experiments/var.py train --run-dir runs/small --stage msvq | var | var-search | var-policy | var-static
-    python experiments/var.py sample --run-dir runs/small [--eval | --plot | --bench]
+    python experiments/var.py sample --run-dir runs/small [--eval | --plot | --bench | --reward-check]
 """
 import copy
 import os
@@ -401,6 +401,7 @@ def var_bench(pipe: VARPipeline, batch: int, repeats: int = 3) -> dict:
 def reward_check(pipe: VARPipeline, args) -> dict:
     """var_reward_check.md / .json: game.py's reward check on the VAR's schedules, none a copy of another: VAR's
     defaults on the w_max sweep's grid, the searched table and each training seed's last iterate of both policies."""
+    specs = game.d_specs(args, pipe)                                              # a bad spec stops first
     rows = {f"VAR defaults, w_max={w:g}": (lambda w=w: var.table_schedule(var.default_table(K, w))) for w in W_GRID}
     if (found := train.searched_table(pipe.run_dir, "var_search", K)) is not None:
         rows[SEARCH_ROW] = lambda: var.table_schedule(found[0])
@@ -408,8 +409,8 @@ def reward_check(pipe: VARPipeline, args) -> dict:
         for s in train.policy_seeds(pipe.run_dir, "var_" + kind, "heuristic", K):
             path = os.path.join(pipe.run_dir, train.policy_file("var_" + kind, "heuristic", K, seed=s) + ".pt")
             rows[f"{sample.POLICY_ROWS[kind]}, last iterate, seed {s}"] = policy_schedule(pipe, path, "model")[0]
-    return game.reward_check(pipe, train.RealFeatures(pipe), args.check_samples, game.d_specs(args, pipe), args.check_d_steps,
-                             rows, lambda y, sched: pipe.decode(pipe.generate(y, sched, seed=1)), T=K, stem="var_reward_check",
+    return game.reward_check(pipe, train.RealFeatures(pipe), args.check_samples, specs, args.check_d_steps, rows,
+                             lambda y, sched: pipe.decode(pipe.generate(y, sched, seed=1)), T=K, stem="var_reward_check",
                              reads=("msvq", "var", "featnet", "featssl", "backbone"))
 
 

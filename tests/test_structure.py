@@ -90,7 +90,7 @@ def test_no_function_over_80_lines():
 
 BUDGETS = {"train": 1515, "sample": 500, "samplers": 550,   # DESIGN.md asks train.py <= 700 (not yet: README, Files)
            "experiments.game": 462}        # the reward check shared with experiments/var.py (issue 33's evidence)
-TOTAL = 7574                               # every .py but tests and scripts (DESIGN.md asks <= 5 000: not yet;
+TOTAL = 7575                               # every .py but tests and scripts (DESIGN.md asks <= 5 000: not yet;
                                            # the fourth paradigm, var.py + experiments/var.py, added ~830)
 
 

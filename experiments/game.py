@@ -231,15 +231,14 @@ def write_check(pipe, tables: dict, specs: list, cache: dict, samples: int, max_
     return out
 
 
-def pair_check(pipe: train.Pipeline, samples: int, sweep_samples: int, specs: list[str], max_steps: int, folds: int = 4,
-               T: int = 4) -> dict:
+def pair_check(pipe: train.Pipeline, ref: train.RealFeatures, samples: int, sweep_samples: int, specs: list[str],
+               max_steps: int, folds: int = 4, T: int = 4) -> dict:
     """pair_check.md / .json: is the class-only schedule harder to tell from real than AdaNAT's heuristic, beyond D's noise?
     Each makes `samples` images (seed 2); per D spec and fold f, a fresh D per schedule on the f-th rotation of the fakes
     and the reals (three_splits of the rotated sets: each fold reads other items and trains D anew; the readings cached in
     pair_check_cache.json, `fresh`); the read accuracy, class-only minus heuristic, paired by fold: its mean and 95%
     t-interval over the folds."""
-    ref, c = train.RealFeatures(pipe), train.load_config(pipe.run_dir)
-    tables = check_schedules(pipe, ref, sweep_samples, T)
+    c, tables = train.load_config(pipe.run_dir), check_schedules(pipe, ref, sweep_samples, T)
     pair = [HEURISTIC.format(train.get_w0(pipe, ref, sweep_samples))] + [n for n in tables if n.startswith("class-only")]
     if len(pair) < 2:
         raise train.UserError(f"the pair check needs the class-only schedule: run python experiments/game.py --run-dir "
@@ -445,15 +444,16 @@ def run(args, device: torch.device) -> None:
     if args.training:
         training_table(args.run_dir)
     pipe = sample.nat_pipeline(args, device) if args.reward_check or args.pair_check or args.headroom else None
+    if args.reward_check or args.pair_check:
+        specs, ref = d_specs(args, pipe), train.RealFeatures(pipe)                           # a bad spec stops first
     if args.reward_check:
-        specs, first = d_specs(args, pipe), train.policy_file("policy", "heuristic", 4)     # a bad spec stops first
-        ref = train.RealFeatures(pipe)
+        first = train.policy_file("policy", "heuristic", 4)
         warm = Refiner(pipe, first, disc="disc_warmup") if os.path.exists(os.path.join(pipe.run_dir, f"{first}.pt")) else None
         reward_check(pipe, ref, args.check_samples, specs, args.check_d_steps, check_schedules(pipe, ref, args.sweep_samples, 4),
                      lambda y, sched: pipe.decode(pipe.generate(y, 4, sched, seed=1)), warm=warm,
                      heuristic=HEURISTIC.format(train.get_w0(pipe, ref, args.sweep_samples)))
     if args.pair_check:
-        pair_check(pipe, args.check_samples, args.sweep_samples, d_specs(args, pipe), args.check_d_steps)
+        pair_check(pipe, ref, args.check_samples, args.sweep_samples, specs, args.check_d_steps)
     if args.headroom:
         headroom(pipe, args.samples, args.sweep_samples, args.headroom_per_class)
 

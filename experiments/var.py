@@ -32,6 +32,7 @@ W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # the w_max sweep of VAR's r
 DEFAULTS = "VAR defaults (w ramp 0 -> {w:g}, top-k 900/4096, top-p 0.96, tau 1)"
 NO_GUIDANCE = "no guidance (top-k 900/4096, top-p 0.96)"
 SEARCH_ROW = sample.SEARCH_ROWS["search"].replace("T x 4", "K x 4")   # AutoNAT search (free K x 4 table)
+policy_path = lambda run_dir, kind, seed=0: os.path.join(run_dir, train.policy_file(f"var_{kind}", "heuristic", K, seed=seed) + ".pt")
 
 
 class MSVQ(nn.Module):
@@ -285,8 +286,7 @@ def policy_rows(pipe: VARPipeline) -> dict:
             seeds = train.policy_seeds(pipe.run_dir, "var_" + kind, "heuristic", K)
             if weights == "model" and all(sample.last_is_best(pipe.run_dir, "var_" + kind, K, seed=s) for s in seeds):
                 continue                                                          # the last iterate: a row only if it differs
-            makes = [policy_schedule(pipe, os.path.join(pipe.run_dir, train.policy_file("var_" + kind, "heuristic", K, seed=s)
-                                                        + ".pt"), weights)[0] for s in seeds]
+            makes = [policy_schedule(pipe, policy_path(pipe.run_dir, kind, s), weights)[0] for s in seeds]
             if makes:
                 rows[sample.POLICY_ROWS[kind] + (", last iterate" if weights == "model" else "")] = makes
     return rows
@@ -338,7 +338,7 @@ def grids(pipe: VARPipeline, per_class: int = 10) -> None:
 
 def adaptive(pipe: VARPipeline):
     """The adaptive VAR policy's make_schedule and its start table; a clear error if it is not trained."""
-    path = os.path.join(pipe.run_dir, train.policy_file("var_policy", "heuristic", K) + ".pt")
+    path = policy_path(pipe.run_dir, "policy")
     if not os.path.exists(path):
         raise train.UserError(f"{path} not found: train it with python experiments/var.py train --run-dir {pipe.run_dir} "
                               f"--stage var-policy")
@@ -407,8 +407,7 @@ def reward_check(pipe: VARPipeline, args) -> dict:
         rows[SEARCH_ROW] = lambda: var.table_schedule(found[0])
     for kind in ("static", "policy"):
         for s in train.policy_seeds(pipe.run_dir, "var_" + kind, "heuristic", K):
-            path = os.path.join(pipe.run_dir, train.policy_file("var_" + kind, "heuristic", K, seed=s) + ".pt")
-            rows[f"{sample.POLICY_ROWS[kind]}, last iterate, seed {s}"] = policy_schedule(pipe, path, "model")[0]
+            rows[f"{sample.POLICY_ROWS[kind]}, last iterate, seed {s}"] = policy_schedule(pipe, policy_path(pipe.run_dir, kind, s), "model")[0]
     return game.reward_check(pipe, train.RealFeatures(pipe), args.check_samples, specs, args.check_d_steps, rows,
                              lambda y, sched: pipe.decode(pipe.generate(y, sched, seed=1)), T=K, stem="var_reward_check",
                              reads=("msvq", "var", "featnet", "featssl", "backbone"))

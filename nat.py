@@ -285,6 +285,18 @@ def heuristic_schedule(T: int, tau2_0: float = 4.5, w_0: float = 0.0, tau1: floa
     return table_schedule(heuristic_table(T, tau2_0, w_0, tau1))
 
 
+def dedup_logits_fn(logits_fn: Callable) -> Callable:
+    """logits_fn run once per distinct (tokens, label) row, its outputs copied to the duplicates: the same
+    numbers (tested bit for bit), fewer forwards. From the all-[MASK] map a row depends on its label alone, so
+    the first step costs one row per class (1/T of a policy rollout's forwards saved); in an AutoNAT search
+    update the candidates that perturb step t decode steps 0..t-1 alike (same random numbers): about half."""
+    def fn(tokens: torch.Tensor, labels: torch.Tensor):
+        uniq, inv = torch.unique(torch.cat([tokens, labels[:, None]], 1), dim=0, return_inverse=True)   # (U, N+1), (B,)
+        logits, feats = logits_fn(uniq[:, :-1], uniq[:, -1])
+        return logits[inv], feats[inv]
+    return fn
+
+
 @torch.no_grad()
 def generate(logits_fn: Callable, labels: torch.Tensor, T: int, schedule: Schedule, mask_id: int,
              num_tokens: int, null_label: Optional[int] = None,

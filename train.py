@@ -1174,7 +1174,7 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
         what, fix = ("no class-only schedule", "experiments/game.py --headroom") if c.pi_start == "classonly" else (
             f"no finished {c.pi_start}_T{T}.pt", f"experiments/search.py --stage {'search' if c.pi_start == 'search' else 'param-search'} --set search_T={T}")
         raise UserError(f"pi_start={c.pi_start}: {run_dir} has {what} at T = {T}; run python {fix} --run-dir {run_dir} first")
-    cfg = pipe.cfg
+    cfg, dedup = pipe.cfg, nat.dedup_logits_fn(pipe.logits_fn)    # the first step: one forward per class
 
     def reals():                                   # raw training images, or (pi_d_real = recon) their reconstructions
         x, y = real_images(c)
@@ -1186,9 +1186,9 @@ def nat_task(c: TrainConfig, run_dir: str, device: torch.device, kind: str, T: i
         name=policy_file(kind, c.pi_start, T, c.pi_reward, c.pi_seed), T=T, spec=policy.NAT_ACTIONS,
         h=h[0].float() if isinstance(h, tuple) else h, start=f"{PI_STARTS[c.pi_start]} (w_0 = {w_0:g})", C=cfg.dim,
         N=cfg.num_tokens, num_classes=cfg.num_classes,
-        generate=lambda y, sched, g, G: nat.generate(pipe.logits_fn, y, T, sched, cfg.mask_id, cfg.num_tokens,
-                                                     cfg.null_label, g, group=G),
-        to_images=pipe.vq.detokenize, fid_images=lambda y, sched: pipe.decode(pipe.generate(y, T, sched, seed=0)), reals=reals)
+        generate=lambda y, sched, g, G: nat.generate(dedup, y, T, sched, cfg.mask_id, cfg.num_tokens, cfg.null_label, g, group=G),
+        to_images=pipe.vq.detokenize, reals=reals,
+        fid_images=lambda y, sched: pipe.decode(pipe.generate(y, T, sched, seed=0, logits_fn=dedup)))
     return task, pipe, ref
 
 

@@ -37,7 +37,6 @@ import data
 import fid
 import nat
 import reward
-from experiments.search import dedup_logits_fn  # noqa: E402
 from experiments.studies import Refiner, spearman, spearman_interval  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -278,7 +277,7 @@ def sweep_pairs(pipe: train.Pipeline, ref: train.RealFeatures, pairs: list, per_
     K, C = pipe.cfg.num_classes, len(pairs)
     labels = train.balanced_labels(per_class * K, K)                                         # (n,)
     tok = pipe.generate(labels.repeat_interleave(C), T, nat.table_schedule(tables), seed=0, group=C, progress=True,
-                        logits_fn=dedup_logits_fn(pipe.logits_fn))
+                        logits_fn=nat.dedup_logits_fn(pipe.logits_fn))
     feats = fid.extract(pipe.featnet, pipe.decode(tok), device=pipe.device)[0].view(len(labels), C, -1)   # (n, C, D)
     class_stats = [fid.statistics(ref.train_feats[ref.train_labels == k]) for k in range(K)]   # once, not per pair
     return {f"{w:g},{tau2:g}": {

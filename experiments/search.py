@@ -57,17 +57,6 @@ class SearchProblem:
     extra: dict
 
 
-def dedup_logits_fn(logits_fn: Callable) -> Callable:
-    """logits_fn run once per distinct (tokens, label) row, its outputs copied to the duplicates. In a search
-    update the candidates that perturb step t decode steps 0..t-1 exactly like the unperturbed schedule (same
-    random numbers), so at step t only 1 + (candidates perturbed earlier) rows differ: about half the forwards."""
-    def fn(tokens: torch.Tensor, labels: torch.Tensor):
-        uniq, inv = torch.unique(torch.cat([tokens, labels[:, None]], 1), dim=0, return_inverse=True)   # (U, N+1), (B,)
-        logits, feats = logits_fn(uniq[:, :-1], uniq[:, -1])
-        return logits[inv], feats[inv]
-    return fn
-
-
 def candidate_fids(pipe, ref: train.RealFeatures, tables: torch.Tensor, labels: torch.Tensor, seed: int,
                    solver: str | None = None) -> torch.Tensor:
     """FID against training statistics of C schedules, tables (C, T, K), on the same labels (n,) and random
@@ -77,7 +66,7 @@ def candidate_fids(pipe, ref: train.RealFeatures, tables: torch.Tensor, labels: 
     y = labels.repeat_interleave(C)
     if solver is None:
         images = pipe.decode(pipe.generate(y, tables.shape[1], nat.table_schedule(tables), seed, group=C,
-                                           logits_fn=dedup_logits_fn(pipe.logits_fn)))
+                                           logits_fn=nat.dedup_logits_fn(pipe.logits_fn)))
     else:
         images = pipe.generate(y, tables.shape[1], samplers.table_schedule(tables), solver, seed, group=C)
     feats = fid.extract(pipe.featnet, images, device=pipe.device)[0].view(n, C, -1)     # (n, C, D)

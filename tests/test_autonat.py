@@ -99,8 +99,7 @@ def test_beta_line_search_finds_the_grid_minimum_and_replays_from_cache():
 def test_interleaved_candidates_equal_one_at_a_time_and_dedup_is_exact():
     """One search update as one batch: candidate c of the interleaved batch (group = C) decodes
     exactly as table c alone with the same seed (common random numbers), and running the
-    generator once per distinct row (experiments/search.py: dedup_logits_fn) changes nothing but the cost."""
-    from experiments import search
+    generator once per distinct row (nat.dedup_logits_fn) changes nothing but the cost."""
     torch.manual_seed(0)
     cfg = nat.NATConfig(vocab_size=16, num_tokens=16, dim=32, depth=1, heads=2)
     net = nat.NAT(cfg).eval()
@@ -122,7 +121,7 @@ def test_interleaved_candidates_equal_one_at_a_time_and_dedup_is_exact():
     batched = gen(counting, labels.repeat_interleave(C), nat.table_schedule(tables), C).view(n, C, 16)
     plain = sum(rows)
     rows.clear()
-    deduped = gen(search.dedup_logits_fn(counting), labels.repeat_interleave(C), nat.table_schedule(tables), C)
+    deduped = gen(nat.dedup_logits_fn(counting), labels.repeat_interleave(C), nat.table_schedule(tables), C)
     assert torch.equal(deduped.view(n, C, 16), batched) and sum(rows) < plain / 2
     for c in range(C):
         alone = gen(net, labels, nat.table_schedule(tables[c]), 1)

@@ -269,8 +269,8 @@ PRESETS: dict[str, dict] = {
 # from the half on, no KL stop, no gradient clip, advantages divided by the batch std, no anchor
 OFFICIAL_RECIPE = dict(pi_lr=1e-5, pi_static_lr=1e-5, pi_epochs=5, pi_minibatches=1, pi_sigma0=0.6, pi_sigma1=0.3,
                        pi_sigma_schedule="step", pi_target_kl=0.0, pi_grad_clip=0.0, pi_anchor=0.0, pi_adv_floor=0.0)
-THIS_COMMAND = {"flow_path": "flow", "pi_reward": "adversarial", "pi_seed": 0, "compile": False}   # not kept in config.json's meaning:
-                                                   # each command's --set, else this default
+THIS_COMMAND = {"flow_path": "flow", "pi_reward": "adversarial", "pi_seed": 0, "pi_start": "heuristic", "compile": False}
+# not kept in config.json's meaning: each command's --set, else this default (the policy file's name is the command's)
 FREE_PREFIXES = ("pi_", "search_", "pr_", "flow_", "var_", "featnet2_", "ssl_", "dnet_", "ckpt_every_s", "log_every", "compile")
 POLICY_STAGES = ("policy", "static", "smooth", "fidelity")
 PI_STARTS = {"heuristic": "AdaNAT's heuristic", "search": "the AutoNAT table", "param": "the searched family",

@@ -83,5 +83,8 @@ def test_a_trained_run_folder_locks_its_config_except_free_keys(tmp_path):
     with pytest.raises(train.UserError, match="another config .differs in nat_dim"):
         build(tmp_path, "nat_dim=64", preset=None)
     assert build(tmp_path, "pi_lr=0.5", "search_T=4", preset=None).pi_lr == 0.5   # each policy carries its own copy
+    json.dump({**train.to_plain(c), "pi_start": "classonly", "pi_seed": 1}, open(tmp_path / "run" / "config.json", "w"))
+    again = build(tmp_path, preset=None)                             # the policy file's name parts: this command's
+    assert (again.pi_start, again.pi_seed) == ("heuristic", 0)
     with pytest.raises(train.UserError, match="unknown preset 'nope'"):
         build(tmp_path, preset="nope")
